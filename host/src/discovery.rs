@@ -1,0 +1,5 @@
+//! Where Kubernetes objects come from. Every source produces the same [`Objects`].
+
+pub mod files;
+
+pub use files::{Diagnostic, Objects, Origin, load_paths};

@@ -1,0 +1,1 @@
+pub struct Objects; pub struct Diagnostic; pub struct Origin; pub fn load_paths() {}

@@ -1,0 +1,12 @@
+//! weir: a Kubernetes service proxy whose routing decisions are sandboxed WebAssembly
+//! components. This crate is the host: it reads Services, EndpointSlices and Nodes,
+//! turns them into per-port snapshots as kube-proxy does, and asks policies what to do.
+
+pub mod discovery;
+pub mod explain;
+pub mod metrics;
+pub mod model;
+pub mod policy;
+
+#[cfg(feature = "testing")]
+pub mod test_helpers;

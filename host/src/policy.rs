@@ -1,0 +1,28 @@
+//! Running policies: one wasmtime Engine, components compiled once and cached, one
+//! long-lived instance per data-plane worker, every call under a deadline and a memory
+//! cap, and failures contained by the service's failure mode.
+
+mod bindings;
+mod cache;
+mod convert;
+mod engine;
+mod imports;
+mod instance;
+mod limits;
+mod runtime;
+
+pub use engine::{CompiledPolicy, LoadError, PolicyEngine};
+pub use instance::{CallError, CallKind, FailureKind};
+pub use limits::Limits;
+pub use runtime::{FailureMode, HostDecision, PolicyRuntime, ServiceInput, UpdateAnswer};
+
+/// The name of the policy every Service gets unless its `weir.dev/policy` annotation
+/// names another one.
+pub const DEFAULT_POLICY: &str = "kube-default";
+
+/// The WIT interface a policy must export, with its version.
+pub const EXPECTED_EXPORT: &str = "weir:policy/policy@0.1.0";
+
+/// The kube-default component, built for wasm32-wasip2 by build.rs and embedded so weir
+/// works with no policy files at all.
+pub static KUBE_DEFAULT_WASM: &[u8] = include_bytes!(env!("WEIR_KUBE_DEFAULT_WASM"));

@@ -1,0 +1,9 @@
+//! The host side of `wit/policy.wit`, generated once here.
+
+wasmtime::component::bindgen!({
+    world: "policy-world",
+    path: "../wit",
+});
+
+pub use exports::weir::policy::policy as guest;
+pub use weir::policy::types;

@@ -1,0 +1,69 @@
+//! Compiled components on disk, keyed by the module's sha256 and the engine's
+//! compatibility hash, so each module is compiled once per weir version and config.
+
+use std::hash::{DefaultHasher, Hash, Hasher};
+use std::path::{Path, PathBuf};
+
+use wasmtime::Engine;
+use wasmtime::component::Component;
+
+/// A directory of `<sha256>-<engine>.cwasm` files written by weir itself.
+pub struct ArtifactCache {
+    dir: PathBuf,
+    engine_tag: String,
+}
+
+impl ArtifactCache {
+    pub fn new(engine: &Engine, dir: &Path) -> Self {
+        let mut hasher = DefaultHasher::new();
+        engine.precompile_compatibility_hash().hash(&mut hasher);
+        ArtifactCache {
+            dir: dir.to_path_buf(),
+            engine_tag: format!("{:016x}", hasher.finish()),
+        }
+    }
+
+    fn path(&self, sha256: &str) -> PathBuf {
+        self.dir.join(format!("{sha256}-{}.cwasm", self.engine_tag))
+    }
+
+    /// The cached compilation of the module with this digest, if weir wrote one for this
+    /// engine. A file that fails to load is removed and treated as a miss.
+    pub fn load(&self, engine: &Engine, sha256: &str) -> Option<Component> {
+        let path = self.path(sha256);
+        if !path.exists() {
+            return None;
+        }
+        // SAFETY: `deserialize_file` trusts the file to be wasmtime's own output for a
+        // compatible engine. Files here are written only by `store` below, from
+        // `Component::serialize` of a module whose sha256 names the file, and the name also
+        // carries the engine's compatibility hash; wasmtime still checks the header and
+        // version, and a file it refuses is deleted. The cache directory must be private to
+        // weir, as the README says.
+        #[allow(unsafe_code)]
+        let loaded = unsafe { Component::deserialize_file(engine, &path) };
+        match loaded {
+            Ok(component) => Some(component),
+            Err(error) => {
+                tracing::warn!(path = %path.display(), %error, "discarding unusable compiled policy");
+                let _ = std::fs::remove_file(&path);
+                None
+            }
+        }
+    }
+
+    /// Stores a compilation; failures only cost a recompile next time, so they are logged.
+    pub fn store(&self, sha256: &str, component: &Component) {
+        let result = (|| -> std::io::Result<()> {
+            std::fs::create_dir_all(&self.dir)?;
+            let bytes = component.serialize().map_err(std::io::Error::other)?;
+            let path = self.path(sha256);
+            let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+            std::fs::write(&tmp, bytes)?;
+            std::fs::rename(&tmp, &path)
+        })();
+        if let Err(error) = result {
+            tracing::warn!(dir = %self.dir.display(), %error, "could not cache a compiled policy");
+        }
+    }
+}

@@ -1,0 +1,272 @@
+//! The one wasmtime `Engine` of the process, configured in one place, and the loading of
+//! policy components into it: format checks, compile (or cache hit), world check, link.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use sha2::{Digest, Sha256};
+use wasmtime::component::{Component, Linker};
+use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig};
+
+use super::bindings::PolicyWorldPre;
+use super::cache::ArtifactCache;
+use super::imports::StoreState;
+use super::limits::Limits;
+use super::{EXPECTED_EXPORT, bindings};
+use crate::metrics::PolicyMetrics;
+
+/// Why a module was refused. Every message names the module and what to do about it.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error("{source_name}: not a WebAssembly file (it starts with {found}); a policy is a component built with `cargo build --target wasm32-wasip2`")]
+    NotWasm { source_name: String, found: String },
+    #[error("{source_name}: a core WebAssembly module, not a component; build the policy for `wasm32-wasip2` (which emits a component), or wrap a core module with `wasm-tools component new`")]
+    CoreModule { source_name: String },
+    #[error("{source_name}: WebAssembly of an unknown version or layer ({version:#010x}); weir loads components (version 0x0d, layer 1)")]
+    UnknownEncoding { source_name: String, version: u32 },
+    #[error("{source_name}: failed to compile: {reason}")]
+    Compile { source_name: String, reason: String },
+    #[error("{source_name}: exports {exports}, but weir expects `{expected}`; build it against weir's wit/ (package weir:policy@0.1.0, world policy-world)")]
+    WrongWorld {
+        source_name: String,
+        expected: &'static str,
+        exports: String,
+    },
+    #[error("{source_name}: imports `{import}`, which weir does not provide (policies may import only weir:policy/log, clock, random and WASI)")]
+    UnsupportedImport { source_name: String, import: String },
+    #[error("{source_name}: does not match weir's `{expected}`: {reason}")]
+    Link {
+        source_name: String,
+        expected: &'static str,
+        reason: String,
+    },
+    #[error("{source_name}: could not read: {reason}")]
+    Read { source_name: String, reason: String },
+}
+
+/// A policy compiled and linked, ready to instantiate any number of times.
+pub struct CompiledPolicy {
+    /// The policy's name (the file stem of its module, or `kube-default`).
+    pub name: String,
+    /// Lowercase hex sha256 of the module's bytes.
+    pub sha256: String,
+    pub size: usize,
+    /// Time to compile, or to load from the cache when `from_cache`.
+    pub compile_time: Duration,
+    pub from_cache: bool,
+    pub exports: Vec<String>,
+    pub imports: Vec<String>,
+    pub(crate) pre: PolicyWorldPre<StoreState>,
+}
+
+/// The process's policy engine: one `Engine` (component model, pooling allocator, epoch
+/// interruption), one `Linker` with weir's imports, and the ticker that drives deadlines.
+pub struct PolicyEngine {
+    pub(crate) engine: Engine,
+    linker: Linker<StoreState>,
+    pub(crate) limits: Limits,
+    cache: Option<ArtifactCache>,
+    pub(crate) metrics: Arc<PolicyMetrics>,
+    pub(crate) clock_origin: Instant,
+    ticker_stop: Arc<AtomicBool>,
+}
+
+impl Drop for PolicyEngine {
+    fn drop(&mut self) {
+        self.ticker_stop.store(true, Ordering::Relaxed);
+    }
+}
+
+impl PolicyEngine {
+    /// Builds the engine. `cache_dir` holds compiled components (`None`: compile every time).
+    pub fn new(
+        limits: Limits,
+        cache_dir: Option<&Path>,
+        metrics: Arc<PolicyMetrics>,
+    ) -> anyhow::Result<Arc<Self>> {
+        let mut pool = PoolingAllocationConfig::default();
+        pool.total_component_instances(limits.max_instances)
+            .total_core_instances(limits.max_instances * 8)
+            .total_memories(limits.max_instances * 2)
+            .total_tables(limits.max_instances * 8)
+            .total_stacks(limits.max_instances)
+            .max_memory_size(limits.memory_bytes);
+        let mut config = Config::new();
+        config
+            .wasm_component_model(true)
+            .epoch_interruption(true)
+            .allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
+        let engine = Engine::new(&config)?;
+
+        let mut linker = Linker::new(&engine);
+        wasmtime_wasi::p2::add_to_linker_sync(&mut linker)?;
+        bindings::PolicyWorld::add_to_linker::<_, wasmtime::component::HasSelf<StoreState>>(
+            &mut linker,
+            |state| state,
+        )?;
+
+        let ticker_stop = Arc::new(AtomicBool::new(false));
+        spawn_ticker(engine.clone(), limits.epoch_tick, ticker_stop.clone());
+        let cache = cache_dir.map(|dir| ArtifactCache::new(&engine, dir));
+        Ok(Arc::new(PolicyEngine {
+            engine,
+            linker,
+            limits,
+            cache,
+            metrics,
+            clock_origin: Instant::now(),
+            ticker_stop,
+        }))
+    }
+
+    pub fn limits(&self) -> &Limits {
+        &self.limits
+    }
+
+    pub fn metrics(&self) -> &Arc<PolicyMetrics> {
+        &self.metrics
+    }
+
+    /// Reads and loads a module file; the policy's name is the file stem.
+    pub fn load_file(&self, path: &Path) -> Result<Arc<CompiledPolicy>, LoadError> {
+        let source_name = path.display().to_string();
+        let bytes = std::fs::read(path).map_err(|e| LoadError::Read {
+            source_name: source_name.clone(),
+            reason: e.to_string(),
+        })?;
+        let name = path
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        self.load(&name, &source_name, &bytes)
+    }
+
+    /// Checks, compiles (or loads from the cache) and links one module.
+    pub fn load(
+        &self,
+        name: &str,
+        source_name: &str,
+        bytes: &[u8],
+    ) -> Result<Arc<CompiledPolicy>, LoadError> {
+        check_encoding(source_name, bytes)?;
+        let sha256 = hex(&Sha256::digest(bytes));
+        let started = Instant::now();
+        let cached = self
+            .cache
+            .as_ref()
+            .and_then(|c| c.load(&self.engine, &sha256));
+        let from_cache = cached.is_some();
+        let component = match cached {
+            Some(component) => component,
+            None => {
+                let component =
+                    Component::new(&self.engine, bytes).map_err(|e| LoadError::Compile {
+                        source_name: source_name.to_string(),
+                        reason: format!("{e:#}"),
+                    })?;
+                if let Some(cache) = &self.cache {
+                    cache.store(&sha256, &component);
+                }
+                component
+            }
+        };
+        let compile_time = started.elapsed();
+
+        let ty = component.component_type();
+        let exports: Vec<String> = ty.exports(&self.engine).map(|(n, _)| n.to_string()).collect();
+        let imports: Vec<String> = ty.imports(&self.engine).map(|(n, _)| n.to_string()).collect();
+        if !exports.iter().any(|e| e == EXPECTED_EXPORT) {
+            return Err(LoadError::WrongWorld {
+                source_name: source_name.to_string(),
+                expected: EXPECTED_EXPORT,
+                exports: if exports.is_empty() {
+                    "nothing".to_string()
+                } else {
+                    exports
+                        .iter()
+                        .map(|e| format!("`{e}`"))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                },
+            });
+        }
+        if let Some(import) = imports
+            .iter()
+            .find(|i| !(i.starts_with("weir:policy/") || i.starts_with("wasi:")))
+        {
+            return Err(LoadError::UnsupportedImport {
+                source_name: source_name.to_string(),
+                import: import.clone(),
+            });
+        }
+        let link_error = |e: wasmtime::Error| LoadError::Link {
+            source_name: source_name.to_string(),
+            expected: EXPECTED_EXPORT,
+            reason: format!("{e:#}"),
+        };
+        let instance_pre = self.linker.instantiate_pre(&component).map_err(link_error)?;
+        let pre = PolicyWorldPre::new(instance_pre).map_err(link_error)?;
+        Ok(Arc::new(CompiledPolicy {
+            name: name.to_string(),
+            sha256,
+            size: bytes.len(),
+            compile_time,
+            from_cache,
+            exports,
+            imports,
+            pre,
+        }))
+    }
+
+    /// The built-in kube-default component.
+    pub fn load_kube_default(&self) -> Result<Arc<CompiledPolicy>, LoadError> {
+        self.load(
+            super::DEFAULT_POLICY,
+            "built-in kube-default",
+            super::KUBE_DEFAULT_WASM,
+        )
+    }
+}
+
+fn check_encoding(source_name: &str, bytes: &[u8]) -> Result<(), LoadError> {
+    if bytes.len() < 8 || &bytes[..4] != b"\0asm" {
+        let head = &bytes[..bytes.len().min(8)];
+        return Err(LoadError::NotWasm {
+            source_name: source_name.to_string(),
+            found: if head.is_empty() {
+                "nothing: the file is empty".to_string()
+            } else {
+                format!("{:?}", String::from_utf8_lossy(head))
+            },
+        });
+    }
+    let version = u32::from_le_bytes([bytes[4], bytes[5], bytes[6], bytes[7]]);
+    match version {
+        0x0001_000d => Ok(()),
+        0x0000_0001 => Err(LoadError::CoreModule {
+            source_name: source_name.to_string(),
+        }),
+        _ => Err(LoadError::UnknownEncoding {
+            source_name: source_name.to_string(),
+            version,
+        }),
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn spawn_ticker(engine: Engine, tick: Duration, stop: Arc<AtomicBool>) {
+    std::thread::Builder::new()
+        .name("weir-policy-epoch".into())
+        .spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                std::thread::sleep(tick);
+                engine.increment_epoch();
+            }
+        })
+        .expect("spawning the policy deadline ticker");
+}

@@ -1,0 +1,237 @@
+//! One live instance of a policy: its own `Store`, every call under an epoch deadline,
+//! and each failure classified. After any failure the instance is poisoned and must be
+//! replaced (wasmtime leaves a trapped store unusable).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use wasmtime::{Store, Trap};
+
+use super::bindings::{PolicyWorld, guest, types as wit};
+use super::engine::{CompiledPolicy, PolicyEngine};
+use super::imports::StoreState;
+use crate::metrics::PolicyMetrics;
+
+/// What went wrong in a call, for metrics labels.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum FailureKind {
+    /// The guest trapped (panic, unreachable, out-of-bounds access...).
+    Trap,
+    /// The call ran past its deadline and was interrupted.
+    Timeout,
+    /// The guest tried to grow memory past the cap (and then trapped).
+    Memory,
+    /// The guest answered with an endpoint id the host did not give, or not eligible.
+    InvalidAnswer,
+    /// `configure` returned an error.
+    Refused,
+    /// The instance could not be created (no free slot in the pool, for example).
+    Instantiate,
+}
+
+impl FailureKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FailureKind::Trap => "trap",
+            FailureKind::Timeout => "timeout",
+            FailureKind::Memory => "memory",
+            FailureKind::InvalidAnswer => "invalid_answer",
+            FailureKind::Refused => "refused",
+            FailureKind::Instantiate => "instantiate",
+        }
+    }
+}
+
+/// A failed call, with a message for the operator.
+#[derive(Clone, Debug, thiserror::Error)]
+#[error("{}: {message}", kind.as_str())]
+pub struct CallError {
+    pub kind: FailureKind,
+    pub message: String,
+}
+
+impl CallError {
+    pub fn invalid(message: String) -> Self {
+        CallError {
+            kind: FailureKind::InvalidAnswer,
+            message,
+        }
+    }
+}
+
+/// Which deadline a call gets.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CallKind {
+    Configure,
+    Update,
+    Remove,
+    Select,
+    Observe,
+}
+
+impl CallKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CallKind::Configure => "configure",
+            CallKind::Update => "update",
+            CallKind::Remove => "remove",
+            CallKind::Select => "select",
+            CallKind::Observe => "observe",
+        }
+    }
+}
+
+pub struct PolicyInstance {
+    store: Store<StoreState>,
+    bindings: PolicyWorld,
+    pub(crate) capabilities: wit::Capabilities,
+    policy: Arc<CompiledPolicy>,
+    metrics: Arc<PolicyMetrics>,
+    select_ticks: u64,
+    update_ticks: u64,
+}
+
+impl PolicyInstance {
+    /// Instantiates the policy and runs `configure`.
+    pub fn new(
+        engine: &PolicyEngine,
+        policy: &Arc<CompiledPolicy>,
+        config: &str,
+    ) -> Result<Self, CallError> {
+        let limits = &engine.limits;
+        let mut store = Store::new(
+            &engine.engine,
+            StoreState::new(&policy.name, limits, engine.clock_origin),
+        );
+        store.limiter(|state| state);
+        let update_ticks = limits.ticks(limits.update_deadline);
+        store.set_epoch_deadline(update_ticks);
+        store.epoch_deadline_trap();
+        let bindings = policy
+            .pre
+            .instantiate(&mut store)
+            .map_err(|e| classify(&store, e, CallKind::Configure, Duration::ZERO))
+            .map_err(|mut e| {
+                if e.kind == FailureKind::Trap {
+                    e.kind = FailureKind::Instantiate;
+                }
+                e
+            })?;
+        let mut instance = PolicyInstance {
+            store,
+            bindings,
+            capabilities: wit::Capabilities {
+                observe_outcomes: false,
+            },
+            policy: policy.clone(),
+            metrics: engine.metrics.clone(),
+            select_ticks: limits.ticks(limits.select_deadline),
+            update_ticks,
+        };
+        let answer = instance.call(CallKind::Configure, |bindings, store| {
+            bindings.weir_policy_policy().call_configure(store, config)
+        })?;
+        instance.capabilities = answer.map_err(|reason| CallError {
+            kind: FailureKind::Refused,
+            message: format!("configure refused the configuration: {reason}"),
+        })?;
+        Ok(instance)
+    }
+
+    pub fn policy(&self) -> &Arc<CompiledPolicy> {
+        &self.policy
+    }
+
+    pub fn update(
+        &mut self,
+        handle: u32,
+        service: &wit::Service,
+        node: &wit::Node,
+        endpoints: &[wit::Endpoint],
+    ) -> Result<wit::Eligibility, CallError> {
+        self.call(CallKind::Update, |bindings, store| {
+            bindings
+                .weir_policy_policy()
+                .call_update(store, handle, service, node, endpoints)
+        })
+    }
+
+    pub fn remove(&mut self, handle: u32) -> Result<(), CallError> {
+        self.call(CallKind::Remove, |bindings, store| {
+            bindings.weir_policy_policy().call_remove(store, handle)
+        })
+    }
+
+    pub fn select(
+        &mut self,
+        handle: u32,
+        connection: wit::Connection,
+    ) -> Result<wit::Decision, CallError> {
+        self.call(CallKind::Select, |bindings, store| {
+            bindings
+                .weir_policy_policy()
+                .call_select(store, handle, connection)
+        })
+    }
+
+    pub fn observe(&mut self, handle: u32, outcome: wit::Outcome) -> Result<(), CallError> {
+        self.call(CallKind::Observe, |bindings, store| {
+            bindings
+                .weir_policy_policy()
+                .call_observe(store, handle, outcome)
+        })
+    }
+
+    fn call<R>(
+        &mut self,
+        kind: CallKind,
+        f: impl FnOnce(&PolicyWorld, &mut Store<StoreState>) -> wasmtime::Result<R>,
+    ) -> Result<R, CallError> {
+        let ticks = match kind {
+            CallKind::Select | CallKind::Observe => self.select_ticks,
+            _ => self.update_ticks,
+        };
+        self.store.set_epoch_deadline(ticks);
+        self.store.data().log.start_call();
+        let started = std::time::Instant::now();
+        let result = f(&self.bindings, &mut self.store)
+            .map_err(|e| classify(&self.store, e, kind, started.elapsed()));
+        let dropped = self.store.data().log.start_call();
+        if dropped > 0 {
+            self.metrics.log_dropped(&self.policy.name, dropped);
+            tracing::warn!(policy = %self.policy.name, call = kind.as_str(), bytes = dropped, "policy log output over the per-call cap was dropped");
+        }
+        result
+    }
+}
+
+fn classify(
+    store: &Store<StoreState>,
+    error: wasmtime::Error,
+    kind: CallKind,
+    elapsed: Duration,
+) -> CallError {
+    let call = kind.as_str();
+    if let Some(trap) = error.downcast_ref::<Trap>() {
+        if *trap == Trap::Interrupt {
+            return CallError {
+                kind: FailureKind::Timeout,
+                message: format!("{call} ran past its deadline and was stopped after {elapsed:?}"),
+            };
+        }
+    }
+    if store.data().memory_denied {
+        return CallError {
+            kind: FailureKind::Memory,
+            message: format!("{call} tried to grow memory past the instance's cap and trapped"),
+        };
+    }
+    CallError {
+        kind: FailureKind::Trap,
+        message: format!("{call} trapped: {}", first_line(&format!("{error:#}"))),
+    }
+}
+
+fn first_line(text: &str) -> &str {
+    text.lines().next().unwrap_or(text)
+}

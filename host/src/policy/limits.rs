@@ -1,0 +1,59 @@
+//! The bounds every policy call runs within.
+
+use std::time::Duration;
+
+/// Deadlines and caps applied to every policy instance.
+#[derive(Clone, Debug)]
+pub struct Limits {
+    /// Deadline for `select` and `observe`, which run on the data plane per connection.
+    pub select_deadline: Duration,
+    /// Deadline for `configure`, `update` and `remove`, which run on the control plane.
+    pub update_deadline: Duration,
+    /// Cap on each linear memory of an instance.
+    pub memory_bytes: usize,
+    /// How often the engine's epoch advances; deadlines are enforced to this resolution.
+    pub epoch_tick: Duration,
+    /// Log bytes an instance may write (log import, stdout, stderr) in one call; the rest
+    /// is dropped and counted.
+    pub log_bytes_per_call: usize,
+    /// Longest single log message; longer ones are cut.
+    pub log_message_bytes: usize,
+    /// Live instances the engine's pooling allocator has room for, over all policies.
+    pub max_instances: u32,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            select_deadline: Duration::from_millis(1),
+            update_deadline: Duration::from_millis(100),
+            memory_bytes: 16 << 20,
+            epoch_tick: Duration::from_micros(500),
+            log_bytes_per_call: 64 << 10,
+            log_message_bytes: 1 << 10,
+            max_instances: 128,
+        }
+    }
+}
+
+impl Limits {
+    /// Epoch ticks for a deadline: one more than the deadline covers, since the first tick
+    /// may come at any moment after the call starts.
+    pub(crate) fn ticks(&self, deadline: Duration) -> u64 {
+        let tick = self.epoch_tick.as_nanos().max(1);
+        (deadline.as_nanos().div_ceil(tick) as u64).max(1) + 1
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn deadline_is_never_shorter_than_asked() {
+        let limits = Limits::default();
+        // 1 ms at 0.5 ms ticks: 2 full ticks plus the partial first one.
+        assert_eq!(limits.ticks(Duration::from_millis(1)), 3);
+        assert_eq!(limits.ticks(Duration::from_micros(1)), 2);
+    }
+}

@@ -1,0 +1,486 @@
+//! One policy in service: an instance per data-plane worker, every `update` pushed to
+//! each of them, and every failure contained by the service's failure mode.
+//!
+//! Locks: the service table (`services`) is always taken before a worker's mutex. The data
+//! plane takes only its own worker's mutex, which the control plane holds just long enough
+//! to push an update, so workers never contend with each other.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+
+use kube_default::KubeDefault;
+use weir_sdk::{Connection, Decision, Driver, Eligibility, Endpoint, EndpointId, Node, Service};
+
+use super::bindings::types as wit;
+use super::convert;
+use super::engine::{CompiledPolicy, PolicyEngine};
+use super::instance::{CallError, CallKind, FailureKind, PolicyInstance};
+
+/// Rebuilding an instance replays every service; a policy that keeps failing during the
+/// replay is given up on (all its services on their failure mode) after this many tries,
+/// until its next update.
+const MAX_REBUILD_ATTEMPTS: usize = 4;
+
+/// What a service gets when its policy fails.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum FailureMode {
+    /// weir's built-in kube-default answer: kube-proxy's eligibility and random selection.
+    #[default]
+    Open,
+    /// Reject all traffic.
+    Closed,
+}
+
+impl FailureMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FailureMode::Open => "open",
+            FailureMode::Closed => "closed",
+        }
+    }
+}
+
+/// Everything a policy is told about one service port, kept to replay into new instances.
+#[derive(Clone, Debug)]
+pub struct ServiceInput {
+    pub service: Service,
+    pub node: Arc<Node>,
+    /// The endpoints with their host-assigned ids, sorted by id.
+    pub endpoints: Vec<Endpoint>,
+    pub failure_mode: FailureMode,
+}
+
+impl ServiceInput {
+    fn address(&self, id: EndpointId) -> Option<SocketAddr> {
+        self.endpoints
+            .binary_search_by_key(&id, |e| e.id)
+            .ok()
+            .map(|i| self.endpoints[i].address)
+    }
+}
+
+/// The host's decision for one connection, with the address to connect to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HostDecision {
+    Forward {
+        endpoint: EndpointId,
+        address: SocketAddr,
+    },
+    Reject,
+    Drop,
+}
+
+/// The outcome of pushing one update.
+#[derive(Clone, Debug)]
+pub struct UpdateAnswer {
+    /// What serves the service now: the policy's answer, or the failure mode's.
+    pub eligibility: Eligibility,
+    /// Why the policy's answer is not in use, when it is not.
+    pub failure: Option<CallError>,
+}
+
+struct WorkerService {
+    input: Arc<ServiceInput>,
+    eligibility: Eligibility,
+    /// Set when this service's last update failed on this worker: its traffic follows the
+    /// failure mode until its next successful update.
+    failure: Option<CallError>,
+}
+
+struct Worker {
+    instance: Option<PolicyInstance>,
+    services: HashMap<u32, WorkerService>,
+}
+
+/// A policy serving a set of service ports.
+pub struct PolicyRuntime {
+    engine: Arc<PolicyEngine>,
+    policy: Arc<CompiledPolicy>,
+    config: String,
+    services: RwLock<BTreeMap<u32, Arc<ServiceInput>>>,
+    workers: Vec<Mutex<Worker>>,
+    /// Native kube-default, told every update: the `open` failure mode's answer.
+    fallback: Mutex<Driver<KubeDefault>>,
+}
+
+impl PolicyRuntime {
+    /// Instantiates and configures one instance per worker. Fails if the policy cannot be
+    /// instantiated or refuses its configuration.
+    pub fn new(
+        engine: Arc<PolicyEngine>,
+        policy: Arc<CompiledPolicy>,
+        config: &str,
+        workers: usize,
+    ) -> Result<Self, CallError> {
+        let mut instances = Vec::with_capacity(workers.max(1));
+        for _ in 0..workers.max(1) {
+            let instance = PolicyInstance::new(&engine, &policy, config).inspect_err(|e| {
+                engine.metrics.failure(&policy.name, CallKind::Configure, e.kind);
+            })?;
+            instances.push(Mutex::new(Worker {
+                instance: Some(instance),
+                services: HashMap::new(),
+            }));
+        }
+        Ok(PolicyRuntime {
+            engine,
+            policy,
+            config: config.to_string(),
+            services: RwLock::new(BTreeMap::new()),
+            workers: instances,
+            fallback: Mutex::new(Driver::configure("").expect("kube-default takes no config")),
+        })
+    }
+
+    pub fn policy(&self) -> &Arc<CompiledPolicy> {
+        &self.policy
+    }
+
+    pub fn name(&self) -> &str {
+        &self.policy.name
+    }
+
+    pub fn workers(&self) -> usize {
+        self.workers.len()
+    }
+
+    /// Pushes a service port's current state to every instance. Returns the first
+    /// worker's answer (all instances of a policy are expected to agree).
+    pub fn update(&self, handle: u32, input: ServiceInput) -> UpdateAnswer {
+        let input = Arc::new(input);
+        let fallback = self.fallback().update(
+            handle,
+            input.service.clone(),
+            &input.node,
+            &input.endpoints,
+        );
+        let mut services = write(&self.services);
+        services.insert(handle, input.clone());
+        let mut first = None;
+        for worker in &self.workers {
+            let mut worker = lock(worker);
+            let answer = self.update_worker(&mut worker, &services, handle, &input, &fallback);
+            first.get_or_insert(answer);
+        }
+        first.expect("at least one worker")
+    }
+
+    /// Forgets a service port on every instance.
+    pub fn remove(&self, handle: u32) {
+        self.fallback().remove(handle);
+        let mut services = write(&self.services);
+        services.remove(&handle);
+        for worker in &self.workers {
+            let mut worker = lock(worker);
+            worker.services.remove(&handle);
+            if let Some(instance) = worker.instance.as_mut()
+                && let Err(error) = instance.remove(handle)
+            {
+                self.failed(CallKind::Remove, &error);
+                self.rebuild(&mut worker, &services);
+            }
+        }
+    }
+
+    /// The eligibility currently serving a service port (worker 0's view).
+    pub fn eligibility(&self, handle: u32) -> Option<(Eligibility, Option<CallError>)> {
+        let worker = lock(&self.workers[0]);
+        worker
+            .services
+            .get(&handle)
+            .map(|s| (s.eligibility.clone(), s.failure.clone()))
+    }
+
+    /// The decision for one new connection, on data-plane worker `worker`.
+    pub fn select(&self, worker: usize, handle: u32, connection: &Connection) -> HostDecision {
+        let slot = &self.workers[worker % self.workers.len()];
+        let failed = {
+            let mut guard = lock(slot);
+            let w = &mut *guard;
+            let Some(service) = w.services.get(&handle) else {
+                return HostDecision::Reject;
+            };
+            let set = service.eligibility.for_scope(connection.scope);
+            if set.endpoints.is_empty() {
+                return host_decision(set.empty_decision(), &service.input);
+            }
+            if service.failure.is_some() {
+                return self.failure_mode(handle, &service.input, connection);
+            }
+            let Some(instance) = w.instance.as_mut() else {
+                return self.failure_mode(handle, &service.input, connection);
+            };
+            let answer = instance.select(handle, convert::connection(connection));
+            match answer {
+                Ok(wit::Decision::Forward(id)) if set.endpoints.binary_search(&id).is_ok() => {
+                    match service.input.address(id) {
+                        Some(address) => {
+                            return HostDecision::Forward {
+                                endpoint: id,
+                                address,
+                            };
+                        }
+                        None => CallError::invalid(format!("select chose unknown endpoint id {id}")),
+                    }
+                }
+                Ok(wit::Decision::Forward(id)) => CallError::invalid(format!(
+                    "select chose endpoint id {id}, which is not eligible for {:?} traffic to {}",
+                    connection.scope,
+                    service.input.service.display_name()
+                )),
+                Ok(wit::Decision::Reject) => return HostDecision::Reject,
+                Ok(wit::Decision::Drop) => return HostDecision::Drop,
+                Err(error) => error,
+            }
+        };
+        // The instance is poisoned: replace it (service table first, then the worker, as
+        // everywhere), and answer this connection with the failure mode.
+        self.failed(CallKind::Select, &failed);
+        let services = read(&self.services);
+        let mut guard = lock(slot);
+        self.rebuild(&mut guard, &services);
+        match guard.services.get(&handle) {
+            Some(service) => self.failure_mode(handle, &service.input, connection),
+            None => HostDecision::Reject,
+        }
+    }
+
+    fn update_worker(
+        &self,
+        worker: &mut Worker,
+        services: &BTreeMap<u32, Arc<ServiceInput>>,
+        handle: u32,
+        input: &Arc<ServiceInput>,
+        fallback: &Eligibility,
+    ) -> UpdateAnswer {
+        // A new input gives a service that failed before another chance.
+        worker.services.remove(&handle);
+        if worker.instance.is_none() {
+            self.rebuild(worker, services);
+        }
+        let result = match worker.instance.as_mut() {
+            Some(instance) => call_update(instance, handle, input),
+            None => Err(CallError {
+                kind: FailureKind::Instantiate,
+                message: "no live instance of the policy".to_string(),
+            }),
+        };
+        match result {
+            Ok(eligibility) => {
+                worker.services.insert(
+                    handle,
+                    WorkerService {
+                        input: input.clone(),
+                        eligibility: eligibility.clone(),
+                        failure: None,
+                    },
+                );
+                UpdateAnswer {
+                    eligibility,
+                    failure: None,
+                }
+            }
+            Err(error) => {
+                self.failed(CallKind::Update, &error);
+                let eligibility = self.degrade(worker, handle, input, fallback, &error);
+                if worker.instance.is_some() && error.kind != FailureKind::Instantiate {
+                    self.rebuild(worker, services);
+                }
+                UpdateAnswer {
+                    eligibility,
+                    failure: Some(error),
+                }
+            }
+        }
+    }
+
+    /// Puts a service on its failure mode on this worker and returns its eligibility.
+    fn degrade(
+        &self,
+        worker: &mut Worker,
+        handle: u32,
+        input: &Arc<ServiceInput>,
+        fallback: &Eligibility,
+        error: &CallError,
+    ) -> Eligibility {
+        let eligibility = match input.failure_mode {
+            FailureMode::Open => fallback.clone(),
+            FailureMode::Closed => Eligibility::reject_all(),
+        };
+        worker.services.insert(
+            handle,
+            WorkerService {
+                input: input.clone(),
+                eligibility: eligibility.clone(),
+                failure: Some(error.clone()),
+            },
+        );
+        eligibility
+    }
+
+    /// Replaces a worker's instance: instantiate, configure, replay every service that is
+    /// not already on its failure mode. A service that fails during the replay goes onto
+    /// its failure mode and the replay starts over on a fresh instance.
+    fn rebuild(&self, worker: &mut Worker, services: &BTreeMap<u32, Arc<ServiceInput>>) {
+        self.engine.metrics.replacement(&self.policy.name);
+        worker.instance = None;
+        for _ in 0..MAX_REBUILD_ATTEMPTS {
+            let mut instance = match PolicyInstance::new(&self.engine, &self.policy, &self.config) {
+                Ok(instance) => instance,
+                Err(error) => {
+                    self.failed(CallKind::Configure, &error);
+                    self.degrade_all(worker, services, &error);
+                    return;
+                }
+            };
+            let mut replay_failed = false;
+            for (&handle, input) in services {
+                if worker.services.get(&handle).is_some_and(|s| s.failure.is_some()) {
+                    continue;
+                }
+                match call_update(&mut instance, handle, input) {
+                    Ok(eligibility) => {
+                        worker.services.insert(
+                            handle,
+                            WorkerService {
+                                input: input.clone(),
+                                eligibility,
+                                failure: None,
+                            },
+                        );
+                    }
+                    Err(error) => {
+                        self.failed(CallKind::Update, &error);
+                        let fallback = self.fallback_eligibility(handle);
+                        self.degrade(worker, handle, input, &fallback, &error);
+                        replay_failed = true;
+                        break;
+                    }
+                }
+            }
+            if !replay_failed {
+                worker.instance = Some(instance);
+                return;
+            }
+        }
+        let error = CallError {
+            kind: FailureKind::Trap,
+            message: format!(
+                "policy kept failing while its services were replayed ({MAX_REBUILD_ATTEMPTS} fresh instances)"
+            ),
+        };
+        self.degrade_all(worker, services, &error);
+    }
+
+    fn degrade_all(
+        &self,
+        worker: &mut Worker,
+        services: &BTreeMap<u32, Arc<ServiceInput>>,
+        error: &CallError,
+    ) {
+        worker.instance = None;
+        for (&handle, input) in services {
+            if worker.services.get(&handle).is_some_and(|s| s.failure.is_some()) {
+                continue;
+            }
+            let fallback = self.fallback_eligibility(handle);
+            self.degrade(worker, handle, input, &fallback, error);
+        }
+    }
+
+    fn fallback_eligibility(&self, handle: u32) -> Eligibility {
+        self.fallback()
+            .eligibility(handle)
+            .cloned()
+            .unwrap_or_else(Eligibility::reject_all)
+    }
+
+    fn failure_mode(
+        &self,
+        handle: u32,
+        input: &ServiceInput,
+        connection: &Connection,
+    ) -> HostDecision {
+        self.engine
+            .metrics
+            .fallback(&self.policy.name, input.failure_mode);
+        match input.failure_mode {
+            FailureMode::Open => {
+                let decision = self.fallback().select(handle, connection);
+                host_decision(decision, input)
+            }
+            FailureMode::Closed => HostDecision::Reject,
+        }
+    }
+
+    fn failed(&self, call: CallKind, error: &CallError) {
+        self.engine.metrics.failure(&self.policy.name, call, error.kind);
+        tracing::warn!(
+            policy = %self.policy.name,
+            call = call.as_str(),
+            reason = error.kind.as_str(),
+            "{}",
+            error.message
+        );
+    }
+
+    fn fallback(&self) -> MutexGuard<'_, Driver<KubeDefault>> {
+        lock(&self.fallback)
+    }
+}
+
+/// Calls `update` and checks that every id in the answer was given.
+fn call_update(
+    instance: &mut PolicyInstance,
+    handle: u32,
+    input: &ServiceInput,
+) -> Result<Eligibility, CallError> {
+    let service = convert::service(&input.service);
+    let node = convert::node(&input.node);
+    let endpoints: Vec<wit::Endpoint> = input.endpoints.iter().map(convert::endpoint).collect();
+    let answer = instance.update(handle, &service, &node, &endpoints)?;
+    let mut eligibility = convert::eligibility(answer);
+    eligibility.normalize();
+    for id in eligibility
+        .internal
+        .endpoints
+        .iter()
+        .chain(&eligibility.external.endpoints)
+    {
+        if input.address(*id).is_none() {
+            return Err(CallError::invalid(format!(
+                "update for {} named endpoint id {id}, which is not one of its {} endpoints",
+                input.service.display_name(),
+                input.endpoints.len()
+            )));
+        }
+    }
+    Ok(eligibility)
+}
+
+fn host_decision(decision: Decision, input: &ServiceInput) -> HostDecision {
+    match decision {
+        Decision::Forward(id) => match input.address(id) {
+            Some(address) => HostDecision::Forward {
+                endpoint: id,
+                address,
+            },
+            None => HostDecision::Reject,
+        },
+        Decision::Reject => HostDecision::Reject,
+        Decision::Drop => HostDecision::Drop,
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn read<T>(lock: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
+    lock.read().unwrap_or_else(|e| e.into_inner())
+}
+
+fn write<T>(lock: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
+    lock.write().unwrap_or_else(|e| e.into_inner())
+}

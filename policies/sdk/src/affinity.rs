@@ -1,0 +1,150 @@
+//! Session affinity by client IP (`sessionAffinity: ClientIP`), usable on top of any
+//! selection: a client keeps its endpoint while the endpoint stays eligible and the
+//! client keeps opening connections within the timeout.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+
+use crate::types::EndpointId;
+
+/// Entries beyond this are not recorded until expired ones are reaped; it bounds the
+/// guest's memory whatever the number of clients.
+pub const DEFAULT_MAX_CLIENTS: usize = 65_536;
+
+#[derive(Clone, Copy, Debug)]
+struct Sticky {
+    endpoint: EndpointId,
+    last_seen_nanos: u64,
+}
+
+/// One table per service port, as kube-proxy keeps one `recent` list per endpoint chain.
+#[derive(Debug)]
+pub struct ClientIpAffinity {
+    clients: HashMap<IpAddr, Sticky>,
+    max_clients: usize,
+}
+
+impl Default for ClientIpAffinity {
+    fn default() -> Self {
+        ClientIpAffinity::with_capacity(DEFAULT_MAX_CLIENTS)
+    }
+}
+
+impl ClientIpAffinity {
+    pub fn with_capacity(max_clients: usize) -> Self {
+        ClientIpAffinity {
+            clients: HashMap::new(),
+            max_clients,
+        }
+    }
+
+    /// The endpoint for `client`: its previous one if that was used less than
+    /// `timeout_seconds` ago and is still in `eligible` (sorted), else `pick()`. Either
+    /// way the client's entry is refreshed to `now_nanos`, as every new connection
+    /// refreshes kube-proxy's `recent` entry.
+    pub fn select(
+        &mut self,
+        client: IpAddr,
+        timeout_seconds: u32,
+        eligible: &[EndpointId],
+        now_nanos: u64,
+        pick: impl FnOnce() -> EndpointId,
+    ) -> EndpointId {
+        let timeout_nanos = u64::from(timeout_seconds) * 1_000_000_000;
+        if let Some(sticky) = self.clients.get_mut(&client)
+            && now_nanos.saturating_sub(sticky.last_seen_nanos) < timeout_nanos
+            && eligible.binary_search(&sticky.endpoint).is_ok()
+        {
+            sticky.last_seen_nanos = now_nanos;
+            return sticky.endpoint;
+        }
+        let endpoint = pick();
+        if self.clients.len() >= self.max_clients && !self.clients.contains_key(&client) {
+            self.clients
+                .retain(|_, s| now_nanos.saturating_sub(s.last_seen_nanos) < timeout_nanos);
+        }
+        if self.clients.len() < self.max_clients || self.clients.contains_key(&client) {
+            self.clients.insert(
+                client,
+                Sticky {
+                    endpoint,
+                    last_seen_nanos: now_nanos,
+                },
+            );
+        }
+        endpoint
+    }
+
+    /// Forgets clients whose endpoint is no longer in `known` (sorted), e.g. after an update.
+    pub fn retain_endpoints(&mut self, known: &[EndpointId]) {
+        self.clients
+            .retain(|_, s| known.binary_search(&s.endpoint).is_ok());
+    }
+
+    pub fn len(&self) -> usize {
+        self.clients.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.clients.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SECOND: u64 = 1_000_000_000;
+
+    fn client(last: u8) -> IpAddr {
+        IpAddr::from([198, 18, 1, last])
+    }
+
+    #[test]
+    fn client_keeps_its_endpoint_within_the_timeout() {
+        let mut affinity = ClientIpAffinity::default();
+        assert_eq!(affinity.select(client(1), 10, &[1, 2, 3], 0, || 2), 2);
+        assert_eq!(affinity.select(client(1), 10, &[1, 2, 3], 9 * SECOND, || 3), 2);
+    }
+
+    #[test]
+    fn each_connection_refreshes_the_timeout() {
+        let mut affinity = ClientIpAffinity::default();
+        affinity.select(client(1), 10, &[1, 2], 0, || 1);
+        affinity.select(client(1), 10, &[1, 2], 9 * SECOND, || 2);
+        assert_eq!(affinity.select(client(1), 10, &[1, 2], 18 * SECOND, || 2), 1);
+    }
+
+    #[test]
+    fn expired_affinity_picks_again() {
+        let mut affinity = ClientIpAffinity::default();
+        affinity.select(client(1), 10, &[1, 2], 0, || 1);
+        assert_eq!(affinity.select(client(1), 10, &[1, 2], 10 * SECOND, || 2), 2);
+    }
+
+    #[test]
+    fn endpoint_no_longer_eligible_picks_again() {
+        let mut affinity = ClientIpAffinity::default();
+        affinity.select(client(1), 10, &[1, 2], 0, || 1);
+        assert_eq!(affinity.select(client(1), 10, &[2, 3], SECOND, || 3), 3);
+    }
+
+    #[test]
+    fn affinity_is_per_client_ip() {
+        let mut affinity = ClientIpAffinity::default();
+        affinity.select(client(1), 10, &[1, 2], 0, || 1);
+        assert_eq!(affinity.select(client(2), 10, &[1, 2], 0, || 2), 2);
+        assert_eq!(affinity.select(client(1), 10, &[1, 2], 0, || 2), 1);
+    }
+
+    #[test]
+    fn table_is_bounded_and_reaps_expired_clients() {
+        let mut affinity = ClientIpAffinity::with_capacity(2);
+        affinity.select(client(1), 10, &[1], 0, || 1);
+        affinity.select(client(2), 10, &[1], 0, || 1);
+        affinity.select(client(3), 10, &[1], SECOND, || 1);
+        assert_eq!(affinity.len(), 2, "full table records no new client");
+        affinity.select(client(3), 10, &[1], 11 * SECOND, || 1);
+        assert_eq!(affinity.len(), 1, "expired clients were reaped for the new one");
+    }
+}

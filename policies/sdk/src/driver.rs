@@ -1,0 +1,115 @@
+//! The per-instance bookkeeping between the host's calls and a [`Policy`]: state and
+//! eligibility per service handle. The Wasm export glue drives one; so do native tests
+//! and weir's built-in fallback.
+
+use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hasher};
+
+use crate::Policy;
+use crate::types::{
+    Capabilities, Connection, Decision, Eligibility, Endpoint, Node, Outcome, Service,
+    ServiceHandle,
+};
+
+/// Hashes the host's small integer handles with one multiply; `select` looks one up per call.
+#[derive(Default)]
+struct HandleHasher(u64);
+
+impl Hasher for HandleHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0 << 8 | u64::from(b)).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        }
+    }
+    fn write_u32(&mut self, n: u32) {
+        self.0 = u64::from(n).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    }
+}
+
+struct Entry<S> {
+    service: Service,
+    eligibility: Eligibility,
+    state: S,
+}
+
+/// One configured policy and the service ports it has been told about.
+pub struct Driver<P: Policy> {
+    policy: P,
+    services: HashMap<ServiceHandle, Entry<P::State>, BuildHasherDefault<HandleHasher>>,
+}
+
+impl<P: Policy> Driver<P> {
+    pub fn configure(config: &str) -> Result<Self, String> {
+        Ok(Driver {
+            policy: P::configure(config)?,
+            services: HashMap::default(),
+        })
+    }
+
+    pub fn policy(&self) -> &P {
+        &self.policy
+    }
+
+    pub fn capabilities(&self) -> Capabilities {
+        self.policy.capabilities()
+    }
+
+    /// Runs the policy's `update` for `handle` and remembers the (normalized) answer.
+    pub fn update(
+        &mut self,
+        handle: ServiceHandle,
+        service: Service,
+        node: &Node,
+        endpoints: &[Endpoint],
+    ) -> Eligibility {
+        let entry = self.services.entry(handle).or_insert_with(|| Entry {
+            service: service.clone(),
+            eligibility: Eligibility::reject_all(),
+            state: P::State::default(),
+        });
+        entry.service = service;
+        let mut eligibility = self
+            .policy
+            .update(&mut entry.state, &entry.service, node, endpoints);
+        eligibility.normalize();
+        entry.eligibility = eligibility.clone();
+        eligibility
+    }
+
+    pub fn remove(&mut self, handle: ServiceHandle) {
+        self.services.remove(&handle);
+    }
+
+    /// The policy's decision for one connection; the empty-set action when nothing is
+    /// eligible for its scope; `Reject` for a handle never updated.
+    pub fn select(&mut self, handle: ServiceHandle, connection: &Connection) -> Decision {
+        let Some(entry) = self.services.get_mut(&handle) else {
+            return Decision::Reject;
+        };
+        let set = entry.eligibility.for_scope(connection.scope);
+        if set.endpoints.is_empty() {
+            return set.empty_decision();
+        }
+        self.policy
+            .select(&mut entry.state, &entry.service, &set.endpoints, connection)
+    }
+
+    pub fn observe(&mut self, handle: ServiceHandle, outcome: &Outcome) {
+        if let Some(entry) = self.services.get_mut(&handle) {
+            self.policy.observe(&mut entry.state, outcome);
+        }
+    }
+
+    /// The last answer of `update` for `handle`.
+    pub fn eligibility(&self, handle: ServiceHandle) -> Option<&Eligibility> {
+        self.services.get(&handle).map(|e| &e.eligibility)
+    }
+
+    /// The policy's state for `handle`, for tests.
+    pub fn state(&self, handle: ServiceHandle) -> Option<&P::State> {
+        self.services.get(&handle).map(|e| &e.state)
+    }
+}
