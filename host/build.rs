@@ -9,8 +9,16 @@ const PROFILE: &str = "policy";
 
 fn main() {
     let manifest_dir = PathBuf::from(std::env::var_os("CARGO_MANIFEST_DIR").unwrap());
-    let root = manifest_dir.parent().expect("host/ lives in the workspace root");
-    for watched in ["wit", "policies", "host/tests/guests", "Cargo.toml", "Cargo.lock"] {
+    let root = manifest_dir
+        .parent()
+        .expect("host/ lives in the workspace root");
+    for watched in [
+        "wit",
+        "policies",
+        "host/tests/guests",
+        "Cargo.toml",
+        "Cargo.lock",
+    ] {
         println!("cargo:rerun-if-changed={}", root.join(watched).display());
     }
     println!("cargo:rerun-if-env-changed=WEIR_GUEST_TARGET_DIR");
@@ -33,7 +41,14 @@ fn main() {
     let mut command = Command::new(cargo);
     command
         .current_dir(root)
-        .args(["build", "--target", TARGET, "--profile", PROFILE, "--target-dir"])
+        .args([
+            "build",
+            "--target",
+            TARGET,
+            "--profile",
+            PROFILE,
+            "--target-dir",
+        ])
         .arg(&target_dir);
     for package in &packages {
         command.args(["-p", package]);

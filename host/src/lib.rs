@@ -2,6 +2,7 @@
 //! components. This crate is the host: it reads Services, EndpointSlices and Nodes,
 //! turns them into per-port snapshots as kube-proxy does, and asks policies what to do.
 
+pub mod check;
 pub mod discovery;
 pub mod explain;
 pub mod metrics;

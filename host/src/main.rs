@@ -1,1 +1,153 @@
-fn main() {}
+//! The `weir` command: parses arguments and calls into the library.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use weir::discovery::files::load_paths;
+use weir::metrics::PolicyMetrics;
+use weir::policy::{Limits, PolicyEngine, Registry};
+
+/// A Kubernetes service proxy whose routing policies are WebAssembly components.
+#[derive(Parser)]
+#[command(name = "weir", version)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Show what every Service port would do on a node, from YAML/JSON objects.
+    Explain {
+        /// Files or directories of Services, EndpointSlices and Nodes (YAML or JSON,
+        /// multi-document and `kind: List` as `kubectl get -o yaml` prints them).
+        #[arg(long = "objects", required = true, num_args = 1..)]
+        objects: Vec<PathBuf>,
+        /// The node to answer for (locality, externalTrafficPolicy Local, zone hints).
+        #[arg(long)]
+        node: String,
+        /// Directory of policy modules (`NAME.wasm`), for Services annotated `weir.dev/policy: NAME`.
+        #[arg(long)]
+        policies: Option<PathBuf>,
+        #[arg(short = 'o', long = "output", value_enum, default_value_t = Format::Table)]
+        output: Format,
+    },
+    /// Work with policy modules.
+    Policy {
+        #[command(subcommand)]
+        command: PolicyCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum PolicyCommand {
+    /// Load a module, check its world and version, run configure, update and select.
+    Check {
+        file: PathBuf,
+        /// Configuration text passed to `configure`.
+        #[arg(long, default_value = "")]
+        config: String,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Format {
+    Json,
+    Table,
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("WEIR_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Explain {
+            objects,
+            node,
+            policies,
+            output,
+        } => explain(&objects, &node, policies.as_deref(), output),
+        Command::Policy {
+            command: PolicyCommand::Check { file, config },
+        } => match weir::check::check(&file, &config) {
+            Ok(report) => {
+                print!("{}", report.text);
+                println!("ok");
+                ExitCode::SUCCESS
+            }
+            Err(reason) => {
+                eprintln!("error: {reason}");
+                ExitCode::FAILURE
+            }
+        },
+    }
+}
+
+fn explain(
+    objects: &[PathBuf],
+    node: &str,
+    policies: Option<&std::path::Path>,
+    output: Format,
+) -> ExitCode {
+    let (objects, diagnostics) = load_paths(objects);
+    let mut failed = false;
+    for diagnostic in &diagnostics {
+        eprintln!("{diagnostic}");
+        failed |= diagnostic.is_error();
+    }
+    if failed {
+        eprintln!("error: the objects above could not be read; fix them and run again");
+        return ExitCode::from(65);
+    }
+    let engine =
+        match PolicyEngine::new(Limits::default(), None, Arc::new(PolicyMetrics::default())) {
+            Ok(engine) => engine,
+            Err(e) => {
+                eprintln!("error: cannot start the policy engine: {e:#}");
+                return ExitCode::FAILURE;
+            }
+        };
+    let mut registry = match Registry::new(engine, 1) {
+        Ok(registry) => registry,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            return ExitCode::FAILURE;
+        }
+    };
+    if let Some(dir) = policies {
+        match registry.load_dir(dir) {
+            Ok(refused) => {
+                for error in refused {
+                    eprintln!("error: {error}");
+                }
+            }
+            Err(e) => {
+                eprintln!(
+                    "error: {}: cannot read the policies directory: {e}",
+                    dir.display()
+                );
+                return ExitCode::from(66);
+            }
+        }
+    }
+    let model = weir::model::build(&objects, node);
+    for diagnostic in &model.diagnostics {
+        eprintln!("{diagnostic}");
+    }
+    let report = weir::explain::report(&model, &registry);
+    match output {
+        Format::Json => println!(
+            "{}",
+            serde_json::to_string_pretty(&report).expect("the report serializes")
+        ),
+        Format::Table => print!("{}", weir::explain::table(&report)),
+    }
+    ExitCode::SUCCESS
+}

@@ -98,7 +98,13 @@ impl PolicyMetrics {
 
     pub fn failures_total(&self, policy: &str) -> u64 {
         let mut total = 0;
-        for call in [Call::configure, Call::update, Call::remove, Call::select, Call::observe] {
+        for call in [
+            Call::configure,
+            Call::update,
+            Call::remove,
+            Call::select,
+            Call::observe,
+        ] {
             for reason in [
                 Reason::trap,
                 Reason::timeout,

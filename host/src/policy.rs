@@ -9,11 +9,13 @@ mod engine;
 mod imports;
 mod instance;
 mod limits;
+mod registry;
 mod runtime;
 
 pub use engine::{CompiledPolicy, LoadError, PolicyEngine};
 pub use instance::{CallError, CallKind, FailureKind};
 pub use limits::Limits;
+pub use registry::{Binding, Registry, RegistryError};
 pub use runtime::{FailureMode, HostDecision, PolicyRuntime, ServiceInput, UpdateAnswer};
 
 /// The name of the policy every Service gets unless its `weir.dev/policy` annotation

@@ -1,1 +1,454 @@
-pub struct Objects; pub struct Diagnostic; pub struct Origin; pub fn load_paths() {}
+//! Kubernetes objects from YAML or JSON files, as `kubectl get -o yaml` prints them:
+//! single objects, multi-document files and `kind: List`. Bad input becomes a diagnostic
+//! naming the file, the document or list item, the object and the field.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use k8s_openapi::api::core::v1::{Node, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use serde::Deserialize;
+use serde_json::Value;
+
+/// Where an object was read from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Origin {
+    pub file: PathBuf,
+    /// 1-based document number in a multi-document file (`None` when the file has one).
+    pub document: Option<usize>,
+    /// Index in a `List`'s `items`.
+    pub item: Option<usize>,
+}
+
+impl fmt::Display for Origin {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.file.display())?;
+        if let Some(document) = self.document {
+            write!(f, " (document {document})")?;
+        }
+        if let Some(item) = self.item {
+            write!(f, " items[{item}]")?;
+        }
+        Ok(())
+    }
+}
+
+/// An object and where it came from.
+#[derive(Clone, Debug)]
+pub struct Sourced<T> {
+    pub origin: Origin,
+    pub object: T,
+}
+
+/// The objects weir uses, in the order they were read.
+#[derive(Clone, Debug, Default)]
+pub struct Objects {
+    pub services: Vec<Sourced<Service>>,
+    pub endpoint_slices: Vec<Sourced<EndpointSlice>>,
+    pub nodes: Vec<Sourced<Node>>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Severity {
+    /// The input could not be used at all (unreadable file, malformed YAML, wrong types).
+    Error,
+    /// The input was used, but part of it was ignored, as kube-proxy would.
+    Warning,
+}
+
+/// A problem with the input, for people: where, which object, what, and the fix.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Diagnostic {
+    pub severity: Severity,
+    /// The file (and document or item) the problem is in.
+    pub origin: String,
+    /// `Kind namespace/name`, when the problem is in one object.
+    pub object: Option<String>,
+    pub message: String,
+}
+
+impl Diagnostic {
+    pub fn error(
+        origin: impl ToString,
+        object: Option<String>,
+        message: impl Into<String>,
+    ) -> Self {
+        Diagnostic {
+            severity: Severity::Error,
+            origin: origin.to_string(),
+            object,
+            message: message.into(),
+        }
+    }
+
+    pub fn warning(
+        origin: impl ToString,
+        object: Option<String>,
+        message: impl Into<String>,
+    ) -> Self {
+        Diagnostic {
+            severity: Severity::Warning,
+            origin: origin.to_string(),
+            object,
+            message: message.into(),
+        }
+    }
+
+    pub fn is_error(&self) -> bool {
+        self.severity == Severity::Error
+    }
+}
+
+impl fmt::Display for Diagnostic {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let severity = match self.severity {
+            Severity::Error => "error",
+            Severity::Warning => "warning",
+        };
+        write!(f, "{severity}: {}", self.origin)?;
+        if let Some(object) = &self.object {
+            write!(f, ": {object}")?;
+        }
+        write!(f, ": {}", self.message)
+    }
+}
+
+/// Reads every path (a file, or a directory searched recursively for `.yaml`, `.yml` and
+/// `.json` files, in name order).
+pub fn load_paths(paths: &[PathBuf]) -> (Objects, Vec<Diagnostic>) {
+    let mut objects = Objects::default();
+    let mut diagnostics = Vec::new();
+    for path in paths {
+        let mut files = Vec::new();
+        if let Err(error) = collect_files(path, true, &mut files) {
+            diagnostics.push(Diagnostic::error(
+                path.display(),
+                None,
+                format!("cannot read: {error}"),
+            ));
+            continue;
+        }
+        if files.is_empty() {
+            diagnostics.push(Diagnostic::warning(
+                path.display(),
+                None,
+                "no .yaml, .yml or .json files here",
+            ));
+        }
+        for file in files {
+            match std::fs::read_to_string(&file) {
+                Ok(text) => load_str(&file, &text, &mut objects, &mut diagnostics),
+                Err(error) => diagnostics.push(Diagnostic::error(
+                    file.display(),
+                    None,
+                    format!("cannot read: {error}"),
+                )),
+            }
+        }
+    }
+    (objects, diagnostics)
+}
+
+fn collect_files(path: &Path, explicit: bool, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
+    let metadata = std::fs::metadata(path)?;
+    if metadata.is_dir() {
+        let mut entries: Vec<PathBuf> = std::fs::read_dir(path)?
+            .filter_map(Result::ok)
+            .map(|e| e.path())
+            .filter(|p| {
+                !p.file_name()
+                    .is_some_and(|n| n.to_string_lossy().starts_with('.'))
+            })
+            .collect();
+        entries.sort();
+        for entry in entries {
+            collect_files(&entry, false, out)?;
+        }
+    } else if explicit
+        || path
+            .extension()
+            .is_some_and(|e| e == "yaml" || e == "yml" || e == "json")
+    {
+        out.push(path.to_path_buf());
+    }
+    Ok(())
+}
+
+/// Parses the text of one file (YAML, which includes JSON) into `objects`.
+pub fn load_str(file: &Path, text: &str, objects: &mut Objects, diagnostics: &mut Vec<Diagnostic>) {
+    let mut documents = Vec::new();
+    for document in serde_yaml::Deserializer::from_str(text) {
+        match Value::deserialize(document) {
+            Ok(value) => documents.push(value),
+            Err(error) => {
+                let at = error
+                    .location()
+                    .map(|l| format!(" at line {}, column {}", l.line(), l.column()))
+                    .unwrap_or_default();
+                let origin = Origin {
+                    file: file.to_path_buf(),
+                    document: Some(documents.len() + 1),
+                    item: None,
+                };
+                diagnostics.push(Diagnostic::error(
+                    origin,
+                    None,
+                    format!(
+                        "malformed YAML/JSON{at}: {}",
+                        strip_location(&error.to_string())
+                    ),
+                ));
+                // The parser cannot resynchronise after a syntax error: the rest of the
+                // file is not read, and the objects before it are kept.
+                break;
+            }
+        }
+    }
+    let multi = documents.len() > 1;
+    for (index, value) in documents.into_iter().enumerate() {
+        let origin = Origin {
+            file: file.to_path_buf(),
+            document: multi.then_some(index + 1),
+            item: None,
+        };
+        load_value(origin, value, objects, diagnostics);
+    }
+}
+
+fn strip_location(message: &str) -> &str {
+    message.split(" at line ").next().unwrap_or(message)
+}
+
+fn load_value(
+    origin: Origin,
+    value: Value,
+    objects: &mut Objects,
+    diagnostics: &mut Vec<Diagnostic>,
+) {
+    let Value::Object(map) = &value else {
+        if !value.is_null() {
+            diagnostics.push(Diagnostic::error(
+                origin,
+                None,
+                "not a Kubernetes object: expected a mapping with apiVersion and kind",
+            ));
+        }
+        return;
+    };
+    let api_version = map.get("apiVersion").and_then(Value::as_str).unwrap_or("");
+    let Some(kind) = map.get("kind").and_then(Value::as_str) else {
+        diagnostics.push(Diagnostic::error(
+            origin,
+            None,
+            "object has no `kind`; every object needs apiVersion and kind (e.g. `apiVersion: v1`, `kind: Service`)",
+        ));
+        return;
+    };
+    if kind.ends_with("List") && map.get("items").is_some_and(Value::is_array) {
+        let items = map
+            .get("items")
+            .and_then(Value::as_array)
+            .cloned()
+            .unwrap_or_default();
+        for (index, item) in items.into_iter().enumerate() {
+            let origin = Origin {
+                item: Some(index),
+                ..origin.clone()
+            };
+            load_value(origin, item, objects, diagnostics);
+        }
+        return;
+    }
+    let name = object_name(kind, map);
+    match (api_version, kind) {
+        ("v1", "Service") => {
+            if let Some(object) = decode::<Service>(&origin, &name, value, diagnostics) {
+                objects.services.push(Sourced { origin, object });
+            }
+        }
+        ("discovery.k8s.io/v1", "EndpointSlice") => {
+            if let Some(object) = decode::<EndpointSlice>(&origin, &name, value, diagnostics) {
+                objects.endpoint_slices.push(Sourced { origin, object });
+            }
+        }
+        ("v1", "Node") => {
+            if let Some(object) = decode::<Node>(&origin, &name, value, diagnostics) {
+                objects.nodes.push(Sourced { origin, object });
+            }
+        }
+        (_, "Service" | "Node") if api_version != "v1" => diagnostics.push(Diagnostic::error(
+            origin,
+            Some(name),
+            format!("apiVersion `{api_version}` is not served for {kind}; use `apiVersion: v1`"),
+        )),
+        (_, "EndpointSlice") => diagnostics.push(Diagnostic::error(
+            origin,
+            Some(name),
+            format!(
+                "apiVersion `{api_version}` is not supported for EndpointSlice; use `apiVersion: discovery.k8s.io/v1`"
+            ),
+        )),
+        _ => diagnostics.push(Diagnostic::warning(
+            origin,
+            Some(name),
+            format!("skipped: weir uses only v1 Service, discovery.k8s.io/v1 EndpointSlice and v1 Node, not {api_version} {kind}"),
+        )),
+    }
+}
+
+fn object_name(kind: &str, map: &serde_json::Map<String, Value>) -> String {
+    let metadata = map.get("metadata");
+    let field = |key: &str| {
+        metadata
+            .and_then(|m| m.get(key))
+            .and_then(Value::as_str)
+            .map(str::to_string)
+    };
+    let name = field("name").unwrap_or_else(|| "<no name>".to_string());
+    match (kind, field("namespace")) {
+        ("Node", _) => format!("Node {name}"),
+        (_, Some(namespace)) => format!("{kind} {namespace}/{name}"),
+        (_, None) => format!("{kind} default/{name}"),
+    }
+}
+
+fn decode<T: serde::de::DeserializeOwned + HasMetadata>(
+    origin: &Origin,
+    name: &str,
+    value: Value,
+    diagnostics: &mut Vec<Diagnostic>,
+) -> Option<T> {
+    match serde_path_to_error::deserialize::<_, T>(value) {
+        Ok(mut object) => {
+            let metadata = object.metadata_mut();
+            if metadata.name.as_deref().unwrap_or("").is_empty() {
+                diagnostics.push(Diagnostic::error(
+                    origin,
+                    Some(name.to_string()),
+                    "metadata.name is missing; every object needs a name",
+                ));
+                return None;
+            }
+            if T::NAMESPACED && metadata.namespace.is_none() {
+                // As `kubectl apply` does without `-n`.
+                metadata.namespace = Some("default".to_string());
+            }
+            Some(object)
+        }
+        Err(error) => {
+            let path = error.path().to_string();
+            diagnostics.push(Diagnostic::error(
+                origin,
+                Some(name.to_string()),
+                format!("field `{path}`: {}", error.inner()),
+            ));
+            None
+        }
+    }
+}
+
+trait HasMetadata {
+    const NAMESPACED: bool;
+    fn metadata_mut(&mut self) -> &mut k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+}
+
+impl HasMetadata for Service {
+    const NAMESPACED: bool = true;
+    fn metadata_mut(&mut self) -> &mut k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {
+        &mut self.metadata
+    }
+}
+
+impl HasMetadata for EndpointSlice {
+    const NAMESPACED: bool = true;
+    fn metadata_mut(&mut self) -> &mut k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {
+        &mut self.metadata
+    }
+}
+
+impl HasMetadata for Node {
+    const NAMESPACED: bool = false;
+    fn metadata_mut(&mut self) -> &mut k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {
+        &mut self.metadata
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(text: &str) -> (Objects, Vec<Diagnostic>) {
+        let mut objects = Objects::default();
+        let mut diagnostics = Vec::new();
+        load_str(
+            Path::new("objects.yaml"),
+            text,
+            &mut objects,
+            &mut diagnostics,
+        );
+        (objects, diagnostics)
+    }
+
+    #[test]
+    fn multi_document_yaml_loads_every_object() {
+        let (objects, diagnostics) = load(
+            "apiVersion: v1\nkind: Service\nmetadata: {name: a}\nspec: {clusterIP: 127.0.0.10}\n---\n\
+             apiVersion: v1\nkind: Node\nmetadata: {name: node-a}\n",
+        );
+        assert!(diagnostics.is_empty(), "{diagnostics:?}");
+        assert_eq!(objects.services.len(), 1);
+        assert_eq!(objects.nodes.len(), 1);
+        assert_eq!(
+            objects.services[0].object.metadata.namespace.as_deref(),
+            Some("default")
+        );
+    }
+
+    #[test]
+    fn kind_list_is_unpacked() {
+        let (objects, diagnostics) = load(
+            r#"{"apiVersion": "v1", "kind": "List", "items": [
+                {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "a", "namespace": "x"}},
+                {"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+                 "metadata": {"name": "a-1", "namespace": "x"}, "addressType": "IPv4", "endpoints": []}]}"#,
+        );
+        assert!(diagnostics.is_empty(), "{diagnostics:?}");
+        assert_eq!(objects.services.len(), 1);
+        assert_eq!(objects.endpoint_slices.len(), 1);
+        assert_eq!(objects.endpoint_slices[0].origin.item, Some(1));
+    }
+
+    #[test]
+    fn wrong_field_type_names_the_field() {
+        let (_, diagnostics) = load(
+            "apiVersion: v1\nkind: Service\nmetadata: {name: web}\nspec:\n  ports:\n  - port: http\n",
+        );
+        assert_eq!(diagnostics.len(), 1);
+        let text = diagnostics[0].to_string();
+        assert!(text.contains("objects.yaml"), "{text}");
+        assert!(text.contains("Service default/web"), "{text}");
+        assert!(text.contains("spec.ports[0].port"), "{text}");
+    }
+
+    #[test]
+    fn malformed_yaml_names_the_line() {
+        let (_, diagnostics) = load("apiVersion: v1\nkind: Service\nmetadata: {name: [\n");
+        assert_eq!(diagnostics.len(), 1);
+        assert!(diagnostics[0].is_error());
+        assert!(
+            diagnostics[0].message.contains("line"),
+            "{}",
+            diagnostics[0]
+        );
+    }
+
+    #[test]
+    fn unknown_kinds_are_skipped_with_a_warning() {
+        let (objects, diagnostics) =
+            load("apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: web}\n");
+        assert_eq!(objects.services.len(), 0);
+        assert_eq!(diagnostics.len(), 1);
+        assert!(!diagnostics[0].is_error());
+        assert!(diagnostics[0].message.contains("apps/v1 Deployment"));
+    }
+}

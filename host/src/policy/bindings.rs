@@ -5,5 +5,4 @@ wasmtime::component::bindgen!({
     path: "../wit",
 });
 
-pub use exports::weir::policy::policy as guest;
 pub use weir::policy::types;

@@ -3,8 +3,8 @@
 use std::net::{IpAddr, SocketAddr};
 
 use weir_sdk::{
-    Connection, EmptyAction, Endpoint, EndpointSet, Eligibility, IpFamily, Node, Protocol, Scope,
-    Service,
+    Connection, Eligibility, EmptyAction, Endpoint, EndpointSet, IpFamily, Node, Outcome,
+    OutcomeKind, Protocol, Scope, Service,
 };
 
 use super::bindings::types as wit;
@@ -82,6 +82,18 @@ pub fn connection(c: &Connection) -> wit::Connection {
             Scope::Internal => wit::TrafficScope::Internal,
             Scope::External => wit::TrafficScope::External,
         },
+    }
+}
+
+pub fn outcome(o: &Outcome) -> wit::Outcome {
+    wit::Outcome {
+        endpoint: o.endpoint,
+        kind: match o.kind {
+            OutcomeKind::Connected => wit::OutcomeKind::Connected,
+            OutcomeKind::ConnectFailed => wit::OutcomeKind::ConnectFailed,
+            OutcomeKind::Closed => wit::OutcomeKind::Closed,
+        },
+        micros: o.micros,
     }
 }
 

@@ -20,21 +20,31 @@ use crate::metrics::PolicyMetrics;
 /// Why a module was refused. Every message names the module and what to do about it.
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
-    #[error("{source_name}: not a WebAssembly file (it starts with {found}); a policy is a component built with `cargo build --target wasm32-wasip2`")]
+    #[error(
+        "{source_name}: not a WebAssembly file (it starts with {found}); a policy is a component built with `cargo build --target wasm32-wasip2`"
+    )]
     NotWasm { source_name: String, found: String },
-    #[error("{source_name}: a core WebAssembly module, not a component; build the policy for `wasm32-wasip2` (which emits a component), or wrap a core module with `wasm-tools component new`")]
+    #[error(
+        "{source_name}: a core WebAssembly module, not a component; build the policy for `wasm32-wasip2` (which emits a component), or wrap a core module with `wasm-tools component new`"
+    )]
     CoreModule { source_name: String },
-    #[error("{source_name}: WebAssembly of an unknown version or layer ({version:#010x}); weir loads components (version 0x0d, layer 1)")]
+    #[error(
+        "{source_name}: WebAssembly of an unknown version or layer ({version:#010x}); weir loads components (version 0x0d, layer 1)"
+    )]
     UnknownEncoding { source_name: String, version: u32 },
     #[error("{source_name}: failed to compile: {reason}")]
     Compile { source_name: String, reason: String },
-    #[error("{source_name}: exports {exports}, but weir expects `{expected}`; build it against weir's wit/ (package weir:policy@0.1.0, world policy-world)")]
+    #[error(
+        "{source_name}: exports {exports}, but weir expects `{expected}`; build it against weir's wit/ (package weir:policy@0.1.0, world policy-world)"
+    )]
     WrongWorld {
         source_name: String,
         expected: &'static str,
         exports: String,
     },
-    #[error("{source_name}: imports `{import}`, which weir does not provide (policies may import only weir:policy/log, clock, random and WASI)")]
+    #[error(
+        "{source_name}: imports `{import}`, which weir does not provide (policies may import only weir:policy/log, clock, random and WASI)"
+    )]
     UnsupportedImport { source_name: String, import: String },
     #[error("{source_name}: does not match weir's `{expected}`: {reason}")]
     Link {
@@ -175,8 +185,14 @@ impl PolicyEngine {
         let compile_time = started.elapsed();
 
         let ty = component.component_type();
-        let exports: Vec<String> = ty.exports(&self.engine).map(|(n, _)| n.to_string()).collect();
-        let imports: Vec<String> = ty.imports(&self.engine).map(|(n, _)| n.to_string()).collect();
+        let exports: Vec<String> = ty
+            .exports(&self.engine)
+            .map(|(n, _)| n.to_string())
+            .collect();
+        let imports: Vec<String> = ty
+            .imports(&self.engine)
+            .map(|(n, _)| n.to_string())
+            .collect();
         if !exports.iter().any(|e| e == EXPECTED_EXPORT) {
             return Err(LoadError::WrongWorld {
                 source_name: source_name.to_string(),
@@ -206,7 +222,10 @@ impl PolicyEngine {
             expected: EXPECTED_EXPORT,
             reason: format!("{e:#}"),
         };
-        let instance_pre = self.linker.instantiate_pre(&component).map_err(link_error)?;
+        let instance_pre = self
+            .linker
+            .instantiate_pre(&component)
+            .map_err(link_error)?;
         let pre = PolicyWorldPre::new(instance_pre).map_err(link_error)?;
         Ok(Arc::new(CompiledPolicy {
             name: name.to_string(),

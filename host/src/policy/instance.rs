@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use wasmtime::{Store, Trap};
 
-use super::bindings::{PolicyWorld, guest, types as wit};
+use super::bindings::{PolicyWorld, types as wit};
 use super::engine::{CompiledPolicy, PolicyEngine};
 use super::imports::StoreState;
 use crate::metrics::PolicyMetrics;
@@ -136,10 +136,6 @@ impl PolicyInstance {
             message: format!("configure refused the configuration: {reason}"),
         })?;
         Ok(instance)
-    }
-
-    pub fn policy(&self) -> &Arc<CompiledPolicy> {
-        &self.policy
     }
 
     pub fn update(

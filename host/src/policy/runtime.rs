@@ -116,7 +116,9 @@ impl PolicyRuntime {
         let mut instances = Vec::with_capacity(workers.max(1));
         for _ in 0..workers.max(1) {
             let instance = PolicyInstance::new(&engine, &policy, config).inspect_err(|e| {
-                engine.metrics.failure(&policy.name, CallKind::Configure, e.kind);
+                engine
+                    .metrics
+                    .failure(&policy.name, CallKind::Configure, e.kind);
             })?;
             instances.push(Mutex::new(Worker {
                 instance: Some(instance),
@@ -149,12 +151,9 @@ impl PolicyRuntime {
     /// worker's answer (all instances of a policy are expected to agree).
     pub fn update(&self, handle: u32, input: ServiceInput) -> UpdateAnswer {
         let input = Arc::new(input);
-        let fallback = self.fallback().update(
-            handle,
-            input.service.clone(),
-            &input.node,
-            &input.endpoints,
-        );
+        let fallback =
+            self.fallback()
+                .update(handle, input.service.clone(), &input.node, &input.endpoints);
         let mut services = write(&self.services);
         services.insert(handle, input.clone());
         let mut first = None;
@@ -221,7 +220,9 @@ impl PolicyRuntime {
                                 address,
                             };
                         }
-                        None => CallError::invalid(format!("select chose unknown endpoint id {id}")),
+                        None => {
+                            CallError::invalid(format!("select chose unknown endpoint id {id}"))
+                        }
                     }
                 }
                 Ok(wit::Decision::Forward(id)) => CallError::invalid(format!(
@@ -244,6 +245,29 @@ impl PolicyRuntime {
             Some(service) => self.failure_mode(handle, &service.input, connection),
             None => HostDecision::Reject,
         }
+    }
+
+    /// Tells the instance of `worker` what happened to a connection it forwarded, if the
+    /// policy asked for outcomes.
+    pub fn observe(&self, worker: usize, handle: u32, outcome: &weir_sdk::Outcome) {
+        let slot = &self.workers[worker % self.workers.len()];
+        let failed = {
+            let mut guard = lock(slot);
+            let Some(instance) = guard.instance.as_mut() else {
+                return;
+            };
+            if !instance.capabilities.observe_outcomes {
+                return;
+            }
+            match instance.observe(handle, convert::outcome(outcome)) {
+                Ok(()) => return,
+                Err(error) => error,
+            }
+        };
+        self.failed(CallKind::Observe, &failed);
+        let services = read(&self.services);
+        let mut guard = lock(slot);
+        self.rebuild(&mut guard, &services);
     }
 
     fn update_worker(
@@ -336,7 +360,11 @@ impl PolicyRuntime {
             };
             let mut replay_failed = false;
             for (&handle, input) in services {
-                if worker.services.get(&handle).is_some_and(|s| s.failure.is_some()) {
+                if worker
+                    .services
+                    .get(&handle)
+                    .is_some_and(|s| s.failure.is_some())
+                {
                     continue;
                 }
                 match call_update(&mut instance, handle, input) {
@@ -381,7 +409,11 @@ impl PolicyRuntime {
     ) {
         worker.instance = None;
         for (&handle, input) in services {
-            if worker.services.get(&handle).is_some_and(|s| s.failure.is_some()) {
+            if worker
+                .services
+                .get(&handle)
+                .is_some_and(|s| s.failure.is_some())
+            {
                 continue;
             }
             let fallback = self.fallback_eligibility(handle);
@@ -415,7 +447,9 @@ impl PolicyRuntime {
     }
 
     fn failed(&self, call: CallKind, error: &CallError) {
-        self.engine.metrics.failure(&self.policy.name, call, error.kind);
+        self.engine
+            .metrics
+            .failure(&self.policy.name, call, error.kind);
         tracing::warn!(
             policy = %self.policy.name,
             call = call.as_str(),

@@ -104,7 +104,10 @@ mod tests {
     fn client_keeps_its_endpoint_within_the_timeout() {
         let mut affinity = ClientIpAffinity::default();
         assert_eq!(affinity.select(client(1), 10, &[1, 2, 3], 0, || 2), 2);
-        assert_eq!(affinity.select(client(1), 10, &[1, 2, 3], 9 * SECOND, || 3), 2);
+        assert_eq!(
+            affinity.select(client(1), 10, &[1, 2, 3], 9 * SECOND, || 3),
+            2
+        );
     }
 
     #[test]
@@ -112,14 +115,20 @@ mod tests {
         let mut affinity = ClientIpAffinity::default();
         affinity.select(client(1), 10, &[1, 2], 0, || 1);
         affinity.select(client(1), 10, &[1, 2], 9 * SECOND, || 2);
-        assert_eq!(affinity.select(client(1), 10, &[1, 2], 18 * SECOND, || 2), 1);
+        assert_eq!(
+            affinity.select(client(1), 10, &[1, 2], 18 * SECOND, || 2),
+            1
+        );
     }
 
     #[test]
     fn expired_affinity_picks_again() {
         let mut affinity = ClientIpAffinity::default();
         affinity.select(client(1), 10, &[1, 2], 0, || 1);
-        assert_eq!(affinity.select(client(1), 10, &[1, 2], 10 * SECOND, || 2), 2);
+        assert_eq!(
+            affinity.select(client(1), 10, &[1, 2], 10 * SECOND, || 2),
+            2
+        );
     }
 
     #[test]
@@ -145,6 +154,10 @@ mod tests {
         affinity.select(client(3), 10, &[1], SECOND, || 1);
         assert_eq!(affinity.len(), 2, "full table records no new client");
         affinity.select(client(3), 10, &[1], 11 * SECOND, || 1);
-        assert_eq!(affinity.len(), 1, "expired clients were reaped for the new one");
+        assert_eq!(
+            affinity.len(),
+            1,
+            "expired clients were reaped for the new one"
+        );
     }
 }

@@ -7,8 +7,8 @@ use std::thread::LocalKey;
 
 use crate::bindings::weir::policy::types as wit;
 use crate::types::{
-    Connection, Decision, EmptyAction, Endpoint, EndpointSet, Eligibility,
-    IpFamily, Node, Outcome, OutcomeKind, Protocol, Scope, Service,
+    Connection, Decision, Eligibility, EmptyAction, Endpoint, EndpointSet, IpFamily, Node, Outcome,
+    OutcomeKind, Protocol, Scope, Service,
 };
 use crate::{Driver, Policy};
 
@@ -16,7 +16,10 @@ type Slot<P> = LocalKey<RefCell<Option<Driver<P>>>>;
 
 const NOT_CONFIGURED: &str = "weir policy called before configure";
 
-pub fn configure<P: Policy>(slot: &'static Slot<P>, config: &str) -> Result<wit::Capabilities, String> {
+pub fn configure<P: Policy>(
+    slot: &'static Slot<P>,
+    config: &str,
+) -> Result<wit::Capabilities, String> {
     let driver = Driver::<P>::configure(config)?;
     let capabilities = driver.capabilities();
     slot.with(|s| *s.borrow_mut() = Some(driver));
@@ -48,10 +51,19 @@ pub fn update<P: Policy>(
 }
 
 pub fn remove<P: Policy>(slot: &'static Slot<P>, handle: u32) {
-    slot.with(|s| s.borrow_mut().as_mut().expect(NOT_CONFIGURED).remove(handle))
+    slot.with(|s| {
+        s.borrow_mut()
+            .as_mut()
+            .expect(NOT_CONFIGURED)
+            .remove(handle)
+    })
 }
 
-pub fn select<P: Policy>(slot: &'static Slot<P>, handle: u32, connection: wit::Connection) -> wit::Decision {
+pub fn select<P: Policy>(
+    slot: &'static Slot<P>,
+    handle: u32,
+    connection: wit::Connection,
+) -> wit::Decision {
     let connection = Connection {
         client: socket_from(connection.client),
         destination: socket_from(connection.destination),
@@ -158,4 +170,3 @@ fn eligibility_to(e: Eligibility) -> wit::Eligibility {
         external: set(e.external),
     }
 }
-

@@ -4,7 +4,7 @@
 //! This mirrors `CategorizeEndpoints` in kube-proxy's `pkg/proxy/topology.go` and the
 //! reject/drop rules of its iptables and nftables proxiers.
 
-use crate::types::{EmptyAction, Endpoint, EndpointId, EndpointSet, Eligibility, Node, Service};
+use crate::types::{Eligibility, EmptyAction, Endpoint, EndpointId, EndpointSet, Node, Service};
 
 /// Which topology filter kube-proxy applies to the Cluster endpoints.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -54,7 +54,8 @@ pub fn categorize(service: &Service, node: &Node, endpoints: &[Endpoint]) -> Cat
     let zone = node.zone();
     if service.uses_cluster_endpoints() {
         out.topology = topology_mode(endpoints, &node.name, zone);
-        out.cluster = ids(&|e| e.ready && available_for_topology(e, out.topology, &node.name, zone));
+        out.cluster =
+            ids(&|e| e.ready && available_for_topology(e, out.topology, &node.name, zone));
         if out.cluster.is_empty() {
             // No ready endpoint anywhere (topology was already ignored had there been one).
             out.cluster = ids(&|e| e.serving_terminating());
@@ -170,6 +171,10 @@ pub fn eligibility(service: &Service, categorized: &Categorized) -> Eligibility 
 }
 
 /// What kube-proxy would program for this service port on `node`.
-pub fn kube_proxy_eligibility(service: &Service, node: &Node, endpoints: &[Endpoint]) -> Eligibility {
+pub fn kube_proxy_eligibility(
+    service: &Service,
+    node: &Node,
+    endpoints: &[Endpoint],
+) -> Eligibility {
     eligibility(service, &categorize(service, node, endpoints))
 }

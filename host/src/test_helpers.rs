@@ -1,0 +1,91 @@
+//! Fixtures shared by weir's integration tests and benches (feature `testing`).
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use weir_sdk::{Connection, Endpoint, IpFamily, Node, Protocol, Scope, Service};
+
+use crate::metrics::PolicyMetrics;
+use crate::policy::{FailureMode, Limits, PolicyEngine, ServiceInput};
+
+/// The component built from `host/tests/guests/<name>` (or `policies/<name>`) by build.rs.
+pub fn guest_path(name: &str) -> PathBuf {
+    PathBuf::from(env!("WEIR_GUEST_DIR")).join(format!("{}.wasm", name.replace('-', "_")))
+}
+
+/// The bytes of [`guest_path`].
+pub fn guest_bytes(name: &str) -> Vec<u8> {
+    let path = guest_path(name);
+    std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+/// A policy engine with default limits, no disk cache, and its metrics.
+pub fn engine() -> (Arc<PolicyEngine>, Arc<PolicyMetrics>) {
+    engine_with(Limits::default())
+}
+
+pub fn engine_with(limits: Limits) -> (Arc<PolicyEngine>, Arc<PolicyMetrics>) {
+    let metrics = Arc::new(PolicyMetrics::default());
+    let engine = PolicyEngine::new(limits, None, metrics.clone()).expect("policy engine");
+    (engine, metrics)
+}
+
+/// A ClusterIP service `default/<name>:http` on 127.0.0.10:80 with the given policy config.
+pub fn service(name: &str, config: Option<&str>) -> Service {
+    Service {
+        namespace: "default".into(),
+        name: name.into(),
+        port_name: "http".into(),
+        protocol: Protocol::Tcp,
+        ip_family: IpFamily::V4,
+        cluster_ip: "127.0.0.10".parse().expect("literal"),
+        port: 80,
+        node_port: 0,
+        external_ips: Vec::new(),
+        load_balancer_ips: Vec::new(),
+        internal_traffic_local: false,
+        external_traffic_local: false,
+        session_affinity_timeout: None,
+        config: config.map(str::to_string),
+    }
+}
+
+/// `n` ready endpoints with ids `1..=n` at `198.18.<subnet>.<id>:8080`.
+pub fn endpoints(subnet: u8, n: u32) -> Vec<Endpoint> {
+    (1..=n)
+        .map(|id| {
+            let ip = IpAddr::from([198, 18, subnet, id as u8]);
+            Endpoint::ready(id, SocketAddr::new(ip, 8080))
+        })
+        .collect()
+}
+
+pub fn node(name: &str) -> Arc<Node> {
+    Arc::new(Node {
+        name: name.into(),
+        labels: Vec::new(),
+    })
+}
+
+pub fn input(
+    service: Service,
+    endpoints: Vec<Endpoint>,
+    failure_mode: FailureMode,
+) -> ServiceInput {
+    ServiceInput {
+        service,
+        node: node("node-a"),
+        endpoints,
+        failure_mode,
+    }
+}
+
+/// A connection from `198.18.100.<client>:40000` to the clusterIP.
+pub fn connection(client: u8) -> Connection {
+    Connection {
+        client: SocketAddr::new(IpAddr::from([198, 18, 100, client]), 40_000),
+        destination: "127.0.0.10:80".parse().expect("literal"),
+        scope: Scope::Internal,
+    }
+}

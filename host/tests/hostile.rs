@@ -1,0 +1,237 @@
+//! A hostile policy cannot hurt weir: infinite loops, memory bombs, panics, invalid
+//! answers and log floods are each contained by a deadline or a cap, counted, answered
+//! with the service's failure mode, and every other service keeps its answers.
+
+use std::net::SocketAddr;
+
+use weir::metrics::{Call, Mode, Reason};
+use weir::policy::{FailureKind, FailureMode, HostDecision, PolicyRuntime};
+use weir::test_helpers::{connection, endpoints, engine, guest_bytes, input, service};
+
+const HEALTHY: u32 = 1;
+const HOSTILE: u32 = 2;
+
+/// A runtime of the hostile guest (2 workers) serving a healthy service on 198.18.1.0/24
+/// and a hostile one on 198.18.2.0/24.
+struct Fixture {
+    runtime: PolicyRuntime,
+    metrics: std::sync::Arc<weir::metrics::PolicyMetrics>,
+}
+
+fn fixture(behaviour: &str, mode: FailureMode) -> (Fixture, weir::policy::UpdateAnswer) {
+    let (engine, metrics) = engine();
+    let compiled = engine
+        .load("hostile", "hostile.wasm", &guest_bytes("hostile"))
+        .expect("hostile guest loads");
+    let runtime = PolicyRuntime::new(engine, compiled, "", 2).expect("configure");
+    let healthy = runtime.update(
+        HEALTHY,
+        input(service("healthy", None), endpoints(1, 3), mode),
+    );
+    assert!(healthy.failure.is_none(), "{:?}", healthy.failure);
+    let hostile = runtime.update(
+        HOSTILE,
+        input(service("hostile", Some(behaviour)), endpoints(2, 3), mode),
+    );
+    (Fixture { runtime, metrics }, hostile)
+}
+
+fn in_subnet(decision: HostDecision, subnet: u8) -> bool {
+    matches!(decision, HostDecision::Forward { address: SocketAddr::V4(a), .. } if a.ip().octets()[2] == subnet)
+}
+
+impl Fixture {
+    fn failures(&self, call: Call, reason: Reason) -> u64 {
+        self.metrics.failures_of("hostile", call, reason)
+    }
+
+    /// The healthy service still gets the policy's own round-robin answers on every worker.
+    fn healthy_service_unaffected(&self) {
+        let fallbacks_before = self.metrics.fallbacks_of("hostile", Mode::open);
+        for worker in 0..2 {
+            let mut seen = std::collections::BTreeSet::new();
+            for client in 0..6 {
+                let decision = self.runtime.select(worker, HEALTHY, &connection(client));
+                assert!(in_subnet(decision, 1), "healthy service got {decision:?}");
+                if let HostDecision::Forward { endpoint, .. } = decision {
+                    seen.insert(endpoint);
+                }
+            }
+            assert_eq!(
+                seen.len(),
+                3,
+                "round robin over all 3 endpoints on worker {worker}"
+            );
+        }
+        assert_eq!(
+            self.metrics.fallbacks_of("hostile", Mode::open),
+            fallbacks_before,
+            "the healthy service never fell back"
+        );
+        let (eligibility, failure) = self.runtime.eligibility(HEALTHY).expect("known");
+        assert!(failure.is_none());
+        assert_eq!(eligibility.internal.endpoints, vec![1, 2, 3]);
+    }
+}
+
+#[test]
+fn infinite_loop_in_select_times_out_and_fails_open() {
+    let (f, _) = fixture("loop-select", FailureMode::Open);
+    let decision = f.runtime.select(0, HOSTILE, &connection(1));
+    assert!(
+        in_subnet(decision, 2),
+        "open failure mode forwards with kube-default: {decision:?}"
+    );
+    assert_eq!(f.failures(Call::select, Reason::timeout), 1);
+    assert_eq!(f.metrics.fallbacks_of("hostile", Mode::open), 1);
+    f.healthy_service_unaffected();
+    // Still hostile after the instance was replaced: contained again.
+    f.runtime.select(1, HOSTILE, &connection(2));
+    assert_eq!(f.failures(Call::select, Reason::timeout), 2);
+}
+
+#[test]
+fn infinite_loop_in_select_fails_closed_with_reject() {
+    let (f, _) = fixture("loop-select", FailureMode::Closed);
+    assert_eq!(
+        f.runtime.select(0, HOSTILE, &connection(1)),
+        HostDecision::Reject
+    );
+    assert_eq!(f.failures(Call::select, Reason::timeout), 1);
+    assert_eq!(f.metrics.fallbacks_of("hostile", Mode::closed), 1);
+    f.healthy_service_unaffected();
+}
+
+#[test]
+fn infinite_loop_in_update_times_out_and_uses_kube_default_eligibility() {
+    let (f, answer) = fixture("loop-update", FailureMode::Open);
+    let failure = answer.failure.expect("update failed");
+    assert_eq!(failure.kind, FailureKind::Timeout, "{failure}");
+    assert_eq!(answer.eligibility.internal.endpoints, vec![1, 2, 3]);
+    // Two workers, each timed out once.
+    assert_eq!(f.failures(Call::update, Reason::timeout), 2);
+    assert!(in_subnet(f.runtime.select(0, HOSTILE, &connection(1)), 2));
+    f.healthy_service_unaffected();
+}
+
+#[test]
+fn infinite_loop_in_update_fails_closed_with_nothing_eligible() {
+    let (f, answer) = fixture("loop-update", FailureMode::Closed);
+    assert!(answer.failure.is_some());
+    assert!(answer.eligibility.internal.endpoints.is_empty());
+    assert!(answer.eligibility.external.endpoints.is_empty());
+    assert_eq!(
+        f.runtime.select(0, HOSTILE, &connection(1)),
+        HostDecision::Reject
+    );
+    f.healthy_service_unaffected();
+}
+
+#[test]
+fn memory_bomb_in_select_hits_the_cap() {
+    let (f, _) = fixture("memory-select", FailureMode::Open);
+    let decision = f.runtime.select(0, HOSTILE, &connection(1));
+    assert!(in_subnet(decision, 2), "{decision:?}");
+    assert_eq!(f.failures(Call::select, Reason::memory), 1);
+    f.healthy_service_unaffected();
+}
+
+#[test]
+fn memory_bomb_in_update_hits_the_cap() {
+    let (f, answer) = fixture("memory-update", FailureMode::Open);
+    assert_eq!(answer.failure.expect("failed").kind, FailureKind::Memory);
+    assert_eq!(f.failures(Call::update, Reason::memory), 2);
+    f.healthy_service_unaffected();
+}
+
+#[test]
+fn panic_in_select_is_a_trap() {
+    let (f, _) = fixture("panic-select", FailureMode::Open);
+    assert!(in_subnet(f.runtime.select(0, HOSTILE, &connection(1)), 2));
+    assert_eq!(f.failures(Call::select, Reason::trap), 1);
+    f.healthy_service_unaffected();
+}
+
+#[test]
+fn panic_in_update_is_a_trap() {
+    let (f, answer) = fixture("panic-update", FailureMode::Closed);
+    let failure = answer.failure.expect("failed");
+    assert_eq!(failure.kind, FailureKind::Trap);
+    assert!(failure.message.contains("update"), "{failure}");
+    assert_eq!(
+        f.runtime.select(1, HOSTILE, &connection(1)),
+        HostDecision::Reject
+    );
+    f.healthy_service_unaffected();
+}
+
+#[test]
+fn unknown_endpoint_id_from_select_is_invalid() {
+    let (f, _) = fixture("unknown-id-select", FailureMode::Open);
+    let decision = f.runtime.select(0, HOSTILE, &connection(1));
+    assert!(in_subnet(decision, 2), "{decision:?}");
+    assert_eq!(f.failures(Call::select, Reason::invalid_answer), 1);
+    f.healthy_service_unaffected();
+}
+
+#[test]
+fn unknown_endpoint_id_from_update_is_invalid() {
+    let (f, answer) = fixture("unknown-id-update", FailureMode::Open);
+    let failure = answer.failure.expect("failed");
+    assert_eq!(failure.kind, FailureKind::InvalidAnswer);
+    assert!(failure.message.contains("9999"), "{failure}");
+    assert_eq!(
+        answer.eligibility.internal.endpoints,
+        vec![1, 2, 3],
+        "kube-default's answer"
+    );
+    f.healthy_service_unaffected();
+}
+
+#[test]
+fn log_flood_is_capped_and_counted() {
+    let (f, answer) = fixture("log-flood", FailureMode::Closed);
+    assert!(answer.failure.is_none(), "{:?}", answer.failure);
+    assert_eq!(
+        answer.eligibility.internal.endpoints,
+        vec![1, 2, 3],
+        "the policy's own answer stands"
+    );
+    assert_eq!(f.metrics.failures_total("hostile"), 0);
+    // Per worker: 1024 log lines and 1024 stdout lines of 4 KiB, against a 64 KiB budget.
+    let dropped = f.metrics.log_dropped_of("hostile");
+    assert!(
+        dropped > 2 * (8 << 20) - 2 * (64 << 10) - 4096,
+        "dropped {dropped} bytes"
+    );
+    f.healthy_service_unaffected();
+}
+
+#[test]
+fn configure_refusal_is_reported() {
+    let (engine, _) = engine();
+    let compiled = engine
+        .load("hostile", "hostile.wasm", &guest_bytes("hostile"))
+        .unwrap();
+    let error = PolicyRuntime::new(engine, compiled, "refuse", 1)
+        .err()
+        .expect("refused");
+    assert_eq!(error.kind, FailureKind::Refused);
+    assert!(error.message.contains("refused on purpose"), "{error}");
+}
+
+#[test]
+fn configure_panic_is_a_trap() {
+    let (engine, metrics) = engine();
+    let compiled = engine
+        .load("hostile", "hostile.wasm", &guest_bytes("hostile"))
+        .unwrap();
+    let error = PolicyRuntime::new(engine, compiled, "panic", 1)
+        .err()
+        .expect("trapped");
+    assert_eq!(error.kind, FailureKind::Trap);
+    assert_eq!(
+        metrics.failures_of("hostile", Call::configure, Reason::trap),
+        1
+    );
+}
