@@ -106,14 +106,17 @@ fn explain(
         eprintln!("error: the objects above could not be read; fix them and run again");
         return ExitCode::from(65);
     }
-    let engine =
-        match PolicyEngine::new(Limits::default(), None, Arc::new(PolicyMetrics::default())) {
-            Ok(engine) => engine,
-            Err(e) => {
-                eprintln!("error: cannot start the policy engine: {e:#}");
-                return ExitCode::FAILURE;
-            }
-        };
+    let engine = match PolicyEngine::new(
+        Limits::default(),
+        cache_dir().as_deref(),
+        Arc::new(PolicyMetrics::default()),
+    ) {
+        Ok(engine) => engine,
+        Err(e) => {
+            eprintln!("error: cannot start the policy engine: {e:#}");
+            return ExitCode::FAILURE;
+        }
+    };
     let mut registry = match Registry::new(engine, 1) {
         Ok(registry) => registry,
         Err(e) => {
@@ -150,4 +153,17 @@ fn explain(
         Format::Table => print!("{}", weir::explain::table(&report)),
     }
     ExitCode::SUCCESS
+}
+
+/// Where compiled policies are cached: `WEIR_CACHE_DIR` (empty disables the cache), else
+/// `$XDG_CACHE_HOME/weir/components`, else `~/.cache/weir/components`.
+fn cache_dir() -> Option<PathBuf> {
+    match std::env::var_os("WEIR_CACHE_DIR") {
+        Some(dir) if dir.is_empty() => None,
+        Some(dir) => Some(PathBuf::from(dir)),
+        None => std::env::var_os("XDG_CACHE_HOME")
+            .map(PathBuf::from)
+            .or_else(|| std::env::var_os("HOME").map(|home| PathBuf::from(home).join(".cache")))
+            .map(|base| base.join("weir/components")),
+    }
 }

@@ -524,6 +524,176 @@ pub fn parse_ip_sloppy(text: &str) -> Option<IpAddr> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::discovery::files::load_str;
+    use std::path::Path;
+
+    fn model(yaml: &str, node: &str) -> Model {
+        let mut objects = Objects::default();
+        let mut diagnostics = Vec::new();
+        load_str(Path::new("test.yaml"), yaml, &mut objects, &mut diagnostics);
+        assert!(diagnostics.is_empty(), "{diagnostics:?}");
+        build(&objects, node)
+    }
+
+    const SERVICE: &str = "apiVersion: v1\nkind: Service\nmetadata: {name: web}\nspec: {clusterIP: 127.0.0.10, ports: [{name: http, port: 80}]}\n";
+
+    fn slice(name: &str, address_type: &str, endpoints: &str) -> String {
+        format!(
+            "---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: {name}, labels: {{kubernetes.io/service-name: web}}}}\naddressType: {address_type}\nports: [{{name: http, port: 8080}}]\nendpoints: {endpoints}\n"
+        )
+    }
+
+    fn addresses(model: &Model) -> Vec<(String, bool)> {
+        model.ports[0]
+            .endpoints
+            .iter()
+            .map(|e| (e.address.to_string(), e.terminating))
+            .collect()
+    }
+
+    #[test]
+    fn duplicate_endpoint_prefers_the_non_terminating_copy_in_either_slice_order() {
+        let terminating =
+            "[{addresses: [198.18.0.1], conditions: {ready: false, terminating: true}}]";
+        let running = "[{addresses: [198.18.0.1]}]";
+        for (first, second) in [(terminating, running), (running, terminating)] {
+            let yaml = format!(
+                "{SERVICE}{}{}",
+                slice("a", "IPv4", first),
+                slice("b", "IPv4", second)
+            );
+            let m = model(&yaml, "node-a");
+            assert_eq!(addresses(&m), vec![("198.18.0.1:8080".to_string(), false)]);
+        }
+    }
+
+    #[test]
+    fn duplicate_endpoint_keeps_the_first_when_both_are_running() {
+        let a = "[{addresses: [198.18.0.1], nodeName: node-a}]";
+        let b = "[{addresses: [198.18.0.1], nodeName: node-b}]";
+        let m = model(
+            &format!(
+                "{SERVICE}{}{}",
+                slice("a", "IPv4", a),
+                slice("b", "IPv4", b)
+            ),
+            "node-a",
+        );
+        assert_eq!(m.ports[0].endpoints.len(), 1);
+        // kube-proxy replaces on any later non-terminating copy: the last one wins.
+        assert_eq!(m.ports[0].endpoints[0].node_name.as_deref(), Some("node-b"));
+    }
+
+    #[test]
+    fn only_the_first_address_of_an_endpoint_is_used() {
+        let eps = "[{addresses: [198.18.0.1, 198.18.0.2]}]";
+        let m = model(&format!("{SERVICE}{}", slice("a", "IPv4", eps)), "node-a");
+        assert_eq!(addresses(&m), vec![("198.18.0.1:8080".to_string(), false)]);
+    }
+
+    #[test]
+    fn endpoints_are_sorted_as_strings_like_kube_proxy() {
+        let eps = "[{addresses: [198.18.0.9]}, {addresses: [198.18.0.10]}]";
+        let m = model(&format!("{SERVICE}{}", slice("a", "IPv4", eps)), "node-a");
+        let got: Vec<String> = addresses(&m).into_iter().map(|(a, _)| a).collect();
+        assert_eq!(got, vec!["198.18.0.10:8080", "198.18.0.9:8080"]);
+    }
+
+    #[test]
+    fn fqdn_slices_and_wrong_family_addresses_are_ignored() {
+        let yaml = format!(
+            "{SERVICE}{}{}",
+            slice("a", "FQDN", "[{addresses: [web.example]}]"),
+            slice(
+                "b",
+                "IPv4",
+                "[{addresses: [\"fd00::1\"]}, {addresses: [\"::ffff:198.18.0.3\"]}]"
+            ),
+        );
+        let m = model(&yaml, "node-a");
+        assert_eq!(addresses(&m), vec![("198.18.0.3:8080".to_string(), false)]);
+    }
+
+    #[test]
+    fn dual_stack_service_gets_a_port_per_family() {
+        let service = SERVICE.replace(
+            "clusterIP: 127.0.0.10,",
+            "clusterIP: 127.0.0.10, clusterIPs: [127.0.0.10, \"fd00::10\"],",
+        );
+        let yaml = format!(
+            "{service}{}{}",
+            slice("a", "IPv4", "[{addresses: [198.18.0.1]}]"),
+            slice("b", "IPv6", "[{addresses: [\"fd00::1\"]}]"),
+        );
+        let m = model(&yaml, "node-a");
+        assert_eq!(m.ports.len(), 2);
+        assert_eq!(m.ports[0].key.family, FamilyKey::V4);
+        assert_eq!(
+            m.ports[0].endpoints[0].address.to_string(),
+            "198.18.0.1:8080"
+        );
+        assert_eq!(m.ports[1].key.family, FamilyKey::V6);
+        assert_eq!(m.ports[1].service.cluster_ip.to_string(), "fd00::10");
+        assert_eq!(
+            m.ports[1].endpoints[0].address.to_string(),
+            "[fd00::1]:8080"
+        );
+    }
+
+    #[test]
+    fn locality_compares_node_name_with_this_node() {
+        let eps = "[{addresses: [198.18.0.1], nodeName: node-a}, {addresses: [198.18.0.2], nodeName: node-b}, {addresses: [198.18.0.3]}]";
+        let m = model(&format!("{SERVICE}{}", slice("a", "IPv4", eps)), "node-a");
+        let local: Vec<bool> = m.ports[0].endpoints.iter().map(|e| e.is_local).collect();
+        assert_eq!(local, vec![true, false, false]);
+    }
+
+    #[test]
+    fn external_traffic_policy_local_needs_an_externally_accessible_type() {
+        let cluster = SERVICE.replace("spec: {", "spec: {externalTrafficPolicy: Local, ");
+        assert!(!model(&cluster, "n").ports[0].service.external_traffic_local);
+        let node_port = SERVICE.replace(
+            "spec: {",
+            "spec: {type: NodePort, externalTrafficPolicy: Local, ",
+        );
+        assert!(
+            model(&node_port, "n").ports[0]
+                .service
+                .external_traffic_local
+        );
+        let external_ips = SERVICE.replace(
+            "spec: {",
+            "spec: {externalIPs: [198.18.9.9], externalTrafficPolicy: Local, ",
+        );
+        let m = model(&external_ips, "n");
+        assert!(m.ports[0].service.external_traffic_local);
+        assert!(m.ports[0].service.externally_accessible());
+    }
+
+    #[test]
+    fn session_affinity_defaults_to_three_hours() {
+        let svc = SERVICE.replace("spec: {", "spec: {sessionAffinity: ClientIP, ");
+        assert_eq!(
+            model(&svc, "n").ports[0].service.session_affinity_timeout,
+            Some(10_800)
+        );
+        let svc = SERVICE.replace("spec: {", "spec: {sessionAffinity: ClientIP, sessionAffinityConfig: {clientIP: {timeoutSeconds: 30}}, ");
+        assert_eq!(
+            model(&svc, "n").ports[0].service.session_affinity_timeout,
+            Some(30)
+        );
+    }
+
+    #[test]
+    fn headless_and_external_name_services_are_skipped() {
+        let headless = SERVICE.replace("clusterIP: 127.0.0.10", "clusterIP: None");
+        assert!(model(&headless, "n").ports.is_empty());
+        let external = SERVICE.replace(
+            "spec: {",
+            "spec: {type: ExternalName, externalName: example.com, ",
+        );
+        assert!(model(&external, "n").ports.is_empty());
+    }
 
     #[test]
     fn sloppy_parse_accepts_leading_zeros_and_unmaps_ipv4() {

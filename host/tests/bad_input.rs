@@ -12,7 +12,15 @@ fn weir(args: &[&str]) -> Output {
 }
 
 fn explain(dir: &Path) -> Output {
-    weir(&["explain", "--objects", dir.to_str().unwrap(), "--node", "node-a", "-o", "json"])
+    weir(&[
+        "explain",
+        "--objects",
+        dir.to_str().unwrap(),
+        "--node",
+        "node-a",
+        "-o",
+        "json",
+    ])
 }
 
 fn stderr(output: &Output) -> String {
@@ -35,7 +43,10 @@ fn malformed_yaml_names_the_file_and_line_and_exits_65() {
     let text = stderr(&output);
     assert!(text.contains("broken.yaml"), "{text}");
     assert!(text.contains("malformed YAML/JSON at line"), "{text}");
-    assert!(!text.contains("good.yaml"), "the good file is not blamed: {text}");
+    assert!(
+        !text.contains("good.yaml"),
+        "the good file is not blamed: {text}"
+    );
 }
 
 #[test]
@@ -49,7 +60,10 @@ fn wrong_field_type_names_object_and_field() {
     let output = explain(dir.path());
     assert_eq!(output.status.code(), Some(65));
     let text = stderr(&output);
-    assert!(text.contains("svc.yaml: Service shop/web: field `spec.ports[0].port`"), "{text}");
+    assert!(
+        text.contains("svc.yaml: Service shop/web: field `spec.ports[0].port`"),
+        "{text}"
+    );
 }
 
 #[test]
@@ -64,11 +78,15 @@ fn unknown_kinds_are_skipped_with_a_warning() {
     assert!(output.status.success(), "{}", stderr(&output));
     let text = stderr(&output);
     assert!(
-        text.contains("warning: ") && text.contains("all.yaml (document 2): ConfigMap default/settings: skipped"),
+        text.contains("warning: ")
+            && text.contains("all.yaml (document 2): ConfigMap default/settings: skipped"),
         "{text}"
     );
     let report: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
-    assert_eq!(report["services"][0]["service"], "default/good", "the good object still counts");
+    assert_eq!(
+        report["services"][0]["service"], "default/good",
+        "the good object still counts"
+    );
 }
 
 #[test]
@@ -82,7 +100,10 @@ fn service_without_ports_is_reported() {
     let output = explain(dir.path());
     assert!(output.status.success());
     let text = stderr(&output);
-    assert!(text.contains("svc.yaml: Service default/portless: has no ports"), "{text}");
+    assert!(
+        text.contains("svc.yaml: Service default/portless: has no ports"),
+        "{text}"
+    );
 }
 
 #[test]
@@ -94,7 +115,10 @@ fn service_without_cluster_ip_is_reported_as_headless() {
     )
     .unwrap();
     let text = stderr(&explain(dir.path()));
-    assert!(text.contains("Service default/nocip: has no clusterIP"), "{text}");
+    assert!(
+        text.contains("Service default/nocip: has no clusterIP"),
+        "{text}"
+    );
 }
 
 #[test]
@@ -120,7 +144,13 @@ fn endpoint_slice_without_service_name_label_is_reported() {
 
 #[test]
 fn missing_objects_path_is_an_error() {
-    let output = weir(&["explain", "--objects", "/nonexistent/objects", "--node", "n"]);
+    let output = weir(&[
+        "explain",
+        "--objects",
+        "/nonexistent/objects",
+        "--node",
+        "n",
+    ]);
     assert_eq!(output.status.code(), Some(65));
     assert!(stderr(&output).contains("/nonexistent/objects: cannot read"));
 }
@@ -137,7 +167,10 @@ fn non_wasm_policy_file_is_refused() {
     let output = check(b"#!/bin/sh\necho hi\n", "script.wasm");
     assert!(!output.status.success());
     let text = stderr(&output);
-    assert!(text.contains("script.wasm: not a WebAssembly file"), "{text}");
+    assert!(
+        text.contains("script.wasm: not a WebAssembly file"),
+        "{text}"
+    );
 }
 
 #[test]
@@ -146,7 +179,10 @@ fn core_module_is_refused_with_the_fix() {
     let output = check(b"\0asm\x01\0\0\0", "core.wasm");
     assert!(!output.status.success());
     let text = stderr(&output);
-    assert!(text.contains("core.wasm: a core WebAssembly module, not a component"), "{text}");
+    assert!(
+        text.contains("core.wasm: a core WebAssembly module, not a component"),
+        "{text}"
+    );
     assert!(text.contains("wasm32-wasip2"), "{text}");
 }
 
@@ -155,12 +191,20 @@ fn wrong_contract_version_names_both_versions() {
     let output = weir(&[
         "policy",
         "check",
-        weir::test_helpers::guest_path("wrong-version").to_str().unwrap(),
+        weir::test_helpers::guest_path("wrong-version")
+            .to_str()
+            .unwrap(),
     ]);
     assert!(!output.status.success());
     let text = stderr(&output);
-    assert!(text.contains("exports `weir:policy/policy@0.2.0`"), "{text}");
-    assert!(text.contains("expects `weir:policy/policy@0.1.0`"), "{text}");
+    assert!(
+        text.contains("exports `weir:policy/policy@0.2.0`"),
+        "{text}"
+    );
+    assert!(
+        text.contains("expects `weir:policy/policy@0.1.0`"),
+        "{text}"
+    );
 }
 
 #[test]
@@ -175,7 +219,10 @@ fn bad_module_in_policies_dir_is_reported_and_others_load() {
     let objects = tempfile::tempdir().unwrap();
     std::fs::write(
         objects.path().join("svc.yaml"),
-        GOOD_SERVICE.replace("name: good}", "name: good, annotations: {weir.dev/policy: broken}}"),
+        GOOD_SERVICE.replace(
+            "name: good}",
+            "name: good, annotations: {weir.dev/policy: broken}}",
+        ),
     )
     .unwrap();
     let output = weir(&[
@@ -193,7 +240,10 @@ fn bad_module_in_policies_dir_is_reported_and_others_load() {
     assert!(stderr(&output).contains("broken.wasm: not a WebAssembly file"));
     let report: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
     let failure = report["services"][0]["policyFailure"].as_str().unwrap();
-    assert!(failure.contains("policy `broken` was rejected"), "{failure}");
+    assert!(
+        failure.contains("policy `broken` was rejected"),
+        "{failure}"
+    );
 }
 
 #[test]
@@ -202,15 +252,31 @@ fn policy_check_accepts_a_good_module() {
     let output = weir(&["policy", "check", path.to_str().unwrap()]);
     assert!(output.status.success(), "{}", stderr(&output));
     let text = String::from_utf8_lossy(&output.stdout);
-    assert!(text.contains("exports:      weir:policy/policy@0.1.0"), "{text}");
+    assert!(
+        text.contains("exports:      weir:policy/policy@0.1.0"),
+        "{text}"
+    );
     assert!(text.contains("compile time:"), "{text}");
-    assert!(text.contains("select:       External -> forward to 198.18.0.1:8080"), "{text}");
+    assert!(
+        text.contains("select:       External -> forward to 198.18.0.1:8080"),
+        "{text}"
+    );
 }
 
 #[test]
 fn policy_check_reports_a_failing_module() {
     let path = weir::test_helpers::guest_path("hostile");
-    let output = weir(&["policy", "check", path.to_str().unwrap(), "--config", "refuse"]);
+    let output = weir(&[
+        "policy",
+        "check",
+        path.to_str().unwrap(),
+        "--config",
+        "refuse",
+    ]);
     assert!(!output.status.success());
-    assert!(stderr(&output).contains("refused on purpose"), "{}", stderr(&output));
+    assert!(
+        stderr(&output).contains("refused on purpose"),
+        "{}",
+        stderr(&output)
+    );
 }

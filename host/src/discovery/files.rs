@@ -176,6 +176,53 @@ fn collect_files(path: &Path, explicit: bool, out: &mut Vec<PathBuf>) -> std::io
 
 /// Parses the text of one file (YAML, which includes JSON) into `objects`.
 pub fn load_str(file: &Path, text: &str, objects: &mut Objects, diagnostics: &mut Vec<Diagnostic>) {
+    let documents = if text.trim_start().starts_with(['{', '[']) {
+        json_documents(file, text, diagnostics)
+    } else {
+        yaml_documents(file, text, diagnostics)
+    };
+    let multi = documents.len() > 1;
+    for (index, value) in documents.into_iter().enumerate() {
+        let origin = Origin {
+            file: file.to_path_buf(),
+            document: multi.then_some(index + 1),
+            item: None,
+        };
+        load_value(origin, value, objects, diagnostics);
+    }
+}
+
+/// JSON as `kubectl get -o json` prints it (one value, or several in a row), read with a
+/// JSON parser so tabs and other JSON-only text never trip the YAML one.
+fn json_documents(file: &Path, text: &str, diagnostics: &mut Vec<Diagnostic>) -> Vec<Value> {
+    let mut documents = Vec::new();
+    for value in serde_json::Deserializer::from_str(text).into_iter::<Value>() {
+        match value {
+            Ok(value) => documents.push(value),
+            Err(error) => {
+                let origin = Origin {
+                    file: file.to_path_buf(),
+                    document: Some(documents.len() + 1),
+                    item: None,
+                };
+                diagnostics.push(Diagnostic::error(
+                    origin,
+                    None,
+                    format!(
+                        "malformed YAML/JSON at line {}, column {}: {}",
+                        error.line(),
+                        error.column(),
+                        strip_location(&error.to_string())
+                    ),
+                ));
+                break;
+            }
+        }
+    }
+    documents
+}
+
+fn yaml_documents(file: &Path, text: &str, diagnostics: &mut Vec<Diagnostic>) -> Vec<Value> {
     let mut documents = Vec::new();
     for document in serde_yaml::Deserializer::from_str(text) {
         match Value::deserialize(document) {
@@ -204,15 +251,7 @@ pub fn load_str(file: &Path, text: &str, objects: &mut Objects, diagnostics: &mu
             }
         }
     }
-    let multi = documents.len() > 1;
-    for (index, value) in documents.into_iter().enumerate() {
-        let origin = Origin {
-            file: file.to_path_buf(),
-            document: multi.then_some(index + 1),
-            item: None,
-        };
-        load_value(origin, value, objects, diagnostics);
-    }
+    documents
 }
 
 fn strip_location(message: &str) -> &str {
@@ -437,6 +476,26 @@ mod tests {
         assert!(diagnostics[0].is_error());
         assert!(
             diagnostics[0].message.contains("line"),
+            "{}",
+            diagnostics[0]
+        );
+    }
+
+    #[test]
+    fn kubectl_json_with_tabs_is_read_as_json() {
+        let (objects, diagnostics) = load(
+            "{\n\t\"apiVersion\": \"v1\",\n\t\"kind\": \"List\",\n\t\"items\": [{\"apiVersion\": \"v1\", \"kind\": \"Node\", \"metadata\": {\"name\": \"n\"}}]\n}\n",
+        );
+        assert!(diagnostics.is_empty(), "{diagnostics:?}");
+        assert_eq!(objects.nodes.len(), 1);
+    }
+
+    #[test]
+    fn malformed_json_names_the_line() {
+        let (_, diagnostics) = load("{\"apiVersion\": \"v1\",\n \"kind\": }\n");
+        assert_eq!(diagnostics.len(), 1);
+        assert!(
+            diagnostics[0].message.contains("line 2"),
             "{}",
             diagnostics[0]
         );

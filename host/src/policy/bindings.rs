@@ -5,4 +5,4 @@ wasmtime::component::bindgen!({
     path: "../wit",
 });
 
-pub use weir::policy::types;
+pub use self::weir::policy::types;

@@ -2,6 +2,7 @@
 //! context that grants nothing (no files, network or environment; stdout and stderr go
 //! to the log under the same cap).
 
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -115,79 +116,88 @@ impl random::Host for StoreState {
 }
 
 /// Log output of one instance, capped per call. Shared by the log import and the WASI
-/// stdout/stderr streams.
+/// stdout/stderr streams; the per-call accounting is two atomics so that a call that logs
+/// nothing pays almost nothing for it.
 #[derive(Clone)]
 pub struct LogBuffer {
-    inner: Arc<Mutex<LogState>>,
+    inner: Arc<LogShared>,
 }
 
-struct LogState {
+struct LogShared {
     policy: String,
-    budget: usize,
     per_call: usize,
     message_cap: usize,
-    dropped: u64,
-    partial_line: Vec<u8>,
+    budget: AtomicUsize,
+    dropped: AtomicU64,
+    /// Bytes of stdout/stderr not yet ended by a newline.
+    partial_line: Mutex<Vec<u8>>,
 }
 
 impl LogBuffer {
     fn new(policy: &str, limits: &Limits) -> Self {
         LogBuffer {
-            inner: Arc::new(Mutex::new(LogState {
+            inner: Arc::new(LogShared {
                 policy: policy.to_string(),
-                budget: limits.log_bytes_per_call,
                 per_call: limits.log_bytes_per_call,
                 message_cap: limits.log_message_bytes,
-                dropped: 0,
-                partial_line: Vec::new(),
-            })),
+                budget: AtomicUsize::new(limits.log_bytes_per_call),
+                dropped: AtomicU64::new(0),
+                partial_line: Mutex::new(Vec::new()),
+            }),
         }
     }
 
-    fn state(&self) -> std::sync::MutexGuard<'_, LogState> {
-        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    /// Restores the per-call budget and returns the bytes dropped since the last time.
+    pub fn start_call(&self) -> u64 {
+        self.inner
+            .budget
+            .store(self.inner.per_call, Ordering::Relaxed);
+        self.inner.dropped.swap(0, Ordering::Relaxed)
     }
 
-    /// Starts a call: restores the per-call budget. Returns the bytes dropped since the
-    /// previous call, for the metrics.
-    pub fn start_call(&self) -> u64 {
-        let mut state = self.state();
-        state.budget = state.per_call;
-        std::mem::take(&mut state.dropped)
+    /// Takes up to `wanted` bytes of the budget; the rest is counted as dropped.
+    fn take(&self, wanted: usize) -> usize {
+        let budget = self.inner.budget.load(Ordering::Relaxed);
+        let granted = wanted.min(budget);
+        self.inner.budget.store(budget - granted, Ordering::Relaxed);
+        self.inner
+            .dropped
+            .fetch_add((wanted - granted) as u64, Ordering::Relaxed);
+        granted
     }
 
     fn message(&self, level: types::LogLevel, message: &str) {
-        let mut state = self.state();
-        let cut = floor_char_boundary(message, state.message_cap);
-        let text = &message[..cut];
-        if text.len() > state.budget {
-            state.dropped += message.len() as u64;
+        let cut = floor_char_boundary(message, self.inner.message_cap);
+        self.inner
+            .dropped
+            .fetch_add((message.len() - cut) as u64, Ordering::Relaxed);
+        if self.take(cut) < cut {
             return;
         }
-        state.budget -= text.len();
-        state.dropped += (message.len() - cut) as u64;
-        emit(&state.policy, level, text);
+        emit(&self.inner.policy, level, &message[..cut]);
     }
 
     fn bytes(&self, bytes: &[u8]) {
-        let mut state = self.state();
-        let take = bytes.len().min(state.budget);
-        state.budget -= take;
-        state.dropped += (bytes.len() - take) as u64;
-        state.partial_line.extend_from_slice(&bytes[..take]);
-        while let Some(end) = state.partial_line.iter().position(|&b| b == b'\n') {
-            let line: Vec<u8> = state.partial_line.drain(..=end).collect();
+        let taken = self.take(bytes.len());
+        let cap = self.inner.message_cap;
+        let mut partial = self
+            .inner
+            .partial_line
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        partial.extend_from_slice(&bytes[..taken]);
+        while let Some(end) = partial.iter().position(|&b| b == b'\n') {
+            let line: Vec<u8> = partial.drain(..=end).collect();
             let text = String::from_utf8_lossy(&line[..end]);
-            let cut = floor_char_boundary(&text, state.message_cap);
-            emit(&state.policy, types::LogLevel::Info, &text[..cut]);
+            let cut = floor_char_boundary(&text, cap);
+            emit(&self.inner.policy, types::LogLevel::Info, &text[..cut]);
         }
-        if state.partial_line.len() > state.message_cap {
-            let line = std::mem::take(&mut state.partial_line);
-            let cut = state.message_cap;
+        if partial.len() > cap {
+            let line = std::mem::take(&mut *partial);
             emit(
-                &state.policy,
+                &self.inner.policy,
                 types::LogLevel::Info,
-                &String::from_utf8_lossy(&line[..cut]),
+                &String::from_utf8_lossy(&line[..cap]),
             );
         }
     }

@@ -3,7 +3,6 @@
 //! replaced (wasmtime leaves a trapped store unusable).
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use wasmtime::{Store, Trap};
 
@@ -110,7 +109,7 @@ impl PolicyInstance {
         let bindings = policy
             .pre
             .instantiate(&mut store)
-            .map_err(|e| classify(&store, e, CallKind::Configure, Duration::ZERO))
+            .map_err(|e| classify(&store, e, CallKind::Configure))
             .map_err(|mut e| {
                 if e.kind == FailureKind::Trap {
                     e.kind = FailureKind::Instantiate;
@@ -188,10 +187,8 @@ impl PolicyInstance {
             _ => self.update_ticks,
         };
         self.store.set_epoch_deadline(ticks);
-        self.store.data().log.start_call();
-        let started = std::time::Instant::now();
-        let result = f(&self.bindings, &mut self.store)
-            .map_err(|e| classify(&self.store, e, kind, started.elapsed()));
+        let result = f(&self.bindings, &mut self.store).map_err(|e| classify(&self.store, e, kind));
+        // Resets the log budget for the next call, and reports what this one dropped.
         let dropped = self.store.data().log.start_call();
         if dropped > 0 {
             self.metrics.log_dropped(&self.policy.name, dropped);
@@ -201,18 +198,13 @@ impl PolicyInstance {
     }
 }
 
-fn classify(
-    store: &Store<StoreState>,
-    error: wasmtime::Error,
-    kind: CallKind,
-    elapsed: Duration,
-) -> CallError {
+fn classify(store: &Store<StoreState>, error: wasmtime::Error, kind: CallKind) -> CallError {
     let call = kind.as_str();
     if let Some(trap) = error.downcast_ref::<Trap>() {
         if *trap == Trap::Interrupt {
             return CallError {
                 kind: FailureKind::Timeout,
-                message: format!("{call} ran past its deadline and was stopped after {elapsed:?}"),
+                message: format!("{call} ran past its deadline and was stopped"),
             };
         }
     }

@@ -5,12 +5,15 @@
 //! plane takes only its own worker's mutex, which the control plane holds just long enough
 //! to push an update, so workers never contend with each other.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 
 use kube_default::KubeDefault;
-use weir_sdk::{Connection, Decision, Driver, Eligibility, Endpoint, EndpointId, Node, Service};
+use weir_sdk::ids::IdMap;
+use weir_sdk::{
+    Connection, Decision, Driver, Eligibility, Endpoint, EndpointId, Node, Scope, Service,
+};
 
 use super::bindings::types as wit;
 use super::convert;
@@ -83,14 +86,65 @@ pub struct UpdateAnswer {
 struct WorkerService {
     input: Arc<ServiceInput>,
     eligibility: Eligibility,
+    /// Every endpoint by id, with the scopes it is eligible for: checks and resolves a
+    /// `select` answer in one lookup, whatever the number of endpoints.
+    targets: IdMap<Target>,
     /// Set when this service's last update failed on this worker: its traffic follows the
     /// failure mode until its next successful update.
     failure: Option<CallError>,
 }
 
+#[derive(Clone, Copy)]
+struct Target {
+    address: SocketAddr,
+    internal: bool,
+    external: bool,
+}
+
+impl Target {
+    fn allows(&self, scope: Scope) -> bool {
+        match scope {
+            Scope::Internal => self.internal,
+            Scope::External => self.external,
+        }
+    }
+}
+
+impl WorkerService {
+    fn new(input: Arc<ServiceInput>, eligibility: Eligibility, failure: Option<CallError>) -> Self {
+        let mut targets = IdMap::default();
+        for e in &input.endpoints {
+            targets.insert(
+                e.id,
+                Target {
+                    address: e.address,
+                    internal: false,
+                    external: false,
+                },
+            );
+        }
+        for &id in &eligibility.internal.endpoints {
+            if let Some(t) = targets.get_mut(&id) {
+                t.internal = true;
+            }
+        }
+        for &id in &eligibility.external.endpoints {
+            if let Some(t) = targets.get_mut(&id) {
+                t.external = true;
+            }
+        }
+        WorkerService {
+            input,
+            eligibility,
+            targets,
+            failure,
+        }
+    }
+}
+
 struct Worker {
     instance: Option<PolicyInstance>,
-    services: HashMap<u32, WorkerService>,
+    services: IdMap<WorkerService>,
 }
 
 /// A policy serving a set of service ports.
@@ -122,7 +176,7 @@ impl PolicyRuntime {
             })?;
             instances.push(Mutex::new(Worker {
                 instance: Some(instance),
-                services: HashMap::new(),
+                services: IdMap::default(),
             }));
         }
         Ok(PolicyRuntime {
@@ -212,24 +266,23 @@ impl PolicyRuntime {
             };
             let answer = instance.select(handle, convert::connection(connection));
             match answer {
-                Ok(wit::Decision::Forward(id)) if set.endpoints.binary_search(&id).is_ok() => {
-                    match service.input.address(id) {
-                        Some(address) => {
-                            return HostDecision::Forward {
-                                endpoint: id,
-                                address,
-                            };
-                        }
-                        None => {
-                            CallError::invalid(format!("select chose unknown endpoint id {id}"))
-                        }
+                Ok(wit::Decision::Forward(id)) => match service.targets.get(&id) {
+                    Some(target) if target.allows(connection.scope) => {
+                        return HostDecision::Forward {
+                            endpoint: id,
+                            address: target.address,
+                        };
                     }
-                }
-                Ok(wit::Decision::Forward(id)) => CallError::invalid(format!(
-                    "select chose endpoint id {id}, which is not eligible for {:?} traffic to {}",
-                    connection.scope,
-                    service.input.service.display_name()
-                )),
+                    Some(_) => CallError::invalid(format!(
+                        "select chose endpoint id {id}, which is not eligible for {:?} traffic to {}",
+                        connection.scope,
+                        service.input.service.display_name()
+                    )),
+                    None => CallError::invalid(format!(
+                        "select chose endpoint id {id}, which {} does not have",
+                        service.input.service.display_name()
+                    )),
+                },
                 Ok(wit::Decision::Reject) => return HostDecision::Reject,
                 Ok(wit::Decision::Drop) => return HostDecision::Drop,
                 Err(error) => error,
@@ -294,11 +347,7 @@ impl PolicyRuntime {
             Ok(eligibility) => {
                 worker.services.insert(
                     handle,
-                    WorkerService {
-                        input: input.clone(),
-                        eligibility: eligibility.clone(),
-                        failure: None,
-                    },
+                    WorkerService::new(input.clone(), eligibility.clone(), None),
                 );
                 UpdateAnswer {
                     eligibility,
@@ -334,11 +383,7 @@ impl PolicyRuntime {
         };
         worker.services.insert(
             handle,
-            WorkerService {
-                input: input.clone(),
-                eligibility: eligibility.clone(),
-                failure: Some(error.clone()),
-            },
+            WorkerService::new(input.clone(), eligibility.clone(), Some(error.clone())),
         );
         eligibility
     }
@@ -369,14 +414,9 @@ impl PolicyRuntime {
                 }
                 match call_update(&mut instance, handle, input) {
                     Ok(eligibility) => {
-                        worker.services.insert(
-                            handle,
-                            WorkerService {
-                                input: input.clone(),
-                                eligibility,
-                                failure: None,
-                            },
-                        );
+                        worker
+                            .services
+                            .insert(handle, WorkerService::new(input.clone(), eligibility, None));
                     }
                     Err(error) => {
                         self.failed(CallKind::Update, &error);

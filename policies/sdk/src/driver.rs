@@ -2,32 +2,12 @@
 //! eligibility per service handle. The Wasm export glue drives one; so do native tests
 //! and weir's built-in fallback.
 
-use std::collections::HashMap;
-use std::hash::{BuildHasherDefault, Hasher};
-
 use crate::Policy;
+use crate::ids::IdMap;
 use crate::types::{
     Capabilities, Connection, Decision, Eligibility, Endpoint, Node, Outcome, Service,
     ServiceHandle,
 };
-
-/// Hashes the host's small integer handles with one multiply; `select` looks one up per call.
-#[derive(Default)]
-struct HandleHasher(u64);
-
-impl Hasher for HandleHasher {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-    fn write(&mut self, bytes: &[u8]) {
-        for &b in bytes {
-            self.0 = (self.0 << 8 | u64::from(b)).wrapping_mul(0x9e37_79b9_7f4a_7c15);
-        }
-    }
-    fn write_u32(&mut self, n: u32) {
-        self.0 = u64::from(n).wrapping_mul(0x9e37_79b9_7f4a_7c15);
-    }
-}
 
 struct Entry<S> {
     service: Service,
@@ -38,14 +18,14 @@ struct Entry<S> {
 /// One configured policy and the service ports it has been told about.
 pub struct Driver<P: Policy> {
     policy: P,
-    services: HashMap<ServiceHandle, Entry<P::State>, BuildHasherDefault<HandleHasher>>,
+    services: IdMap<Entry<P::State>>,
 }
 
 impl<P: Policy> Driver<P> {
     pub fn configure(config: &str) -> Result<Self, String> {
         Ok(Driver {
             policy: P::configure(config)?,
-            services: HashMap::default(),
+            services: IdMap::default(),
         })
     }
 

@@ -27,6 +27,13 @@ pub fn random_below(n: usize) -> usize {
     ((u128::from(random_u64()) * n as u128) >> 64) as usize
 }
 
+/// splitmix64's output function.
+fn mix(mut z: u64) -> u64 {
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
 #[cfg(target_arch = "wasm32")]
 mod imp {
     use crate::bindings::weir::policy::{clock, log as wit_log, random, types};
@@ -47,8 +54,22 @@ mod imp {
         clock::now()
     }
 
+    thread_local! {
+        static STATE: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+    }
+
+    /// splitmix64 in the guest, seeded once from the host's randomness: a call into the
+    /// host per `select` would cost more than the policy's own work.
     pub fn random_u64() -> u64 {
-        random::next()
+        STATE.with(|state| {
+            let mut current = state.get();
+            if current == 0 {
+                current = random::next() | 1;
+            }
+            let next = current.wrapping_add(0x9e37_79b9_7f4a_7c15);
+            state.set(next);
+            super::mix(next)
+        })
     }
 }
 
@@ -91,10 +112,7 @@ mod imp {
         RNG.with(|state| {
             let next = state.get().wrapping_add(0x9e37_79b9_7f4a_7c15);
             state.set(next);
-            let mut z = next;
-            z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-            z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-            z ^ (z >> 31)
+            super::mix(next)
         })
     }
 

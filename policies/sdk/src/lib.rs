@@ -29,6 +29,7 @@
 pub mod affinity;
 mod driver;
 pub mod host;
+pub mod ids;
 pub mod kube;
 mod types;
 

@@ -68,6 +68,27 @@ pub struct Service {
 }
 
 impl Service {
+    /// A TCP ClusterIP service port named "http" with no traffic policies, affinity or
+    /// config: a starting point for tests.
+    pub fn cluster_ip(namespace: &str, name: &str, cluster_ip: IpAddr, port: u16) -> Self {
+        Service {
+            namespace: namespace.to_string(),
+            name: name.to_string(),
+            port_name: "http".to_string(),
+            protocol: Protocol::Tcp,
+            ip_family: IpFamily::of(cluster_ip),
+            cluster_ip,
+            port,
+            node_port: 0,
+            external_ips: Vec::new(),
+            load_balancer_ips: Vec::new(),
+            internal_traffic_local: false,
+            external_traffic_local: false,
+            session_affinity_timeout: None,
+            config: None,
+        }
+    }
+
     /// kube-proxy's `ServicePort.ExternallyAccessible`: the port can be reached from outside
     /// the cluster network (nodePort, LoadBalancer VIPs or externalIPs).
     pub fn externally_accessible(&self) -> bool {

@@ -1,0 +1,174 @@
+//! The policy engine's plumbing: the compiled-artifact cache, instances per worker, and
+//! configurable limits.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use weir::metrics::{Call, PolicyMetrics, Reason};
+use weir::policy::{FailureMode, HostDecision, Limits, PolicyEngine, PolicyRuntime};
+use weir::test_helpers::{connection, endpoints, engine, engine_with, guest_bytes, input, service};
+
+#[test]
+fn compiled_components_are_cached_by_sha256() {
+    let cache = tempfile::tempdir().unwrap();
+    let bytes = guest_bytes("round-robin");
+    let metrics = Arc::new(PolicyMetrics::default());
+
+    let engine = PolicyEngine::new(Limits::default(), Some(cache.path()), metrics.clone()).unwrap();
+    let first = engine.load("round-robin", "rr.wasm", &bytes).unwrap();
+    assert!(!first.from_cache);
+    let files: Vec<_> = std::fs::read_dir(cache.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(files.len(), 1);
+    assert!(
+        files[0].to_string_lossy().starts_with(&first.sha256),
+        "{files:?}"
+    );
+    drop(engine);
+
+    // A new engine (a restart) loads the artifact instead of compiling, and it works.
+    let engine = PolicyEngine::new(Limits::default(), Some(cache.path()), metrics).unwrap();
+    let second = engine.load("round-robin", "rr.wasm", &bytes).unwrap();
+    assert!(second.from_cache);
+    assert_eq!(second.sha256, first.sha256);
+    let runtime = PolicyRuntime::new(engine, second, "", 1).unwrap();
+    runtime.update(
+        1,
+        input(service("web", None), endpoints(1, 2), FailureMode::Closed),
+    );
+    assert!(matches!(
+        runtime.select(0, 1, &connection(1)),
+        HostDecision::Forward { .. }
+    ));
+}
+
+#[test]
+fn a_corrupt_cache_entry_is_discarded_and_recompiled() {
+    let cache = tempfile::tempdir().unwrap();
+    let bytes = guest_bytes("round-robin");
+    let metrics = Arc::new(PolicyMetrics::default());
+    let engine = PolicyEngine::new(Limits::default(), Some(cache.path()), metrics).unwrap();
+    engine.load("round-robin", "rr.wasm", &bytes).unwrap();
+    let entry = std::fs::read_dir(cache.path())
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    std::fs::write(&entry, b"garbage").unwrap();
+    let again = engine.load("round-robin", "rr.wasm", &bytes).unwrap();
+    assert!(!again.from_cache, "the garbage was not trusted");
+    assert_ne!(
+        std::fs::read(&entry).unwrap(),
+        b"garbage",
+        "and was replaced"
+    );
+}
+
+#[test]
+fn every_worker_instance_receives_every_update() {
+    let (engine, _) = engine();
+    let compiled = engine
+        .load("round-robin", "rr.wasm", &guest_bytes("round-robin"))
+        .unwrap();
+    let runtime = PolicyRuntime::new(engine, compiled, "", 3).unwrap();
+    runtime.update(
+        1,
+        input(service("web", None), endpoints(1, 2), FailureMode::Closed),
+    );
+    for worker in 0..3 {
+        let HostDecision::Forward { endpoint, .. } = runtime.select(worker, 1, &connection(1))
+        else {
+            panic!("worker {worker} does not know the service");
+        };
+        // Each worker's instance has its own round-robin position.
+        assert_eq!(endpoint, 1, "worker {worker}");
+    }
+    // An update that removes endpoint 1 reaches them all.
+    let mut only_two = endpoints(1, 2);
+    only_two.remove(0);
+    runtime.update(
+        1,
+        input(service("web", None), only_two, FailureMode::Closed),
+    );
+    for worker in 0..3 {
+        for client in 0..4 {
+            let decision = runtime.select(worker, 1, &connection(client));
+            assert!(
+                matches!(decision, HostDecision::Forward { endpoint: 2, .. }),
+                "{decision:?}"
+            );
+        }
+    }
+}
+
+#[test]
+fn removed_services_are_rejected() {
+    let (engine, _) = engine();
+    let compiled = engine.load_kube_default().unwrap();
+    let runtime = PolicyRuntime::new(engine, compiled, "", 2).unwrap();
+    runtime.update(
+        1,
+        input(service("web", None), endpoints(1, 2), FailureMode::Open),
+    );
+    assert!(matches!(
+        runtime.select(1, 1, &connection(1)),
+        HostDecision::Forward { .. }
+    ));
+    runtime.remove(1);
+    assert_eq!(runtime.select(1, 1, &connection(1)), HostDecision::Reject);
+    assert!(runtime.eligibility(1).is_none());
+}
+
+#[test]
+fn deadlines_are_configurable() {
+    let limits = Limits {
+        select_deadline: Duration::from_millis(20),
+        ..Limits::default()
+    };
+    let (engine, metrics) = engine_with(limits);
+    let compiled = engine
+        .load("hostile", "hostile.wasm", &guest_bytes("hostile"))
+        .unwrap();
+    let runtime = PolicyRuntime::new(engine, compiled, "", 1).unwrap();
+    runtime.update(
+        1,
+        input(
+            service("spin", Some("loop-select")),
+            endpoints(1, 2),
+            FailureMode::Closed,
+        ),
+    );
+    assert_eq!(runtime.select(0, 1, &connection(1)), HostDecision::Reject);
+    assert_eq!(
+        metrics.failures_of("hostile", Call::select, Reason::timeout),
+        1
+    );
+}
+
+#[test]
+fn kube_default_is_embedded_and_answers_like_kube_proxy() {
+    let (engine, metrics) = engine();
+    let compiled = engine.load_kube_default().unwrap();
+    assert_eq!(compiled.name, "kube-default");
+    let runtime = PolicyRuntime::new(engine, compiled, "", 1).unwrap();
+    let mut eps = endpoints(1, 3);
+    eps[2].ready = false;
+    let answer = runtime.update(1, input(service("web", None), eps, FailureMode::Closed));
+    assert!(answer.failure.is_none());
+    assert_eq!(answer.eligibility.internal.endpoints, vec![1, 2]);
+    let mut seen = std::collections::BTreeSet::new();
+    for client in 0..64 {
+        if let HostDecision::Forward { endpoint, .. } = runtime.select(0, 1, &connection(client)) {
+            seen.insert(endpoint);
+        }
+    }
+    assert_eq!(
+        seen.into_iter().collect::<Vec<_>>(),
+        vec![1, 2],
+        "random over the ready ones"
+    );
+    assert_eq!(metrics.failures_total("kube-default"), 0);
+}
