@@ -200,13 +200,11 @@ impl PolicyInstance {
 
 fn classify(store: &Store<StoreState>, error: wasmtime::Error, kind: CallKind) -> CallError {
     let call = kind.as_str();
-    if let Some(trap) = error.downcast_ref::<Trap>() {
-        if *trap == Trap::Interrupt {
-            return CallError {
-                kind: FailureKind::Timeout,
-                message: format!("{call} ran past its deadline and was stopped"),
-            };
-        }
+    if error.downcast_ref::<Trap>() == Some(&Trap::Interrupt) {
+        return CallError {
+            kind: FailureKind::Timeout,
+            message: format!("{call} ran past its deadline and was stopped"),
+        };
     }
     if store.data().memory_denied {
         return CallError {
