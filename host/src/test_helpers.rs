@@ -4,7 +4,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use weir_sdk::{Connection, Endpoint, IpFamily, Node, Protocol, Scope, Service};
+use weir_sdk::{Connection, Endpoint, Node, Scope, Service};
 
 use crate::metrics::PolicyMetrics;
 use crate::policy::{FailureMode, Limits, PolicyEngine, ServiceInput};
@@ -34,20 +34,8 @@ pub fn engine_with(limits: Limits) -> (Arc<PolicyEngine>, Arc<PolicyMetrics>) {
 /// A ClusterIP service `default/<name>:http` on 127.0.0.10:80 with the given policy config.
 pub fn service(name: &str, config: Option<&str>) -> Service {
     Service {
-        namespace: "default".into(),
-        name: name.into(),
-        port_name: "http".into(),
-        protocol: Protocol::Tcp,
-        ip_family: IpFamily::V4,
-        cluster_ip: "127.0.0.10".parse().expect("literal"),
-        port: 80,
-        node_port: 0,
-        external_ips: Vec::new(),
-        load_balancer_ips: Vec::new(),
-        internal_traffic_local: false,
-        external_traffic_local: false,
-        session_affinity_timeout: None,
         config: config.map(str::to_string),
+        ..Service::cluster_ip("default", name, "127.0.0.10".parse().expect("literal"), 80)
     }
 }
 

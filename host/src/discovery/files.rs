@@ -195,58 +195,48 @@ pub fn load_str(file: &Path, text: &str, objects: &mut Objects, diagnostics: &mu
 /// JSON as `kubectl get -o json` prints it (one value, or several in a row), read with a
 /// JSON parser so tabs and other JSON-only text never trip the YAML one.
 fn json_documents(file: &Path, text: &str, diagnostics: &mut Vec<Diagnostic>) -> Vec<Value> {
-    let mut documents = Vec::new();
-    for value in serde_json::Deserializer::from_str(text).into_iter::<Value>() {
-        match value {
-            Ok(value) => documents.push(value),
-            Err(error) => {
-                let origin = Origin {
-                    file: file.to_path_buf(),
-                    document: Some(documents.len() + 1),
-                    item: None,
-                };
-                diagnostics.push(Diagnostic::error(
-                    origin,
-                    None,
-                    format!(
-                        "malformed YAML/JSON at line {}, column {}: {}",
-                        error.line(),
-                        error.column(),
-                        strip_location(&error.to_string())
-                    ),
-                ));
-                break;
-            }
-        }
-    }
-    documents
+    let values = serde_json::Deserializer::from_str(text)
+        .into_iter::<Value>()
+        .map(|v| v.map_err(|e| (Some((e.line(), e.column())), e.to_string())));
+    collect_documents(file, values, diagnostics)
 }
 
 fn yaml_documents(file: &Path, text: &str, diagnostics: &mut Vec<Diagnostic>) -> Vec<Value> {
+    let values = serde_yaml::Deserializer::from_str(text).map(|document| {
+        Value::deserialize(document).map_err(|e| {
+            let at = e.location().map(|l| (l.line(), l.column()));
+            (at, e.to_string())
+        })
+    });
+    collect_documents(file, values, diagnostics)
+}
+
+/// The documents up to the first syntax error, which is reported with its position. The
+/// parsers cannot resynchronise after one: the rest of the file is not read, and the
+/// objects before it are kept.
+fn collect_documents(
+    file: &Path,
+    values: impl Iterator<Item = Result<Value, (Option<(usize, usize)>, String)>>,
+    diagnostics: &mut Vec<Diagnostic>,
+) -> Vec<Value> {
     let mut documents = Vec::new();
-    for document in serde_yaml::Deserializer::from_str(text) {
-        match Value::deserialize(document) {
+    for value in values {
+        match value {
             Ok(value) => documents.push(value),
-            Err(error) => {
-                let at = error
-                    .location()
-                    .map(|l| format!(" at line {}, column {}", l.line(), l.column()))
-                    .unwrap_or_default();
+            Err((at, message)) => {
                 let origin = Origin {
                     file: file.to_path_buf(),
                     document: Some(documents.len() + 1),
                     item: None,
                 };
+                let at = at
+                    .map(|(line, column)| format!(" at line {line}, column {column}"))
+                    .unwrap_or_default();
                 diagnostics.push(Diagnostic::error(
                     origin,
                     None,
-                    format!(
-                        "malformed YAML/JSON{at}: {}",
-                        strip_location(&error.to_string())
-                    ),
+                    format!("malformed YAML/JSON{at}: {}", strip_location(&message)),
                 ));
-                // The parser cannot resynchronise after a syntax error: the rest of the
-                // file is not read, and the objects before it are kept.
                 break;
             }
         }

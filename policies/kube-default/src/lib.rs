@@ -79,26 +79,15 @@ mod tests {
 
     const HANDLE: u32 = 7;
     const SECOND: u64 = 1_000_000_000;
-    const CLUSTER_IP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
-    const NODE_IP: Ipv4Addr = Ipv4Addr::new(192, 168, 1, 10);
+    const CLUSTER_IP: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 10);
+    const NODE_IP: Ipv4Addr = Ipv4Addr::new(198, 19, 1, 10);
 
     /// A NodePort service, both traffic policies Cluster, no affinity.
     fn service() -> Service {
         Service {
-            namespace: "default".into(),
-            name: "web".into(),
             port_name: String::new(),
-            protocol: Protocol::Tcp,
-            ip_family: IpFamily::V4,
-            cluster_ip: IpAddr::V4(CLUSTER_IP),
-            port: 80,
             node_port: 30080,
-            external_ips: Vec::new(),
-            load_balancer_ips: Vec::new(),
-            internal_traffic_local: false,
-            external_traffic_local: false,
-            session_affinity_timeout: None,
-            config: None,
+            ..Service::cluster_ip("default", "web", IpAddr::V4(CLUSTER_IP), 80)
         }
     }
 
