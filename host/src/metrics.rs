@@ -206,3 +206,27 @@ impl From<CallKind> for Call {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn policy_metrics_encode_in_prometheus_text_format() {
+        let metrics = PolicyMetrics::default();
+        let mut registry = Registry::default();
+        metrics.register(&mut registry);
+        metrics.failure("hostile", CallKind::Select, FailureKind::Timeout);
+        metrics.fallback("hostile", FailureMode::Closed);
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+        assert!(
+            text.contains(r#"weir_policy_failures_total{policy="hostile",call="select",reason="timeout"} 1"#),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"weir_policy_fallbacks_total{policy="hostile",mode="closed"} 1"#),
+            "{text}"
+        );
+    }
+}
