@@ -1,14 +1,13 @@
 //! `weir explain`: what every service port would do on a node, from objects and policies,
 //! without opening a socket. The JSON shape is a stable interface for scripts.
 
-use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
 use std::net::IpAddr;
 
 use serde::Serialize;
 use weir_sdk::{Eligibility, EmptyAction, EndpointSet, ServiceHandle};
 
-use crate::model::{Model, ServicePortKey, ServicePortSnapshot};
+use crate::model::{Model, ServicePortSnapshot};
 use crate::policy::{Binding, FailureMode, Registry, ServiceInput};
 
 #[derive(Debug, Serialize, PartialEq)]
@@ -36,6 +35,9 @@ pub struct ServiceReport {
     pub port_number: u16,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub node_port: Option<u16>,
+    /// Sources allowed to reach the port through its LoadBalancer IPs (empty: all).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub load_balancer_source_ranges: Vec<String>,
     /// Why the policy's own answer is not in use, when it is not.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub policy_failure: Option<String>,
@@ -53,7 +55,7 @@ pub struct ScopeReport {
 #[serde(rename_all = "camelCase")]
 pub struct HealthCheckReport {
     pub port: u16,
-    /// 200 when the node has a local ready endpoint for the service, else 503.
+    /// 200 when the node has a ready endpoint of the Service, else 503.
     pub status: u16,
     pub local_endpoints: usize,
 }
@@ -123,21 +125,15 @@ pub fn decide<'a>(model: &'a Model, registry: &Registry) -> Vec<PortDecision<'a>
 /// The explain report for `model`.
 pub fn report(model: &Model, registry: &Registry) -> Report {
     let decisions = decide(model, registry);
-    let local_ready = local_ready_ips(&decisions);
     let services = decisions
         .iter()
         .map(|d| {
             let s = &d.snapshot.service;
             let key = &d.snapshot.key;
-            let health_check_node_port = d.snapshot.health_check_node_port.map(|port| {
-                let local_endpoints = local_ready
-                    .get(&(key.namespace.clone(), key.name.clone(), key.family))
-                    .map_or(0, BTreeSet::len);
-                HealthCheckReport {
-                    port,
-                    status: if local_endpoints > 0 { 200 } else { 503 },
-                    local_endpoints,
-                }
+            let health_check_node_port = d.snapshot.health_check.map(|check| HealthCheckReport {
+                port: check.node_port,
+                status: if check.local_endpoints > 0 { 200 } else { 503 },
+                local_endpoints: check.local_endpoints,
             });
             ServiceReport {
                 service: format!("{}/{}", key.namespace, key.name),
@@ -153,6 +149,12 @@ pub fn report(model: &Model, registry: &Registry) -> Report {
                 cluster_ip: s.cluster_ip,
                 port_number: s.port,
                 node_port: (s.node_port != 0).then_some(s.node_port),
+                load_balancer_source_ranges: d
+                    .snapshot
+                    .load_balancer_source_ranges
+                    .iter()
+                    .map(|(ip, bits)| format!("{ip}/{bits}"))
+                    .collect(),
                 policy_failure: d.failure.clone(),
             }
         })
@@ -161,38 +163,6 @@ pub fn report(model: &Model, registry: &Registry) -> Report {
         node: model.node.name.clone(),
         services,
     }
-}
-
-/// kube-proxy's `LocalReadyEndpoints` over what the policies made eligible for external
-/// traffic: distinct IPs of local, ready endpoints across all ports of each Service.
-fn local_ready_ips(
-    decisions: &[PortDecision],
-) -> BTreeMap<(String, String, crate::model::FamilyKey), BTreeSet<IpAddr>> {
-    let mut out: BTreeMap<_, BTreeSet<IpAddr>> = BTreeMap::new();
-    for d in decisions {
-        let ServicePortKey {
-            namespace,
-            name,
-            family,
-            ..
-        } = &d.snapshot.key;
-        let ips = out
-            .entry((namespace.clone(), name.clone(), *family))
-            .or_default();
-        for e in &d.input.endpoints {
-            if e.is_local
-                && e.ready
-                && d.eligibility
-                    .external
-                    .endpoints
-                    .binary_search(&e.id)
-                    .is_ok()
-            {
-                ips.insert(e.address.ip());
-            }
-        }
-    }
-    out
 }
 
 fn scope_report(set: &EndpointSet, input: &ServiceInput) -> ScopeReport {

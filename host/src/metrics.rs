@@ -221,7 +221,9 @@ mod tests {
         let mut text = String::new();
         prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
         assert!(
-            text.contains(r#"weir_policy_failures_total{policy="hostile",call="select",reason="timeout"} 1"#),
+            text.contains(
+                r#"weir_policy_failures_total{policy="hostile",call="select",reason="timeout"} 1"#
+            ),
             "{text}"
         );
         assert!(

@@ -2,7 +2,7 @@
 //! family, exactly as kube-proxy builds its ServicePort and Endpoints maps
 //! (`pkg/proxy/serviceport.go`, `endpointslicecache.go`).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 
@@ -23,6 +23,8 @@ pub const POLICY_CONFIG_ANNOTATION: &str = "weir.dev/policy-config";
 pub const FAILURE_MODE_ANNOTATION: &str = "weir.dev/failure-mode";
 /// `spec.sessionAffinityConfig.clientIP.timeoutSeconds` when unset (the API default).
 pub const DEFAULT_AFFINITY_TIMEOUT_SECONDS: u32 = 10_800;
+/// The largest timeout the API server accepts.
+pub const MAX_AFFINITY_TIMEOUT_SECONDS: u32 = 86_400;
 
 /// Identifies a service port: kube-proxy's `ServicePortName` plus the IP family.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -110,9 +112,22 @@ pub struct ServicePortSnapshot {
     /// The policy bound by the `weir.dev/policy` annotation, or kube-default.
     pub policy: String,
     pub failure_mode: FailureMode,
-    /// The Service's healthCheckNodePort, when kube-proxy would serve one for it
-    /// (type LoadBalancer with externalTrafficPolicy Local).
-    pub health_check_node_port: Option<u16>,
+    /// The Service's health check server, when kube-proxy would run one for it (type
+    /// LoadBalancer with externalTrafficPolicy Local and a healthCheckNodePort).
+    pub health_check: Option<HealthCheck>,
+    /// `spec.loadBalancerSourceRanges` of this family: when set, only these sources may
+    /// reach the port through its LoadBalancer IPs (not its nodePort). Enforced by the
+    /// data plane, not by policies.
+    pub load_balancer_source_ranges: Vec<(IpAddr, u8)>,
+}
+
+/// A Service's healthCheckNodePort and what it reports.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HealthCheck {
+    pub node_port: u16,
+    /// kube-proxy's `LocalReadyEndpoints`: distinct IPs of ready endpoints on this node
+    /// over every port of the Service's slices of this family. 0 means the node answers 503.
+    pub local_endpoints: usize,
 }
 
 /// The proxy's view of the cluster from one node.
@@ -129,24 +144,83 @@ pub fn build(objects: &Objects, node_name: &str) -> Model {
     let mut diagnostics = Vec::new();
     let node = Arc::new(node_of(objects, node_name));
     let slices = group_slices(objects, &mut diagnostics);
+    let endpoints = endpoints_map(&slices, node_name);
+    let local_ready = local_ready_endpoints(&endpoints);
     let mut ports = BTreeMap::new();
-    for service in &objects.services {
-        for snapshot in service_ports(service, &mut diagnostics) {
+    for service in latest_by_name(&objects.services, "Service", &mut diagnostics) {
+        for mut snapshot in service_ports(service, &mut diagnostics) {
+            let key = &snapshot.key;
+            let endpoints_key = (
+                key.namespace.clone(),
+                key.name.clone(),
+                key.port_name.clone(),
+                key.protocol,
+                key.family,
+            );
+            snapshot.endpoints = endpoints.get(&endpoints_key).cloned().unwrap_or_default();
+            if let Some(check) = snapshot.health_check.as_mut() {
+                check.local_endpoints = local_ready
+                    .get(&(key.namespace.clone(), key.name.clone(), key.family))
+                    .copied()
+                    .unwrap_or(0);
+            }
             ports.insert(snapshot.key.clone(), snapshot);
         }
-    }
-    for snapshot in ports.values_mut() {
-        let service_slices = slices
-            .get(&(snapshot.key.namespace.clone(), snapshot.key.name.clone()))
-            .map(Vec::as_slice)
-            .unwrap_or_default();
-        snapshot.endpoints = merge_endpoints(&snapshot.key, service_slices, node_name);
     }
     Model {
         node,
         ports: ports.into_values().collect(),
         diagnostics,
     }
+}
+
+/// The last object of each namespace/name, as the API server would hold it after every
+/// file was applied in order; an earlier one with the same name gets a warning.
+fn latest_by_name<'a, T: HasName>(
+    objects: &'a [Sourced<T>],
+    kind: &str,
+    diagnostics: &mut Vec<Diagnostic>,
+) -> Vec<&'a Sourced<T>> {
+    let mut latest: BTreeMap<(String, String), &'a Sourced<T>> = BTreeMap::new();
+    for object in objects {
+        let key = object.object.namespaced_name();
+        if let Some(earlier) = latest.insert(key.clone(), object) {
+            diagnostics.push(Diagnostic::warning(
+                &earlier.origin,
+                Some(format!("{kind} {}/{}", key.0, key.1)),
+                format!(
+                    "is defined again in {}; the later definition is used, as `kubectl apply` would leave it",
+                    object.origin
+                ),
+            ));
+        }
+    }
+    latest.into_values().collect()
+}
+
+trait HasName {
+    fn namespaced_name(&self) -> (String, String);
+}
+
+impl HasName for Service {
+    fn namespaced_name(&self) -> (String, String) {
+        namespaced_name(&self.metadata)
+    }
+}
+
+impl HasName for EndpointSlice {
+    fn namespaced_name(&self) -> (String, String) {
+        namespaced_name(&self.metadata)
+    }
+}
+
+fn namespaced_name(
+    meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
+) -> (String, String) {
+    (
+        meta.namespace.clone().unwrap_or_else(|| "default".into()),
+        meta.name.clone().unwrap_or_default(),
+    )
 }
 
 fn node_of(objects: &Objects, node_name: &str) -> Node {
@@ -162,15 +236,21 @@ fn node_of(objects: &Objects, node_name: &str) -> Node {
     }
 }
 
-type SliceMap<'a> = HashMap<(String, String), Vec<&'a Sourced<EndpointSlice>>>;
+/// Slices by (namespace, Service name), each list in slice-name order.
+type SliceMap<'a> = BTreeMap<(String, String), Vec<&'a Sourced<EndpointSlice>>>;
 
 fn group_slices<'a>(objects: &'a Objects, diagnostics: &mut Vec<Diagnostic>) -> SliceMap<'a> {
-    let mut slices: SliceMap<'a> = HashMap::new();
-    for slice in &objects.endpoint_slices {
-        let meta = &slice.object.metadata;
-        let namespace = meta.namespace.clone().unwrap_or_else(|| "default".into());
-        let name = meta.name.clone().unwrap_or_default();
-        let Some(service) = meta.labels.as_ref().and_then(|l| l.get(SERVICE_NAME_LABEL)) else {
+    let mut slices: SliceMap<'a> = BTreeMap::new();
+    for slice in latest_by_name(&objects.endpoint_slices, "EndpointSlice", diagnostics) {
+        let (namespace, name) = slice.object.namespaced_name();
+        let service = slice
+            .object
+            .metadata
+            .labels
+            .as_ref()
+            .and_then(|l| l.get(SERVICE_NAME_LABEL))
+            .filter(|s| !s.is_empty());
+        let Some(service) = service else {
             diagnostics.push(Diagnostic::warning(
                 &slice.origin,
                 Some(format!("EndpointSlice {namespace}/{name}")),
@@ -180,27 +260,127 @@ fn group_slices<'a>(objects: &'a Objects, diagnostics: &mut Vec<Diagnostic>) -> 
             ));
             continue;
         };
-        for port in slice.object.ports.iter().flatten() {
-            if port.name.is_none() {
-                diagnostics.push(Diagnostic::warning(
-                    &slice.origin,
-                    Some(format!("EndpointSlice {namespace}/{name}")),
-                    format!(
-                        "port {} has no `name`, so kube-proxy ignores it; set `name: \"\"` to match an unnamed Service port, or the Service port's name",
-                        port.port.map_or("<none>".to_string(), |p| p.to_string())
-                    ),
-                ));
-            }
-        }
         slices
             .entry((namespace, service.clone()))
             .or_default()
             .push(slice);
     }
-    for list in slices.values_mut() {
-        list.sort_by(|a, b| a.object.metadata.name.cmp(&b.object.metadata.name));
-    }
     slices
+}
+
+/// kube-proxy's EndpointsMap key: Service, port name, protocol, and IP family.
+type EndpointsKey = (String, String, String, ProtocolKey, FamilyKey);
+
+/// kube-proxy's EndpointsMap from the slices: for every slice port (its name, protocol
+/// and number), the first address of every endpoint, duplicates collapsed across all the
+/// Service's slices (a later non-terminating copy replaces an earlier one), sorted by
+/// `ip:port` string. Built from the slices alone, as kube-proxy does, so it also holds
+/// ports the Service does not (yet) have.
+fn endpoints_map(slices: &SliceMap<'_>, node_name: &str) -> HashMap<EndpointsKey, Vec<Endpoint>> {
+    let mut merged: HashMap<EndpointsKey, HashMap<String, Endpoint>> = HashMap::new();
+    for ((namespace, service), list) in slices {
+        for slice in list {
+            let slice = &slice.object;
+            let family = match slice.address_type.as_str() {
+                "IPv4" => FamilyKey::V4,
+                "IPv6" => FamilyKey::V6,
+                _ => continue, // FQDN slices are not proxied
+            };
+            for port in slice.ports.iter().flatten() {
+                let Some(number) = port
+                    .port
+                    .and_then(|p| u16::try_from(p).ok())
+                    .filter(|p| *p != 0)
+                else {
+                    continue;
+                };
+                let Some(protocol) = ProtocolKey::parse(port.protocol.as_deref()) else {
+                    continue;
+                };
+                // The API server defaults a missing name to "" (and protocol to TCP), so
+                // hand-written files behave as they would once applied.
+                let port_name = port.name.clone().unwrap_or_default();
+                let key = (
+                    namespace.clone(),
+                    service.clone(),
+                    port_name,
+                    protocol,
+                    family,
+                );
+                let endpoints = merged.entry(key).or_default();
+                for endpoint in &slice.endpoints {
+                    if let Some(candidate) = endpoint_of(endpoint, number, family, node_name) {
+                        let text = candidate.address.to_string();
+                        if !endpoints.contains_key(&text) || !candidate.terminating {
+                            endpoints.insert(text, candidate);
+                        }
+                    }
+                }
+            }
+        }
+    }
+    merged
+        .into_iter()
+        .map(|(key, endpoints)| {
+            let mut sorted: Vec<(String, Endpoint)> = endpoints.into_iter().collect();
+            sorted.sort_by(|a, b| a.0.cmp(&b.0));
+            (key, sorted.into_iter().map(|(_, e)| e).collect())
+        })
+        .collect()
+}
+
+/// One slice endpoint as kube-proxy sees it, or `None` when it has no usable first
+/// address (none, unparseable, or of the other family: kube-proxy would program a
+/// broken rule for those; weir leaves them out).
+fn endpoint_of(
+    endpoint: &k8s_openapi::api::discovery::v1::Endpoint,
+    port: u16,
+    family: FamilyKey,
+    node_name: &str,
+) -> Option<Endpoint> {
+    let ip = parse_ip_sloppy(endpoint.addresses.first()?)?;
+    if FamilyKey::of(ip) != family {
+        return None;
+    }
+    let conditions = endpoint.conditions.as_ref();
+    let hints = endpoint.hints.as_ref();
+    Some(Endpoint {
+        id: 0,
+        address: SocketAddr::new(ip, port),
+        ready: conditions.and_then(|c| c.ready).unwrap_or(true),
+        serving: conditions.and_then(|c| c.serving).unwrap_or(true),
+        terminating: conditions.and_then(|c| c.terminating).unwrap_or(false),
+        node_name: endpoint.node_name.clone(),
+        zone: endpoint.zone.clone(),
+        is_local: !node_name.is_empty() && endpoint.node_name.as_deref() == Some(node_name),
+        zone_hints: hints
+            .and_then(|h| h.for_zones.as_ref())
+            .map(|z| z.iter().map(|z| z.name.clone()).collect())
+            .unwrap_or_default(),
+        node_hints: hints
+            .and_then(|h| h.for_nodes.as_ref())
+            .map(|n| n.iter().map(|n| n.name.clone()).collect())
+            .unwrap_or_default(),
+    })
+}
+
+/// kube-proxy's `LocalReadyEndpoints`: per Service and family, the number of distinct IPs
+/// of ready endpoints on this node, over every port.
+fn local_ready_endpoints(
+    endpoints: &HashMap<EndpointsKey, Vec<Endpoint>>,
+) -> HashMap<(String, String, FamilyKey), usize> {
+    let mut ips: HashMap<(String, String, FamilyKey), BTreeSet<IpAddr>> = HashMap::new();
+    for ((namespace, service, _, _, family), list) in endpoints {
+        let set = ips
+            .entry((namespace.clone(), service.clone(), *family))
+            .or_default();
+        set.extend(
+            list.iter()
+                .filter(|e| e.ready && e.is_local)
+                .map(|e| e.address.ip()),
+        );
+    }
+    ips.into_iter().map(|(key, set)| (key, set.len())).collect()
 }
 
 /// kube-proxy's ServicePorts for one Service: one per port per IP family with a clusterIP.
@@ -228,19 +408,17 @@ fn service_ports(
     if service_type == "ExternalName" {
         return Vec::new();
     }
-    let cluster_ips: Vec<String> = match &spec.cluster_ips {
-        Some(ips) if !ips.is_empty() => ips.clone(),
-        _ => spec.cluster_ip.iter().cloned().collect(),
-    };
-    if cluster_ips.first().is_some_and(|ip| ip == "None") {
-        return Vec::new(); // headless: DNS only
-    }
-    if cluster_ips.iter().all(|ip| ip.is_empty()) {
-        warn(
-            diagnostics,
-            "has no clusterIP, so kube-proxy treats it as headless and skips it; set spec.clusterIP (a 127.0.0.0/8 address works on a laptop)".into(),
-        );
-        return Vec::new();
+    // kube-proxy's ShouldSkipService looks at the singular field only.
+    match spec.cluster_ip.as_deref() {
+        Some("None") => return Vec::new(), // headless: DNS only
+        None | Some("") => {
+            warn(
+                diagnostics,
+                "has no clusterIP, so kube-proxy treats it as headless and skips it; set spec.clusterIP (a 127.0.0.0/8 address works on a laptop)".into(),
+            );
+            return Vec::new();
+        }
+        Some(_) => {}
     }
     let ports = spec.ports.clone().unwrap_or_default();
     if ports.is_empty() {
@@ -279,22 +457,37 @@ fn service_ports(
     let external_traffic_local =
         externally_accessible_type && spec.external_traffic_policy.as_deref() == Some("Local");
     let internal_traffic_local = spec.internal_traffic_policy.as_deref() == Some("Local");
-    let session_affinity_timeout =
-        (spec.session_affinity.as_deref() == Some("ClientIP")).then(|| {
-            spec.session_affinity_config
+    let session_affinity_timeout = (spec.session_affinity.as_deref() == Some("ClientIP"))
+        .then(|| {
+            let configured = spec
+                .session_affinity_config
                 .as_ref()
                 .and_then(|c| c.client_ip.as_ref())
-                .and_then(|c| c.timeout_seconds)
-                .and_then(|t| u32::try_from(t).ok())
-                .unwrap_or(DEFAULT_AFFINITY_TIMEOUT_SECONDS)
+                .and_then(|c| c.timeout_seconds);
+            match configured {
+                None => DEFAULT_AFFINITY_TIMEOUT_SECONDS,
+                Some(t) if (1..=MAX_AFFINITY_TIMEOUT_SECONDS as i32).contains(&t) => t as u32,
+                Some(t) => {
+                    warn(
+                        diagnostics,
+                        format!(
+                            "spec.sessionAffinityConfig.clientIP.timeoutSeconds {t} is outside 1..={MAX_AFFINITY_TIMEOUT_SECONDS} (the API server would refuse it); using {DEFAULT_AFFINITY_TIMEOUT_SECONDS}"
+                        ),
+                    );
+                    DEFAULT_AFFINITY_TIMEOUT_SECONDS
+                }
+            }
         });
-    let health_check_node_port = if service_type == "LoadBalancer" && external_traffic_local {
+    let health_check = if service_type == "LoadBalancer" && external_traffic_local {
         match spec
             .health_check_node_port
             .and_then(|p| u16::try_from(p).ok())
             .filter(|p| *p != 0)
         {
-            Some(port) => Some(port),
+            Some(node_port) => Some(HealthCheck {
+                node_port,
+                local_endpoints: 0,
+            }),
             None => {
                 warn(
                     diagnostics,
@@ -307,15 +500,54 @@ fn service_ports(
         None
     };
 
+    // kube-proxy's GetClusterIPByFamily: `ipFamilies[i]` pairs with `clusterIPs[i]`; a
+    // Service without `ipFamilies` (never so once stored by an API server) has only
+    // `clusterIP`, in its own family.
     let mut by_family: BTreeMap<FamilyKey, IpAddr> = BTreeMap::new();
-    for (index, text) in cluster_ips.iter().enumerate() {
+    let families = spec.ip_families.clone().unwrap_or_default();
+    let cluster_ips = spec.cluster_ips.clone().unwrap_or_default();
+    let candidates: Vec<(String, &str)> = if families.is_empty() {
+        if cluster_ips.len() > 1 {
+            warn(
+                diagnostics,
+                "lists several spec.clusterIPs but no spec.ipFamilies, so kube-proxy uses spec.clusterIP only; add spec.ipFamilies (e.g. [IPv4, IPv6]) to proxy every family".into(),
+            );
+        }
+        vec![(
+            "spec.clusterIP".to_string(),
+            spec.cluster_ip.as_deref().unwrap_or(""),
+        )]
+    } else {
+        families
+            .iter()
+            .enumerate()
+            .filter_map(|(i, _)| {
+                cluster_ips
+                    .get(i)
+                    .map(|ip| (format!("spec.clusterIPs[{i}]"), ip.as_str()))
+            })
+            .collect()
+    };
+    for (index, (field, text)) in candidates.iter().enumerate() {
         match parse_ip_sloppy(text) {
             Some(ip) => {
-                by_family.entry(FamilyKey::of(ip)).or_insert(ip);
+                let family = FamilyKey::of(ip);
+                let declared = families.get(index).map(String::as_str);
+                if declared.is_some_and(|d| d != family.as_str()) {
+                    warn(
+                        diagnostics,
+                        format!(
+                            "{field} `{text}` is not of spec.ipFamilies[{index}] `{}`; ignored",
+                            declared.unwrap_or("")
+                        ),
+                    );
+                    continue;
+                }
+                by_family.entry(family).or_insert(ip);
             }
             None => warn(
                 diagnostics,
-                format!("spec.clusterIPs[{index}] `{text}` is not an IP address; ignored"),
+                format!("{field} `{text}` is not an IP address; ignored"),
             ),
         }
     }
@@ -323,7 +555,7 @@ fn service_ports(
         |texts: &[String], field: &str, family: FamilyKey, diagnostics: &mut Vec<Diagnostic>| {
             let mut out = Vec::new();
             for text in texts {
-                match parse_ip_sloppy(text.trim()) {
+                match parse_ip_sloppy(text) {
                     Some(ip) if FamilyKey::of(ip) == family => out.push(ip),
                     Some(_) => {}
                     None => warn(
@@ -350,9 +582,22 @@ fn service_ports(
         })
         .unwrap_or_default();
 
+    let source_ranges = spec.load_balancer_source_ranges.clone().unwrap_or_default();
+
     let mut out = Vec::new();
     for (&family, &cluster_ip) in &by_family {
         let external = family_ips(&external_ips, "spec.externalIPs", family, diagnostics);
+        let mut ranges = Vec::new();
+        for text in &source_ranges {
+            match parse_cidr(text.trim()) {
+                Some((ip, bits)) if FamilyKey::of(ip) == family => ranges.push((ip, bits)),
+                Some(_) => {}
+                None => warn(
+                    diagnostics,
+                    format!("spec.loadBalancerSourceRanges `{text}` is not a CIDR; ignored"),
+                ),
+            }
+        }
         let vips = family_ips(
             &ingress_vips,
             "status.loadBalancer.ingress[].ip",
@@ -412,87 +657,21 @@ fn service_ports(
                 endpoints: Vec::new(),
                 policy: policy.clone(),
                 failure_mode,
-                health_check_node_port,
+                health_check,
+                load_balancer_source_ranges: ranges.clone(),
             });
         }
     }
     out
 }
 
-/// kube-proxy's endpoints for one service port: every slice of the service with the port's
-/// address family, the slice port with the same name and protocol, the first address of
-/// each endpoint, duplicates collapsed (a later non-terminating duplicate replaces an
-/// earlier one), sorted by `ip:port` string.
-fn merge_endpoints(
-    key: &ServicePortKey,
-    slices: &[&Sourced<EndpointSlice>],
-    node_name: &str,
-) -> Vec<Endpoint> {
-    let address_type = key.family.as_str();
-    let mut merged: HashMap<String, Endpoint> = HashMap::new();
-    for slice in slices {
-        let slice = &slice.object;
-        if slice.address_type != address_type {
-            continue;
-        }
-        let Some(port) = slice.ports.iter().flatten().find(|p| {
-            p.name.as_deref() == Some(key.port_name.as_str())
-                && ProtocolKey::parse(p.protocol.as_deref()) == Some(key.protocol)
-        }) else {
-            continue;
-        };
-        let Some(port_number) = port
-            .port
-            .and_then(|p| u16::try_from(p).ok())
-            .filter(|p| *p != 0)
-        else {
-            continue;
-        };
-        for endpoint in &slice.endpoints {
-            let Some(first) = endpoint.addresses.first() else {
-                continue;
-            };
-            let Some(ip) = parse_ip_sloppy(first) else {
-                continue;
-            };
-            if FamilyKey::of(ip) != key.family {
-                continue;
-            }
-            let conditions = endpoint.conditions.as_ref();
-            let ready = conditions.and_then(|c| c.ready).unwrap_or(true);
-            let serving = conditions.and_then(|c| c.serving).unwrap_or(true);
-            let terminating = conditions.and_then(|c| c.terminating).unwrap_or(false);
-            let hints = endpoint.hints.as_ref();
-            let zone_hints = hints
-                .and_then(|h| h.for_zones.as_ref())
-                .map(|z| z.iter().map(|z| z.name.clone()).collect())
-                .unwrap_or_default();
-            let node_hints = hints
-                .and_then(|h| h.for_nodes.as_ref())
-                .map(|n| n.iter().map(|n| n.name.clone()).collect())
-                .unwrap_or_default();
-            let address = SocketAddr::new(ip, port_number);
-            let candidate = Endpoint {
-                id: 0,
-                address,
-                ready,
-                serving,
-                terminating,
-                node_name: endpoint.node_name.clone(),
-                zone: endpoint.zone.clone(),
-                is_local: !node_name.is_empty() && endpoint.node_name.as_deref() == Some(node_name),
-                zone_hints,
-                node_hints,
-            };
-            let text = address.to_string();
-            if !merged.contains_key(&text) || !terminating {
-                merged.insert(text, candidate);
-            }
-        }
-    }
-    let mut endpoints: Vec<(String, Endpoint)> = merged.into_iter().collect();
-    endpoints.sort_by(|a, b| a.0.cmp(&b.0));
-    endpoints.into_iter().map(|(_, e)| e).collect()
+/// `ip/bits`, with the address normalised as by [`parse_ip_sloppy`].
+fn parse_cidr(text: &str) -> Option<(IpAddr, u8)> {
+    let (ip, bits) = text.split_once('/')?;
+    let ip = parse_ip_sloppy(ip)?;
+    let bits: u8 = bits.parse().ok()?;
+    let max = if ip.is_ipv4() { 32 } else { 128 };
+    (bits <= max).then_some((ip, bits))
 }
 
 /// Go's `netutils.ParseIPSloppy(...)` followed by `String()`: IPv4 octets may carry
@@ -507,10 +686,19 @@ pub fn parse_ip_sloppy(text: &str) -> Option<IpAddr> {
             }
             let mut octets = [0u8; 4];
             for (octet, part) in octets.iter_mut().zip(&parts) {
-                if part.is_empty() || part.len() > 3 || !part.bytes().all(|b| b.is_ascii_digit()) {
+                if part.is_empty() || !part.bytes().all(|b| b.is_ascii_digit()) {
                     return None;
                 }
-                *octet = part.parse().ok()?;
+                // Any number of leading zeros, value at most 255, as Go's parser reads it.
+                let digits = part.trim_start_matches('0');
+                if digits.len() > 3 {
+                    return None;
+                }
+                *octet = if digits.is_empty() {
+                    0
+                } else {
+                    digits.parse().ok()?
+                };
             }
             IpAddr::V4(Ipv4Addr::from(octets))
         }
@@ -533,6 +721,172 @@ mod tests {
         load_str(Path::new("test.yaml"), yaml, &mut objects, &mut diagnostics);
         assert!(diagnostics.is_empty(), "{diagnostics:?}");
         build(&objects, node)
+    }
+
+    fn warnings(model: &Model) -> String {
+        model
+            .diagnostics
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    #[test]
+    fn cluster_ips_without_ip_families_use_cluster_ip_only_like_kube_proxy() {
+        let service = SERVICE.replace(
+            "clusterIP: 127.0.0.10,",
+            "clusterIP: 127.0.0.10, clusterIPs: [127.0.0.10, \"fd00::10\"],",
+        );
+        let m = model(&service, "n");
+        assert_eq!(m.ports.len(), 1);
+        assert_eq!(m.ports[0].key.family, FamilyKey::V4);
+        assert!(
+            warnings(&m).contains("add spec.ipFamilies"),
+            "{}",
+            warnings(&m)
+        );
+    }
+
+    #[test]
+    fn ipv6_single_stack_service_uses_its_own_family() {
+        let service = SERVICE.replace(
+            "clusterIP: 127.0.0.10,",
+            "clusterIP: \"fd00::10\", clusterIPs: [\"fd00::10\"], ipFamilies: [IPv6],",
+        );
+        let yaml = format!(
+            "{service}{}",
+            slice("a", "IPv6", "[{addresses: [\"fd00::1\"]}]")
+        );
+        let m = model(&yaml, "n");
+        assert_eq!(m.ports.len(), 1);
+        assert_eq!(m.ports[0].key.family, FamilyKey::V6);
+        assert_eq!(
+            m.ports[0].endpoints[0].address.to_string(),
+            "[fd00::1]:8080"
+        );
+    }
+
+    #[test]
+    fn slice_port_without_a_name_matches_the_unnamed_service_port() {
+        let service = SERVICE.replace("ports: [{name: http, port: 80}]", "ports: [{port: 80}]");
+        let yaml = format!(
+            "{service}---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: a, labels: {{kubernetes.io/service-name: web}}}}\naddressType: IPv4\nports: [{{port: 8080}}]\nendpoints: [{{addresses: [198.18.0.1]}}]\n"
+        );
+        let m = model(&yaml, "n");
+        assert_eq!(m.ports[0].endpoints.len(), 1);
+    }
+
+    #[test]
+    fn slice_port_without_a_number_gives_no_endpoints() {
+        let yaml = format!(
+            "{SERVICE}---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: a, labels: {{kubernetes.io/service-name: web}}}}\naddressType: IPv4\nports: [{{name: http}}]\nendpoints: [{{addresses: [198.18.0.1]}}]\n"
+        );
+        assert!(model(&yaml, "n").ports[0].endpoints.is_empty());
+    }
+
+    #[test]
+    fn same_port_name_with_different_numbers_in_two_slices_keeps_both() {
+        let second =
+            slice("b", "IPv4", "[{addresses: [198.18.0.1]}]").replace("port: 8080", "port: 8081");
+        let yaml = format!(
+            "{SERVICE}{}{second}",
+            slice("a", "IPv4", "[{addresses: [198.18.0.1]}]")
+        );
+        let got: Vec<String> = addresses(&model(&yaml, "n"))
+            .into_iter()
+            .map(|(a, _)| a)
+            .collect();
+        assert_eq!(got, vec!["198.18.0.1:8080", "198.18.0.1:8081"]);
+    }
+
+    #[test]
+    fn a_slice_defined_twice_is_replaced_not_merged() {
+        let mut objects = Objects::default();
+        let mut diagnostics = Vec::new();
+        let first = format!(
+            "{SERVICE}{}",
+            slice("a", "IPv4", "[{addresses: [198.18.0.1]}]")
+        );
+        load_str(
+            Path::new("one.yaml"),
+            &first,
+            &mut objects,
+            &mut diagnostics,
+        );
+        load_str(
+            Path::new("two.yaml"),
+            &slice("a", "IPv4", "[{addresses: [198.18.0.2]}]"),
+            &mut objects,
+            &mut diagnostics,
+        );
+        let m = build(&objects, "n");
+        assert_eq!(addresses(&m), vec![("198.18.0.2:8080".to_string(), false)]);
+        assert!(warnings(&m).contains("one.yaml"), "{}", warnings(&m));
+        assert!(
+            warnings(&m).contains("is defined again in two.yaml"),
+            "{}",
+            warnings(&m)
+        );
+    }
+
+    #[test]
+    fn a_service_defined_twice_keeps_only_the_later_ports() {
+        let later = SERVICE.replace(
+            "ports: [{name: http, port: 80}]",
+            "ports: [{name: admin, port: 81}]",
+        );
+        let m = model(&format!("{SERVICE}---\n{later}"), "n");
+        let names: Vec<&str> = m.ports.iter().map(|p| p.key.port_name.as_str()).collect();
+        assert_eq!(names, vec!["admin"]);
+    }
+
+    #[test]
+    fn health_check_counts_local_ready_ips_over_every_slice_port() {
+        let service = "apiVersion: v1\nkind: Service\nmetadata: {name: web}\nspec: {type: LoadBalancer, allocateLoadBalancerNodePorts: false, externalTrafficPolicy: Local, healthCheckNodePort: 32000, clusterIP: 127.0.0.10, ports: [{name: http, port: 80}]}\n";
+        let eps = "[{addresses: [198.18.0.1], nodeName: node-a}, {addresses: [198.18.0.2], nodeName: node-a, conditions: {ready: false}}, {addresses: [198.18.0.3], nodeName: node-b}]";
+        let metrics_port = slice("b", "IPv4", "[{addresses: [198.18.0.4], nodeName: node-a}]")
+            .replace("name: http", "name: metrics");
+        let yaml = format!("{service}{}{metrics_port}", slice("a", "IPv4", eps));
+        let m = model(&yaml, "node-a");
+        // No nodePort and no ingress IP: the port is not reachable from outside, yet
+        // kube-proxy still counts the node's ready endpoints, of every slice port.
+        assert!(!m.ports[0].service.externally_accessible());
+        assert_eq!(
+            m.ports[0].health_check,
+            Some(HealthCheck {
+                node_port: 32000,
+                local_endpoints: 2
+            })
+        );
+    }
+
+    #[test]
+    fn affinity_timeout_outside_the_api_range_falls_back_with_a_warning() {
+        let svc = SERVICE.replace(
+            "spec: {",
+            "spec: {sessionAffinity: ClientIP, sessionAffinityConfig: {clientIP: {timeoutSeconds: 0}}, ",
+        );
+        let m = model(&svc, "n");
+        assert_eq!(m.ports[0].service.session_affinity_timeout, Some(10_800));
+        assert!(
+            warnings(&m).contains("timeoutSeconds 0"),
+            "{}",
+            warnings(&m)
+        );
+    }
+
+    #[test]
+    fn load_balancer_source_ranges_are_kept_per_family() {
+        let svc = SERVICE.replace(
+            "spec: {",
+            "spec: {loadBalancerSourceRanges: [\" 198.18.4.0/24\", \"fd00::/64\"], ",
+        );
+        let m = model(&svc, "n");
+        assert_eq!(
+            m.ports[0].load_balancer_source_ranges,
+            vec![("198.18.4.0".parse().unwrap(), 24)]
+        );
     }
 
     const SERVICE: &str = "apiVersion: v1\nkind: Service\nmetadata: {name: web}\nspec: {clusterIP: 127.0.0.10, ports: [{name: http, port: 80}]}\n";
@@ -568,7 +922,7 @@ mod tests {
     }
 
     #[test]
-    fn duplicate_endpoint_keeps_the_first_when_both_are_running() {
+    fn duplicate_endpoint_later_running_copy_wins() {
         let a = "[{addresses: [198.18.0.1], nodeName: node-a}]";
         let b = "[{addresses: [198.18.0.1], nodeName: node-b}]";
         let m = model(
@@ -618,7 +972,7 @@ mod tests {
     fn dual_stack_service_gets_a_port_per_family() {
         let service = SERVICE.replace(
             "clusterIP: 127.0.0.10,",
-            "clusterIP: 127.0.0.10, clusterIPs: [127.0.0.10, \"fd00::10\"],",
+            "clusterIP: 127.0.0.10, clusterIPs: [127.0.0.10, \"fd00::10\"], ipFamilies: [IPv4, IPv6],",
         );
         let yaml = format!(
             "{service}{}{}",
@@ -709,6 +1063,11 @@ mod tests {
             parse_ip_sloppy("2001:db8::1"),
             Some("2001:db8::1".parse().unwrap())
         );
+        assert_eq!(
+            parse_ip_sloppy("0000198.18.0.5"),
+            Some("198.18.0.5".parse().unwrap())
+        );
+        assert_eq!(parse_ip_sloppy("198.18.0.256"), None);
         assert_eq!(parse_ip_sloppy("198.18.0"), None);
         assert_eq!(parse_ip_sloppy("web"), None);
     }
