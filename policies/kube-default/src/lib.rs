@@ -73,7 +73,7 @@ mod tests {
     use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 
     use weir_sdk::host::testing::{seed_random, set_clock};
-    use weir_sdk::{Driver, EmptyAction, Endpoint, IpFamily, Node, Protocol, Scope, ZONE_LABEL};
+    use weir_sdk::{Driver, EmptyAction, Endpoint, Node, Scope, ZONE_LABEL};
 
     use super::*;
 
