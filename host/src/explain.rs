@@ -96,13 +96,14 @@ pub fn decide<'a>(model: &'a Model, registry: &Registry) -> Vec<PortDecision<'a>
                 (answer.eligibility, failure)
             }
             Binding::Missing(reason) => {
+                // As the runtime's failure mode does: the built-in kube-default's answer,
+                // whatever module may have replaced kube-default in the registry.
                 let eligibility = match snapshot.failure_mode {
-                    FailureMode::Open => {
-                        registry
-                            .default_runtime()
-                            .update(handle, input.clone())
-                            .eligibility
-                    }
+                    FailureMode::Open => weir_sdk::kube::kube_proxy_eligibility(
+                        &input.service,
+                        &input.node,
+                        &input.endpoints,
+                    ),
                     FailureMode::Closed => Eligibility::reject_all(),
                 };
                 let failure = format!(

@@ -518,6 +518,16 @@ fn service_ports(
             spec.cluster_ip.as_deref().unwrap_or(""),
         )]
     } else {
+        if cluster_ips.len() < families.len() {
+            warn(
+                diagnostics,
+                format!(
+                    "spec.ipFamilies lists {} families but spec.clusterIPs has {} addresses, so kube-proxy proxies only the families with one; set spec.clusterIPs to match",
+                    families.len(),
+                    cluster_ips.len()
+                ),
+            );
+        }
         families
             .iter()
             .enumerate()
@@ -743,6 +753,21 @@ mod tests {
         assert_eq!(m.ports[0].key.family, FamilyKey::V4);
         assert!(
             warnings(&m).contains("add spec.ipFamilies"),
+            "{}",
+            warnings(&m)
+        );
+    }
+
+    #[test]
+    fn ip_families_without_cluster_ips_are_reported() {
+        let service = SERVICE.replace(
+            "clusterIP: 127.0.0.10,",
+            "clusterIP: 127.0.0.10, ipFamilies: [IPv4],",
+        );
+        let m = model(&service, "n");
+        assert!(m.ports.is_empty());
+        assert!(
+            warnings(&m).contains("spec.clusterIPs has 0 addresses"),
             "{}",
             warnings(&m)
         );

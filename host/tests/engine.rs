@@ -122,28 +122,71 @@ fn removed_services_are_rejected() {
     assert!(runtime.eligibility(1).is_none());
 }
 
-#[test]
-fn deadlines_are_configurable() {
-    let limits = Limits {
-        select_deadline: Duration::from_millis(20),
-        ..Limits::default()
-    };
+/// A runtime of the hostile guest under `limits`, with one service behaving as `config`.
+fn hostile(
+    limits: Limits,
+    config: &str,
+) -> (
+    PolicyRuntime,
+    Arc<PolicyMetrics>,
+    Option<weir::policy::CallError>,
+) {
     let (engine, metrics) = engine_with(limits);
     let compiled = engine
         .load("hostile", "hostile.wasm", &guest_bytes("hostile"))
         .unwrap();
     let runtime = PolicyRuntime::new(engine, compiled, "", 1).unwrap();
-    runtime.update(
+    let answer = runtime.update(
         1,
         input(
-            service("spin", Some("loop-select")),
+            service("svc", Some(config)),
             endpoints(1, 2),
             FailureMode::Closed,
         ),
     );
+    (runtime, metrics, answer.failure)
+}
+
+#[test]
+fn select_deadline_is_the_configured_one() {
+    // A select that works for 5 ms: too long for the default 1 ms, fine within 20 ms.
+    let (runtime, metrics, _) = hostile(Limits::default(), "spin-5ms-select");
     assert_eq!(runtime.select(0, 1, &connection(1)), HostDecision::Reject);
     assert_eq!(
         metrics.failures_of("hostile", Call::select, Reason::timeout),
+        1
+    );
+
+    let limits = Limits {
+        select_deadline: Duration::from_millis(20),
+        ..Limits::default()
+    };
+    let (runtime, metrics, _) = hostile(limits, "spin-5ms-select");
+    assert!(matches!(
+        runtime.select(0, 1, &connection(1)),
+        HostDecision::Forward { .. }
+    ));
+    assert_eq!(metrics.failures_total("hostile"), 0);
+}
+
+#[test]
+fn memory_cap_is_the_configured_one() {
+    // An update that needs 8 MiB: fine under the default 16 MiB, refused under 4 MiB.
+    let (_, metrics, failure) = hostile(Limits::default(), "allocate-8mib-update");
+    assert!(failure.is_none(), "{failure:?}");
+    assert_eq!(metrics.failures_total("hostile"), 0);
+
+    let limits = Limits {
+        memory_bytes: 4 << 20,
+        ..Limits::default()
+    };
+    let (_, metrics, failure) = hostile(limits, "allocate-8mib-update");
+    assert_eq!(
+        failure.expect("refused").kind,
+        weir::policy::FailureKind::Memory
+    );
+    assert_eq!(
+        metrics.failures_of("hostile", Call::update, Reason::memory),
         1
     );
 }

@@ -85,9 +85,37 @@ fn infinite_loop_in_select_times_out_and_fails_open() {
     assert_eq!(f.failures(Call::select, Reason::timeout), 1);
     assert_eq!(f.metrics.fallbacks_of("hostile", Mode::open), 1);
     f.healthy_service_unaffected();
-    // Still hostile after the instance was replaced: contained again.
-    f.runtime.select(1, HOSTILE, &connection(2));
+}
+
+#[test]
+fn a_failing_service_is_quarantined_until_its_next_update() {
+    let (f, _) = fixture("loop-select", FailureMode::Open);
+    f.runtime.select(0, HOSTILE, &connection(1));
+    assert_eq!(f.failures(Call::select, Reason::timeout), 1);
+    // On worker 0 the service now follows its failure mode without calling the policy.
+    for client in 0..5 {
+        assert!(in_subnet(
+            f.runtime.select(0, HOSTILE, &connection(client)),
+            2
+        ));
+    }
+    assert_eq!(f.failures(Call::select, Reason::timeout), 1);
+    assert_eq!(f.metrics.fallbacks_of("hostile", Mode::open), 6);
+    // Worker 1's instance has not failed yet: it is tried, and contained, once.
+    f.runtime.select(1, HOSTILE, &connection(1));
     assert_eq!(f.failures(Call::select, Reason::timeout), 2);
+    // A new update gives the policy another chance on every worker.
+    f.runtime.update(
+        HOSTILE,
+        input(
+            service("hostile", Some("loop-select")),
+            endpoints(2, 3),
+            FailureMode::Open,
+        ),
+    );
+    f.runtime.select(0, HOSTILE, &connection(1));
+    assert_eq!(f.failures(Call::select, Reason::timeout), 3);
+    f.healthy_service_unaffected();
 }
 
 #[test]
@@ -208,6 +236,99 @@ fn log_flood_is_capped_and_counted() {
 }
 
 #[test]
+fn sleeping_in_select_is_refused_not_waited_for() {
+    let (f, _) = fixture("sleep-select", FailureMode::Closed);
+    assert_eq!(
+        f.runtime.select(0, HOSTILE, &connection(1)),
+        HostDecision::Reject
+    );
+    assert_eq!(f.failures(Call::select, Reason::trap), 1);
+    f.healthy_service_unaffected();
+}
+
+#[test]
+fn sleeping_in_update_is_refused_not_waited_for() {
+    let (f, answer) = fixture("sleep-update", FailureMode::Open);
+    let failure = answer.failure.expect("failed");
+    assert_eq!(failure.kind, FailureKind::Trap);
+    assert!(
+        failure.message.contains("may not block or sleep"),
+        "{failure}"
+    );
+    f.healthy_service_unaffected();
+}
+
+#[test]
+fn forwarding_to_a_known_but_ineligible_endpoint_is_invalid() {
+    let (f, answer) = fixture("ineligible-select", FailureMode::Open);
+    assert_eq!(
+        answer.eligibility.internal.endpoints,
+        vec![1, 2],
+        "update left 3 out"
+    );
+    let decision = f.runtime.select(0, HOSTILE, &connection(1));
+    assert_eq!(f.failures(Call::select, Reason::invalid_answer), 1);
+    assert!(
+        matches!(
+            decision,
+            HostDecision::Forward {
+                endpoint: 1 | 2 | 3,
+                ..
+            }
+        ),
+        "kube-default answers instead: {decision:?}"
+    );
+    f.healthy_service_unaffected();
+}
+
+#[test]
+fn addresses_cross_the_host_guest_boundary_intact() {
+    let (engine, metrics) = engine();
+    let compiled = engine
+        .load("hostile", "hostile.wasm", &guest_bytes("hostile"))
+        .unwrap();
+    let runtime = PolicyRuntime::new(engine, compiled, "", 1).unwrap();
+
+    runtime.update(
+        1,
+        input(
+            service("v4", Some("client-echo")),
+            endpoints(1, 3),
+            FailureMode::Closed,
+        ),
+    );
+    let v4 = runtime.select(0, 1, &connection(2));
+    assert_eq!(
+        v4,
+        HostDecision::Forward {
+            endpoint: 2,
+            address: "198.18.1.2:8080".parse().unwrap()
+        }
+    );
+
+    let mut v6_service = service("v6", Some("client-echo"));
+    v6_service.ip_family = weir_sdk::IpFamily::V6;
+    v6_service.cluster_ip = "fd00::10".parse().unwrap();
+    let v6_endpoints: Vec<weir_sdk::Endpoint> = (1..=3)
+        .map(|id| weir_sdk::Endpoint::ready(id, format!("[fd00:1::{id}]:8080").parse().unwrap()))
+        .collect();
+    runtime.update(2, input(v6_service, v6_endpoints, FailureMode::Closed));
+    let client = weir_sdk::Connection {
+        client: "[fd00:ffff::3]:40000".parse().unwrap(),
+        destination: "[fd00::10]:80".parse().unwrap(),
+        scope: weir_sdk::Scope::Internal,
+    };
+    assert_eq!(
+        runtime.select(0, 2, &client),
+        HostDecision::Forward {
+            endpoint: 3,
+            address: "[fd00:1::3]:8080".parse().unwrap()
+        }
+    );
+    assert_eq!(metrics.failures_total("hostile"), 0);
+}
+
+#[test]
 fn configure_refusal_is_reported() {
     let (engine, _) = engine();
     let compiled = engine
@@ -234,4 +355,66 @@ fn configure_panic_is_a_trap() {
         metrics.failures_of("hostile", Call::configure, Reason::trap),
         1
     );
+}
+
+#[test]
+fn failures_racing_with_updates_never_blame_a_healthy_update() {
+    let (f, _) = fixture("panic-select", FailureMode::Open);
+    let f = std::sync::Arc::new(f);
+    let (done, finished) = std::sync::mpsc::channel();
+    let data_plane = {
+        let f = f.clone();
+        std::thread::spawn(move || {
+            for round in 0..200u32 {
+                f.runtime.select(0, HOSTILE, &connection(round as u8));
+                f.runtime.select(0, HEALTHY, &connection(round as u8));
+            }
+        })
+    };
+    let control_plane = {
+        let f = f.clone();
+        std::thread::spawn(move || {
+            for round in 0..100u32 {
+                // Re-arming the hostile service lifts its quarantine, so its next select
+                // fails again while updates keep arriving.
+                let (name, handle, subnet) = if round % 2 == 0 {
+                    ("healthy", HEALTHY, 1)
+                } else {
+                    ("hostile", HOSTILE, 2)
+                };
+                let config = (handle == HOSTILE).then_some("panic-select");
+                f.runtime.update(
+                    handle,
+                    input(
+                        service(name, config),
+                        endpoints(subnet, 3),
+                        FailureMode::Open,
+                    ),
+                );
+            }
+        })
+    };
+    std::thread::spawn(move || {
+        data_plane.join().unwrap();
+        control_plane.join().unwrap();
+        done.send(()).unwrap();
+    });
+    finished
+        .recv_timeout(std::time::Duration::from_secs(120))
+        .expect("select and update finish without deadlock");
+    for reason in [
+        Reason::trap,
+        Reason::timeout,
+        Reason::memory,
+        Reason::invalid_answer,
+        Reason::instantiate,
+    ] {
+        assert_eq!(
+            f.failures(Call::update, reason.clone()),
+            0,
+            "an update was blamed: {reason:?}"
+        );
+    }
+    assert!(f.failures(Call::select, Reason::trap) >= 1);
+    f.healthy_service_unaffected();
 }

@@ -177,7 +177,23 @@ fn collect_files(path: &Path, explicit: bool, out: &mut Vec<PathBuf>) -> std::io
 /// Parses the text of one file (YAML, which includes JSON) into `objects`.
 pub fn load_str(file: &Path, text: &str, objects: &mut Objects, diagnostics: &mut Vec<Diagnostic>) {
     let documents = if text.trim_start().starts_with(['{', '[']) {
-        json_documents(file, text, diagnostics)
+        // JSON, or YAML written in flow style (`{apiVersion: v1, ...}`): JSON first, and
+        // the YAML parser (which reads JSON too, but not tabs) when that fails.
+        let mut json_errors = Vec::new();
+        let documents = json_documents(file, text, &mut json_errors);
+        if json_errors.is_empty() {
+            documents
+        } else {
+            let mut yaml_errors = Vec::new();
+            let documents = yaml_documents(file, text, &mut yaml_errors);
+            let errors = if yaml_errors.is_empty() {
+                yaml_errors
+            } else {
+                json_errors
+            };
+            diagnostics.extend(errors);
+            documents
+        }
     } else {
         yaml_documents(file, text, diagnostics)
     };
@@ -481,8 +497,15 @@ mod tests {
     }
 
     #[test]
+    fn flow_style_yaml_is_not_mistaken_for_json() {
+        let (objects, diagnostics) = load("{apiVersion: v1, kind: Node, metadata: {name: n}}\n");
+        assert!(diagnostics.is_empty(), "{diagnostics:?}");
+        assert_eq!(objects.nodes.len(), 1);
+    }
+
+    #[test]
     fn malformed_json_names_the_line() {
-        let (_, diagnostics) = load("{\"apiVersion\": \"v1\",\n \"kind\": }\n");
+        let (_, diagnostics) = load("{\"apiVersion\": \"v1\",\n \"kind\": \"Node\" \"metadata\"}\n");
         assert_eq!(diagnostics.len(), 1);
         assert!(
             diagnostics[0].message.contains("line 2"),

@@ -112,6 +112,7 @@ impl PolicyEngine {
 
         let mut linker = Linker::new(&engine);
         wasmtime_wasi::p2::add_to_linker_sync(&mut linker)?;
+        forbid_blocking(&mut linker)?;
         bindings::PolicyWorld::add_to_linker::<_, wasmtime::component::HasSelf<StoreState>>(
             &mut linker,
             |state| state,
@@ -247,6 +248,26 @@ impl PolicyEngine {
             super::KUBE_DEFAULT_WASM,
         )
     }
+}
+
+/// The WASI version wasmtime-wasi links; its blocking functions are replaced below.
+const WASI_IO_POLL: &str = "wasi:io/poll@0.2.12";
+
+/// Blocking waits (`pollable.block`, `poll`, hence `std::thread::sleep`) run in the host,
+/// where an epoch deadline cannot interrupt them: a policy could hold a worker forever.
+/// They trap instead. Nothing a policy needs can block: its only I/O is the log.
+fn forbid_blocking(linker: &mut Linker<StoreState>) -> anyhow::Result<()> {
+    linker.allow_shadowing(true);
+    let mut poll = linker.instance(WASI_IO_POLL)?;
+    for name in ["poll", "[method]pollable.block"] {
+        poll.func_new(name, move |_, _, _, _| {
+            Err(wasmtime::Error::msg(format!(
+                "policies may not block or sleep (called {WASI_IO_POLL}#{name})"
+            )))
+        })?;
+    }
+    linker.allow_shadowing(false);
+    Ok(())
 }
 
 fn check_encoding(source_name: &str, bytes: &[u8]) -> Result<(), LoadError> {

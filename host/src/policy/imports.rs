@@ -155,30 +155,38 @@ impl LogBuffer {
         self.inner.dropped.swap(0, Ordering::Relaxed)
     }
 
-    /// Takes up to `wanted` bytes of the budget; the rest is counted as dropped.
-    fn take(&self, wanted: usize) -> usize {
+    /// Takes `wanted` bytes of the budget if it has them all; otherwise takes nothing and
+    /// counts them as dropped.
+    fn take_all(&self, wanted: usize) -> bool {
         let budget = self.inner.budget.load(Ordering::Relaxed);
-        let granted = wanted.min(budget);
-        self.inner.budget.store(budget - granted, Ordering::Relaxed);
+        if wanted <= budget {
+            self.inner.budget.store(budget - wanted, Ordering::Relaxed);
+            true
+        } else {
+            self.drop_bytes(wanted);
+            false
+        }
+    }
+
+    fn drop_bytes(&self, bytes: usize) {
         self.inner
             .dropped
-            .fetch_add((wanted - granted) as u64, Ordering::Relaxed);
-        granted
+            .fetch_add(bytes as u64, Ordering::Relaxed);
     }
 
     fn message(&self, level: types::LogLevel, message: &str) {
         let cut = floor_char_boundary(message, self.inner.message_cap);
-        self.inner
-            .dropped
-            .fetch_add((message.len() - cut) as u64, Ordering::Relaxed);
-        if self.take(cut) < cut {
-            return;
+        self.drop_bytes(message.len() - cut);
+        if self.take_all(cut) {
+            emit(&self.inner.policy, level, &message[..cut]);
         }
-        emit(&self.inner.policy, level, &message[..cut]);
     }
 
     fn bytes(&self, bytes: &[u8]) {
-        let taken = self.take(bytes.len());
+        let budget = self.inner.budget.load(Ordering::Relaxed);
+        let taken = bytes.len().min(budget);
+        self.inner.budget.store(budget - taken, Ordering::Relaxed);
+        self.drop_bytes(bytes.len() - taken);
         let cap = self.inner.message_cap;
         let mut partial = self
             .inner
@@ -190,10 +198,13 @@ impl LogBuffer {
             let line: Vec<u8> = partial.drain(..=end).collect();
             let text = String::from_utf8_lossy(&line[..end]);
             let cut = floor_char_boundary(&text, cap);
+            self.drop_bytes(text.len() - cut);
             emit(&self.inner.policy, types::LogLevel::Info, &text[..cut]);
         }
         if partial.len() > cap {
+            // A line longer than the cap: its head is written, the rest dropped.
             let line = std::mem::take(&mut *partial);
+            self.drop_bytes(line.len() - cap);
             emit(
                 &self.inner.policy,
                 types::LogLevel::Info,

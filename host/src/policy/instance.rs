@@ -187,6 +187,7 @@ impl PolicyInstance {
             _ => self.update_ticks,
         };
         self.store.set_epoch_deadline(ticks);
+        self.store.data_mut().memory_denied = false;
         let result = f(&self.bindings, &mut self.store).map_err(|e| classify(&self.store, e, kind));
         // Resets the log budget for the next call, and reports what this one dropped.
         let dropped = self.store.data().log.start_call();
@@ -214,10 +215,6 @@ fn classify(store: &Store<StoreState>, error: wasmtime::Error, kind: CallKind) -
     }
     CallError {
         kind: FailureKind::Trap,
-        message: format!("{call} trapped: {}", first_line(&format!("{error:#}"))),
+        message: format!("{call} trapped: {}", error.root_cause()),
     }
-}
-
-fn first_line(text: &str) -> &str {
-    text.lines().next().unwrap_or(text)
 }

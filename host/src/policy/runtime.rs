@@ -1,9 +1,15 @@
 //! One policy in service: an instance per data-plane worker, every `update` pushed to
 //! each of them, and every failure contained by the service's failure mode.
 //!
-//! Locks: the service table (`services`) is always taken before a worker's mutex. The data
-//! plane takes only its own worker's mutex, which the control plane holds just long enough
-//! to push an update, so workers never contend with each other.
+//! Locks, always in this order: the service table (`services`), a worker's mutex, the
+//! native fallback's mutex. On the normal path the data plane takes only its own worker's
+//! mutex, which the control plane holds just long enough to push an update, so workers
+//! never contend with each other; a failure also takes the service table (to replay it
+//! into a fresh instance) and the fallback (to answer with the failure mode).
+//!
+//! A service whose call fails is quarantined on that worker: its traffic follows its
+//! failure mode until its next update gives the policy another chance, so a policy that
+//! always fails costs one rebuild, not one per connection.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -203,12 +209,15 @@ impl PolicyRuntime {
 
     /// Pushes a service port's current state to every instance. Returns the first
     /// worker's answer (all instances of a policy are expected to agree).
-    pub fn update(&self, handle: u32, input: ServiceInput) -> UpdateAnswer {
+    pub fn update(&self, handle: u32, mut input: ServiceInput) -> UpdateAnswer {
+        // Lookups by id binary-search this list; ids are the host's and unique.
+        input.endpoints.sort_by_key(|e| e.id);
+        input.endpoints.dedup_by_key(|e| e.id);
         let input = Arc::new(input);
+        let mut services = write(&self.services);
         let fallback =
             self.fallback()
                 .update(handle, input.service.clone(), &input.node, &input.endpoints);
-        let mut services = write(&self.services);
         services.insert(handle, input.clone());
         let mut first = None;
         for worker in &self.workers {
@@ -221,8 +230,8 @@ impl PolicyRuntime {
 
     /// Forgets a service port on every instance.
     pub fn remove(&self, handle: u32) {
-        self.fallback().remove(handle);
         let mut services = write(&self.services);
+        self.fallback().remove(handle);
         services.remove(&handle);
         for worker in &self.workers {
             let mut worker = lock(worker);
@@ -265,7 +274,7 @@ impl PolicyRuntime {
                 return self.failure_mode(handle, &service.input, connection);
             };
             let answer = instance.select(handle, convert::connection(connection));
-            match answer {
+            let error = match answer {
                 Ok(wit::Decision::Forward(id)) => match service.targets.get(&id) {
                     Some(target) if target.allows(connection.scope) => {
                         return HostDecision::Forward {
@@ -286,27 +295,23 @@ impl PolicyRuntime {
                 Ok(wit::Decision::Reject) => return HostDecision::Reject,
                 Ok(wit::Decision::Drop) => return HostDecision::Drop,
                 Err(error) => error,
-            }
+            };
+            self.quarantine(w, handle, CallKind::Select, &error);
+            let input = w.services[&handle].input.clone();
+            (input, error)
         };
-        // The instance is poisoned: replace it (service table first, then the worker, as
-        // everywhere), and answer this connection with the failure mode.
-        self.failed(CallKind::Select, &failed);
-        let services = read(&self.services);
-        let mut guard = lock(slot);
-        self.rebuild(&mut guard, &services);
-        match guard.services.get(&handle) {
-            Some(service) => self.failure_mode(handle, &service.input, connection),
-            None => HostDecision::Reject,
-        }
+        self.replace_poisoned(slot);
+        self.failure_mode(handle, &failed.0, connection)
     }
 
     /// Tells the instance of `worker` what happened to a connection it forwarded, if the
     /// policy asked for outcomes.
     pub fn observe(&self, worker: usize, handle: u32, outcome: &weir_sdk::Outcome) {
         let slot = &self.workers[worker % self.workers.len()];
-        let failed = {
+        {
             let mut guard = lock(slot);
-            let Some(instance) = guard.instance.as_mut() else {
+            let w = &mut *guard;
+            let Some(instance) = w.instance.as_mut() else {
                 return;
             };
             if !instance.capabilities.observe_outcomes {
@@ -314,13 +319,31 @@ impl PolicyRuntime {
             }
             match instance.observe(handle, convert::outcome(outcome)) {
                 Ok(()) => return,
-                Err(error) => error,
+                Err(error) => self.quarantine(w, handle, CallKind::Observe, &error),
             }
-        };
-        self.failed(CallKind::Observe, &failed);
+        }
+        self.replace_poisoned(slot);
+    }
+
+    /// After a data-plane call failed: counts it, drops the poisoned instance at once (so
+    /// nothing else calls into it) and puts the service on its failure mode on this worker.
+    fn quarantine(&self, worker: &mut Worker, handle: u32, call: CallKind, error: &CallError) {
+        self.failed(call, error);
+        worker.instance = None;
+        if let Some(input) = worker.services.get(&handle).map(|s| s.input.clone()) {
+            let fallback = self.fallback_eligibility(handle);
+            self.degrade(worker, handle, &input, &fallback, error);
+        }
+    }
+
+    /// Builds a fresh instance for a worker whose instance was dropped, unless another
+    /// thread already did (service table first, then the worker, as everywhere).
+    fn replace_poisoned(&self, slot: &Mutex<Worker>) {
         let services = read(&self.services);
         let mut guard = lock(slot);
-        self.rebuild(&mut guard, &services);
+        if guard.instance.is_none() {
+            self.rebuild(&mut guard, &services);
+        }
     }
 
     fn update_worker(
@@ -334,7 +357,14 @@ impl PolicyRuntime {
         // A new input gives a service that failed before another chance.
         worker.services.remove(&handle);
         if worker.instance.is_none() {
+            // The rebuild replays `services`, which already holds this input.
             self.rebuild(worker, services);
+            if let Some(service) = worker.services.get(&handle) {
+                return UpdateAnswer {
+                    eligibility: service.eligibility.clone(),
+                    failure: service.failure.clone(),
+                };
+            }
         }
         let result = match worker.instance.as_mut() {
             Some(instance) => call_update(instance, handle, input),

@@ -7,9 +7,15 @@ use std::net::IpAddr;
 
 use crate::types::EndpointId;
 
-/// Entries beyond this are not recorded until expired ones are reaped; it bounds the
-/// guest's memory whatever the number of clients.
-pub const DEFAULT_MAX_CLIENTS: usize = 65_536;
+/// Clients remembered per service port; beyond this, new clients are not recorded until
+/// expired ones are reaped. It bounds the guest's memory (about 80 bytes a client, so
+/// ~330 KiB per full table against the instance's 16 MiB) whatever the number of clients.
+/// kube-proxy's iptables `recent` lists hold 200 entries each by default.
+pub const DEFAULT_MAX_CLIENTS: usize = 4_096;
+
+/// How long a full table waits before scanning for expired clients again, so a table full
+/// of live clients does not cost a scan per new connection.
+const REAP_INTERVAL_NANOS: u64 = 1_000_000_000;
 
 #[derive(Clone, Copy, Debug)]
 struct Sticky {
@@ -22,6 +28,7 @@ struct Sticky {
 pub struct ClientIpAffinity {
     clients: HashMap<IpAddr, Sticky>,
     max_clients: usize,
+    next_reap_nanos: u64,
 }
 
 impl Default for ClientIpAffinity {
@@ -35,6 +42,7 @@ impl ClientIpAffinity {
         ClientIpAffinity {
             clients: HashMap::new(),
             max_clients,
+            next_reap_nanos: 0,
         }
     }
 
@@ -59,9 +67,13 @@ impl ClientIpAffinity {
             return sticky.endpoint;
         }
         let endpoint = pick();
-        if self.clients.len() >= self.max_clients && !self.clients.contains_key(&client) {
+        if self.clients.len() >= self.max_clients
+            && !self.clients.contains_key(&client)
+            && now_nanos >= self.next_reap_nanos
+        {
             self.clients
                 .retain(|_, s| now_nanos.saturating_sub(s.last_seen_nanos) < timeout_nanos);
+            self.next_reap_nanos = now_nanos.saturating_add(REAP_INTERVAL_NANOS);
         }
         if self.clients.len() < self.max_clients || self.clients.contains_key(&client) {
             self.clients.insert(
@@ -79,6 +91,11 @@ impl ClientIpAffinity {
     pub fn retain_endpoints(&mut self, known: &[EndpointId]) {
         self.clients
             .retain(|_, s| known.binary_search(&s.endpoint).is_ok());
+    }
+
+    /// Whether `client` has an entry (live or not yet reaped).
+    pub fn contains(&self, client: IpAddr) -> bool {
+        self.clients.contains_key(&client)
     }
 
     pub fn len(&self) -> usize {
@@ -159,5 +176,18 @@ mod tests {
             1,
             "expired clients were reaped for the new one"
         );
+    }
+
+    #[test]
+    fn a_full_table_of_live_clients_is_not_rescanned_for_every_new_client() {
+        let mut affinity = ClientIpAffinity::with_capacity(1);
+        affinity.select(client(1), 10, &[1], 0, || 1);
+        // Full: scans at 9.5 s, client 1 is still live, client 2 is not recorded.
+        affinity.select(client(2), 10, &[1], 9 * SECOND + SECOND / 2, || 1);
+        // Client 1 expired at 10 s, but the next scan is due at 10.5 s.
+        affinity.select(client(3), 10, &[1], 10 * SECOND + SECOND / 5, || 1);
+        assert!(affinity.contains(client(1)) && !affinity.contains(client(3)));
+        affinity.select(client(4), 10, &[1], 11 * SECOND, || 1);
+        assert!(!affinity.contains(client(1)) && affinity.contains(client(4)));
     }
 }

@@ -1,7 +1,10 @@
 //! A policy that misbehaves on request, to test that weir contains it.
 //!
 //! Each Service chooses its misbehaviour with its config (`weir.dev/policy-config`); any
-//! other config behaves: kube-proxy's eligibility and round-robin selection. The policy's
+//! other config behaves: kube-proxy's eligibility and round-robin selection. A few arms
+//! behave within bounds (`spin-5ms-select`, `allocate-8mib-update`) so tests can show a
+//! limit is the configured one, and `client-echo` forwards to the endpoint whose id is the
+//! last byte of the client's address, to check addresses cross the boundary intact. The policy's
 //! own configuration can make `configure` refuse (`refuse`) or panic (`panic`).
 
 use std::cell::RefCell;
@@ -15,6 +18,8 @@ pub struct Hostile;
 #[derive(Default)]
 pub struct State {
     next: usize,
+    /// For `ineligible-select`: an endpoint `update` left out on purpose.
+    excluded: Option<EndpointId>,
 }
 
 thread_local! {
@@ -38,6 +43,14 @@ fn allocate_forever() -> ! {
 }
 
 /// 4 MiB through the log import and 4 MiB through stdout.
+/// Busy for `millis` of the host's clock, then done.
+fn spin_for(millis: u64) {
+    let start = weir_sdk::now_nanos();
+    while weir_sdk::now_nanos() - start < millis * 1_000_000 {
+        std::hint::black_box(());
+    }
+}
+
 fn flood_logs() {
     let line = "x".repeat(4096);
     for _ in 0..1024 {
@@ -59,12 +72,27 @@ impl Policy for Hostile {
 
     fn update(
         &self,
-        _: &mut State,
+        state: &mut State,
         service: &Service,
         node: &Node,
         endpoints: &[Endpoint],
     ) -> Eligibility {
         match service.config.as_deref() {
+            Some("sleep-update") => {
+                std::thread::sleep(std::time::Duration::from_secs(3600));
+                unreachable!("slept an hour")
+            }
+            Some("allocate-8mib-update") => {
+                let block = vec![1u8; 8 << 20];
+                std::hint::black_box(&block);
+                weir_sdk::kube::kube_proxy_eligibility(service, node, endpoints)
+            }
+            Some("ineligible-select") => {
+                let mut eligibility =
+                    weir_sdk::kube::kube_proxy_eligibility(service, node, endpoints);
+                state.excluded = eligibility.internal.endpoints.pop();
+                eligibility
+            }
             Some("loop-update") => spin_forever(),
             Some("memory-update") => allocate_forever(),
             Some("panic-update") => panic!("update panics on purpose"),
@@ -87,9 +115,28 @@ impl Policy for Hostile {
         state: &mut State,
         service: &Service,
         eligible: &[EndpointId],
-        _: &Connection,
+        connection: &Connection,
     ) -> Decision {
         match service.config.as_deref() {
+            Some("sleep-select") => {
+                std::thread::sleep(std::time::Duration::from_secs(3600));
+                unreachable!("slept an hour")
+            }
+            Some("spin-5ms-select") => {
+                spin_for(5);
+                Decision::Forward(eligible[0])
+            }
+            Some("ineligible-select") => Decision::Forward(state.excluded.expect("update ran")),
+            Some("client-echo") => {
+                // The last byte of the client's address names the endpoint, so a host that
+                // mangled either half of an IPv6 address would be caught.
+                let id = match connection.client.ip() {
+                    std::net::IpAddr::V4(v4) if v4.octets()[0] == 198 => v4.octets()[3],
+                    std::net::IpAddr::V6(v6) if v6.octets()[0] == 0xfd => v6.octets()[15],
+                    _ => return Decision::Reject,
+                };
+                Decision::Forward(u32::from(id))
+            }
             Some("loop-select") => spin_forever(),
             Some("memory-select") => allocate_forever(),
             Some("panic-select") => panic!("select panics on purpose"),
