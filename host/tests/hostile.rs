@@ -272,7 +272,7 @@ fn forwarding_to_a_known_but_ineligible_endpoint_is_invalid() {
         matches!(
             decision,
             HostDecision::Forward {
-                endpoint: 1 | 2 | 3,
+                endpoint: 1..=3,
                 ..
             }
         ),

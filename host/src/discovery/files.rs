@@ -505,7 +505,8 @@ mod tests {
 
     #[test]
     fn malformed_json_names_the_line() {
-        let (_, diagnostics) = load("{\"apiVersion\": \"v1\",\n \"kind\": \"Node\" \"metadata\"}\n");
+        let (_, diagnostics) =
+            load("{\"apiVersion\": \"v1\",\n \"kind\": \"Node\" \"metadata\"}\n");
         assert_eq!(diagnostics.len(), 1);
         assert!(
             diagnostics[0].message.contains("line 2"),
