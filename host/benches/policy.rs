@@ -12,7 +12,7 @@ use criterion::{BenchmarkId, Criterion};
 use kube_default::KubeDefault;
 use round_robin::RoundRobin;
 use weir::policy::{FailureMode, PolicyRuntime};
-use weir::test_helpers::{connection, engine, guest_bytes, input, service};
+use weir::test_helpers::{connection, engine_with, guest_bytes, input, service};
 use weir_sdk::{Driver, Endpoint, Policy};
 
 const SIZES: [u32; 3] = [4, 64, 1024];
@@ -38,7 +38,8 @@ fn native<P: Policy>(c: &mut Criterion, group: &str, n: u32) {
 }
 
 fn wasm(c: &mut Criterion, group: &str, module: &str, n: u32) {
-    let (engine, _) = engine();
+    // The production limits: the deadline machinery is part of what is measured.
+    let (engine, _) = engine_with(weir::policy::Limits::default());
     let compiled = engine
         .load(module, module, &guest_bytes(module))
         .expect("load");

@@ -20,9 +20,20 @@ pub fn guest_bytes(name: &str) -> Vec<u8> {
     std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }
 
-/// A policy engine with default limits, no disk cache, and its metrics.
+/// A policy engine with [`test_limits`], no disk cache, and its metrics.
 pub fn engine() -> (Arc<PolicyEngine>, Arc<PolicyMetrics>) {
-    engine_with(Limits::default())
+    engine_with(test_limits())
+}
+
+/// Deadlines are wall-clock time: on a loaded 2-core machine running tests in parallel, a
+/// healthy 10 µs call can be descheduled past the 1 ms default and be "late". Tests that
+/// are not about deadlines use these, so a failure they count is the policy's doing.
+pub fn test_limits() -> Limits {
+    Limits {
+        select_deadline: std::time::Duration::from_millis(50),
+        update_deadline: std::time::Duration::from_millis(500),
+        ..Limits::default()
+    }
 }
 
 pub fn engine_with(limits: Limits) -> (Arc<PolicyEngine>, Arc<PolicyMetrics>) {

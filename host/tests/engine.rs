@@ -6,7 +6,9 @@ use std::time::Duration;
 
 use weir::metrics::{Call, PolicyMetrics, Reason};
 use weir::policy::{FailureMode, HostDecision, Limits, PolicyEngine, PolicyRuntime};
-use weir::test_helpers::{connection, endpoints, engine, engine_with, guest_bytes, input, service};
+use weir::test_helpers::{
+    connection, endpoints, engine, engine_with, guest_bytes, input, service, test_limits,
+};
 
 #[test]
 fn compiled_components_are_cached_by_sha256() {
@@ -14,7 +16,7 @@ fn compiled_components_are_cached_by_sha256() {
     let bytes = guest_bytes("round-robin");
     let metrics = Arc::new(PolicyMetrics::default());
 
-    let engine = PolicyEngine::new(Limits::default(), Some(cache.path()), metrics.clone()).unwrap();
+    let engine = PolicyEngine::new(test_limits(), Some(cache.path()), metrics.clone()).unwrap();
     let first = engine.load("round-robin", "rr.wasm", &bytes).unwrap();
     assert!(!first.from_cache);
     let files: Vec<_> = std::fs::read_dir(cache.path())
@@ -29,7 +31,7 @@ fn compiled_components_are_cached_by_sha256() {
     drop(engine);
 
     // A new engine (a restart) loads the artifact instead of compiling, and it works.
-    let engine = PolicyEngine::new(Limits::default(), Some(cache.path()), metrics).unwrap();
+    let engine = PolicyEngine::new(test_limits(), Some(cache.path()), metrics).unwrap();
     let second = engine.load("round-robin", "rr.wasm", &bytes).unwrap();
     assert!(second.from_cache);
     assert_eq!(second.sha256, first.sha256);
@@ -149,8 +151,10 @@ fn hostile(
 
 #[test]
 fn select_deadline_is_the_configured_one() {
-    // A select that works for 5 ms: too long for the default 1 ms, fine within 20 ms.
-    let (runtime, metrics, _) = hostile(Limits::default(), "spin-5ms-select");
+    // A select that works for 100 ms: far too long for the default 1 ms, fine within 1 s.
+    // (Wide margins: deadlines are wall-clock ticks, and a loaded machine delays both the
+    // ticker and the policy.)
+    let (runtime, metrics, _) = hostile(Limits::default(), "spin-select:100");
     assert_eq!(runtime.select(0, 1, &connection(1)), HostDecision::Reject);
     assert_eq!(
         metrics.failures_of("hostile", Call::select, Reason::timeout),
@@ -158,10 +162,10 @@ fn select_deadline_is_the_configured_one() {
     );
 
     let limits = Limits {
-        select_deadline: Duration::from_millis(20),
+        select_deadline: Duration::from_secs(1),
         ..Limits::default()
     };
-    let (runtime, metrics, _) = hostile(limits, "spin-5ms-select");
+    let (runtime, metrics, _) = hostile(limits, "spin-select:100");
     assert!(matches!(
         runtime.select(0, 1, &connection(1)),
         HostDecision::Forward { .. }
@@ -172,13 +176,13 @@ fn select_deadline_is_the_configured_one() {
 #[test]
 fn memory_cap_is_the_configured_one() {
     // An update that needs 8 MiB: fine under the default 16 MiB, refused under 4 MiB.
-    let (_, metrics, failure) = hostile(Limits::default(), "allocate-8mib-update");
+    let (_, metrics, failure) = hostile(weir::test_helpers::test_limits(), "allocate-8mib-update");
     assert!(failure.is_none(), "{failure:?}");
     assert_eq!(metrics.failures_total("hostile"), 0);
 
     let limits = Limits {
         memory_bytes: 4 << 20,
-        ..Limits::default()
+        ..weir::test_helpers::test_limits()
     };
     let (_, metrics, failure) = hostile(limits, "allocate-8mib-update");
     assert_eq!(

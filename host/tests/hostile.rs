@@ -418,3 +418,69 @@ fn failures_racing_with_updates_never_blame_a_healthy_update() {
     assert!(f.failures(Call::select, Reason::trap) >= 1);
     f.healthy_service_unaffected();
 }
+
+#[test]
+fn a_service_failing_during_a_replay_goes_onto_its_failure_mode_and_the_replay_restarts() {
+    let (engine, metrics) = engine();
+    let compiled = engine
+        .load("hostile", "hostile.wasm", &guest_bytes("hostile"))
+        .unwrap();
+    let runtime = PolicyRuntime::new(engine, compiled, "", 1).unwrap();
+    const FRAGILE: u32 = 0; // replayed first
+    const TRIGGER: u32 = 5;
+    runtime.update(
+        HEALTHY,
+        input(service("healthy", None), endpoints(1, 3), FailureMode::Open),
+    );
+    let answer = runtime.update(
+        FRAGILE,
+        input(
+            service("fragile", Some("panic-if-first-update")),
+            endpoints(3, 3),
+            FailureMode::Closed,
+        ),
+    );
+    assert!(
+        answer.failure.is_none(),
+        "fine while not first: {:?}",
+        answer.failure
+    );
+    runtime.update(
+        TRIGGER,
+        input(
+            service("trigger", Some("panic-select")),
+            endpoints(2, 3),
+            FailureMode::Open,
+        ),
+    );
+
+    // The trigger's select traps; the rebuild replays FRAGILE first, which traps too.
+    runtime.select(0, TRIGGER, &connection(1));
+    assert_eq!(
+        metrics.failures_of("hostile", Call::select, Reason::trap),
+        1
+    );
+    assert_eq!(
+        metrics.failures_of("hostile", Call::update, Reason::trap),
+        1
+    );
+    let (eligibility, failure) = runtime.eligibility(FRAGILE).expect("known");
+    assert!(failure.is_some(), "fragile is on its failure mode");
+    assert!(
+        eligibility.internal.endpoints.is_empty(),
+        "closed: nothing eligible"
+    );
+    assert_eq!(
+        runtime.select(0, FRAGILE, &connection(1)),
+        HostDecision::Reject
+    );
+    // The replay started over without it, so the healthy service is served by the policy.
+    let (_, failure) = runtime.eligibility(HEALTHY).expect("known");
+    assert!(failure.is_none());
+    assert!(in_subnet(runtime.select(0, HEALTHY, &connection(1)), 1));
+    assert_eq!(
+        metrics.fallbacks_of("hostile", Mode::open),
+        1,
+        "only the trigger's own connection"
+    );
+}

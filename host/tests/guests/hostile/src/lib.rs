@@ -2,7 +2,7 @@
 //!
 //! Each Service chooses its misbehaviour with its config (`weir.dev/policy-config`); any
 //! other config behaves: kube-proxy's eligibility and round-robin selection. A few arms
-//! behave within bounds (`spin-5ms-select`, `allocate-8mib-update`) so tests can show a
+//! behave within bounds (`spin-select:<ms>`, `allocate-8mib-update`) so tests can show a
 //! limit is the configured one, and `client-echo` forwards to the endpoint whose id is the
 //! last byte of the client's address, to check addresses cross the boundary intact. The policy's
 //! own configuration can make `configure` refuse (`refuse`) or panic (`panic`).
@@ -25,6 +25,8 @@ pub struct State {
 thread_local! {
     /// Where the memory bombs keep what they allocate, so nothing is freed.
     static HOARD: RefCell<Vec<Vec<u8>>> = const { RefCell::new(Vec::new()) };
+    /// `update` calls this instance has had, for `panic-if-first-update`.
+    static UPDATES_SEEN: std::cell::Cell<u32> = const { std::cell::Cell::new(0) };
 }
 
 fn spin_forever() -> ! {
@@ -77,7 +79,11 @@ impl Policy for Hostile {
         node: &Node,
         endpoints: &[Endpoint],
     ) -> Eligibility {
+        let seen = UPDATES_SEEN.with(|n| n.replace(n.get() + 1));
         match service.config.as_deref() {
+            // Fine when other services came first; fails when replayed first into a fresh
+            // instance (replays go in handle order).
+            Some("panic-if-first-update") if seen == 0 => panic!("first update of an instance"),
             Some("sleep-update") => {
                 std::thread::sleep(std::time::Duration::from_secs(3600));
                 unreachable!("slept an hour")
@@ -122,8 +128,8 @@ impl Policy for Hostile {
                 std::thread::sleep(std::time::Duration::from_secs(3600));
                 unreachable!("slept an hour")
             }
-            Some("spin-5ms-select") => {
-                spin_for(5);
+            Some(spin) if spin.starts_with("spin-select:") => {
+                spin_for(spin["spin-select:".len()..].parse().expect("milliseconds"));
                 Decision::Forward(eligible[0])
             }
             Some("ineligible-select") => Decision::Forward(state.excluded.expect("update ran")),
