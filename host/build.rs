@@ -31,8 +31,12 @@ fn main() {
         );
     }
 
-    let mut packages = vec!["kube-default".to_string(), "round-robin".to_string()];
-    packages.extend(test_guests(&root.join("host/tests/guests")));
+    // Every policy of the library (policies/*, but the SDK) and every test guest.
+    let mut packages: Vec<String> = crates_in(&root.join("policies"))
+        .into_iter()
+        .filter(|name| name != "sdk")
+        .collect();
+    packages.extend(crates_in(&root.join("host/tests/guests")));
 
     let target_dir = std::env::var_os("WEIR_GUEST_TARGET_DIR")
         .map(PathBuf::from)
@@ -100,8 +104,8 @@ fn target_installed(rustc: &str) -> bool {
         .is_dir()
 }
 
-/// Every crate under host/tests/guests, by its directory name (which is its package name).
-fn test_guests(dir: &Path) -> Vec<String> {
+/// Every crate directly under `dir`, by its directory name (which is its package name).
+fn crates_in(dir: &Path) -> Vec<String> {
     let Ok(entries) = std::fs::read_dir(dir) else {
         return Vec::new();
     };

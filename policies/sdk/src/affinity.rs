@@ -93,6 +93,11 @@ impl ClientIpAffinity {
             .retain(|_, s| known.binary_search(&s.endpoint).is_ok());
     }
 
+    /// Drops `client`'s entry.
+    pub fn forget(&mut self, client: IpAddr) {
+        self.clients.remove(&client);
+    }
+
     /// Whether `client` has an entry (live or not yet reaped).
     pub fn contains(&self, client: IpAddr) -> bool {
         self.clients.contains_key(&client)

@@ -34,6 +34,11 @@ fn mix(mut z: u64) -> u64 {
     z ^ (z >> 31)
 }
 
+#[cfg(test)]
+pub(crate) fn mix_for_tests(state: u64) -> u64 {
+    mix(state.wrapping_add(0x9e37_79b9_7f4a_7c15))
+}
+
 #[cfg(target_arch = "wasm32")]
 mod imp {
     use crate::bindings::weir::policy::{clock, log as wit_log, random, types};

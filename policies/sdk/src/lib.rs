@@ -27,11 +27,17 @@
 //! ```
 
 pub mod affinity;
+pub mod config;
+pub mod connections;
 mod driver;
+pub mod hash;
 pub mod host;
 pub mod ids;
 pub mod kube;
+pub mod scoped;
+pub mod sticky;
 mod types;
+pub mod weighted;
 
 #[doc(hidden)]
 pub mod export;

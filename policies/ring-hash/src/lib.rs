@@ -1,0 +1,196 @@
+//! `ring-hash`: kube-proxy's eligibility, then ketama-style consistent hashing of the client
+//! IP (or IP and port) onto a ring of virtual nodes, as Envoy's ring hash does. Every node
+//! builds the same ring from the same endpoints (their `ip:port`, never weir's ids); when
+//! one of N endpoints goes away, only the clients on its arcs move.
+//!
+//! Configuration (`weir.dev/policy-config`, JSON; every key optional):
+//! - `virtual_nodes`: points per endpoint (default 100), lowered so the ring holds at most
+//!   `max_ring_size` points (default 65536).
+//! - `hash`: `"ip"` (default) or `"ip-port"`.
+
+use serde::Deserialize;
+use weir_sdk::scoped::PerScope;
+use weir_sdk::{
+    Connection, Decision, Eligibility, Endpoint, EndpointId, LogLevel, Node, Policy, Service, hash,
+};
+
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum HashOn {
+    #[default]
+    Ip,
+    IpPort,
+}
+
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct Settings {
+    pub virtual_nodes: u32,
+    pub max_ring_size: u32,
+    pub hash: HashOn,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            virtual_nodes: 100,
+            max_ring_size: 65_536,
+            hash: HashOn::Ip,
+        }
+    }
+}
+
+pub struct RingHash {
+    defaults: weir_sdk::config::Object,
+}
+
+#[derive(Debug, Default)]
+pub struct State {
+    settings: Option<Settings>,
+    rings: PerScope<Vec<(u64, EndpointId)>>,
+}
+
+/// The ring for `ids`: `(point, id)` sorted by point.
+pub fn ring(
+    ids: &[EndpointId],
+    endpoints: &[Endpoint],
+    settings: &Settings,
+) -> Vec<(u64, EndpointId)> {
+    let members: Vec<&Endpoint> = ids
+        .iter()
+        .filter_map(|id| endpoints.iter().find(|e| e.id == *id))
+        .collect();
+    if members.is_empty() {
+        return Vec::new();
+    }
+    let per_endpoint = settings
+        .virtual_nodes
+        .min(settings.max_ring_size / members.len() as u32)
+        .max(1);
+    let mut points = Vec::with_capacity(members.len() * per_endpoint as usize);
+    for e in members {
+        for v in 0..per_endpoint {
+            points.push((hash::endpoint(e.address, u64::from(v)), e.id));
+        }
+    }
+    // Ties (vanishingly rare) broken by address order, the same on every node.
+    points.sort_unstable();
+    points
+}
+
+/// The first point at or after `key`, wrapping around.
+pub fn lookup(ring: &[(u64, EndpointId)], key: u64) -> Option<EndpointId> {
+    let i = ring.partition_point(|(point, _)| *point < key);
+    ring.get(i).or_else(|| ring.first()).map(|(_, id)| *id)
+}
+
+impl Policy for RingHash {
+    type State = State;
+
+    fn configure(config: &str) -> Result<Self, String> {
+        let defaults = weir_sdk::config::object(config)?;
+        weir_sdk::config::layered::<Settings>(&defaults, None)?;
+        Ok(RingHash { defaults })
+    }
+
+    fn update(
+        &self,
+        state: &mut State,
+        service: &Service,
+        node: &Node,
+        endpoints: &[Endpoint],
+    ) -> Eligibility {
+        let eligibility = weir_sdk::kube::kube_proxy_eligibility(service, node, endpoints);
+        let (settings, error) =
+            weir_sdk::config::for_service(&self.defaults, service, state.settings.as_ref());
+        if let Some(error) = error {
+            weir_sdk::log(LogLevel::Warn, &error);
+        }
+        state.rings = PerScope::build(&eligibility, |ids| ring(ids, endpoints, &settings));
+        state.settings = Some(settings);
+        eligibility
+    }
+
+    fn select(
+        &self,
+        state: &mut State,
+        _: &Service,
+        eligible: &[EndpointId],
+        connection: &Connection,
+    ) -> Decision {
+        let key = match state.settings.as_ref().map_or(HashOn::Ip, |s| s.hash) {
+            HashOn::Ip => hash::ip(connection.client.ip()),
+            HashOn::IpPort => hash::socket(connection.client),
+        };
+        Decision::Forward(lookup(state.rings.get(connection.scope), key).unwrap_or(eligible[0]))
+    }
+}
+
+weir_sdk::export_policy!(RingHash);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::IpAddr;
+
+    fn endpoints(n: u32) -> Vec<Endpoint> {
+        (1..=n)
+            .map(|id| {
+                Endpoint::ready(
+                    id,
+                    format!("198.18.{}.{}:8080", id / 200, id % 200)
+                        .parse()
+                        .unwrap(),
+                )
+            })
+            .collect()
+    }
+
+    fn ids(endpoints: &[Endpoint]) -> Vec<EndpointId> {
+        endpoints.iter().map(|e| e.id).collect()
+    }
+
+    fn clients() -> impl Iterator<Item = u64> {
+        (0..20_000u32).map(|i| hash::ip(IpAddr::from([198, 19, (i >> 8) as u8, i as u8])))
+    }
+
+    #[test]
+    fn load_is_spread_within_bounds() {
+        let eps = endpoints(10);
+        let r = ring(&ids(&eps), &eps, &Settings::default());
+        assert_eq!(r.len(), 1000);
+        let mut counts = [0u32; 11];
+        for key in clients() {
+            counts[lookup(&r, key).unwrap() as usize] += 1;
+        }
+        for &c in &counts[1..] {
+            assert!((1200..2900).contains(&c), "{counts:?}");
+        }
+    }
+
+    #[test]
+    fn removing_one_of_n_moves_only_its_clients() {
+        let n = 20;
+        let eps = endpoints(n);
+        let before = ring(&ids(&eps), &eps, &Settings::default());
+        let fewer: Vec<Endpoint> = eps.iter().filter(|e| e.id != 7).cloned().collect();
+        let after = ring(&ids(&fewer), &fewer, &Settings::default());
+        let mut moved = 0;
+        for key in clients() {
+            let (a, b) = (lookup(&before, key).unwrap(), lookup(&after, key).unwrap());
+            if a != b {
+                assert_eq!(a, 7, "only the removed endpoint's clients move");
+                moved += 1;
+            }
+        }
+        let share = f64::from(moved) / 20_000.0;
+        assert!(share < 1.0 / f64::from(n) + 0.03, "{share}");
+    }
+
+    #[test]
+    fn the_ring_is_capped() {
+        let eps = endpoints(1000);
+        let r = ring(&ids(&eps), &eps, &Settings::default());
+        assert_eq!(r.len(), 65_000, "65 points each");
+    }
+}

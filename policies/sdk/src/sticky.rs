@@ -1,0 +1,156 @@
+//! Client IP affinity on top of any policy: [`Sticky<P>`] answers a returning client with
+//! its previous endpoint (while eligible and within the timeout) and asks `P` otherwise.
+//!
+//! The timeout is the Service's own `sessionAffinity: ClientIP` timeout when it sets one,
+//! else `affinity_timeout_seconds` from the configuration (the Service's
+//! `weir.dev/policy-config` over the policy's), default 10800 as Kubernetes'. That key is
+//! taken out before `P` sees the configuration.
+
+use serde_json::{Map, Value};
+
+use crate::affinity::ClientIpAffinity;
+use crate::types::{
+    Capabilities, Connection, Decision, Eligibility, Endpoint, EndpointId, Node, Outcome, Service,
+};
+use crate::{Policy, config};
+
+/// The configuration key Sticky reads.
+pub const TIMEOUT_KEY: &str = "affinity_timeout_seconds";
+/// Kubernetes' default `sessionAffinityConfig.clientIP.timeoutSeconds`.
+pub const DEFAULT_TIMEOUT_SECONDS: u32 = 10_800;
+
+pub struct Sticky<P> {
+    inner: P,
+    default_timeout: u32,
+}
+
+pub struct StickyState<S> {
+    inner: S,
+    affinity: ClientIpAffinity,
+    timeout: u32,
+    /// The Service as `P` sees it: its config without Sticky's key.
+    service: Option<Service>,
+}
+
+impl<S: Default> Default for StickyState<S> {
+    fn default() -> Self {
+        StickyState {
+            inner: S::default(),
+            affinity: ClientIpAffinity::default(),
+            timeout: DEFAULT_TIMEOUT_SECONDS,
+            service: None,
+        }
+    }
+}
+
+/// Splits Sticky's timeout out of a configuration text; returns it and the rest.
+fn split(text: &str) -> Result<(Option<u32>, String), String> {
+    let mut object: Map<String, Value> = config::object(text)?;
+    let timeout = match object.remove(TIMEOUT_KEY) {
+        None => None,
+        Some(value) => match value.as_u64().and_then(|v| u32::try_from(v).ok()) {
+            Some(t) if (1..=86_400).contains(&t) => Some(t),
+            _ => {
+                return Err(format!(
+                    "`{TIMEOUT_KEY}` must be a number of seconds from 1 to 86400, got `{value}`"
+                ));
+            }
+        },
+    };
+    let rest = if object.is_empty() {
+        String::new()
+    } else {
+        Value::Object(object).to_string()
+    };
+    Ok((timeout, rest))
+}
+
+impl<P: Policy> Policy for Sticky<P> {
+    type State = StickyState<P::State>;
+
+    fn configure(config: &str) -> Result<Self, String> {
+        let (timeout, rest) = split(config)?;
+        Ok(Sticky {
+            inner: P::configure(&rest)?,
+            default_timeout: timeout.unwrap_or(DEFAULT_TIMEOUT_SECONDS),
+        })
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        self.inner.capabilities()
+    }
+
+    fn update(
+        &self,
+        state: &mut Self::State,
+        service: &Service,
+        node: &Node,
+        endpoints: &[Endpoint],
+    ) -> Eligibility {
+        let mut inner_service = service.clone();
+        let configured = match service.config.as_deref().map(split) {
+            None => None,
+            Some(Ok((timeout, rest))) => {
+                inner_service.config = (!rest.is_empty()).then_some(rest);
+                timeout
+            }
+            Some(Err(error)) => {
+                crate::log(
+                    crate::LogLevel::Warn,
+                    &format!(
+                        "weir.dev/policy-config of {}: {error}; keeping the previous timeout",
+                        service.display_name()
+                    ),
+                );
+                Some(state.timeout)
+            }
+        };
+        state.timeout = service
+            .session_affinity_timeout
+            .or(configured)
+            .unwrap_or(self.default_timeout);
+        let eligibility = self
+            .inner
+            .update(&mut state.inner, &inner_service, node, endpoints);
+        state.service = Some(inner_service);
+        eligibility
+    }
+
+    fn select(
+        &self,
+        state: &mut Self::State,
+        service: &Service,
+        eligible: &[EndpointId],
+        connection: &Connection,
+    ) -> Decision {
+        let inner_service = state.service.as_ref().unwrap_or(service);
+        let inner = &self.inner;
+        let inner_state = &mut state.inner;
+        let mut refused = None;
+        let endpoint = state.affinity.select(
+            connection.client.ip(),
+            state.timeout,
+            eligible,
+            crate::now_nanos(),
+            || match inner.select(inner_state, inner_service, eligible, connection) {
+                Decision::Forward(id) => id,
+                other => {
+                    refused = Some(other);
+                    eligible[0]
+                }
+            },
+        );
+        match refused {
+            Some(decision) => {
+                // `P` refused this client: remember nothing for it.
+                state.affinity.forget(connection.client.ip());
+                decision
+            }
+            None => Decision::Forward(endpoint),
+        }
+    }
+
+    fn observe(&self, state: &mut Self::State, outcome: &Outcome) {
+        self.inner.observe(&mut state.inner, outcome);
+    }
+}
