@@ -19,14 +19,8 @@ pub struct CheckReport {
 /// Checks one module file with `config` as its configuration.
 pub fn check(path: &Path, config: &str) -> Result<CheckReport, String> {
     let metrics = Arc::new(PolicyMetrics::default());
-    // Generous deadlines: check answers "does this module work", and a loaded machine
-    // must not turn a descheduled call into a false failure. Loops still fail, just later.
-    let limits = Limits {
-        select_deadline: std::time::Duration::from_millis(100),
-        update_deadline: std::time::Duration::from_secs(1),
-        ..Limits::default()
-    };
-    let engine = PolicyEngine::new(limits, None, metrics.clone()).map_err(|e| format!("{e:#}"))?;
+    let engine = PolicyEngine::new(Limits::relaxed(), None, metrics.clone())
+        .map_err(|e| format!("{e:#}"))?;
     let compiled = engine.load_file(path).map_err(|e| e.to_string())?;
     let mut text = String::new();
     let _ = writeln!(text, "policy:       {}", compiled.name);

@@ -8,6 +8,8 @@ pub mod explain;
 pub mod metrics;
 pub mod model;
 pub mod policy;
+pub mod policy_test;
+pub mod state;
 
 #[cfg(feature = "testing")]
 pub mod test_helpers;

@@ -3,7 +3,7 @@
 
 use std::path::Path;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
@@ -12,7 +12,7 @@ use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConf
 
 use super::bindings::PolicyWorldPre;
 use super::cache::ArtifactCache;
-use super::imports::StoreState;
+use super::imports::{PolicyClock, StoreState};
 use super::limits::Limits;
 use super::{EXPECTED_EXPORT, bindings};
 use crate::metrics::PolicyMetrics;
@@ -79,7 +79,10 @@ pub struct PolicyEngine {
     pub(crate) limits: Limits,
     cache: Option<ArtifactCache>,
     pub(crate) metrics: Arc<PolicyMetrics>,
-    pub(crate) clock_origin: Instant,
+    pub(crate) clock: Arc<PolicyClock>,
+    /// When set, every instance's randomness is derived from it, in creation order.
+    random_seed: Option<u64>,
+    instances_created: AtomicU64,
     ticker_stop: Arc<AtomicBool>,
 }
 
@@ -127,9 +130,38 @@ impl PolicyEngine {
             limits,
             cache,
             metrics,
-            clock_origin: Instant::now(),
+            clock: Arc::new(PolicyClock::default()),
+            random_seed: None,
+            instances_created: AtomicU64::new(0),
             ticker_stop,
         }))
+    }
+
+    /// An engine whose instances draw repeatable randomness from `seed`, for tools that
+    /// must give the same answer twice (`weir policy test`, replays).
+    pub fn new_seeded(
+        limits: Limits,
+        cache_dir: Option<&Path>,
+        metrics: Arc<PolicyMetrics>,
+        seed: u64,
+    ) -> anyhow::Result<Arc<Self>> {
+        let mut engine = Self::new(limits, cache_dir, metrics)?;
+        Arc::get_mut(&mut engine)
+            .expect("just built, not shared")
+            .random_seed = Some(seed);
+        Ok(engine)
+    }
+
+    /// Moves the policies' clock forward (session affinity expiry, EWMA decay...).
+    pub fn advance_clock(&self, by: Duration) {
+        self.clock.advance(by);
+    }
+
+    /// The randomness seed for the next instance.
+    pub(crate) fn instance_seed(&self) -> Option<u64> {
+        let n = self.instances_created.fetch_add(1, Ordering::Relaxed);
+        self.random_seed
+            .map(|seed| (seed ^ n.wrapping_mul(0x9e37_79b9_7f4a_7c15)) | 1)
     }
 
     pub fn limits(&self) -> &Limits {

@@ -24,11 +24,40 @@ pub struct StoreState {
     memory_bytes: usize,
     pub(crate) log: LogBuffer,
     rng: u64,
-    clock_origin: Instant,
+    clock: Arc<PolicyClock>,
+}
+
+/// The clock policies read: monotonic, shared by every instance of an engine, and movable
+/// forward by tools that replay time (`weir policy test` scripts).
+#[derive(Debug)]
+pub struct PolicyClock {
+    origin: Instant,
+    offset_nanos: AtomicU64,
+}
+
+impl Default for PolicyClock {
+    fn default() -> Self {
+        PolicyClock {
+            origin: Instant::now(),
+            offset_nanos: AtomicU64::new(0),
+        }
+    }
+}
+
+impl PolicyClock {
+    pub fn now_nanos(&self) -> u64 {
+        self.origin.elapsed().as_nanos() as u64 + self.offset_nanos.load(Ordering::Relaxed)
+    }
+
+    pub fn advance(&self, by: std::time::Duration) {
+        self.offset_nanos
+            .fetch_add(by.as_nanos() as u64, Ordering::Relaxed);
+    }
 }
 
 impl StoreState {
-    pub fn new(policy: &str, limits: &Limits, clock_origin: Instant) -> Self {
+    /// `seed` makes the instance's randomness repeatable (`None`: from the time).
+    pub fn new(policy: &str, limits: &Limits, clock: Arc<PolicyClock>, seed: Option<u64>) -> Self {
         let log = LogBuffer::new(policy, limits);
         let mut wasi = WasiCtx::builder();
         wasi.stdout(log.clone())
@@ -42,13 +71,13 @@ impl StoreState {
             memory_denied: false,
             memory_bytes: limits.memory_bytes,
             log,
-            rng: seed(),
-            clock_origin,
+            rng: seed.unwrap_or_else(time_seed),
+            clock,
         }
     }
 }
 
-fn seed() -> u64 {
+fn time_seed() -> u64 {
     let nanos = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_nanos() as u64)
@@ -100,7 +129,7 @@ impl log::Host for StoreState {
 
 impl clock::Host for StoreState {
     fn now(&mut self) -> u64 {
-        self.clock_origin.elapsed().as_nanos() as u64
+        self.clock.now_nanos()
     }
 }
 

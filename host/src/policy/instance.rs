@@ -100,7 +100,12 @@ impl PolicyInstance {
         let limits = &engine.limits;
         let mut store = Store::new(
             &engine.engine,
-            StoreState::new(&policy.name, limits, engine.clock_origin),
+            StoreState::new(
+                &policy.name,
+                limits,
+                engine.clock.clone(),
+                engine.instance_seed(),
+            ),
         );
         store.limiter(|state| state);
         let update_ticks = limits.ticks(limits.update_deadline);

@@ -37,6 +37,17 @@ impl Default for Limits {
 }
 
 impl Limits {
+    /// Deadlines for tools that ask "does this module work" (`weir policy check` and
+    /// `test`): deadlines are wall-clock time, and a busy machine must not turn a
+    /// descheduled call into a false failure. Loops still fail, later.
+    pub fn relaxed() -> Self {
+        Limits {
+            select_deadline: Duration::from_millis(100),
+            update_deadline: Duration::from_secs(1),
+            ..Limits::default()
+        }
+    }
+
     /// Epoch ticks for a deadline: one more than the deadline covers, since the first tick
     /// may come at any moment after the call starts.
     pub(crate) fn ticks(&self, deadline: Duration) -> u64 {

@@ -26,10 +26,11 @@ struct Order {
 }
 
 impl Order {
-    fn new(ids: &[EndpointId], active: &ActiveConnections) -> Self {
+    /// Stamps `first_stamp..` in id order: fresh and older than anything touched later.
+    fn new(ids: &[EndpointId], active: &ActiveConnections, first_stamp: u64) -> Self {
         let mut order = Order::default();
         for (rank, &id) in ids.iter().enumerate() {
-            order.insert(id, active.get(id), rank as u64);
+            order.insert(id, active.get(id), first_stamp + rank as u64);
         }
         order
     }
@@ -99,7 +100,9 @@ impl Policy for LeastConnections {
             .active
             .retain(|id| endpoints.iter().any(|e| e.id == id));
         let active = &state.active;
-        state.order = PerScope::build(&eligibility, |ids| Order::new(ids, active));
+        let first_stamp = state.stamp + 1;
+        state.order = PerScope::build(&eligibility, |ids| Order::new(ids, active, first_stamp));
+        state.stamp += endpoints.len() as u64 + 1;
         eligibility
     }
 

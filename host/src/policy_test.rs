@@ -1,0 +1,923 @@
+//! `weir policy test`: one module, offline, in the real host runtime, against Services and
+//! EndpointSlices from files and synthetic clients: where connections went and why, how
+//! fast the decisions were, whether the module misbehaved, and, with a script of changes,
+//! how many clients moved at each step.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use weir_sdk::{Connection, EmptyAction, EndpointSet, Scope};
+
+use crate::discovery::files::{Objects, load_paths};
+use crate::metrics::PolicyMetrics;
+use crate::model::{self, ServicePortKey};
+use crate::policy::{HostDecision, Limits, PolicyEngine, PolicyRuntime, ServiceInput};
+use crate::state::Identities;
+
+/// Where synthetic clients come from.
+#[derive(Clone, Debug, PartialEq)]
+pub enum ClientSpec {
+    /// Random addresses of the service's family (198.18.0.0/15, or fd00::/64).
+    Random,
+    /// These addresses, in turn.
+    Fixed(Vec<IpAddr>),
+    /// Random addresses in this network.
+    Cidr(IpAddr, u8),
+}
+
+impl FromStr for ClientSpec {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, String> {
+        let text = text.trim();
+        if text == "random" {
+            return Ok(ClientSpec::Random);
+        }
+        if let Some((ip, bits)) = text.split_once('/') {
+            let ip: IpAddr = ip
+                .parse()
+                .map_err(|_| format!("`{text}`: `{ip}` is not an IP address"))?;
+            let max = if ip.is_ipv4() { 32 } else { 128 };
+            let bits: u8 = bits
+                .parse()
+                .ok()
+                .filter(|b| *b <= max)
+                .ok_or_else(|| format!("`{text}`: prefix length must be 0..={max}"))?;
+            return Ok(ClientSpec::Cidr(ip, bits));
+        }
+        let list = text.strip_prefix("fixed:").unwrap_or(text);
+        let ips: Result<Vec<IpAddr>, String> = list
+            .split(',')
+            .map(|ip| {
+                ip.trim()
+                    .parse()
+                    .map_err(|_| format!("`{ip}` is not an IP address"))
+            })
+            .collect();
+        let ips = ips.map_err(|e| format!("--clients: {e}; use `random`, a CIDR like 198.19.0.0/24, or a list like 198.19.0.1,198.19.0.2"))?;
+        Ok(ClientSpec::Fixed(ips))
+    }
+}
+
+/// What `weir policy test` was asked.
+#[derive(Clone, Debug)]
+pub struct Options {
+    pub module: PathBuf,
+    pub objects: Vec<PathBuf>,
+    pub node: String,
+    /// The policy's configuration (`configure`).
+    pub config: String,
+    /// Connections per service port and traffic scope.
+    pub connections: usize,
+    pub clients: ClientSpec,
+    pub script: Option<PathBuf>,
+    /// Seeds the clients and the policy's randomness, so runs repeat.
+    pub seed: u64,
+}
+
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Report {
+    pub module: String,
+    pub policy: String,
+    pub node: String,
+    pub connections: usize,
+    pub services: Vec<PortReport>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub steps: Vec<StepReport>,
+    /// Failed policy calls by reason (trap, timeout, memory, invalid_answer...).
+    pub failures: BTreeMap<String, u64>,
+    /// No failures: the module behaved.
+    pub ok: bool,
+}
+
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PortReport {
+    pub service: String,
+    pub port: String,
+    pub protocol: &'static str,
+    pub ip_family: &'static str,
+    pub internal: ScopeReport,
+    pub external: Option<ScopeReport>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub policy_failure: Option<String>,
+}
+
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ScopeReport {
+    /// `forward` when something is eligible, else `reject` or `drop`.
+    pub action: &'static str,
+    pub eligible: Vec<String>,
+    pub forwarded: usize,
+    pub rejected: usize,
+    pub dropped: usize,
+    /// Where the forwarded connections went, by endpoint.
+    pub endpoints: Vec<EndpointShare>,
+    pub latency_nanos: Latency,
+}
+
+#[derive(Debug, Serialize)]
+pub struct EndpointShare {
+    pub endpoint: String,
+    pub connections: usize,
+    pub share: f64,
+}
+
+#[derive(Debug, Default, Serialize)]
+pub struct Latency {
+    pub p50: u64,
+    pub p99: u64,
+}
+
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct StepReport {
+    pub step: usize,
+    pub change: String,
+    /// Clients whose endpoint changed, over every port and scope.
+    pub moved: usize,
+    pub clients: usize,
+    pub ports: Vec<PortMoves>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct PortMoves {
+    pub service: String,
+    pub port: String,
+    pub scope: &'static str,
+    pub moved: usize,
+    pub clients: usize,
+}
+
+/// One change of a script.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(rename_all = "lowercase", deny_unknown_fields)]
+pub enum Change {
+    /// An endpoint joins the Service (added to its first slice of the address's family).
+    Add(EndpointChange),
+    /// An endpoint leaves the Service.
+    Remove(EndpointChange),
+    /// An endpoint starts terminating (not ready, still serving).
+    Terminating(EndpointChange),
+    /// This node's `topology.kubernetes.io/zone` label changes.
+    Zone(String),
+    /// Time passes for the policy (`30s`, `500ms`, `2m`).
+    Wait(String),
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EndpointChange {
+    /// `namespace/name`.
+    pub service: String,
+    pub address: String,
+    #[serde(default)]
+    pub node: Option<String>,
+    #[serde(default)]
+    pub zone: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Script {
+    steps: Vec<Change>,
+}
+
+/// The outcome of one run: the report, and whether the input was usable at all.
+pub enum Outcome {
+    Report(Report),
+    /// The objects, script or module could not be used; nothing was measured.
+    BadInput(String),
+}
+
+/// Runs the test.
+pub fn run(options: &Options) -> Outcome {
+    match run_inner(options) {
+        Ok(report) => Outcome::Report(report),
+        Err(message) => Outcome::BadInput(message),
+    }
+}
+
+fn run_inner(options: &Options) -> Result<Report, String> {
+    let (mut objects, diagnostics) = load_paths(&options.objects);
+    let errors: Vec<String> = diagnostics
+        .iter()
+        .filter(|d| d.is_error())
+        .map(ToString::to_string)
+        .collect();
+    if !errors.is_empty() {
+        return Err(errors.join("\n"));
+    }
+    let script = match &options.script {
+        Some(path) => read_script(path)?,
+        None => Vec::new(),
+    };
+    let metrics = Arc::new(PolicyMetrics::default());
+    // Relaxed deadlines: a busy CI machine must not fail a good module. The report's
+    // latency percentiles are what to hold against the production 1 ms.
+    let engine = PolicyEngine::new_seeded(Limits::relaxed(), None, metrics.clone(), options.seed)
+        .map_err(|e| format!("cannot start the policy engine: {e:#}"))?;
+    let compiled = engine
+        .load_file(&options.module)
+        .map_err(|e| e.to_string())?;
+    let policy = compiled.name.clone();
+    let runtime = PolicyRuntime::new(engine.clone(), compiled, &options.config, 1)
+        .map_err(|e| format!("{}: {e}", options.module.display()))?;
+
+    let mut world = World {
+        runtime,
+        identities: Identities::default(),
+        node: options.node.clone(),
+        clients: Clients::new(options),
+    };
+    let mut ports = world.apply(&objects);
+    let baseline = world.send_all(&ports);
+    let services = ports
+        .iter()
+        .zip(&baseline)
+        .map(|(port, runs)| port.report(runs))
+        .collect();
+
+    let mut steps = Vec::new();
+    let mut previous = (
+        ports.iter().map(|p| p.key.clone()).collect::<Vec<_>>(),
+        baseline,
+    );
+    for (index, change) in script.iter().enumerate() {
+        let description = apply_change(&mut objects, change, &options.node, &engine)?;
+        ports = world.apply(&objects);
+        let now = world.send_all(&ports);
+        steps.push(moves(
+            index + 1,
+            description,
+            &previous.0,
+            &previous.1,
+            &ports,
+            &now,
+        ));
+        previous = (ports.iter().map(|p| p.key.clone()).collect(), now);
+    }
+
+    let failures: BTreeMap<String, u64> = failure_counts(&metrics, &policy);
+    let ok = failures.values().all(|n| *n == 0);
+    Ok(Report {
+        module: options.module.display().to_string(),
+        policy,
+        node: options.node.clone(),
+        connections: options.connections,
+        services,
+        steps,
+        failures,
+        ok,
+    })
+}
+
+fn read_script(path: &Path) -> Result<Vec<Change>, String> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("{}: cannot read: {e}", path.display()))?;
+    // Through JSON values: serde_yaml wants `!remove` tags for enums, people write maps.
+    let script: Result<Script, String> = serde_yaml::from_str::<serde_json::Value>(&text)
+        .map_err(|e| e.to_string())
+        .and_then(|value| serde_json::from_value(value).map_err(|e| e.to_string()));
+    let script = script.map_err(|e| {
+        format!(
+            "{}: not a script ({e}); expected `steps:` with items like `- remove: {{service: default/web, address: 198.18.0.5}}`, `- zone: zone-b` or `- wait: 30s`",
+            path.display()
+        )
+    })?;
+    Ok(script.steps)
+}
+
+/// The runtime and the identities that persist across steps.
+struct World {
+    runtime: PolicyRuntime,
+    identities: Identities,
+    node: String,
+    clients: Clients,
+}
+
+/// One service port as tested.
+struct Port {
+    key: ServicePortKey,
+    handle: u32,
+    input: ServiceInput,
+    eligibility: weir_sdk::Eligibility,
+    failure: Option<String>,
+    externally_accessible: bool,
+}
+
+/// The endpoint each client reached (`None`: rejected or dropped), per scope.
+struct Runs {
+    internal: Vec<Result<SocketAddr, HostDecision>>,
+    external: Option<Vec<Result<SocketAddr, HostDecision>>>,
+    internal_latency: Vec<u64>,
+    external_latency: Vec<u64>,
+}
+
+impl World {
+    /// Updates the runtime with the model of `objects`; removes ports that are gone.
+    fn apply(&mut self, objects: &Objects) -> Vec<Port> {
+        let model = model::build(objects, &self.node);
+        let keys: Vec<&ServicePortKey> = model.ports.iter().map(|p| &p.key).collect();
+        for handle in self.identities.retain(&keys) {
+            self.runtime.remove(handle);
+        }
+        model
+            .ports
+            .iter()
+            .map(|snapshot| {
+                let (handle, endpoints) = self.identities.assign(snapshot);
+                let input = ServiceInput {
+                    service: snapshot.service.clone(),
+                    node: model.node.clone(),
+                    endpoints,
+                    failure_mode: snapshot.failure_mode,
+                };
+                let answer = self.runtime.update(handle, input.clone());
+                Port {
+                    key: snapshot.key.clone(),
+                    handle,
+                    externally_accessible: input.service.externally_accessible(),
+                    input,
+                    eligibility: answer.eligibility,
+                    failure: answer.failure.map(|e| e.to_string()),
+                }
+            })
+            .collect()
+    }
+
+    fn send_all(&mut self, ports: &[Port]) -> Vec<Runs> {
+        ports.iter().map(|port| self.send(port)).collect()
+    }
+
+    fn send(&mut self, port: &Port) -> Runs {
+        let family_v6 = port.input.service.cluster_ip.is_ipv6();
+        let clients = self.clients.for_family(family_v6);
+        let internal_destination =
+            SocketAddr::new(port.input.service.cluster_ip, port.input.service.port);
+        let (internal, internal_latency) =
+            self.connect_all(port, &clients, Scope::Internal, internal_destination);
+        let (external, external_latency) = if port.externally_accessible {
+            let s = &port.input.service;
+            let destination = match (s.load_balancer_ips.first(), s.external_ips.first()) {
+                (Some(ip), _) | (None, Some(ip)) => SocketAddr::new(*ip, s.port),
+                (None, None) => {
+                    let unspecified: IpAddr = if family_v6 {
+                        Ipv6Addr::UNSPECIFIED.into()
+                    } else {
+                        Ipv4Addr::UNSPECIFIED.into()
+                    };
+                    SocketAddr::new(unspecified, s.node_port)
+                }
+            };
+            let (runs, latency) = self.connect_all(port, &clients, Scope::External, destination);
+            (Some(runs), latency)
+        } else {
+            (None, Vec::new())
+        };
+        Runs {
+            internal,
+            external,
+            internal_latency,
+            external_latency,
+        }
+    }
+
+    #[allow(clippy::type_complexity)]
+    fn connect_all(
+        &self,
+        port: &Port,
+        clients: &[SocketAddr],
+        scope: Scope,
+        destination: SocketAddr,
+    ) -> (Vec<Result<SocketAddr, HostDecision>>, Vec<u64>) {
+        let mut results = Vec::with_capacity(clients.len());
+        let mut latency = Vec::with_capacity(clients.len());
+        for &client in clients {
+            let connection = Connection {
+                client,
+                destination,
+                scope,
+            };
+            let started = Instant::now();
+            let decision = self.runtime.select(0, port.handle, &connection);
+            latency.push(started.elapsed().as_nanos() as u64);
+            results.push(match decision {
+                HostDecision::Forward { address, .. } => Ok(address),
+                other => Err(other),
+            });
+        }
+        (results, latency)
+    }
+}
+
+impl Port {
+    fn report(&self, runs: &Runs) -> PortReport {
+        PortReport {
+            service: format!("{}/{}", self.key.namespace, self.key.name),
+            port: self.key.port_name.clone(),
+            protocol: self.key.protocol.as_str(),
+            ip_family: self.key.family.as_str(),
+            internal: self.scope_report(
+                &self.eligibility.internal,
+                &runs.internal,
+                &runs.internal_latency,
+            ),
+            external: runs.external.as_ref().map(|external| {
+                self.scope_report(&self.eligibility.external, external, &runs.external_latency)
+            }),
+            policy_failure: self.failure.clone(),
+        }
+    }
+
+    fn scope_report(
+        &self,
+        set: &EndpointSet,
+        runs: &[Result<SocketAddr, HostDecision>],
+        latency: &[u64],
+    ) -> ScopeReport {
+        let mut eligible: Vec<String> = set
+            .endpoints
+            .iter()
+            .filter_map(|id| self.input.endpoints.iter().find(|e| e.id == *id))
+            .map(|e| e.address.to_string())
+            .collect();
+        eligible.sort();
+        let mut counts: BTreeMap<String, usize> = eligible.iter().map(|e| (e.clone(), 0)).collect();
+        let (mut rejected, mut dropped) = (0, 0);
+        for run in runs {
+            match run {
+                Ok(address) => *counts.entry(address.to_string()).or_default() += 1,
+                Err(HostDecision::Drop) => dropped += 1,
+                Err(_) => rejected += 1,
+            }
+        }
+        let forwarded = runs.len() - rejected - dropped;
+        let action = if !eligible.is_empty() {
+            "forward"
+        } else {
+            match set.when_empty {
+                EmptyAction::Reject => "reject",
+                EmptyAction::Drop => "drop",
+            }
+        };
+        ScopeReport {
+            action,
+            eligible,
+            forwarded,
+            rejected,
+            dropped,
+            endpoints: counts
+                .into_iter()
+                .map(|(endpoint, connections)| EndpointShare {
+                    share: if forwarded == 0 {
+                        0.0
+                    } else {
+                        round4(connections as f64 / forwarded as f64)
+                    },
+                    endpoint,
+                    connections,
+                })
+                .collect(),
+            latency_nanos: percentiles(latency),
+        }
+    }
+}
+
+fn round4(x: f64) -> f64 {
+    (x * 10_000.0).round() / 10_000.0
+}
+
+fn percentiles(samples: &[u64]) -> Latency {
+    if samples.is_empty() {
+        return Latency::default();
+    }
+    let mut sorted = samples.to_vec();
+    sorted.sort_unstable();
+    let at = |q: f64| sorted[((sorted.len() - 1) as f64 * q).round() as usize];
+    Latency {
+        p50: at(0.50),
+        p99: at(0.99),
+    }
+}
+
+/// Clients that moved between two runs, per port and scope (ports matched by key).
+fn moves(
+    step: usize,
+    change: String,
+    before_keys: &[ServicePortKey],
+    before: &[Runs],
+    ports: &[Port],
+    after: &[Runs],
+) -> StepReport {
+    let mut report = StepReport {
+        step,
+        change,
+        moved: 0,
+        clients: 0,
+        ports: Vec::new(),
+    };
+    for (port, now) in ports.iter().zip(after) {
+        let Some(index) = before_keys.iter().position(|key| key == &port.key) else {
+            continue;
+        };
+        let then = &before[index];
+        let mut compare = |scope: &'static str,
+                           a: &[Result<SocketAddr, HostDecision>],
+                           b: &[Result<SocketAddr, HostDecision>]| {
+            let moved = a.iter().zip(b).filter(|(x, y)| x != y).count();
+            report.moved += moved;
+            report.clients += a.len();
+            report.ports.push(PortMoves {
+                service: format!("{}/{}", port.key.namespace, port.key.name),
+                port: port.key.port_name.clone(),
+                scope,
+                moved,
+                clients: a.len(),
+            });
+        };
+        compare("internal", &then.internal, &now.internal);
+        if let (Some(a), Some(b)) = (&then.external, &now.external) {
+            compare("external", a, b);
+        }
+    }
+    report
+}
+
+/// Applies one script change to the objects; returns its description.
+fn apply_change(
+    objects: &mut Objects,
+    change: &Change,
+    node: &str,
+    engine: &PolicyEngine,
+) -> Result<String, String> {
+    match change {
+        Change::Wait(text) => {
+            let duration = parse_duration(text)?;
+            engine.advance_clock(duration);
+            Ok(format!("wait {text}"))
+        }
+        Change::Zone(zone) => {
+            set_node_zone(objects, node, zone);
+            Ok(format!("node {node} moves to zone {zone}"))
+        }
+        Change::Add(e) => {
+            let (slice, ip) = slice_for(objects, e, true)?;
+            slice
+                .endpoints
+                .push(k8s_openapi::api::discovery::v1::Endpoint {
+                    addresses: vec![ip.to_string()],
+                    node_name: e.node.clone(),
+                    zone: e.zone.clone(),
+                    ..Default::default()
+                });
+            Ok(format!("add {} to {}", e.address, e.service))
+        }
+        Change::Remove(e) => {
+            let (slice, ip) = slice_for(objects, e, false)?;
+            slice.endpoints.retain(|ep| {
+                ep.addresses.first().and_then(|a| model::parse_ip_sloppy(a)) != Some(ip)
+            });
+            Ok(format!("remove {} from {}", e.address, e.service))
+        }
+        Change::Terminating(e) => {
+            let (slice, ip) = slice_for(objects, e, false)?;
+            for endpoint in &mut slice.endpoints {
+                if endpoint
+                    .addresses
+                    .first()
+                    .and_then(|a| model::parse_ip_sloppy(a))
+                    == Some(ip)
+                {
+                    endpoint.conditions =
+                        Some(k8s_openapi::api::discovery::v1::EndpointConditions {
+                            ready: Some(false),
+                            serving: Some(true),
+                            terminating: Some(true),
+                        });
+                }
+            }
+            Ok(format!("{} of {} starts terminating", e.address, e.service))
+        }
+    }
+}
+
+/// The slice of `change.service` that holds (or, to add, should hold) the address.
+fn slice_for<'a>(
+    objects: &'a mut Objects,
+    change: &EndpointChange,
+    adding: bool,
+) -> Result<
+    (
+        &'a mut k8s_openapi::api::discovery::v1::EndpointSlice,
+        IpAddr,
+    ),
+    String,
+> {
+    let ip = model::parse_ip_sloppy(&change.address)
+        .ok_or_else(|| format!("script: `{}` is not an IP address", change.address))?;
+    let (namespace, name) = change.service.split_once('/').ok_or_else(|| {
+        format!(
+            "script: service `{}` must be namespace/name",
+            change.service
+        )
+    })?;
+    let family = if ip.is_ipv4() { "IPv4" } else { "IPv6" };
+    let found = objects
+        .endpoint_slices
+        .iter_mut()
+        .map(|s| &mut s.object)
+        .find(|slice| {
+            slice.metadata.namespace.as_deref() == Some(namespace)
+                && slice
+                    .metadata
+                    .labels
+                    .as_ref()
+                    .and_then(|l| l.get(model::SERVICE_NAME_LABEL))
+                    .map(String::as_str)
+                    == Some(name)
+                && slice.address_type == family
+                && (adding
+                    || slice.endpoints.iter().any(|e| {
+                        e.addresses.first().and_then(|a| model::parse_ip_sloppy(a)) == Some(ip)
+                    }))
+        });
+    found.map(|slice| (slice, ip)).ok_or_else(|| {
+        if adding {
+            format!(
+                "script: {} has no {family} EndpointSlice to add {} to",
+                change.service, change.address
+            )
+        } else {
+            format!(
+                "script: {} has no endpoint {}",
+                change.service, change.address
+            )
+        }
+    })
+}
+
+fn set_node_zone(objects: &mut Objects, node: &str, zone: &str) {
+    let existing = objects
+        .nodes
+        .iter_mut()
+        .find(|n| n.object.metadata.name.as_deref() == Some(node));
+    let target = match existing {
+        Some(n) => &mut n.object,
+        None => {
+            let mut object = k8s_openapi::api::core::v1::Node::default();
+            object.metadata.name = Some(node.to_string());
+            objects.nodes.push(crate::discovery::files::Sourced {
+                origin: crate::discovery::files::Origin {
+                    file: PathBuf::from("<script>"),
+                    document: None,
+                    item: None,
+                },
+                object,
+            });
+            &mut objects.nodes.last_mut().expect("just pushed").object
+        }
+    };
+    target
+        .metadata
+        .labels
+        .get_or_insert_with(Default::default)
+        .insert(weir_sdk::ZONE_LABEL.to_string(), zone.to_string());
+}
+
+fn parse_duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    let (number, unit) = text
+        .find(|c: char| !c.is_ascii_digit())
+        .map(|i| text.split_at(i))
+        .ok_or_else(|| format!("script: `wait: {text}` needs a unit (ms, s, m, h)"))?;
+    let n: u64 = number
+        .parse()
+        .map_err(|_| format!("script: `wait: {text}` is not a duration"))?;
+    match unit {
+        "ms" => Ok(Duration::from_millis(n)),
+        "s" => Ok(Duration::from_secs(n)),
+        "m" => Ok(Duration::from_secs(n * 60)),
+        "h" => Ok(Duration::from_secs(n * 3600)),
+        _ => Err(format!(
+            "script: `wait: {text}`: unit must be ms, s, m or h"
+        )),
+    }
+}
+
+fn failure_counts(metrics: &PolicyMetrics, policy: &str) -> BTreeMap<String, u64> {
+    use crate::metrics::{Call, Reason};
+    let mut out = BTreeMap::new();
+    for (name, reason) in [
+        ("trap", Reason::trap),
+        ("timeout", Reason::timeout),
+        ("memory", Reason::memory),
+        ("invalid_answer", Reason::invalid_answer),
+        ("refused", Reason::refused),
+        ("instantiate", Reason::instantiate),
+    ] {
+        let total: u64 = [
+            Call::configure,
+            Call::update,
+            Call::remove,
+            Call::select,
+            Call::observe,
+        ]
+        .into_iter()
+        .map(|call| metrics.failures_of(policy, call, reason.clone()))
+        .sum();
+        out.insert(name.to_string(), total);
+    }
+    out
+}
+
+/// Deterministic synthetic clients.
+struct Clients {
+    spec: ClientSpec,
+    count: usize,
+    seed: u64,
+}
+
+impl Clients {
+    fn new(options: &Options) -> Self {
+        Clients {
+            spec: options.clients.clone(),
+            count: options.connections,
+            seed: options.seed,
+        }
+    }
+
+    /// The same clients every time they are asked for.
+    fn for_family(&self, v6: bool) -> Vec<SocketAddr> {
+        let mut state = self.seed ^ 0x5eed;
+        let mut next = move || {
+            state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
+            weir_sdk::hash::finalize(state)
+        };
+        (0..self.count)
+            .map(|i| {
+                let port = 1024 + (next() % 60_000) as u16;
+                let ip = match &self.spec {
+                    ClientSpec::Fixed(ips) => ips[i % ips.len()],
+                    ClientSpec::Cidr(base, bits) => random_in(*base, *bits, next()),
+                    ClientSpec::Random if v6 => {
+                        random_in("fd00::".parse().expect("literal"), 64, next())
+                    }
+                    ClientSpec::Random => {
+                        random_in(Ipv4Addr::new(198, 18, 0, 0).into(), 15, next())
+                    }
+                };
+                SocketAddr::new(ip, port)
+            })
+            .collect()
+    }
+}
+
+fn random_in(base: IpAddr, bits: u8, r: u64) -> IpAddr {
+    match base {
+        IpAddr::V4(v4) => {
+            let host_bits = 32 - u32::from(bits);
+            let mask = if host_bits == 0 {
+                0
+            } else {
+                u32::MAX >> (32 - host_bits)
+            };
+            IpAddr::V4(Ipv4Addr::from((u32::from(v4) & !mask) | (r as u32 & mask)))
+        }
+        IpAddr::V6(v6) => {
+            let host_bits = 128 - u32::from(bits);
+            let mask = if host_bits == 0 {
+                0
+            } else {
+                u128::MAX >> (128 - host_bits)
+            };
+            let r = u128::from(r) | (u128::from(weir_sdk::hash::finalize(r)) << 64);
+            IpAddr::V6(Ipv6Addr::from((u128::from(v6) & !mask) | (r & mask)))
+        }
+    }
+}
+
+/// The report for people.
+pub fn table(report: &Report) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "policy {} ({}) on node {}, {} connections per port and scope",
+        report.policy, report.module, report.node, report.connections
+    );
+    for port in &report.services {
+        let name = if port.port.is_empty() {
+            port.service.clone()
+        } else {
+            format!("{}:{}", port.service, port.port)
+        };
+        let _ = writeln!(out, "\n{name} {} {}", port.protocol, port.ip_family);
+        if let Some(failure) = &port.policy_failure {
+            let _ = writeln!(out, "  policy failed: {failure}");
+        }
+        let scopes = [
+            ("internal", Some(&port.internal)),
+            ("external", port.external.as_ref()),
+        ];
+        for (scope, report) in scopes {
+            let Some(r) = report else { continue };
+            let _ = writeln!(
+                out,
+                "  {scope}: {} ({} eligible), {} forwarded, {} rejected, {} dropped, select p50 {:.1} µs p99 {:.1} µs",
+                r.action,
+                r.eligible.len(),
+                r.forwarded,
+                r.rejected,
+                r.dropped,
+                r.latency_nanos.p50 as f64 / 1000.0,
+                r.latency_nanos.p99 as f64 / 1000.0,
+            );
+            for e in &r.endpoints {
+                let _ = writeln!(
+                    out,
+                    "    {:<28} {:>7} {:>6.1}%",
+                    e.endpoint,
+                    e.connections,
+                    e.share * 100.0
+                );
+            }
+        }
+    }
+    for step in &report.steps {
+        let _ = writeln!(
+            out,
+            "\nstep {}: {}: {} of {} clients moved",
+            step.step, step.change, step.moved, step.clients
+        );
+        for p in step.ports.iter().filter(|p| p.moved > 0) {
+            let _ = writeln!(
+                out,
+                "  {}:{} {}: {} of {}",
+                p.service, p.port, p.scope, p.moved, p.clients
+            );
+        }
+    }
+    let failures: Vec<String> = report
+        .failures
+        .iter()
+        .filter(|(_, n)| **n > 0)
+        .map(|(k, n)| format!("{k} {n}"))
+        .collect();
+    if failures.is_empty() {
+        let _ = writeln!(out, "\nok: no traps, timeouts or invalid answers");
+    } else {
+        let _ = writeln!(out, "\nFAILED: {}", failures.join(", "));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn client_specs_parse() {
+        assert_eq!("random".parse::<ClientSpec>(), Ok(ClientSpec::Random));
+        assert_eq!(
+            "198.19.0.0/24".parse::<ClientSpec>(),
+            Ok(ClientSpec::Cidr("198.19.0.0".parse().unwrap(), 24))
+        );
+        assert_eq!(
+            "fixed:198.19.0.1,198.19.0.2".parse::<ClientSpec>(),
+            Ok(ClientSpec::Fixed(vec![
+                "198.19.0.1".parse().unwrap(),
+                "198.19.0.2".parse().unwrap()
+            ]))
+        );
+        assert!("198.19.0.0/33".parse::<ClientSpec>().is_err());
+        assert!(
+            "nonsense"
+                .parse::<ClientSpec>()
+                .unwrap_err()
+                .contains("random")
+        );
+    }
+
+    #[test]
+    fn random_clients_stay_in_their_network() {
+        for r in [0, u64::MAX, 12345] {
+            let ip = random_in("198.19.7.0".parse().unwrap(), 24, r);
+            assert!(ip.to_string().starts_with("198.19.7."), "{ip}");
+        }
+    }
+
+    #[test]
+    fn durations_parse() {
+        assert_eq!(parse_duration("30s"), Ok(Duration::from_secs(30)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert!(parse_duration("30").is_err());
+    }
+}
