@@ -9,6 +9,7 @@ pub mod metrics;
 pub mod model;
 pub mod policy;
 pub mod policy_test;
+pub mod scaffold;
 pub mod state;
 
 #[cfg(feature = "testing")]

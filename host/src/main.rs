@@ -43,6 +43,21 @@ enum Command {
 
 #[derive(Subcommand)]
 enum PolicyCommand {
+    /// Write a new policy crate that builds to a component with one command.
+    New {
+        /// The policy's name: crate name and `weir.dev/policy` value (lowercase, dashes).
+        name: String,
+        /// Start from `minimal` or from a library policy (random, maglev, locality, ...).
+        #[arg(long = "from", default_value = "minimal")]
+        template: String,
+        /// Where to create it (default: ./NAME). Inside a weir checkout's policies/ it
+        /// becomes a workspace member.
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        /// The weir SDK to depend on outside a weir checkout (default: this build's).
+        #[arg(long)]
+        sdk: Option<PathBuf>,
+    },
     /// Run a module offline against objects and synthetic clients; show where connections
     /// went, decision latency, and misbehaviour (non-zero exit if any).
     Test {
@@ -102,6 +117,38 @@ fn main() -> ExitCode {
             policies,
             output,
         } => explain(&objects, &node, policies.as_deref(), output),
+        Command::Policy {
+            command:
+                PolicyCommand::New {
+                    name,
+                    template,
+                    dir,
+                    sdk,
+                },
+        } => {
+            let new = weir::scaffold::NewPolicy {
+                dir: dir.unwrap_or_else(|| PathBuf::from(&name)),
+                name,
+                template,
+                sdk: sdk.unwrap_or_else(weir::scaffold::default_sdk),
+            };
+            match weir::scaffold::create(&new) {
+                Ok(files) => {
+                    for file in files {
+                        println!("wrote {}", file.display());
+                    }
+                    println!(
+                        "next: cd {} && cargo test && cargo build --target wasm32-wasip2 --release",
+                        new.dir.display()
+                    );
+                    ExitCode::SUCCESS
+                }
+                Err(message) => {
+                    eprintln!("error: {message}");
+                    ExitCode::from(64)
+                }
+            }
+        }
         Command::Policy {
             command:
                 PolicyCommand::Test {
