@@ -1,106 +1,165 @@
-//! The cost of one `select` through weir's host (worker mutex, Wasm call under an epoch
-//! deadline, answer validation) against the same policy logic compiled natively, for
-//! kube-default and round-robin at 4, 64 and 1024 endpoints.
+//! What policies cost through weir's host, against the same logic compiled natively:
+//! `select` (worker mutex, Wasm call under an epoch deadline, answer validation) for every
+//! library policy at 4, 64 and 1024 endpoints, and `update` at 1024 and 10,000 endpoints.
 //!
-//! Run: `cargo bench -p weir --bench policy`. Prints criterion's numbers, then a table of
-//! medians with the Wasm/native ratio.
+//! Run: `cargo bench -p weir --bench policy` (all) or with a filter, e.g.
+//! `cargo bench -p weir --bench policy -- select-maglev`. Prints criterion's numbers, then
+//! tables of medians with the Wasm/native ratio.
 
 use std::hint::black_box;
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 
 use criterion::{BenchmarkId, Criterion};
-use kube_default::KubeDefault;
-use round_robin::RoundRobin;
 use weir::policy::{FailureMode, PolicyRuntime};
-use weir::test_helpers::{connection, engine_with, guest_bytes, input, service};
+use weir::test_helpers::{connection, engine_with, guest_bytes, input, node, service};
 use weir_sdk::{Driver, Endpoint, Policy};
 
-const SIZES: [u32; 3] = [4, 64, 1024];
+const SELECT_SIZES: [u32; 3] = [4, 64, 1024];
+const UPDATE_SIZES: [u32; 2] = [1024, 10_000];
 
 fn endpoints(n: u32) -> Vec<Endpoint> {
     (1..=n)
         .map(|id| {
-            let ip = std::net::IpAddr::from([198, 18, (id >> 8) as u8, id as u8]);
-            Endpoint::ready(id, std::net::SocketAddr::new(ip, 8080))
+            let ip = IpAddr::from([198, 18, (id >> 8) as u8, id as u8]);
+            Endpoint::ready(id, SocketAddr::new(ip, 8080))
         })
         .collect()
 }
 
-fn native<P: Policy>(c: &mut Criterion, group: &str, n: u32) {
+/// One library policy: its name, and how to bench its native build.
+struct Subject {
+    module: &'static str,
+    native_select: fn(&mut Criterion, &str, u32),
+    native_update: fn(&mut Criterion, &str, u32),
+}
+
+fn native_select<P: Policy>(c: &mut Criterion, group: &str, n: u32) {
     let mut driver = Driver::<P>::configure("").expect("configure");
-    let node = weir::test_helpers::node("node-a");
-    driver.update(1, service("bench", None), &node, &endpoints(n));
+    driver.update(1, service("bench", None), &node("node-a"), &endpoints(n));
     let conn = connection(7);
-    c.benchmark_group(group)
-        .bench_with_input(BenchmarkId::new("native", n), &n, |b, _| {
-            b.iter(|| black_box(driver.select(1, black_box(&conn))))
-        });
+    c.benchmark_group(group).bench_with_input(BenchmarkId::new("native", n), &n, |b, _| {
+        b.iter(|| black_box(driver.select(1, black_box(&conn))))
+    });
 }
 
-fn wasm(c: &mut Criterion, group: &str, module: &str, n: u32) {
-    // The production limits: the deadline machinery is part of what is measured.
-    let (engine, _) = engine_with(weir::policy::Limits::default());
-    let compiled = engine
-        .load(module, module, &guest_bytes(module))
-        .expect("load");
-    let runtime = PolicyRuntime::new(engine, compiled, "", 1).expect("configure");
-    let answer = runtime.update(
-        1,
-        input(service("bench", None), endpoints(n), FailureMode::Open),
-    );
-    assert!(answer.failure.is_none());
-    let conn = connection(7);
-    c.benchmark_group(group)
-        .bench_with_input(BenchmarkId::new("wasm", n), &n, |b, _| {
-            b.iter(|| black_box(runtime.select(0, 1, black_box(&conn))))
-        });
+fn native_update<P: Policy>(c: &mut Criterion, group: &str, n: u32) {
+    let mut driver = Driver::<P>::configure("").expect("configure");
+    let eps = endpoints(n);
+    let node = node("node-a");
+    let mut group = c.benchmark_group(group);
+    group.sample_size(10);
+    group.bench_with_input(BenchmarkId::new("native", n), &n, |b, _| {
+        b.iter(|| black_box(driver.update(1, service("bench", None), &node, &eps)))
+    });
 }
 
-fn median_ns(group: &str, kind: &str, n: u32) -> Option<f64> {
-    let path = output_dir()
-        .join(group)
-        .join(kind)
-        .join(n.to_string())
-        .join("new/estimates.json");
-    let text = std::fs::read_to_string(path).ok()?;
-    let value: serde_json::Value = serde_json::from_str(&text).ok()?;
-    value["median"]["point_estimate"].as_f64()
+fn runtime(module: &str) -> PolicyRuntime {
+    // Production limits, but an update deadline that 10,000 endpoints cannot miss: the
+    // point is the cost, not the deadline.
+    let limits = weir::policy::Limits {
+        update_deadline: std::time::Duration::from_secs(5),
+        ..weir::policy::Limits::default()
+    };
+    let (engine, _) = engine_with(limits);
+    let compiled = engine.load(module, module, &guest_bytes(module)).expect("load");
+    PolicyRuntime::new(engine, compiled, "", 1).expect("configure")
+}
+
+fn wasm_select(c: &mut Criterion, group: &str, module: &str, n: u32) {
+    let runtime = runtime(module);
+    let answer = runtime.update(1, input(service("bench", None), endpoints(n), FailureMode::Open));
+    assert!(answer.failure.is_none(), "{module}: {:?}", answer.failure);
+    let conn = connection(7);
+    c.benchmark_group(group).bench_with_input(BenchmarkId::new("wasm", n), &n, |b, _| {
+        b.iter(|| black_box(runtime.select(0, 1, black_box(&conn))))
+    });
+}
+
+fn wasm_update(c: &mut Criterion, group: &str, module: &str, n: u32) {
+    let runtime = runtime(module);
+    let eps = endpoints(n);
+    let mut group = c.benchmark_group(group);
+    group.sample_size(10);
+    group.bench_with_input(BenchmarkId::new("wasm", n), &n, |b, _| {
+        b.iter(|| {
+            let answer = runtime.update(1, input(service("bench", None), eps.clone(), FailureMode::Open));
+            assert!(answer.failure.is_none(), "{module}: {:?}", answer.failure);
+            black_box(answer)
+        })
+    });
 }
 
 fn output_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/criterion")
 }
 
+fn median_ns(group: &str, kind: &str, n: u32) -> Option<f64> {
+    let path = output_dir().join(group).join(kind).join(n.to_string()).join("new/estimates.json");
+    let value: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(path).ok()?).ok()?;
+    value["median"]["point_estimate"].as_f64()
+}
+
+macro_rules! subject {
+    ($module:literal, $ty:ty) => {
+        Subject {
+            module: $module,
+            native_select: native_select::<$ty>,
+            native_update: native_update::<$ty>,
+        }
+    };
+}
+
 fn main() {
+    let subjects = [
+        subject!("kube-default", kube_default::KubeDefault),
+        subject!("round-robin", round_robin::RoundRobin),
+        subject!("random", random::Random),
+        subject!("least-connections", least_connections::LeastConnections),
+        subject!("p2c-ewma", p2c_ewma::P2cEwma),
+        subject!("maglev", maglev::Maglev),
+        subject!("ring-hash", ring_hash::RingHash),
+        subject!("locality", locality::Locality),
+        subject!("client-ip-affinity", client_ip_affinity::ClientIpAffinity),
+    ];
     let mut c = Criterion::default()
         .output_directory(&output_dir())
         .configure_from_args()
-        .warm_up_time(std::time::Duration::from_millis(500))
-        .measurement_time(std::time::Duration::from_secs(2));
-    for n in SIZES {
-        native::<KubeDefault>(&mut c, "select-kube-default", n);
-        wasm(&mut c, "select-kube-default", "kube-default", n);
-        native::<RoundRobin>(&mut c, "select-round-robin", n);
-        wasm(&mut c, "select-round-robin", "round-robin", n);
+        .warm_up_time(std::time::Duration::from_millis(300))
+        .measurement_time(std::time::Duration::from_secs(1));
+    for s in &subjects {
+        let group = format!("select-{}", s.module);
+        for n in SELECT_SIZES {
+            (s.native_select)(&mut c, &group, n);
+            wasm_select(&mut c, &group, s.module, n);
+        }
+        let group = format!("update-{}", s.module);
+        for n in UPDATE_SIZES {
+            (s.native_update)(&mut c, &group, n);
+            wasm_update(&mut c, &group, s.module, n);
+        }
     }
     c.final_summary();
 
-    println!("\nselect, median ns per call (wasm through the host vs the same logic native)");
-    println!(
-        "{:<14} {:>9} {:>10} {:>10} {:>7}",
-        "policy", "endpoints", "wasm", "native", "ratio"
-    );
-    for (group, policy) in [
-        ("select-kube-default", "kube-default"),
-        ("select-round-robin", "round-robin"),
+    for (what, sizes, unit, scale) in [
+        ("select", &SELECT_SIZES[..], "ns", 1.0),
+        ("update", &UPDATE_SIZES[..], "ms", 1e-6),
     ] {
-        for n in SIZES {
-            match (median_ns(group, "wasm", n), median_ns(group, "native", n)) {
-                (Some(w), Some(nat)) => println!(
-                    "{policy:<14} {n:>9} {w:>10.1} {nat:>10.1} {:>6.1}x",
-                    w / nat
-                ),
-                _ => println!("{policy:<14} {n:>9}  (not measured in this run)"),
+        println!("\n{what}, median {unit} per call: Wasm through the host vs the same logic native");
+        println!("{:<20} {:>9} {:>10} {:>10} {:>7}", "policy", "endpoints", "wasm", "native", "ratio");
+        for s in &subjects {
+            let group = format!("{what}-{}", s.module);
+            for &n in sizes {
+                match (median_ns(&group, "wasm", n), median_ns(&group, "native", n)) {
+                    (Some(w), Some(nat)) => println!(
+                        "{:<20} {n:>9} {:>10.2} {:>10.2} {:>6.1}x",
+                        s.module,
+                        w * scale,
+                        nat * scale,
+                        w / nat
+                    ),
+                    _ => println!("{:<20} {n:>9}  (not measured in this run)", s.module),
+                }
             }
         }
     }
