@@ -38,9 +38,10 @@ fn native_select<P: Policy>(c: &mut Criterion, group: &str, n: u32) {
     let mut driver = Driver::<P>::configure("").expect("configure");
     driver.update(1, service("bench", None), &node("node-a"), &endpoints(n));
     let conn = connection(7);
-    c.benchmark_group(group).bench_with_input(BenchmarkId::new("native", n), &n, |b, _| {
-        b.iter(|| black_box(driver.select(1, black_box(&conn))))
-    });
+    c.benchmark_group(group)
+        .bench_with_input(BenchmarkId::new("native", n), &n, |b, _| {
+            b.iter(|| black_box(driver.select(1, black_box(&conn))))
+        });
 }
 
 fn native_update<P: Policy>(c: &mut Criterion, group: &str, n: u32) {
@@ -62,18 +63,24 @@ fn runtime(module: &str) -> PolicyRuntime {
         ..weir::policy::Limits::default()
     };
     let (engine, _) = engine_with(limits);
-    let compiled = engine.load(module, module, &guest_bytes(module)).expect("load");
+    let compiled = engine
+        .load(module, module, &guest_bytes(module))
+        .expect("load");
     PolicyRuntime::new(engine, compiled, "", 1).expect("configure")
 }
 
 fn wasm_select(c: &mut Criterion, group: &str, module: &str, n: u32) {
     let runtime = runtime(module);
-    let answer = runtime.update(1, input(service("bench", None), endpoints(n), FailureMode::Open));
+    let answer = runtime.update(
+        1,
+        input(service("bench", None), endpoints(n), FailureMode::Open),
+    );
     assert!(answer.failure.is_none(), "{module}: {:?}", answer.failure);
     let conn = connection(7);
-    c.benchmark_group(group).bench_with_input(BenchmarkId::new("wasm", n), &n, |b, _| {
-        b.iter(|| black_box(runtime.select(0, 1, black_box(&conn))))
-    });
+    c.benchmark_group(group)
+        .bench_with_input(BenchmarkId::new("wasm", n), &n, |b, _| {
+            b.iter(|| black_box(runtime.select(0, 1, black_box(&conn))))
+        });
 }
 
 fn wasm_update(c: &mut Criterion, group: &str, module: &str, n: u32) {
@@ -83,7 +90,10 @@ fn wasm_update(c: &mut Criterion, group: &str, module: &str, n: u32) {
     group.sample_size(10);
     group.bench_with_input(BenchmarkId::new("wasm", n), &n, |b, _| {
         b.iter(|| {
-            let answer = runtime.update(1, input(service("bench", None), eps.clone(), FailureMode::Open));
+            let answer = runtime.update(
+                1,
+                input(service("bench", None), eps.clone(), FailureMode::Open),
+            );
             assert!(answer.failure.is_none(), "{module}: {:?}", answer.failure);
             black_box(answer)
         })
@@ -95,8 +105,13 @@ fn output_dir() -> PathBuf {
 }
 
 fn median_ns(group: &str, kind: &str, n: u32) -> Option<f64> {
-    let path = output_dir().join(group).join(kind).join(n.to_string()).join("new/estimates.json");
-    let value: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(path).ok()?).ok()?;
+    let path = output_dir()
+        .join(group)
+        .join(kind)
+        .join(n.to_string())
+        .join("new/estimates.json");
+    let value: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(path).ok()?).ok()?;
     value["median"]["point_estimate"].as_f64()
 }
 
@@ -145,8 +160,13 @@ fn main() {
         ("select", &SELECT_SIZES[..], "ns", 1.0),
         ("update", &UPDATE_SIZES[..], "ms", 1e-6),
     ] {
-        println!("\n{what}, median {unit} per call: Wasm through the host vs the same logic native");
-        println!("{:<20} {:>9} {:>10} {:>10} {:>7}", "policy", "endpoints", "wasm", "native", "ratio");
+        println!(
+            "\n{what}, median {unit} per call: Wasm through the host vs the same logic native"
+        );
+        println!(
+            "{:<20} {:>9} {:>10} {:>10} {:>7}",
+            "policy", "endpoints", "wasm", "native", "ratio"
+        );
         for s in &subjects {
             let group = format!("{what}-{}", s.module);
             for &n in sizes {

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
-use weir_sdk::{Connection, EmptyAction, EndpointSet, Scope};
+use weir_sdk::{Connection, EmptyAction, EndpointSet, OutcomeKind, Scope};
 
 use crate::discovery::files::{Objects, load_paths};
 use crate::metrics::PolicyMetrics;
@@ -411,7 +411,20 @@ impl World {
             let decision = self.runtime.select(0, port.handle, &connection);
             latency.push(started.elapsed().as_nanos() as u64);
             results.push(match decision {
-                HostDecision::Forward { address, .. } => Ok(address),
+                HostDecision::Forward { address, endpoint } => {
+                    // Policies that learn from outcomes hear of a 1 ms connect and an
+                    // immediate close: short, healthy connections.
+                    for (kind, micros) in [(OutcomeKind::Connected, 1000), (OutcomeKind::Closed, 0)]
+                    {
+                        let outcome = weir_sdk::Outcome {
+                            endpoint,
+                            kind,
+                            micros,
+                        };
+                        self.runtime.observe(0, port.handle, &outcome);
+                    }
+                    Ok(address)
+                }
                 other => Err(other),
             });
         }

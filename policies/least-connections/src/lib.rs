@@ -96,9 +96,8 @@ impl Policy for LeastConnections {
         endpoints: &[Endpoint],
     ) -> Eligibility {
         let eligibility = weir_sdk::kube::kube_proxy_eligibility(service, node, endpoints);
-        state
-            .active
-            .retain(|id| endpoints.iter().any(|e| e.id == id));
+        let known = weir_sdk::ids::ById::new(endpoints);
+        state.active.retain(|id| known.contains(id));
         let active = &state.active;
         let first_stamp = state.stamp + 1;
         state.order = PerScope::build(&eligibility, |ids| Order::new(ids, active, first_stamp));

@@ -53,9 +53,10 @@ impl Tiers {
         settings: &Settings,
         active: &ActiveConnections,
     ) -> Self {
+        let by_id = weir_sdk::ids::ById::new(endpoints);
         let mut tiers = Tiers::default();
         for &id in ids {
-            let Some(e) = endpoints.iter().find(|e| e.id == id) else {
+            let Some(e) = by_id.get(id) else {
                 continue;
             };
             let same_zone = !zone.is_empty() && e.zone.as_deref() == Some(zone);
@@ -137,9 +138,8 @@ impl Policy for Locality {
         if let Some(error) = error {
             weir_sdk::log(LogLevel::Warn, &error);
         }
-        state
-            .active
-            .retain(|id| endpoints.iter().any(|e| e.id == id));
+        let known = weir_sdk::ids::ById::new(endpoints);
+        state.active.retain(|id| known.contains(id));
         let active = &state.active;
         state.tiers = PerScope::build(&eligibility, |ids| {
             Tiers::new(ids, endpoints, node.zone(), &settings, active)

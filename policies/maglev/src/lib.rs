@@ -61,9 +61,10 @@ pub struct State {
 /// Builds the lookup table for `ids` (any order): each endpoint fills the slots of its
 /// own permutation in turn until the table is full.
 pub fn table(ids: &[EndpointId], endpoints: &[Endpoint], size: u32) -> Vec<EndpointId> {
+    let by_id = weir_sdk::ids::ById::new(endpoints);
     let mut backends: Vec<(String, EndpointId, std::net::SocketAddr)> = ids
         .iter()
-        .filter_map(|id| endpoints.iter().find(|e| e.id == *id))
+        .filter_map(|id| by_id.get(*id))
         .map(|e| (e.address.to_string(), e.id, e.address))
         .collect();
     if backends.is_empty() {

@@ -123,12 +123,9 @@ impl Policy for P2cEwma {
         }
         state.settings = settings;
         state.configured = true;
-        state
-            .active
-            .retain(|id| endpoints.iter().any(|e| e.id == id));
-        state
-            .estimates
-            .retain(|id, _| endpoints.iter().any(|e| e.id == *id));
+        let known = weir_sdk::ids::ById::new(endpoints);
+        state.active.retain(|id| known.contains(id));
+        state.estimates.retain(|id, _| known.contains(*id));
         weir_sdk::kube::kube_proxy_eligibility(service, node, endpoints)
     }
 

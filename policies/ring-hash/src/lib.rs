@@ -56,10 +56,8 @@ pub fn ring(
     endpoints: &[Endpoint],
     settings: &Settings,
 ) -> Vec<(u64, EndpointId)> {
-    let members: Vec<&Endpoint> = ids
-        .iter()
-        .filter_map(|id| endpoints.iter().find(|e| e.id == *id))
-        .collect();
+    let by_id = weir_sdk::ids::ById::new(endpoints);
+    let members: Vec<&Endpoint> = ids.iter().filter_map(|id| by_id.get(*id)).collect();
     if members.is_empty() {
         return Vec::new();
     }

@@ -4,6 +4,8 @@
 use std::collections::{HashMap, HashSet};
 use std::hash::{BuildHasherDefault, Hasher};
 
+use crate::types::{Endpoint, EndpointId};
+
 /// A hasher for `u32` ids. Not for keys an adversary chooses.
 #[derive(Default)]
 pub struct IdHasher(u64);
@@ -29,3 +31,25 @@ pub type IdMap<V> = HashMap<u32, V, BuildHasherDefault<IdHasher>>;
 
 /// A `HashSet` of ids.
 pub type IdSet = HashSet<u32, BuildHasherDefault<IdHasher>>;
+
+/// Endpoints by id, for `update`s that walk eligible ids: one O(1) lookup each instead of
+/// a scan of the list (which would make a 10,000-endpoint update quadratic).
+pub struct ById<'a> {
+    map: IdMap<&'a Endpoint>,
+}
+
+impl<'a> ById<'a> {
+    pub fn new(endpoints: &'a [Endpoint]) -> Self {
+        ById {
+            map: endpoints.iter().map(|e| (e.id, e)).collect(),
+        }
+    }
+
+    pub fn get(&self, id: EndpointId) -> Option<&'a Endpoint> {
+        self.map.get(&id).copied()
+    }
+
+    pub fn contains(&self, id: EndpointId) -> bool {
+        self.map.contains_key(&id)
+    }
+}

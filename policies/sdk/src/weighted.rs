@@ -34,15 +34,10 @@ impl Weights {
 
     /// `(id, weight)` for each eligible id, with the all-zero case treated as all-one.
     pub fn for_ids(&self, ids: &[EndpointId], endpoints: &[Endpoint]) -> Vec<(EndpointId, u32)> {
+        let by_id = crate::ids::ById::new(endpoints);
         let mut out: Vec<(EndpointId, u32)> = ids
             .iter()
-            .map(|id| {
-                let weight = endpoints
-                    .iter()
-                    .find(|e| e.id == *id)
-                    .map_or(1, |e| self.of(e.address));
-                (*id, weight)
-            })
+            .map(|id| (*id, by_id.get(*id).map_or(1, |e| self.of(e.address))))
             .collect();
         if out.iter().all(|(_, w)| *w == 0) {
             out.iter_mut().for_each(|(_, w)| *w = 1);
