@@ -55,22 +55,33 @@ fn native_update<P: Policy>(c: &mut Criterion, group: &str, n: u32) {
     });
 }
 
-fn runtime(module: &str) -> PolicyRuntime {
+fn runtime(module: &str) -> (PolicyRuntime, std::sync::Arc<weir::metrics::PolicyMetrics>) {
     // Production limits, but an update deadline that 10,000 endpoints cannot miss: the
     // point is the cost, not the deadline.
     let limits = weir::policy::Limits {
         update_deadline: std::time::Duration::from_secs(5),
         ..weir::policy::Limits::default()
     };
-    let (engine, _) = engine_with(limits);
+    let (engine, metrics) = engine_with(limits);
     let compiled = engine
         .load(module, module, &guest_bytes(module))
         .expect("load");
-    PolicyRuntime::new(engine, compiled, "", 1).expect("configure")
+    let runtime = PolicyRuntime::new(engine, compiled, "", 1).expect("configure");
+    (runtime, metrics)
+}
+
+/// A policy that failed during its run was measured on its failure mode: say so.
+fn warn_on_failures(metrics: &weir::metrics::PolicyMetrics, module: &str, what: &str, n: u32) {
+    let failures = metrics.failures_total(module);
+    if failures > 0 {
+        eprintln!(
+            "WARNING: {module} {what} at {n} endpoints failed {failures} calls (a deadline missed on a busy machine?); its numbers include the failure mode"
+        );
+    }
 }
 
 fn wasm_select(c: &mut Criterion, group: &str, module: &str, n: u32) {
-    let runtime = runtime(module);
+    let (runtime, metrics) = runtime(module);
     let answer = runtime.update(
         1,
         input(service("bench", None), endpoints(n), FailureMode::Open),
@@ -81,10 +92,11 @@ fn wasm_select(c: &mut Criterion, group: &str, module: &str, n: u32) {
         .bench_with_input(BenchmarkId::new("wasm", n), &n, |b, _| {
             b.iter(|| black_box(runtime.select(0, 1, black_box(&conn))))
         });
+    warn_on_failures(&metrics, module, "select", n);
 }
 
 fn wasm_update(c: &mut Criterion, group: &str, module: &str, n: u32) {
-    let runtime = runtime(module);
+    let (runtime, metrics) = runtime(module);
     let eps = endpoints(n);
     let mut group = c.benchmark_group(group);
     group.sample_size(10);
@@ -98,6 +110,8 @@ fn wasm_update(c: &mut Criterion, group: &str, module: &str, n: u32) {
             black_box(answer)
         })
     });
+    drop(group);
+    warn_on_failures(&metrics, module, "update", n);
 }
 
 fn output_dir() -> PathBuf {

@@ -197,9 +197,8 @@ const MINIMAL: &str = r#"//! `__NAME__`: say here, in one line, how this policy 
 //! yet. Add fields to `Settings`; unknown keys are refused with their name.
 
 use serde::Deserialize;
-use weir_sdk::{
-    Connection, Decision, Eligibility, Endpoint, EndpointId, LogLevel, Node, Policy, Service,
-};
+use weir_sdk::config::Layered;
+use weir_sdk::{Connection, Decision, Eligibility, Endpoint, EndpointId, Node, Policy, Service};
 
 /// Settings: the policy's configuration with a Service's annotation over it.
 #[derive(Clone, Debug, Default, Deserialize)]
@@ -207,7 +206,7 @@ use weir_sdk::{
 pub struct Settings {}
 
 pub struct __CAMEL__ {
-    defaults: weir_sdk::config::Object,
+    settings: Layered<Settings>,
 }
 
 /// What the policy keeps per service port between calls.
@@ -223,20 +222,18 @@ impl Policy for __CAMEL__ {
     /// Once per instance, with the policy's configuration ("" when none). An `Err` refuses
     /// the module with that message; the previous version keeps serving.
     fn configure(config: &str) -> Result<Self, String> {
-        let defaults = weir_sdk::config::object(config)?;
-        weir_sdk::config::layered::<Settings>(&defaults, None)?;
-        Ok(__CAMEL__ { defaults })
+        Ok(__CAMEL__ {
+            settings: Layered::configure(config)?,
+        })
     }
 
     /// When a service port appears or its Service, endpoints or node change: which
     /// endpoints may serve internal and external traffic. kube-proxy's answer is the safe
     /// start (readiness, terminating fallback, topology, traffic policies, reject/drop).
     fn update(&self, state: &mut State, service: &Service, node: &Node, endpoints: &[Endpoint]) -> Eligibility {
-        let (settings, error) = weir_sdk::config::for_service(&self.defaults, service, state.settings.as_ref());
-        if let Some(error) = error {
-            weir_sdk::log(LogLevel::Warn, &error);
-        }
-        state.settings = Some(settings);
+        // This Service's weir.dev/policy-config over the policy's; a bad one is logged and
+        // the last good settings kept.
+        state.settings = Some(self.settings.for_service(service, state.settings.as_ref()));
         weir_sdk::kube::kube_proxy_eligibility(service, node, endpoints)
     }
 

@@ -12,12 +12,13 @@
 //! `zone`. Unlike topology hints, this needs no EndpointSlice controller support.
 
 use serde::Deserialize;
+use weir_sdk::config::Layered;
 use weir_sdk::connections::ActiveConnections;
 use weir_sdk::ids::IdMap;
 use weir_sdk::scoped::PerScope;
 use weir_sdk::{
-    Capabilities, Connection, Decision, Eligibility, Endpoint, EndpointId, LogLevel, Node, Outcome,
-    Policy, Service,
+    Capabilities, Connection, Decision, Eligibility, Endpoint, EndpointId, Node, Outcome, Policy,
+    Service,
 };
 
 #[derive(Clone, Debug, Default, Deserialize, PartialEq)]
@@ -28,7 +29,7 @@ pub struct Settings {
 }
 
 pub struct Locality {
-    defaults: weir_sdk::config::Object,
+    settings: Layered<Settings>,
 }
 
 /// Node, zone, everything.
@@ -114,9 +115,9 @@ impl Policy for Locality {
     type State = State;
 
     fn configure(config: &str) -> Result<Self, String> {
-        let defaults = weir_sdk::config::object(config)?;
-        weir_sdk::config::layered::<Settings>(&defaults, None)?;
-        Ok(Locality { defaults })
+        Ok(Locality {
+            settings: Layered::configure(config)?,
+        })
     }
 
     fn capabilities(&self) -> Capabilities {
@@ -133,11 +134,7 @@ impl Policy for Locality {
         endpoints: &[Endpoint],
     ) -> Eligibility {
         let eligibility = weir_sdk::kube::kube_proxy_eligibility(service, node, endpoints);
-        let (settings, error) =
-            weir_sdk::config::for_service(&self.defaults, service, state.settings.as_ref());
-        if let Some(error) = error {
-            weir_sdk::log(LogLevel::Warn, &error);
-        }
+        let settings = self.settings.for_service(service, state.settings.as_ref());
         let known = weir_sdk::ids::ById::new(endpoints);
         state.active.retain(|id| known.contains(id));
         let active = &state.active;

@@ -10,6 +10,7 @@
 //! - `hash`: `"ip"` (default) or `"ip-port"`.
 
 use serde::Deserialize;
+use weir_sdk::config::Layered;
 use weir_sdk::scoped::PerScope;
 use weir_sdk::{
     Connection, Decision, Eligibility, Endpoint, EndpointId, LogLevel, Node, Policy, Service, hash,
@@ -49,7 +50,7 @@ impl Default for Settings {
 }
 
 pub struct Maglev {
-    defaults: weir_sdk::config::Object,
+    settings: Layered<Settings>,
 }
 
 #[derive(Debug, Default)]
@@ -124,9 +125,9 @@ impl Policy for Maglev {
     type State = State;
 
     fn configure(config: &str) -> Result<Self, String> {
-        let defaults = weir_sdk::config::object(config)?;
-        weir_sdk::config::layered::<Settings>(&defaults, None)?;
-        Ok(Maglev { defaults })
+        Ok(Maglev {
+            settings: Layered::configure(config)?,
+        })
     }
 
     fn update(
@@ -137,11 +138,7 @@ impl Policy for Maglev {
         endpoints: &[Endpoint],
     ) -> Eligibility {
         let eligibility = weir_sdk::kube::kube_proxy_eligibility(service, node, endpoints);
-        let (mut settings, error) =
-            weir_sdk::config::for_service(&self.defaults, service, state.settings.as_ref());
-        if let Some(error) = error {
-            weir_sdk::log(LogLevel::Warn, &error);
-        }
+        let mut settings = self.settings.for_service(service, state.settings.as_ref());
         if !is_prime(settings.table_size) || settings.table_size as usize <= endpoints.len() {
             let size = next_prime((endpoints.len() as u32).saturating_mul(100).max(3));
             weir_sdk::log(

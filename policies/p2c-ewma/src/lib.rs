@@ -10,10 +10,11 @@
 //!   `failure_penalty_ms` (default 1000).
 
 use serde::Deserialize;
+use weir_sdk::config::Layered;
 use weir_sdk::connections::ActiveConnections;
 use weir_sdk::ids::IdMap;
 use weir_sdk::{
-    Capabilities, Connection, Decision, Eligibility, Endpoint, EndpointId, LogLevel, Node, Outcome,
+    Capabilities, Connection, Decision, Eligibility, Endpoint, EndpointId, Node, Outcome,
     OutcomeKind, Policy, Service,
 };
 
@@ -36,7 +37,7 @@ impl Default for Settings {
 }
 
 pub struct P2cEwma {
-    defaults: weir_sdk::config::Object,
+    settings: Layered<Settings>,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -98,9 +99,9 @@ impl Policy for P2cEwma {
     type State = State;
 
     fn configure(config: &str) -> Result<Self, String> {
-        let defaults = weir_sdk::config::object(config)?;
-        weir_sdk::config::layered::<Settings>(&defaults, None)?;
-        Ok(P2cEwma { defaults })
+        Ok(P2cEwma {
+            settings: Layered::configure(config)?,
+        })
     }
 
     fn capabilities(&self) -> Capabilities {
@@ -117,10 +118,7 @@ impl Policy for P2cEwma {
         endpoints: &[Endpoint],
     ) -> Eligibility {
         let last = state.configured.then_some(&state.settings);
-        let (settings, error) = weir_sdk::config::for_service(&self.defaults, service, last);
-        if let Some(error) = error {
-            weir_sdk::log(LogLevel::Warn, &error);
-        }
+        let settings = self.settings.for_service(service, last);
         state.settings = settings;
         state.configured = true;
         let known = weir_sdk::ids::ById::new(endpoints);

@@ -8,11 +8,10 @@
 //! Picks are O(1) whatever the number of endpoints (an alias table built in `update`).
 
 use serde::Deserialize;
+use weir_sdk::config::Layered;
 use weir_sdk::scoped::PerScope;
 use weir_sdk::weighted::{AliasTable, Weights};
-use weir_sdk::{
-    Connection, Decision, Eligibility, Endpoint, EndpointId, LogLevel, Node, Policy, Service,
-};
+use weir_sdk::{Connection, Decision, Eligibility, Endpoint, EndpointId, Node, Policy, Service};
 
 #[derive(Clone, Debug, Default, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
@@ -21,7 +20,7 @@ pub struct Settings {
 }
 
 pub struct Random {
-    defaults: weir_sdk::config::Object,
+    settings: Layered<Settings>,
 }
 
 #[derive(Default)]
@@ -35,9 +34,9 @@ impl Policy for Random {
     type State = State;
 
     fn configure(config: &str) -> Result<Self, String> {
-        let defaults = weir_sdk::config::object(config)?;
-        weir_sdk::config::layered::<Settings>(&defaults, None)?;
-        Ok(Random { defaults })
+        Ok(Random {
+            settings: Layered::configure(config)?,
+        })
     }
 
     fn update(
@@ -48,11 +47,7 @@ impl Policy for Random {
         endpoints: &[Endpoint],
     ) -> Eligibility {
         let eligibility = weir_sdk::kube::kube_proxy_eligibility(service, node, endpoints);
-        let (settings, error) =
-            weir_sdk::config::for_service(&self.defaults, service, state.settings.as_ref());
-        if let Some(error) = error {
-            weir_sdk::log(LogLevel::Warn, &error);
-        }
+        let settings = self.settings.for_service(service, state.settings.as_ref());
         state.tables = (!settings.weights.is_empty()).then(|| {
             PerScope::build(&eligibility, |ids| {
                 AliasTable::new(&settings.weights.for_ids(ids, endpoints))

@@ -9,9 +9,10 @@
 //! - `hash`: `"ip"` (default) or `"ip-port"`.
 
 use serde::Deserialize;
+use weir_sdk::config::Layered;
 use weir_sdk::scoped::PerScope;
 use weir_sdk::{
-    Connection, Decision, Eligibility, Endpoint, EndpointId, LogLevel, Node, Policy, Service, hash,
+    Connection, Decision, Eligibility, Endpoint, EndpointId, Node, Policy, Service, hash,
 };
 
 #[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
@@ -41,7 +42,7 @@ impl Default for Settings {
 }
 
 pub struct RingHash {
-    defaults: weir_sdk::config::Object,
+    settings: Layered<Settings>,
 }
 
 #[derive(Debug, Default)]
@@ -86,9 +87,9 @@ impl Policy for RingHash {
     type State = State;
 
     fn configure(config: &str) -> Result<Self, String> {
-        let defaults = weir_sdk::config::object(config)?;
-        weir_sdk::config::layered::<Settings>(&defaults, None)?;
-        Ok(RingHash { defaults })
+        Ok(RingHash {
+            settings: Layered::configure(config)?,
+        })
     }
 
     fn update(
@@ -99,11 +100,7 @@ impl Policy for RingHash {
         endpoints: &[Endpoint],
     ) -> Eligibility {
         let eligibility = weir_sdk::kube::kube_proxy_eligibility(service, node, endpoints);
-        let (settings, error) =
-            weir_sdk::config::for_service(&self.defaults, service, state.settings.as_ref());
-        if let Some(error) = error {
-            weir_sdk::log(LogLevel::Warn, &error);
-        }
+        let settings = self.settings.for_service(service, state.settings.as_ref());
         state.rings = PerScope::build(&eligibility, |ids| ring(ids, endpoints, &settings));
         state.settings = Some(settings);
         eligibility

@@ -11,11 +11,10 @@
 //! `round-robin.wasm` and annotate a Service with `weir.dev/policy: round-robin`.
 
 use serde::Deserialize;
+use weir_sdk::config::Layered;
 use weir_sdk::scoped::PerScope;
 use weir_sdk::weighted::{Weights, schedule};
-use weir_sdk::{
-    Connection, Decision, Eligibility, Endpoint, EndpointId, LogLevel, Node, Policy, Service,
-};
+use weir_sdk::{Connection, Decision, Eligibility, Endpoint, EndpointId, Node, Policy, Service};
 
 #[derive(Clone, Debug, Default, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
@@ -24,7 +23,7 @@ pub struct Settings {
 }
 
 pub struct RoundRobin {
-    defaults: weir_sdk::config::Object,
+    settings: Layered<Settings>,
 }
 
 /// Per service port: the weighted order (if any) and the position in it, per scope.
@@ -39,9 +38,9 @@ impl Policy for RoundRobin {
     type State = State;
 
     fn configure(config: &str) -> Result<Self, String> {
-        let defaults = weir_sdk::config::object(config)?;
-        weir_sdk::config::layered::<Settings>(&defaults, None)?;
-        Ok(RoundRobin { defaults })
+        Ok(RoundRobin {
+            settings: Layered::configure(config)?,
+        })
     }
 
     fn update(
@@ -52,11 +51,7 @@ impl Policy for RoundRobin {
         endpoints: &[Endpoint],
     ) -> Eligibility {
         let eligibility = weir_sdk::kube::kube_proxy_eligibility(service, node, endpoints);
-        let (settings, error) =
-            weir_sdk::config::for_service(&self.defaults, service, state.settings.as_ref());
-        if let Some(error) = error {
-            weir_sdk::log(LogLevel::Warn, &error);
-        }
+        let settings = self.settings.for_service(service, state.settings.as_ref());
         state.schedules = (!settings.weights.is_empty()).then(|| {
             PerScope::build(&eligibility, |ids| {
                 schedule(&settings.weights.for_ids(ids, endpoints))

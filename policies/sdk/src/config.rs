@@ -58,6 +58,36 @@ pub fn for_service<T: DeserializeOwned + Clone + Default>(
     }
 }
 
+/// A policy's settings type `T` with the policy's own configuration as the defaults that
+/// each Service's `weir.dev/policy-config` is layered over. Keep one in the policy.
+#[derive(Clone, Debug)]
+pub struct Layered<T> {
+    defaults: Object,
+    settings: std::marker::PhantomData<fn() -> T>,
+}
+
+impl<T: DeserializeOwned + Clone + Default> Layered<T> {
+    /// From `configure`'s text: refuses settings `T` cannot read, naming the field.
+    pub fn configure(config: &str) -> Result<Self, String> {
+        let defaults = object(config)?;
+        layered::<T>(&defaults, None)?;
+        Ok(Layered {
+            defaults,
+            settings: std::marker::PhantomData,
+        })
+    }
+
+    /// The settings for `service`. A bad annotation is logged and `last_good` (else the
+    /// defaults) used instead: bad input never stops a service from being served.
+    pub fn for_service(&self, service: &crate::Service, last_good: Option<&T>) -> T {
+        let (settings, error) = for_service(&self.defaults, service, last_good);
+        if let Some(error) = error {
+            crate::log(crate::LogLevel::Warn, &error);
+        }
+        settings
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
