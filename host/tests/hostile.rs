@@ -88,34 +88,53 @@ fn infinite_loop_in_select_times_out_and_fails_open() {
 }
 
 #[test]
-fn a_failing_service_is_quarantined_until_its_next_update() {
-    let (f, _) = fixture("loop-select", FailureMode::Open);
-    f.runtime.select(0, HOSTILE, &connection(1));
-    assert_eq!(f.failures(Call::select, Reason::timeout), 1);
-    // On worker 0 the service now follows its failure mode without calling the policy.
+fn a_failing_select_is_quarantined_then_tried_again() {
+    let limits = weir::policy::Limits {
+        quarantine: std::time::Duration::from_millis(200),
+        ..weir::test_helpers::test_limits()
+    };
+    let (engine, metrics) = weir::test_helpers::engine_with(limits);
+    let compiled = engine
+        .load("hostile", "hostile.wasm", &guest_bytes("hostile"))
+        .unwrap();
+    let runtime = PolicyRuntime::new(engine, compiled, "", 2).unwrap();
+    let hostile = || {
+        input(
+            service("hostile", Some("panic-select")),
+            endpoints(2, 3),
+            FailureMode::Open,
+        )
+    };
+    runtime.update(HOSTILE, hostile());
+    let traps = || metrics.failures_of("hostile", Call::select, Reason::trap);
+
+    runtime.select(0, HOSTILE, &connection(1));
+    assert_eq!(traps(), 1);
+    // Quarantined on worker 0: the failure mode answers without calling the policy.
+    let started = std::time::Instant::now();
     for client in 0..5 {
         assert!(in_subnet(
-            f.runtime.select(0, HOSTILE, &connection(client)),
+            runtime.select(0, HOSTILE, &connection(client)),
             2
         ));
     }
-    assert_eq!(f.failures(Call::select, Reason::timeout), 1);
-    assert_eq!(f.metrics.fallbacks_of("hostile", Mode::open), 6);
-    // Worker 1's instance has not failed yet: it is tried, and contained, once.
-    f.runtime.select(1, HOSTILE, &connection(1));
-    assert_eq!(f.failures(Call::select, Reason::timeout), 2);
-    // A new update gives the policy another chance on every worker.
-    f.runtime.update(
-        HOSTILE,
-        input(
-            service("hostile", Some("loop-select")),
-            endpoints(2, 3),
-            FailureMode::Open,
-        ),
-    );
-    f.runtime.select(0, HOSTILE, &connection(1));
-    assert_eq!(f.failures(Call::select, Reason::timeout), 3);
-    f.healthy_service_unaffected();
+    if started.elapsed() < std::time::Duration::from_millis(200) {
+        assert_eq!(traps(), 1, "no call during the quarantine");
+    }
+    // Worker 1 has its own instance: tried, and contained, once.
+    runtime.select(1, HOSTILE, &connection(1));
+    assert_eq!(traps(), 2);
+    // After the backoff the policy is tried again (and, still hostile, contained again).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while traps() < 3 {
+        assert!(std::time::Instant::now() < deadline, "never retried");
+        runtime.select(0, HOSTILE, &connection(1));
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    // A new update lifts the quarantine at once.
+    runtime.update(HOSTILE, hostile());
+    runtime.select(0, HOSTILE, &connection(1));
+    assert_eq!(traps(), 4);
 }
 
 #[test]

@@ -269,7 +269,7 @@ fn p2c_ewma_avoids_a_slow_endpoint_through_the_host() {
 }
 
 #[test]
-fn every_library_policy_serves_a_thousand_endpoints_under_production_deadlines() {
+fn every_library_policy_serves_a_thousand_endpoints() {
     let eps: Vec<weir_sdk::Endpoint> = (1..=1024u32)
         .map(|id| {
             let ip = std::net::IpAddr::from([198, 18, (id >> 8) as u8, id as u8]);
@@ -287,10 +287,11 @@ fn every_library_policy_serves_a_thousand_endpoints_under_production_deadlines()
         "locality",
         "client-ip-affinity",
     ] {
-        // Production select deadline; an update deadline a loaded machine cannot miss.
+        // Whether each policy works at this size; what it costs is the benchmark's question
+        // (deadlines are wall-clock, so tests on a loaded machine keep them out of the way).
         let limits = weir::policy::Limits {
             update_deadline: std::time::Duration::from_secs(5),
-            ..weir::policy::Limits::default()
+            ..weir::test_helpers::test_limits()
         };
         let (engine, metrics) = weir::test_helpers::engine_with(limits);
         let compiled = engine.load(module, module, &guest_bytes(module)).unwrap();
@@ -305,21 +306,13 @@ fn every_library_policy_serves_a_thousand_endpoints_under_production_deadlines()
             1024,
             "{module}"
         );
-        let mut failed = 0;
         for client in 0..200u32 {
-            if !matches!(
-                runtime.select(0, 1, &connection(client as u8)),
-                HostDecision::Forward { .. }
-            ) {
-                failed += 1;
-            }
+            let decision = runtime.select(0, 1, &connection(client as u8));
+            assert!(
+                matches!(decision, HostDecision::Forward { .. }),
+                "{module}: {decision:?}"
+            );
         }
-        // A descheduled call can miss 1 ms on a loaded machine; a policy that fails by
-        // itself fails every time.
-        assert!(
-            failed < 20,
-            "{module}: {failed} of 200 selects failed: {:?}",
-            metrics.failures_total(module)
-        );
+        assert_eq!(metrics.failures_total(module), 0, "{module}");
     }
 }

@@ -20,6 +20,9 @@ pub struct Limits {
     pub log_message_bytes: usize,
     /// Live instances the engine's pooling allocator has room for, over all policies.
     pub max_instances: u32,
+    /// How long a service follows its failure mode after its first `select` failure before
+    /// its policy is tried again; doubles per consecutive failure, up to a minute.
+    pub quarantine: Duration,
 }
 
 impl Default for Limits {
@@ -32,6 +35,7 @@ impl Default for Limits {
             log_bytes_per_call: 64 << 10,
             log_message_bytes: 1 << 10,
             max_instances: 128,
+            quarantine: Duration::from_secs(1),
         }
     }
 }

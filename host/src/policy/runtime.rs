@@ -7,13 +7,16 @@
 //! never contend with each other; a failure also takes the service table (to replay it
 //! into a fresh instance) and the fallback (to answer with the failure mode).
 //!
-//! A service whose call fails is quarantined on that worker: its traffic follows its
-//! failure mode until its next update gives the policy another chance, so a policy that
-//! always fails costs one rebuild, not one per connection.
+//! A service whose `update` fails follows its failure mode on that worker until its next
+//! update gives the policy another chance. A service whose `select` fails is quarantined
+//! for a backoff (`Limits::quarantine`, doubling per consecutive failure up to a minute),
+//! then tried again: a call descheduled past its deadline costs a moment, and a policy
+//! that always fails costs a rebuild now and then, not one per connection.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::time::{Duration, Instant};
 
 use kube_default::KubeDefault;
 use weir_sdk::ids::IdMap;
@@ -98,7 +101,23 @@ struct WorkerService {
     /// Set when this service's last update failed on this worker: its traffic follows the
     /// failure mode until its next successful update.
     failure: Option<CallError>,
+    /// Set when a `select` or `observe` for this service failed: its traffic follows the
+    /// failure mode until then, and the policy is tried again after.
+    quarantine: Option<Quarantine>,
 }
+
+/// A service's backoff after data-plane failures: one failure (a descheduled call can miss
+/// a 1 ms deadline) costs a moment on the failure mode; repeated failures back off to
+/// [`MAX_QUARANTINE`], so a policy that always fails costs a rebuild now and then, not one
+/// per connection.
+#[derive(Clone, Copy, Debug)]
+struct Quarantine {
+    until: Instant,
+    strikes: u32,
+}
+
+/// The longest a service waits before its policy is tried again.
+const MAX_QUARANTINE: Duration = Duration::from_secs(60);
 
 #[derive(Clone, Copy)]
 struct Target {
@@ -144,6 +163,7 @@ impl WorkerService {
             eligibility,
             targets,
             failure,
+            quarantine: None,
         }
     }
 }
@@ -267,7 +287,9 @@ impl PolicyRuntime {
             if set.endpoints.is_empty() {
                 return host_decision(set.empty_decision(), &service.input);
             }
-            if service.failure.is_some() {
+            if service.failure.is_some()
+                || service.quarantine.is_some_and(|q| Instant::now() < q.until)
+            {
                 return self.failure_mode(handle, &service.input, connection);
             }
             let Some(instance) = w.instance.as_mut() else {
@@ -277,9 +299,13 @@ impl PolicyRuntime {
             let error = match answer {
                 Ok(wit::Decision::Forward(id)) => match service.targets.get(&id) {
                     Some(target) if target.allows(connection.scope) => {
+                        let address = target.address;
+                        if service.quarantine.is_some() {
+                            w.services.get_mut(&handle).expect("present").quarantine = None;
+                        }
                         return HostDecision::Forward {
                             endpoint: id,
-                            address: target.address,
+                            address,
                         };
                     }
                     Some(_) => CallError::invalid(format!(
@@ -330,9 +356,18 @@ impl PolicyRuntime {
     fn quarantine(&self, worker: &mut Worker, handle: u32, call: CallKind, error: &CallError) {
         self.failed(call, error);
         worker.instance = None;
-        if let Some(input) = worker.services.get(&handle).map(|s| s.input.clone()) {
-            let fallback = self.fallback_eligibility(handle);
-            self.degrade(worker, handle, &input, &fallback, error);
+        if let Some(service) = worker.services.get_mut(&handle) {
+            let strikes = service.quarantine.map_or(0, |q| q.strikes) + 1;
+            let backoff = self
+                .engine
+                .limits
+                .quarantine
+                .saturating_mul(1 << (strikes - 1).min(16))
+                .min(MAX_QUARANTINE);
+            service.quarantine = Some(Quarantine {
+                until: Instant::now() + backoff,
+                strikes,
+            });
         }
     }
 
@@ -444,9 +479,11 @@ impl PolicyRuntime {
                 }
                 match call_update(&mut instance, handle, input) {
                     Ok(eligibility) => {
-                        worker
-                            .services
-                            .insert(handle, WorkerService::new(input.clone(), eligibility, None));
+                        // A replay is not news: a quarantine stands until it runs out.
+                        let quarantine = worker.services.get(&handle).and_then(|s| s.quarantine);
+                        let mut service = WorkerService::new(input.clone(), eligibility, None);
+                        service.quarantine = quarantine;
+                        worker.services.insert(handle, service);
                     }
                     Err(error) => {
                         self.failed(CallKind::Update, &error);

@@ -4,9 +4,8 @@
 //! once) until the host reports them closed or failed.
 //!
 //! No configuration. Each data-plane worker counts its own connections; with several
-//! workers the balance is per worker. Picks are O(log n) (an ordered set per scope).
-
-use std::collections::BTreeSet;
+//! workers the balance is per worker. Picks are O(1): endpoints sit in buckets by active
+//! count, each bucket a list from least to most recently touched.
 
 use weir_sdk::connections::ActiveConnections;
 use weir_sdk::ids::IdMap;
@@ -18,54 +17,104 @@ use weir_sdk::{
 
 pub struct LeastConnections;
 
-/// Endpoints ordered by (active connections, last chosen), per scope.
+const NIL: u32 = u32::MAX;
+
+/// One scope's endpoints in buckets by active connections; within a bucket, a doubly
+/// linked list (by slot index) from least to most recently touched.
 #[derive(Clone, Debug, Default)]
-struct Order {
-    set: BTreeSet<(u32, u64, EndpointId)>,
-    key: IdMap<(u32, u64)>,
+struct Buckets {
+    slot: IdMap<u32>,
+    ids: Vec<EndpointId>,
+    count: Vec<u32>,
+    prev: Vec<u32>,
+    next: Vec<u32>,
+    head: Vec<u32>,
+    tail: Vec<u32>,
+    /// No bucket below this one holds an endpoint.
+    lowest: usize,
 }
 
-impl Order {
-    /// Stamps `first_stamp..` in id order: fresh and older than anything touched later.
-    fn new(ids: &[EndpointId], active: &ActiveConnections, first_stamp: u64) -> Self {
-        let mut order = Order::default();
-        for (rank, &id) in ids.iter().enumerate() {
-            order.insert(id, active.get(id), first_stamp + rank as u64);
+impl Buckets {
+    fn new(ids: &[EndpointId], active: &ActiveConnections) -> Self {
+        let mut buckets = Buckets::default();
+        for &id in ids {
+            let slot = buckets.ids.len() as u32;
+            buckets.slot.insert(id, slot);
+            buckets.ids.push(id);
+            buckets.count.push(active.get(id));
+            buckets.prev.push(NIL);
+            buckets.next.push(NIL);
+            buckets.push_back(slot);
         }
-        order
+        buckets.lowest = 0;
+        buckets
     }
 
-    fn insert(&mut self, id: EndpointId, active: u32, stamp: u64) {
-        self.set.insert((active, stamp, id));
-        self.key.insert(id, (active, stamp));
+    fn push_back(&mut self, slot: u32) {
+        let bucket = self.count[slot as usize] as usize;
+        if self.head.len() <= bucket {
+            self.head.resize(bucket + 1, NIL);
+            self.tail.resize(bucket + 1, NIL);
+        }
+        let tail = self.tail[bucket];
+        self.prev[slot as usize] = tail;
+        self.next[slot as usize] = NIL;
+        if tail == NIL {
+            self.head[bucket] = slot;
+        } else {
+            self.next[tail as usize] = slot;
+        }
+        self.tail[bucket] = slot;
+        self.lowest = self.lowest.min(bucket);
     }
 
-    /// Moves `id` (if present) to its new count, as the most recently touched.
-    fn rekey(&mut self, id: EndpointId, active: u32, stamp: u64) {
-        if let Some((old_active, old_stamp)) = self.key.get(&id).copied() {
-            self.set.remove(&(old_active, old_stamp, id));
-            self.insert(id, active, stamp);
+    fn unlink(&mut self, slot: u32) {
+        let bucket = self.count[slot as usize] as usize;
+        let (prev, next) = (self.prev[slot as usize], self.next[slot as usize]);
+        if prev == NIL {
+            self.head[bucket] = next;
+        } else {
+            self.next[prev as usize] = next;
+        }
+        if next == NIL {
+            self.tail[bucket] = prev;
+        } else {
+            self.prev[next as usize] = prev;
         }
     }
 
-    fn first(&self) -> Option<EndpointId> {
-        self.set.first().map(|(_, _, id)| *id)
+    /// Moves `id` (if present) to `count`, as the most recently touched there.
+    fn set(&mut self, id: EndpointId, count: u32) {
+        if let Some(&slot) = self.slot.get(&id) {
+            self.unlink(slot);
+            self.count[slot as usize] = count;
+            self.push_back(slot);
+        }
+    }
+
+    fn first(&mut self) -> Option<EndpointId> {
+        while self.lowest < self.head.len() {
+            let slot = self.head[self.lowest];
+            if slot != NIL {
+                return Some(self.ids[slot as usize]);
+            }
+            self.lowest += 1;
+        }
+        None
     }
 }
 
 #[derive(Debug, Default)]
 pub struct State {
     active: ActiveConnections,
-    order: PerScope<Order>,
-    stamp: u64,
+    buckets: PerScope<Buckets>,
 }
 
 impl State {
     fn touch(&mut self, id: EndpointId) {
-        self.stamp += 1;
-        let active = self.active.get(id);
-        self.order.internal.rekey(id, active, self.stamp);
-        self.order.external.rekey(id, active, self.stamp);
+        let count = self.active.get(id);
+        self.buckets.internal.set(id, count);
+        self.buckets.external.set(id, count);
     }
 }
 
@@ -99,9 +148,7 @@ impl Policy for LeastConnections {
         let known = weir_sdk::ids::ById::new(endpoints);
         state.active.retain(|id| known.contains(id));
         let active = &state.active;
-        let first_stamp = state.stamp + 1;
-        state.order = PerScope::build(&eligibility, |ids| Order::new(ids, active, first_stamp));
-        state.stamp += endpoints.len() as u64 + 1;
+        state.buckets = PerScope::build(&eligibility, |ids| Buckets::new(ids, active));
         eligibility
     }
 
@@ -113,8 +160,8 @@ impl Policy for LeastConnections {
         connection: &Connection,
     ) -> Decision {
         let endpoint = state
-            .order
-            .get(connection.scope)
+            .buckets
+            .get_mut(connection.scope)
             .first()
             .unwrap_or(eligible[0]);
         state.active.opened(endpoint);
