@@ -122,6 +122,9 @@ pub struct ScopeReport {
     /// Where the forwarded connections went, by endpoint.
     pub endpoints: Vec<EndpointShare>,
     pub latency_nanos: Latency,
+    /// Policy calls that failed while these connections were decided (their answers came
+    /// from the service's failure mode, not the policy).
+    pub failures: u64,
 }
 
 #[derive(Debug, Serialize)]
@@ -234,6 +237,7 @@ fn run_inner(options: &Options) -> Result<Report, String> {
 
     let mut world = World {
         runtime,
+        metrics: metrics.clone(),
         identities: Identities::default(),
         node: options.node.clone(),
         clients: Clients::new(options),
@@ -299,6 +303,7 @@ fn read_script(path: &Path) -> Result<Vec<Change>, String> {
 /// The runtime and the identities that persist across steps.
 struct World {
     runtime: PolicyRuntime,
+    metrics: Arc<PolicyMetrics>,
     identities: Identities,
     node: String,
     clients: Clients,
@@ -320,6 +325,8 @@ struct Runs {
     external: Option<Vec<Result<SocketAddr, HostDecision>>>,
     internal_latency: Vec<u64>,
     external_latency: Vec<u64>,
+    internal_failures: u64,
+    external_failures: u64,
 }
 
 impl World {
@@ -361,10 +368,15 @@ impl World {
     fn send(&mut self, port: &Port) -> Runs {
         let family_v6 = port.input.service.cluster_ip.is_ipv6();
         let clients = self.clients.for_family(family_v6);
+        let policy = self.runtime.name().to_string();
+        let failures = |metrics: &PolicyMetrics| metrics.failures_total(&policy);
         let internal_destination =
             SocketAddr::new(port.input.service.cluster_ip, port.input.service.port);
+        let before = failures(&self.metrics);
         let (internal, internal_latency) =
             self.connect_all(port, &clients, Scope::Internal, internal_destination);
+        let internal_failures = failures(&self.metrics) - before;
+        let before = failures(&self.metrics);
         let (external, external_latency) = if port.externally_accessible {
             let s = &port.input.service;
             let destination = match (s.load_balancer_ips.first(), s.external_ips.first()) {
@@ -388,6 +400,8 @@ impl World {
             external,
             internal_latency,
             external_latency,
+            internal_failures,
+            external_failures: failures(&self.metrics) - before,
         }
     }
 
@@ -443,9 +457,15 @@ impl Port {
                 &self.eligibility.internal,
                 &runs.internal,
                 &runs.internal_latency,
+                runs.internal_failures,
             ),
             external: runs.external.as_ref().map(|external| {
-                self.scope_report(&self.eligibility.external, external, &runs.external_latency)
+                self.scope_report(
+                    &self.eligibility.external,
+                    external,
+                    &runs.external_latency,
+                    runs.external_failures,
+                )
             }),
             policy_failure: self.failure.clone(),
         }
@@ -456,6 +476,7 @@ impl Port {
         set: &EndpointSet,
         runs: &[Result<SocketAddr, HostDecision>],
         latency: &[u64],
+        failures: u64,
     ) -> ScopeReport {
         let mut eligible: Vec<String> = set
             .endpoints
@@ -501,6 +522,7 @@ impl Port {
                 })
                 .collect(),
             latency_nanos: percentiles(latency),
+            failures,
         }
     }
 }
@@ -853,6 +875,13 @@ pub fn table(report: &Report) -> String {
                 r.latency_nanos.p50 as f64 / 1000.0,
                 r.latency_nanos.p99 as f64 / 1000.0,
             );
+            if r.failures > 0 {
+                let _ = writeln!(
+                    out,
+                    "    {} policy calls failed here: these answers are the failure mode's, not the policy's",
+                    r.failures
+                );
+            }
             for e in &r.endpoints {
                 let _ = writeln!(
                     out,

@@ -145,7 +145,17 @@ serde = {{ version = "1", features = ["derive"] }}
     Ok(files.into_iter().map(|(path, _)| path).collect())
 }
 
+/// Names a new policy cannot take: this workspace's own crates and Rust's keywords.
+const RESERVED: &[&str] = &[
+    "weir", "weir-sdk", "sdk", "self", "super", "crate", "std", "core", "alloc", "test",
+];
+
 fn validate_name(name: &str) -> Result<(), String> {
+    if RESERVED.contains(&name) || TEMPLATES.iter().any(|(t, _)| *t == name) {
+        return Err(format!(
+            "`{name}` is taken (by weir's own crates or its policy library); choose another name"
+        ));
+    }
     let ok = name.chars().next().is_some_and(|c| c.is_ascii_lowercase())
         && name
             .chars()
@@ -286,6 +296,8 @@ mod tests {
         assert!(validate_name("least-busy").is_ok());
         assert!(validate_name("Least").is_err());
         assert!(validate_name("9lives").is_err());
+        assert!(validate_name("weir-sdk").unwrap_err().contains("taken"));
+        assert!(validate_name("maglev").unwrap_err().contains("taken"));
     }
 
     #[test]

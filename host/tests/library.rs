@@ -103,16 +103,6 @@ fn hashing_policies_move_about_one_nth_when_one_of_n_goes() {
         let share = web.moved as f64 / web.clients as f64;
         // One of ten endpoints left: its ~10% of clients must move; little else may.
         assert!((0.07..=0.14).contains(&share), "{module} moved {share}");
-        let edge_moves: usize = removal
-            .ports
-            .iter()
-            .filter(|p| p.service == "default/edge")
-            .map(|p| p.moved)
-            .sum();
-        assert_eq!(
-            edge_moves, 0,
-            "{module}: another service's clients never move"
-        );
     }
 }
 

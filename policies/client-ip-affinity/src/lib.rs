@@ -29,6 +29,32 @@ impl Policy for Uniform {
         }
     }
 
+    fn update(
+        &self,
+        _: &mut (),
+        service: &Service,
+        node: &weir_sdk::Node,
+        endpoints: &[weir_sdk::Endpoint],
+    ) -> weir_sdk::Eligibility {
+        // Sticky took its key out; whatever is left is a mistake worth a word.
+        if let Some(key) = service
+            .config
+            .as_deref()
+            .and_then(|c| weir_sdk::config::object(c).ok())
+            .and_then(|o| o.keys().next().cloned())
+        {
+            weir_sdk::log(
+                weir_sdk::LogLevel::Warn,
+                &format!(
+                    "weir.dev/policy-config of {}: unknown setting `{key}` ignored; client-ip-affinity takes only `{}`",
+                    service.display_name(),
+                    weir_sdk::sticky::TIMEOUT_KEY
+                ),
+            );
+        }
+        weir_sdk::kube::kube_proxy_eligibility(service, node, endpoints)
+    }
+
     fn select(&self, _: &mut (), _: &Service, eligible: &[EndpointId], _: &Connection) -> Decision {
         Decision::Forward(eligible[weir_sdk::random_below(eligible.len())])
     }

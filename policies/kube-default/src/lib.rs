@@ -33,6 +33,22 @@ impl Policy for KubeDefault {
         }
     }
 
+    fn update(
+        &self,
+        state: &mut State,
+        service: &Service,
+        node: &weir_sdk::Node,
+        endpoints: &[weir_sdk::Endpoint],
+    ) -> weir_sdk::Eligibility {
+        let eligibility = weir_sdk::kube::kube_proxy_eligibility(service, node, endpoints);
+        // Clients of endpoints that are gone hold no place in the affinity table.
+        let mut eligible: Vec<EndpointId> = eligibility.internal.endpoints.clone();
+        eligible.extend(&eligibility.external.endpoints);
+        eligible.sort_unstable();
+        state.affinity.retain_endpoints(&eligible);
+        eligibility
+    }
+
     fn select(
         &self,
         state: &mut State,

@@ -1,26 +1,30 @@
 //! `least-connections`: kube-proxy's eligibility, then the eligible endpoint with the
-//! fewest active connections placed by this instance, the least recently chosen among
-//! equals. Connections count from the moment they are forwarded (so a burst spreads at
-//! once) until the host reports them closed or failed.
+//! fewest active connections placed by this instance; among equals, the one whose count
+//! changed longest ago (order starts over, by id, at each update). Connections count from
+//! the moment they are forwarded (so a burst spreads at once) until the host reports them
+//! closed or failed.
 //!
 //! No configuration. Each data-plane worker counts its own connections; with several
-//! workers the balance is per worker. Picks are O(1): endpoints sit in buckets by active
-//! count, each bucket a list from least to most recently touched.
+//! workers the balance is per worker. Picks are O(log k) for k distinct counts: endpoints
+//! sit in buckets by active count, each bucket a list in the order described above.
+
+use std::collections::BTreeMap;
 
 use weir_sdk::connections::ActiveConnections;
 use weir_sdk::ids::IdMap;
 use weir_sdk::scoped::PerScope;
 use weir_sdk::{
-    Capabilities, Connection, Decision, Eligibility, Endpoint, EndpointId, Node, Outcome, Policy,
-    Service,
+    Capabilities, Connection, Decision, Eligibility, Endpoint, EndpointId, LogLevel, Node, Outcome,
+    Policy, Service,
 };
 
 pub struct LeastConnections;
 
 const NIL: u32 = u32::MAX;
 
-/// One scope's endpoints in buckets by active connections; within a bucket, a doubly
-/// linked list (by slot index) from least to most recently touched.
+/// One scope's endpoints in buckets by active connections (only non-empty buckets are
+/// kept, so a count in the millions costs nothing); within a bucket, a doubly linked list
+/// by slot index.
 #[derive(Clone, Debug, Default)]
 struct Buckets {
     slot: IdMap<u32>,
@@ -28,10 +32,8 @@ struct Buckets {
     count: Vec<u32>,
     prev: Vec<u32>,
     next: Vec<u32>,
-    head: Vec<u32>,
-    tail: Vec<u32>,
-    /// No bucket below this one holds an endpoint.
-    lowest: usize,
+    /// Count -> (head, tail).
+    lists: BTreeMap<u32, (u32, u32)>,
 }
 
 impl Buckets {
@@ -46,44 +48,51 @@ impl Buckets {
             buckets.next.push(NIL);
             buckets.push_back(slot);
         }
-        buckets.lowest = 0;
         buckets
     }
 
     fn push_back(&mut self, slot: u32) {
-        let bucket = self.count[slot as usize] as usize;
-        if self.head.len() <= bucket {
-            self.head.resize(bucket + 1, NIL);
-            self.tail.resize(bucket + 1, NIL);
-        }
-        let tail = self.tail[bucket];
-        self.prev[slot as usize] = tail;
+        let count = self.count[slot as usize];
         self.next[slot as usize] = NIL;
-        if tail == NIL {
-            self.head[bucket] = slot;
-        } else {
-            self.next[tail as usize] = slot;
+        match self.lists.get_mut(&count) {
+            None => {
+                self.prev[slot as usize] = NIL;
+                self.lists.insert(count, (slot, slot));
+            }
+            Some((_, tail)) => {
+                self.prev[slot as usize] = *tail;
+                self.next[*tail as usize] = slot;
+                *tail = slot;
+            }
         }
-        self.tail[bucket] = slot;
-        self.lowest = self.lowest.min(bucket);
     }
 
     fn unlink(&mut self, slot: u32) {
-        let bucket = self.count[slot as usize] as usize;
+        let count = self.count[slot as usize];
         let (prev, next) = (self.prev[slot as usize], self.next[slot as usize]);
-        if prev == NIL {
-            self.head[bucket] = next;
-        } else {
+        if prev != NIL {
             self.next[prev as usize] = next;
         }
-        if next == NIL {
-            self.tail[bucket] = prev;
-        } else {
+        if next != NIL {
             self.prev[next as usize] = prev;
+        }
+        match (prev, next) {
+            (NIL, NIL) => {
+                self.lists.remove(&count);
+            }
+            _ => {
+                let list = self.lists.get_mut(&count).expect("slot's bucket exists");
+                if prev == NIL {
+                    list.0 = next;
+                }
+                if next == NIL {
+                    list.1 = prev;
+                }
+            }
         }
     }
 
-    /// Moves `id` (if present) to `count`, as the most recently touched there.
+    /// Moves `id` (if present) to `count`, at the back of its new bucket.
     fn set(&mut self, id: EndpointId, count: u32) {
         if let Some(&slot) = self.slot.get(&id) {
             self.unlink(slot);
@@ -92,15 +101,10 @@ impl Buckets {
         }
     }
 
-    fn first(&mut self) -> Option<EndpointId> {
-        while self.lowest < self.head.len() {
-            let slot = self.head[self.lowest];
-            if slot != NIL {
-                return Some(self.ids[slot as usize]);
-            }
-            self.lowest += 1;
-        }
-        None
+    fn first(&self) -> Option<EndpointId> {
+        self.lists
+            .first_key_value()
+            .map(|(_, (head, _))| self.ids[*head as usize])
     }
 }
 
@@ -113,8 +117,9 @@ pub struct State {
 impl State {
     fn touch(&mut self, id: EndpointId) {
         let count = self.active.get(id);
-        self.buckets.internal.set(id, count);
-        self.buckets.external.set(id, count);
+        for buckets in self.buckets.each_mut() {
+            buckets.set(id, count);
+        }
     }
 }
 
@@ -145,6 +150,19 @@ impl Policy for LeastConnections {
         endpoints: &[Endpoint],
     ) -> Eligibility {
         let eligibility = weir_sdk::kube::kube_proxy_eligibility(service, node, endpoints);
+        if service
+            .config
+            .as_deref()
+            .is_some_and(|c| !c.trim().is_empty() && c.trim() != "{}")
+        {
+            weir_sdk::log(
+                LogLevel::Warn,
+                &format!(
+                    "weir.dev/policy-config of {}: least-connections takes no settings; ignored",
+                    service.display_name()
+                ),
+            );
+        }
         let known = weir_sdk::ids::ById::new(endpoints);
         state.active.retain(|id| known.contains(id));
         let active = &state.active;
@@ -161,12 +179,16 @@ impl Policy for LeastConnections {
     ) -> Decision {
         let endpoint = state
             .buckets
-            .get_mut(connection.scope)
+            .get(connection.scope)
             .first()
             .unwrap_or(eligible[0]);
+        self.forwarded(state, endpoint);
+        Decision::Forward(endpoint)
+    }
+
+    fn forwarded(&self, state: &mut State, endpoint: EndpointId) {
         state.active.opened(endpoint);
         state.touch(endpoint);
-        Decision::Forward(endpoint)
     }
 
     fn observe(&self, state: &mut State, outcome: &Outcome) {
@@ -258,18 +280,28 @@ mod tests {
 
     #[test]
     fn failed_connects_count_down_too() {
-        let mut d = driver(2);
-        let a = select(&mut d);
+        let mut d = driver(3);
+        let picks: Vec<EndpointId> = (0..3).map(|_| select(&mut d)).collect();
+        assert_eq!(picks, vec![1, 2, 3]);
+        // Endpoint 2's connection failed: it is the only one back at zero.
         d.observe(
             1,
             &Outcome {
-                endpoint: a,
+                endpoint: 2,
                 kind: OutcomeKind::ConnectFailed,
                 micros: 0,
             },
         );
-        let b = select(&mut d);
-        assert_ne!(a, b, "least recently chosen among equals");
-        assert_eq!(select(&mut d), a);
+        assert_eq!(select(&mut d), 2);
+    }
+
+    #[test]
+    fn counts_in_the_millions_cost_nothing() {
+        let mut d = driver(2);
+        for _ in 0..100_000 {
+            select(&mut d);
+        }
+        let one = select(&mut d);
+        assert!(one == 1 || one == 2);
     }
 }

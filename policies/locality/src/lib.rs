@@ -162,16 +162,22 @@ impl Policy for Locality {
         } else {
             set[weir_sdk::random_below(set.len())]
         };
-        state.active.opened(endpoint);
-        state.tiers.internal.adjust(endpoint, true);
-        state.tiers.external.adjust(endpoint, true);
+        self.forwarded(state, endpoint);
         Decision::Forward(endpoint)
+    }
+
+    fn forwarded(&self, state: &mut State, endpoint: EndpointId) {
+        state.active.opened(endpoint);
+        for tiers in state.tiers.each_mut() {
+            tiers.adjust(endpoint, true);
+        }
     }
 
     fn observe(&self, state: &mut State, outcome: &Outcome) {
         if let Some(id) = state.active.observe(outcome) {
-            state.tiers.internal.adjust(id, false);
-            state.tiers.external.adjust(id, false);
+            for tiers in state.tiers.each_mut() {
+                tiers.adjust(id, false);
+            }
         }
     }
 }

@@ -5,8 +5,13 @@
 //! move.
 //!
 //! Configuration (`weir.dev/policy-config`, JSON; every key optional):
-//! - `table_size`: a prime larger than the endpoint count (default 65537). When it is not,
-//!   the smallest prime above 100 × endpoints is used and a warning logged.
+//! - `table_size`: a prime larger than the endpoint count, at most 1,000,003 (default
+//!   65537). When it is not prime or too small, the smallest prime above 100 × endpoints
+//!   is used; when too large, 65537; either way a warning is logged.
+//!
+//! Memory: a table is 4 bytes a slot, one per port (two when internal and external traffic
+//! have different endpoints), in the instance's memory (16 MiB by default, shared by every
+//! port using the policy): about 60 ports at the default size. Lower `table_size` for more.
 //! - `hash`: `"ip"` (default) or `"ip-port"`.
 
 use serde::Deserialize;
@@ -48,6 +53,9 @@ impl Default for Settings {
         }
     }
 }
+
+/// The largest table a Service may ask for (4 MB).
+pub const MAX_TABLE_SIZE: u32 = 1_000_003;
 
 pub struct Maglev {
     settings: Layered<Settings>,
@@ -139,6 +147,17 @@ impl Policy for Maglev {
     ) -> Eligibility {
         let eligibility = weir_sdk::kube::kube_proxy_eligibility(service, node, endpoints);
         let mut settings = self.settings.for_service(service, state.settings.as_ref());
+        if settings.table_size > MAX_TABLE_SIZE {
+            weir_sdk::log(
+                LogLevel::Warn,
+                &format!(
+                    "{}: maglev table_size {} is above {MAX_TABLE_SIZE}; using 65537",
+                    service.display_name(),
+                    settings.table_size
+                ),
+            );
+            settings.table_size = 65_537;
+        }
         if !is_prime(settings.table_size) || settings.table_size as usize <= endpoints.len() {
             let size = next_prime((endpoints.len() as u32).saturating_mul(100).max(3));
             weir_sdk::log(

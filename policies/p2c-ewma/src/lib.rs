@@ -77,10 +77,11 @@ impl State {
             stamp_nanos: now,
         });
         let w = decay_factor(estimate.stamp_nanos, now, tau);
-        estimate.micros = if micros > estimate.micros {
+        let decayed = estimate.micros * w;
+        estimate.micros = if micros > decayed {
             micros
         } else {
-            estimate.micros * w + micros * (1.0 - w)
+            decayed + micros * (1.0 - w)
         };
         estimate.stamp_nanos = now;
     }
@@ -124,6 +125,16 @@ impl Policy for P2cEwma {
         let known = weir_sdk::ids::ById::new(endpoints);
         state.active.retain(|id| known.contains(id));
         state.estimates.retain(|id, _| known.contains(*id));
+        // A new endpoint starts at the default estimate and decays like any other, so a
+        // scale-up's new pods are tried as soon as the others' estimates drift past it.
+        let now = weir_sdk::now_nanos();
+        let default = state.settings.default_rtt_ms * 1000.0;
+        for e in endpoints {
+            state.estimates.entry(e.id).or_insert(Estimate {
+                micros: default,
+                stamp_nanos: now,
+            });
+        }
         weir_sdk::kube::kube_proxy_eligibility(service, node, endpoints)
     }
 
@@ -147,8 +158,12 @@ impl Policy for P2cEwma {
                 a
             }
         };
-        state.active.opened(endpoint);
+        self.forwarded(state, endpoint);
         Decision::Forward(endpoint)
+    }
+
+    fn forwarded(&self, state: &mut State, endpoint: EndpointId) {
+        state.active.opened(endpoint);
     }
 
     fn observe(&self, state: &mut State, outcome: &Outcome) {

@@ -1,18 +1,21 @@
 //! `ring-hash`: kube-proxy's eligibility, then ketama-style consistent hashing of the client
 //! IP (or IP and port) onto a ring of virtual nodes, as Envoy's ring hash does. Every node
 //! builds the same ring from the same endpoints (their `ip:port`, never weir's ids); when
-//! one of N endpoints goes away, only the clients on its arcs move.
+//! one of N endpoints goes away, only the clients on its arcs move, as long as the ring is
+//! not at `max_ring_size` (above that, each endpoint's point count shrinks with N and a
+//! change moves a little more).
 //!
 //! Configuration (`weir.dev/policy-config`, JSON; every key optional):
 //! - `virtual_nodes`: points per endpoint (default 100), lowered so the ring holds at most
-//!   `max_ring_size` points (default 65536).
+//!   `max_ring_size` points (default 65536, at most 262144: a point is 16 bytes of the
+//!   instance's memory, shared by every port using the policy).
 //! - `hash`: `"ip"` (default) or `"ip-port"`.
 
 use serde::Deserialize;
 use weir_sdk::config::Layered;
 use weir_sdk::scoped::PerScope;
 use weir_sdk::{
-    Connection, Decision, Eligibility, Endpoint, EndpointId, Node, Policy, Service, hash,
+    Connection, Decision, Eligibility, Endpoint, EndpointId, LogLevel, Node, Policy, Service, hash,
 };
 
 #[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
@@ -40,6 +43,9 @@ impl Default for Settings {
         }
     }
 }
+
+/// The largest ring a Service may ask for (4 MiB).
+pub const MAX_RING_SIZE: u32 = 262_144;
 
 pub struct RingHash {
     settings: Layered<Settings>,
@@ -69,12 +75,15 @@ pub fn ring(
     let mut points = Vec::with_capacity(members.len() * per_endpoint as usize);
     for e in members {
         for v in 0..per_endpoint {
-            points.push((hash::endpoint(e.address, u64::from(v)), e.id));
+            points.push((hash::endpoint(e.address, u64::from(v)), e.address, e.id));
         }
     }
-    // Ties (vanishingly rare) broken by address order, the same on every node.
-    points.sort_unstable();
+    // Ties (vanishingly rare) broken by address, the same on every node.
+    points.sort_unstable_by_key(|p| (p.0, p.1));
     points
+        .into_iter()
+        .map(|(point, _, id)| (point, id))
+        .collect()
 }
 
 /// The first point at or after `key`, wrapping around.
@@ -100,7 +109,18 @@ impl Policy for RingHash {
         endpoints: &[Endpoint],
     ) -> Eligibility {
         let eligibility = weir_sdk::kube::kube_proxy_eligibility(service, node, endpoints);
-        let settings = self.settings.for_service(service, state.settings.as_ref());
+        let mut settings = self.settings.for_service(service, state.settings.as_ref());
+        if settings.max_ring_size > MAX_RING_SIZE {
+            weir_sdk::log(
+                LogLevel::Warn,
+                &format!(
+                    "{}: ring-hash max_ring_size {} is above {MAX_RING_SIZE}; using {MAX_RING_SIZE}",
+                    service.display_name(),
+                    settings.max_ring_size
+                ),
+            );
+            settings.max_ring_size = MAX_RING_SIZE;
+        }
         state.rings = PerScope::build(&eligibility, |ids| ring(ids, endpoints, &settings));
         state.settings = Some(settings);
         eligibility

@@ -26,8 +26,10 @@ impl ActiveConnections {
         match outcome.kind {
             OutcomeKind::Connected => None,
             OutcomeKind::ConnectFailed | OutcomeKind::Closed => {
-                let count = self.active.get_mut(&outcome.endpoint)?;
-                *count = count.saturating_sub(1);
+                // A close for a connection this instance never counted (placed by an
+                // instance since replaced) changes nothing.
+                let count = self.active.get_mut(&outcome.endpoint).filter(|c| **c > 0)?;
+                *count -= 1;
                 Some(outcome.endpoint)
             }
         }

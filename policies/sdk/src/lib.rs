@@ -107,6 +107,13 @@ pub trait Policy: Sized + 'static {
         connection: &Connection,
     ) -> Decision;
 
+    /// A connection went to `endpoint` without this policy's `select` being asked (a
+    /// wrapper such as [`sticky::Sticky`] answered for it). Policies that count
+    /// connections count it here too. Default: nothing.
+    fn forwarded(&self, state: &mut Self::State, endpoint: EndpointId) {
+        let _ = (state, endpoint);
+    }
+
     /// Learns from what happened to a forwarded connection. Default: ignores it.
     fn observe(&self, state: &mut Self::State, outcome: &Outcome) {
         let _ = (state, outcome);

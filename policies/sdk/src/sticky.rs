@@ -28,6 +28,8 @@ pub struct StickyState<S> {
     inner: S,
     affinity: ClientIpAffinity,
     timeout: u32,
+    /// The Service's last good `affinity_timeout_seconds`.
+    configured: Option<u32>,
     /// The Service as `P` sees it: its config without Sticky's key.
     service: Option<Service>,
 }
@@ -38,6 +40,7 @@ impl<S: Default> Default for StickyState<S> {
             inner: S::default(),
             affinity: ClientIpAffinity::default(),
             timeout: DEFAULT_TIMEOUT_SECONDS,
+            configured: None,
             service: None,
         }
     }
@@ -102,9 +105,10 @@ impl<P: Policy> Policy for Sticky<P> {
                         service.display_name()
                     ),
                 );
-                Some(state.timeout)
+                state.configured
             }
         };
+        state.configured = configured;
         state.timeout = service
             .session_affinity_timeout
             .or(configured)
@@ -112,6 +116,11 @@ impl<P: Policy> Policy for Sticky<P> {
         let eligibility = self
             .inner
             .update(&mut state.inner, &inner_service, node, endpoints);
+        // Clients of endpoints that are gone hold no place in the table.
+        let mut eligible: Vec<EndpointId> = eligibility.internal.endpoints.clone();
+        eligible.extend(&eligibility.external.endpoints);
+        eligible.sort_unstable();
+        state.affinity.retain_endpoints(&eligible);
         state.service = Some(inner_service);
         eligibility
     }
@@ -126,17 +135,21 @@ impl<P: Policy> Policy for Sticky<P> {
         let inner_service = state.service.as_ref().unwrap_or(service);
         let inner = &self.inner;
         let inner_state = &mut state.inner;
+        let mut asked = false;
         let mut refused = None;
         let endpoint = state.affinity.select(
             connection.client.ip(),
             state.timeout,
             eligible,
             crate::now_nanos(),
-            || match inner.select(inner_state, inner_service, eligible, connection) {
-                Decision::Forward(id) => id,
-                other => {
-                    refused = Some(other);
-                    eligible[0]
+            || {
+                asked = true;
+                match inner.select(inner_state, inner_service, eligible, connection) {
+                    Decision::Forward(id) => id,
+                    other => {
+                        refused = Some(other);
+                        eligible[0]
+                    }
                 }
             },
         );
@@ -146,8 +159,18 @@ impl<P: Policy> Policy for Sticky<P> {
                 state.affinity.forget(connection.client.ip());
                 decision
             }
-            None => Decision::Forward(endpoint),
+            None => {
+                if !asked {
+                    // Affinity answered: `P` still counts the connection.
+                    self.inner.forwarded(&mut state.inner, endpoint);
+                }
+                Decision::Forward(endpoint)
+            }
         }
+    }
+
+    fn forwarded(&self, state: &mut Self::State, endpoint: EndpointId) {
+        self.inner.forwarded(&mut state.inner, endpoint);
     }
 
     fn observe(&self, state: &mut Self::State, outcome: &Outcome) {
