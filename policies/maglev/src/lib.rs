@@ -91,8 +91,9 @@ pub fn table(ids: &[EndpointId], endpoints: &[Endpoint], size: u32) -> Vec<Endpo
     let mut offset: Vec<u64> = Vec::with_capacity(backends.len());
     let mut skip: Vec<u64> = Vec::with_capacity(backends.len());
     for (_, _, address) in &backends {
-        offset.push(hash::endpoint(*address, 0) % m);
-        skip.push(hash::endpoint(*address, 1) % (m - 1) + 1);
+        let base = hash::endpoint_base(*address);
+        offset.push(hash::salted(base, 0) % m);
+        skip.push(hash::salted(base, 1) % (m - 1) + 1);
     }
     let mut next = vec![0u64; backends.len()];
     let mut entry = vec![u32::MAX; size as usize];

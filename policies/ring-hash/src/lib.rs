@@ -73,17 +73,27 @@ pub fn ring(
         .min(settings.max_ring_size / members.len() as u32)
         .max(1);
     let mut points = Vec::with_capacity(members.len() * per_endpoint as usize);
-    for e in members {
+    for e in &members {
+        let base = hash::endpoint_base(e.address);
         for v in 0..per_endpoint {
-            points.push((hash::endpoint(e.address, u64::from(v)), e.address, e.id));
+            points.push((hash::salted(base, u64::from(v)), e.id));
         }
     }
-    // Ties (vanishingly rare) broken by address, the same on every node.
-    points.sort_unstable_by_key(|p| (p.0, p.1));
+    points.sort_unstable_by_key(|p| p.0);
+    // Equal points (vanishingly rare) are ordered by address, the same on every node.
+    let mut start = 0;
+    while start < points.len() {
+        let end = start
+            + points[start..]
+                .iter()
+                .take_while(|p| p.0 == points[start].0)
+                .count();
+        if end - start > 1 {
+            points[start..end].sort_by_key(|p| by_id.get(p.1).map(|e| e.address));
+        }
+        start = end;
+    }
     points
-        .into_iter()
-        .map(|(point, _, id)| (point, id))
-        .collect()
 }
 
 /// The first point at or after `key`, wrapping around.

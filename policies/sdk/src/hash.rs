@@ -36,8 +36,17 @@ pub fn socket(address: SocketAddr) -> u64 {
 /// The hash of an endpoint's `ip:port` text with a salt (Maglev's offset/skip, ring
 /// points): the text is what every node agrees on, unlike endpoint ids.
 pub fn endpoint(address: SocketAddr, salt: u64) -> u64 {
-    let text = address.to_string();
-    finalize(bytes(text.as_bytes()) ^ salt.wrapping_mul(0x9e37_79b9_7f4a_7c15))
+    salted(endpoint_base(address), salt)
+}
+
+/// The unsalted part of [`endpoint`], to compute once per endpoint when many salts follow.
+pub fn endpoint_base(address: SocketAddr) -> u64 {
+    bytes(address.to_string().as_bytes())
+}
+
+/// [`endpoint`] from its [`endpoint_base`].
+pub fn salted(base: u64, salt: u64) -> u64 {
+    finalize(base ^ salt.wrapping_mul(0x9e37_79b9_7f4a_7c15))
 }
 
 #[cfg(test)]
