@@ -21,35 +21,18 @@ use weir_sdk::{
     Connection, Decision, Eligibility, Endpoint, EndpointId, LogLevel, Node, Policy, Service, hash,
 };
 
-#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
-#[serde(rename_all = "kebab-case")]
-pub enum HashOn {
-    #[default]
-    Ip,
-    IpPort,
-}
-
-impl HashOn {
-    pub fn key(self, connection: &Connection) -> u64 {
-        match self {
-            HashOn::Ip => hash::ip(connection.client.ip()),
-            HashOn::IpPort => hash::socket(connection.client),
-        }
-    }
-}
-
 #[derive(Clone, Debug, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct Settings {
     pub table_size: u32,
-    pub hash: HashOn,
+    pub hash: hash::ClientKey,
 }
 
 impl Default for Settings {
     fn default() -> Self {
         Settings {
             table_size: 65_537,
-            hash: HashOn::Ip,
+            hash: hash::ClientKey::Ip,
         }
     }
 }
@@ -187,10 +170,13 @@ impl Policy for Maglev {
         connection: &Connection,
     ) -> Decision {
         let table = state.tables.get(connection.scope);
-        let hash_on = state.settings.as_ref().map_or(HashOn::Ip, |s| s.hash);
+        let hash_on = state
+            .settings
+            .as_ref()
+            .map_or(hash::ClientKey::Ip, |s| s.hash);
         match table.len() {
             0 => Decision::Forward(eligible[0]),
-            len => Decision::Forward(table[(hash_on.key(connection) % len as u64) as usize]),
+            len => Decision::Forward(table[(hash_on.of(connection) % len as u64) as usize]),
         }
     }
 }

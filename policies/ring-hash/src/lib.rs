@@ -18,20 +18,12 @@ use weir_sdk::{
     Connection, Decision, Eligibility, Endpoint, EndpointId, LogLevel, Node, Policy, Service, hash,
 };
 
-#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
-#[serde(rename_all = "kebab-case")]
-pub enum HashOn {
-    #[default]
-    Ip,
-    IpPort,
-}
-
 #[derive(Clone, Debug, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct Settings {
     pub virtual_nodes: u32,
     pub max_ring_size: u32,
-    pub hash: HashOn,
+    pub hash: hash::ClientKey,
 }
 
 impl Default for Settings {
@@ -39,7 +31,7 @@ impl Default for Settings {
         Settings {
             virtual_nodes: 100,
             max_ring_size: 65_536,
-            hash: HashOn::Ip,
+            hash: hash::ClientKey::Ip,
         }
     }
 }
@@ -143,10 +135,11 @@ impl Policy for RingHash {
         eligible: &[EndpointId],
         connection: &Connection,
     ) -> Decision {
-        let key = match state.settings.as_ref().map_or(HashOn::Ip, |s| s.hash) {
-            HashOn::Ip => hash::ip(connection.client.ip()),
-            HashOn::IpPort => hash::socket(connection.client),
-        };
+        let key = state
+            .settings
+            .as_ref()
+            .map_or(hash::ClientKey::Ip, |s| s.hash)
+            .of(connection);
         Decision::Forward(lookup(state.rings.get(connection.scope), key).unwrap_or(eligible[0]))
     }
 }

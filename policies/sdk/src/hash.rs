@@ -4,6 +4,30 @@
 
 use std::net::{IpAddr, SocketAddr};
 
+use serde::Deserialize;
+
+use crate::types::Connection;
+
+/// What of a connection consistent hashing keys on: `"ip"` (every connection of a client
+/// together) or `"ip-port"` (each connection on its own). A setting of the hashing policies.
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum ClientKey {
+    #[default]
+    Ip,
+    IpPort,
+}
+
+impl ClientKey {
+    /// The connection's hash under this key.
+    pub fn of(self, connection: &Connection) -> u64 {
+        match self {
+            ClientKey::Ip => ip(connection.client.ip()),
+            ClientKey::IpPort => socket(connection.client),
+        }
+    }
+}
+
 pub fn bytes(data: &[u8]) -> u64 {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
     for &b in data {
