@@ -85,6 +85,23 @@ fn main() {
         let file = artifacts.join(format!("{}.wasm", package.replace('-', "_")));
         assert!(file.exists(), "expected {} after the build", file.display());
     }
+    // The library as a policies directory (`<policy>.wasm`, the names Services use), for
+    // the quickstart and for trying policies without building them by hand.
+    let library = root.join("target/policies");
+    std::fs::create_dir_all(&library).expect("create target/policies");
+    for package in crates_in(&root.join("policies"))
+        .iter()
+        .filter(|p| *p != "sdk")
+    {
+        let built = artifacts.join(format!("{}.wasm", package.replace('-', "_")));
+        std::fs::copy(&built, library.join(format!("{package}.wasm"))).unwrap_or_else(|e| {
+            panic!(
+                "copying {} into {}: {e}",
+                built.display(),
+                library.display()
+            )
+        });
+    }
     println!(
         "cargo:rustc-env=WEIR_KUBE_DEFAULT_WASM={}",
         artifacts.join("kube_default.wasm").display()
