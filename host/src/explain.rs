@@ -167,22 +167,22 @@ pub fn report(model: &Model, registry: &Registry) -> Report {
 }
 
 fn scope_report(set: &EndpointSet, input: &ServiceInput) -> ScopeReport {
-    let mut endpoints: Vec<String> = set
-        .endpoints
-        .iter()
-        .filter_map(|id| input.endpoints.iter().find(|e| e.id == *id))
-        .map(|e| e.address.to_string())
-        .collect();
-    endpoints.sort();
-    let action = if !endpoints.is_empty() {
+    ScopeReport {
+        action: action(set),
+        endpoints: input.addresses(set),
+    }
+}
+
+/// `forward` when something is eligible, else what an empty set does: `reject` or `drop`.
+pub fn action(set: &EndpointSet) -> &'static str {
+    if !set.endpoints.is_empty() {
         "forward"
     } else {
         match set.when_empty {
             EmptyAction::Reject => "reject",
             EmptyAction::Drop => "drop",
         }
-    };
-    ScopeReport { action, endpoints }
+    }
 }
 
 /// The report as a table for people: one row per service port.

@@ -61,28 +61,8 @@ enum PolicyCommand {
     /// Run a module offline against objects and synthetic clients; show where connections
     /// went, decision latency, and misbehaviour (non-zero exit if any).
     Test {
-        module: PathBuf,
-        /// Files or directories of Services, EndpointSlices and Nodes.
-        #[arg(long = "objects", required = true, num_args = 1..)]
-        objects: Vec<PathBuf>,
-        #[arg(long)]
-        node: String,
-        /// The policy's configuration (JSON), passed to `configure`.
-        #[arg(long, default_value = "")]
-        config: String,
-        /// Connections per service port and traffic scope.
-        #[arg(long, default_value_t = 1000)]
-        connections: usize,
-        /// Client addresses: `random`, a CIDR (198.19.0.0/24) or a list (198.19.0.1,198.19.0.2).
-        #[arg(long, default_value = "random")]
-        clients: weir::policy_test::ClientSpec,
-        /// YAML steps applied in order (add, remove, terminating, zone, wait); after each, the
-        /// same clients connect again and the clients that moved are counted.
-        #[arg(long)]
-        script: Option<PathBuf>,
-        /// Seeds the clients and the policy's randomness.
-        #[arg(long, default_value_t = 1)]
-        seed: u64,
+        #[command(flatten)]
+        options: weir::policy_test::Options,
         #[arg(short = 'o', long = "output", value_enum, default_value_t = Format::Table)]
         output: Format,
     },
@@ -150,50 +130,27 @@ fn main() -> ExitCode {
             }
         }
         Command::Policy {
-            command:
-                PolicyCommand::Test {
-                    module,
-                    objects,
-                    node,
-                    config,
-                    connections,
-                    clients,
-                    script,
-                    seed,
-                    output,
-                },
-        } => {
-            let options = weir::policy_test::Options {
-                module,
-                objects,
-                node,
-                config,
-                connections,
-                clients,
-                script,
-                seed,
-            };
-            match weir::policy_test::run(&options) {
-                weir::policy_test::Outcome::BadInput(message) => {
-                    eprintln!("error: {message}");
-                    ExitCode::from(65)
+            command: PolicyCommand::Test { options, output },
+        } => match weir::policy_test::run(&options) {
+            weir::policy_test::Outcome::BadInput(message) => {
+                eprintln!("error: {message}");
+                ExitCode::from(65)
+            }
+            weir::policy_test::Outcome::Report(report) => {
+                match output {
+                    Format::Json => println!(
+                        "{}",
+                        serde_json::to_string_pretty(&report).expect("the report serializes")
+                    ),
+                    Format::Table => print!("{}", weir::policy_test::table(&report)),
                 }
-                weir::policy_test::Outcome::Report(report) => {
-                    match output {
-                        Format::Json => println!(
-                            "{}",
-                            serde_json::to_string_pretty(&report).expect("the report serializes")
-                        ),
-                        Format::Table => print!("{}", weir::policy_test::table(&report)),
-                    }
-                    if report.ok {
-                        ExitCode::SUCCESS
-                    } else {
-                        ExitCode::FAILURE
-                    }
+                if report.ok {
+                    ExitCode::SUCCESS
+                } else {
+                    ExitCode::FAILURE
                 }
             }
-        }
+        },
         Command::Policy {
             command: PolicyCommand::Check { file, config },
         } => match weir::check::check(&file, &config) {

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
-use weir_sdk::{Connection, EmptyAction, EndpointSet, OutcomeKind, Scope};
+use weir_sdk::{Connection, EndpointSet, OutcomeKind, Scope};
 
 use crate::discovery::files::{Objects, load_paths};
 use crate::metrics::PolicyMetrics;
@@ -65,19 +65,32 @@ impl FromStr for ClientSpec {
     }
 }
 
-/// What `weir policy test` was asked.
-#[derive(Clone, Debug)]
+/// What `weir policy test` was asked (also its command-line arguments).
+#[derive(Clone, Debug, clap::Args)]
 pub struct Options {
+    /// The policy component to test.
     pub module: PathBuf,
+    /// Files or directories of Services, EndpointSlices and Nodes.
+    #[arg(long = "objects", required = true, num_args = 1..)]
     pub objects: Vec<PathBuf>,
+    /// The node to answer for.
+    #[arg(long)]
     pub node: String,
-    /// The policy's configuration (`configure`).
+    /// The policy's configuration (JSON), passed to `configure`.
+    #[arg(long, default_value = "")]
     pub config: String,
     /// Connections per service port and traffic scope.
+    #[arg(long, default_value_t = 1000)]
     pub connections: usize,
+    /// Client addresses: `random`, a CIDR (198.19.0.0/24) or a list (198.19.0.1,198.19.0.2).
+    #[arg(long, default_value = "random")]
     pub clients: ClientSpec,
+    /// YAML steps applied in order (add, remove, terminating, zone, wait); after each, the
+    /// same clients connect again and the clients that moved are counted.
+    #[arg(long)]
     pub script: Option<PathBuf>,
     /// Seeds the clients and the policy's randomness, so runs repeat.
+    #[arg(long, default_value_t = 1)]
     pub seed: u64,
 }
 
@@ -478,13 +491,7 @@ impl Port {
         latency: &[u64],
         failures: u64,
     ) -> ScopeReport {
-        let mut eligible: Vec<String> = set
-            .endpoints
-            .iter()
-            .filter_map(|id| self.input.endpoints.iter().find(|e| e.id == *id))
-            .map(|e| e.address.to_string())
-            .collect();
-        eligible.sort();
+        let eligible = self.input.addresses(set);
         let mut counts: BTreeMap<String, usize> = eligible.iter().map(|e| (e.clone(), 0)).collect();
         let (mut rejected, mut dropped) = (0, 0);
         for run in runs {
@@ -495,16 +502,8 @@ impl Port {
             }
         }
         let forwarded = runs.len() - rejected - dropped;
-        let action = if !eligible.is_empty() {
-            "forward"
-        } else {
-            match set.when_empty {
-                EmptyAction::Reject => "reject",
-                EmptyAction::Drop => "drop",
-            }
-        };
         ScopeReport {
-            action,
+            action: crate::explain::action(set),
             eligible,
             forwarded,
             rejected,

@@ -64,6 +64,19 @@ pub struct ServiceInput {
 }
 
 impl ServiceInput {
+    /// The `ip:port` of every endpoint in `set`, sorted as strings (how reports show them).
+    /// `set` is normalized (sorted); this input's endpoints may be in any order.
+    pub fn addresses(&self, set: &weir_sdk::EndpointSet) -> Vec<String> {
+        let mut out: Vec<String> = self
+            .endpoints
+            .iter()
+            .filter(|e| set.endpoints.binary_search(&e.id).is_ok())
+            .map(|e| e.address.to_string())
+            .collect();
+        out.sort();
+        out
+    }
+
     fn address(&self, id: EndpointId) -> Option<SocketAddr> {
         self.endpoints
             .binary_search_by_key(&id, |e| e.id)

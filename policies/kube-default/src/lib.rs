@@ -41,11 +41,7 @@ impl Policy for KubeDefault {
         endpoints: &[weir_sdk::Endpoint],
     ) -> weir_sdk::Eligibility {
         let eligibility = weir_sdk::kube::kube_proxy_eligibility(service, node, endpoints);
-        // Clients of endpoints that are gone hold no place in the affinity table.
-        let mut eligible: Vec<EndpointId> = eligibility.internal.endpoints.clone();
-        eligible.extend(&eligibility.external.endpoints);
-        eligible.sort_unstable();
-        state.affinity.retain_endpoints(&eligible);
+        state.affinity.retain_eligible(&eligibility);
         eligibility
     }
 

@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 use std::net::IpAddr;
 
-use crate::types::EndpointId;
+use crate::types::{Eligibility, EndpointId};
 
 /// Clients remembered per service port; beyond this, new clients are not recorded until
 /// expired ones are reaped. It bounds the guest's memory (about 80 bytes a client, so
@@ -87,10 +87,21 @@ impl ClientIpAffinity {
         endpoint
     }
 
-    /// Forgets clients whose endpoint is no longer in `known` (sorted), e.g. after an update.
-    pub fn retain_endpoints(&mut self, known: &[EndpointId]) {
-        self.clients
-            .retain(|_, s| known.binary_search(&s.endpoint).is_ok());
+    /// Forgets clients whose endpoint is eligible for neither scope any more: call it after
+    /// `update`, so clients of removed endpoints hold no place in the table.
+    pub fn retain_eligible(&mut self, eligibility: &Eligibility) {
+        self.clients.retain(|_, s| {
+            eligibility
+                .internal
+                .endpoints
+                .binary_search(&s.endpoint)
+                .is_ok()
+                || eligibility
+                    .external
+                    .endpoints
+                    .binary_search(&s.endpoint)
+                    .is_ok()
+        });
     }
 
     /// Drops `client`'s entry.

@@ -116,11 +116,7 @@ impl<P: Policy> Policy for Sticky<P> {
         let eligibility = self
             .inner
             .update(&mut state.inner, &inner_service, node, endpoints);
-        // Clients of endpoints that are gone hold no place in the table.
-        let mut eligible: Vec<EndpointId> = eligibility.internal.endpoints.clone();
-        eligible.extend(&eligibility.external.endpoints);
-        eligible.sort_unstable();
-        state.affinity.retain_endpoints(&eligible);
+        state.affinity.retain_eligible(&eligibility);
         state.service = Some(inner_service);
         eligibility
     }
