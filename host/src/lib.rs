@@ -2,13 +2,19 @@
 //! components. This crate is the host: it reads Services, EndpointSlices and Nodes,
 //! turns them into per-port snapshots as kube-proxy does, and asks policies what to do.
 
+pub mod admin;
+pub mod app;
 pub mod check;
+pub mod config;
+pub mod control;
 pub mod discovery;
 pub mod explain;
+pub mod health;
 pub mod metrics;
 pub mod model;
 pub mod policy;
 pub mod policy_test;
+pub mod proxy;
 pub mod scaffold;
 pub mod state;
 

@@ -19,6 +19,12 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Run the proxy: watch objects and policies, listen on every Service address.
+    Run {
+        /// weir's settings (TOML); see README.md, section "Configuration".
+        #[arg(long, default_value = "weir.toml")]
+        config: PathBuf,
+    },
     /// Show what every Service port would do on a node, from YAML/JSON objects.
     Explain {
         /// Files or directories of Services, EndpointSlices and Nodes (YAML or JSON,
@@ -82,15 +88,21 @@ enum Format {
 }
 
 fn main() -> ExitCode {
+    let cli = Cli::parse();
+    // The proxy reports what it does; the tools only what goes wrong.
+    let level = match cli.command {
+        Command::Run { .. } => "info",
+        _ => "warn",
+    };
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("WEIR_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level)),
         )
         .with_writer(std::io::stderr)
         .init();
-    let cli = Cli::parse();
     match cli.command {
+        Command::Run { config } => run(&config),
         Command::Explain {
             objects,
             node,
@@ -185,7 +197,7 @@ fn explain(
     }
     let engine = match PolicyEngine::new(
         Limits::default(),
-        cache_dir().as_deref(),
+        weir::policy::default_cache_dir().as_deref(),
         Arc::new(PolicyMetrics::default()),
     ) {
         Ok(engine) => engine,
@@ -232,15 +244,37 @@ fn explain(
     ExitCode::SUCCESS
 }
 
-/// Where compiled policies are cached: `WEIR_CACHE_DIR` (empty disables the cache), else
-/// `$XDG_CACHE_HOME/weir/components`, else `~/.cache/weir/components`.
-fn cache_dir() -> Option<PathBuf> {
-    match std::env::var_os("WEIR_CACHE_DIR") {
-        Some(dir) if dir.is_empty() => None,
-        Some(dir) => Some(PathBuf::from(dir)),
-        None => std::env::var_os("XDG_CACHE_HOME")
-            .map(PathBuf::from)
-            .or_else(|| std::env::var_os("HOME").map(|home| PathBuf::from(home).join(".cache")))
-            .map(|base| base.join("weir/components")),
-    }
+/// `weir run`: the proxy, until SIGTERM or SIGINT (a second one exits at once).
+fn run(path: &std::path::Path) -> ExitCode {
+    let config = match weir::config::Config::load(path) {
+        Ok(config) => config,
+        Err(error) => {
+            eprintln!("error: {error}");
+            return ExitCode::from(weir::config::EXIT_CONFIG);
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(config.proxy.worker_count())
+        .thread_name("weir-worker")
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(async {
+        let app = match weir::app::App::start(config) {
+            Ok(app) => app,
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                return ExitCode::FAILURE;
+            }
+        };
+        tracing::info!(admin = %app.admin_address(), "weir is running; SIGTERM or Ctrl-C stops it gracefully");
+        weir::app::serve_until_signal(app).await;
+        ExitCode::SUCCESS
+    })
 }

@@ -223,6 +223,26 @@ fn namespaced_name(
     )
 }
 
+/// kube-proxy's node eligibility for `/healthz`: a Node being deleted, or tainted
+/// `ToBeDeletedByClusterAutoscaler`, is not eligible. Eligible while the Node is unknown.
+pub fn node_eligible(objects: &Objects, node_name: &str) -> bool {
+    let Some(node) = objects
+        .nodes
+        .iter()
+        .rev()
+        .find(|n| n.object.metadata.name.as_deref() == Some(node_name))
+    else {
+        return true;
+    };
+    let tainted = node
+        .object
+        .spec
+        .as_ref()
+        .and_then(|s| s.taints.as_ref())
+        .is_some_and(|t| t.iter().any(|t| t.key == "ToBeDeletedByClusterAutoscaler"));
+    node.object.metadata.deletion_timestamp.is_none() && !tainted
+}
+
 fn node_of(objects: &Objects, node_name: &str) -> Node {
     let labels = objects
         .nodes
@@ -682,6 +702,25 @@ fn parse_cidr(text: &str) -> Option<(IpAddr, u8)> {
     let bits: u8 = bits.parse().ok()?;
     let max = if ip.is_ipv4() { 32 } else { 128 };
     (bits <= max).then_some((ip, bits))
+}
+
+/// Whether `ip` is in the range `address/prefix` (families must match).
+pub fn cidr_contains((address, prefix): (IpAddr, u8), ip: IpAddr) -> bool {
+    match (address, ip) {
+        (IpAddr::V4(a), IpAddr::V4(b)) => {
+            let mask = u32::MAX
+                .checked_shl(32 - u32::from(prefix.min(32)))
+                .unwrap_or(0);
+            u32::from(a) & mask == u32::from(b) & mask
+        }
+        (IpAddr::V6(a), IpAddr::V6(b)) => {
+            let mask = u128::MAX
+                .checked_shl(128 - u32::from(prefix.min(128)))
+                .unwrap_or(0);
+            u128::from(a) & mask == u128::from(b) & mask
+        }
+        _ => false,
+    }
 }
 
 /// Go's `netutils.ParseIPSloppy(...)` followed by `String()`: IPv4 octets may carry

@@ -88,3 +88,101 @@ pub fn connection(client: u8) -> Connection {
         scope: Scope::Internal,
     }
 }
+
+/// A TCP backend for proxy tests and the quickstart. It names itself: to an HTTP request
+/// (`GET`, `HEAD`, `POST`...) it answers `200` with the body `<name>\n`, keeping the
+/// connection alive; to anything else it writes `<name>\n` once it has read the client's
+/// first bytes, then echoes every byte back until the client closes its side, and closes
+/// its own.
+pub struct Backend {
+    pub address: SocketAddr,
+    pub name: String,
+    stop: tokio_util::sync::CancellationToken,
+}
+
+impl Drop for Backend {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+impl Backend {
+    /// Listens on `address` (port 0 for any) and answers as `name` (the address if empty).
+    pub async fn start(address: SocketAddr, name: &str) -> std::io::Result<Backend> {
+        let listener = tokio::net::TcpListener::bind(address).await?;
+        let address = listener.local_addr()?;
+        let name = if name.is_empty() {
+            address.to_string()
+        } else {
+            name.to_string()
+        };
+        let stop = tokio_util::sync::CancellationToken::new();
+        let (token, who) = (stop.clone(), name.clone());
+        tokio::spawn(async move {
+            loop {
+                let stream = tokio::select! {
+                    accepted = listener.accept() => match accepted {
+                        Ok((stream, _)) => stream,
+                        Err(_) => continue,
+                    },
+                    () = token.cancelled() => return,
+                };
+                let who = who.clone();
+                let token = token.clone();
+                tokio::spawn(async move {
+                    tokio::select! {
+                        _ = answer(stream, &who) => {}
+                        () = token.cancelled() => {}
+                    }
+                });
+            }
+        });
+        Ok(Backend {
+            address,
+            name,
+            stop,
+        })
+    }
+}
+
+async fn answer(mut stream: tokio::net::TcpStream, who: &str) -> std::io::Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let _ = stream.set_nodelay(true);
+    let mut buffer = vec![0u8; 16 << 10];
+    let n = stream.read(&mut buffer).await?;
+    if n == 0 {
+        return Ok(());
+    }
+    let http = [&b"GET "[..], b"HEAD ", b"POST ", b"PUT "]
+        .iter()
+        .any(|m| buffer[..n].starts_with(m));
+    if !http {
+        stream.write_all(format!("{who}\n").as_bytes()).await?;
+        stream.write_all(&buffer[..n]).await?;
+        loop {
+            let n = stream.read(&mut buffer).await?;
+            if n == 0 {
+                return stream.shutdown().await;
+            }
+            stream.write_all(&buffer[..n]).await?;
+        }
+    }
+    let body = format!("{who}\n");
+    let response = format!(
+        "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    let mut pending = buffer[..n].to_vec();
+    loop {
+        // One response per request head; bodies are not expected.
+        while let Some(end) = pending.windows(4).position(|w| w == b"\r\n\r\n") {
+            pending.drain(..end + 4);
+            stream.write_all(response.as_bytes()).await?;
+        }
+        let n = stream.read(&mut buffer).await?;
+        if n == 0 {
+            return Ok(());
+        }
+        pending.extend_from_slice(&buffer[..n]);
+    }
+}

@@ -149,7 +149,11 @@ pub fn load_paths(paths: &[PathBuf]) -> (Objects, Vec<Diagnostic>) {
     (objects, diagnostics)
 }
 
-fn collect_files(path: &Path, explicit: bool, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
+pub(crate) fn collect_files(
+    path: &Path,
+    explicit: bool,
+    out: &mut Vec<PathBuf>,
+) -> std::io::Result<()> {
     let metadata = std::fs::metadata(path)?;
     if metadata.is_dir() {
         let mut entries: Vec<PathBuf> = std::fs::read_dir(path)?

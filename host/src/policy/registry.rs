@@ -2,13 +2,17 @@
 //! policies directory. A module that fails to load is recorded with its reason; the
 //! services that name it follow their failure mode.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 use std::sync::Arc;
 
 use super::engine::{LoadError, PolicyEngine};
-use super::runtime::PolicyRuntime;
+use super::runtime::{PolicyRuntime, ServiceInput};
 use super::{CallError, DEFAULT_POLICY};
+use weir_sdk::Eligibility;
+
+/// A policy swapped in, with its answer for each service replayed into it.
+pub type Swapped = (Arc<PolicyRuntime>, Vec<(u32, Eligibility)>);
 
 /// What a service's policy name resolves to.
 pub enum Binding {
@@ -22,6 +26,7 @@ pub struct Registry {
     workers: usize,
     policies: BTreeMap<String, Arc<PolicyRuntime>>,
     rejected: BTreeMap<String, String>,
+    deleted: BTreeSet<String>,
 }
 
 /// A module refused while loading a directory.
@@ -34,6 +39,14 @@ pub enum RegistryError {
         source_name: String,
         error: CallError,
     },
+    #[error(
+        "{source_name}: update for {service} failed while the current services were replayed: {error}"
+    )]
+    Replay {
+        source_name: String,
+        service: String,
+        error: CallError,
+    },
 }
 
 impl Registry {
@@ -44,6 +57,7 @@ impl Registry {
             workers,
             policies: BTreeMap::new(),
             rejected: BTreeMap::new(),
+            deleted: BTreeSet::new(),
         };
         let compiled = registry.engine.load_kube_default()?;
         let runtime = PolicyRuntime::new(registry.engine.clone(), compiled, "", workers)
@@ -129,12 +143,80 @@ impl Registry {
         }
     }
 
+    /// Replaces (or adds) a policy transactionally: compile, check the world and version,
+    /// instantiate and configure, replay `update` for each of `replay` (the services bound
+    /// to it now), and only then swap it in. Any failure leaves the previous version
+    /// serving. Returns the new runtime with its answer for each replayed service.
+    pub fn swap(
+        &mut self,
+        name: &str,
+        source_name: &str,
+        bytes: &[u8],
+        config: &str,
+        replay: &[(u32, ServiceInput)],
+    ) -> Result<Swapped, RegistryError> {
+        let compiled = self.engine.load(name, source_name, bytes)?;
+        let runtime = PolicyRuntime::new(self.engine.clone(), compiled, config, self.workers)
+            .map_err(|error| RegistryError::Instantiate {
+                source_name: source_name.to_string(),
+                error,
+            })?;
+        let mut answers = Vec::with_capacity(replay.len());
+        for (handle, input) in replay {
+            let answer = runtime.update(*handle, input.clone());
+            if let Some(error) = answer.failure {
+                return Err(RegistryError::Replay {
+                    source_name: source_name.to_string(),
+                    service: input.service.display_name(),
+                    error,
+                });
+            }
+            answers.push((*handle, answer.eligibility));
+        }
+        let runtime = Arc::new(runtime);
+        self.rejected.remove(name);
+        self.deleted.remove(name);
+        self.policies.insert(name.to_string(), runtime.clone());
+        Ok((runtime, answers))
+    }
+
+    /// Records a module that was refused, so services naming it say why.
+    pub fn refuse(&mut self, name: &str, reason: String) {
+        if !self.policies.contains_key(name) {
+            self.rejected.insert(name.to_string(), reason);
+        }
+    }
+
+    /// Forgets a policy whose module was deleted. kube-default goes back to the built-in.
+    pub fn unload(&mut self, name: &str) -> anyhow::Result<()> {
+        self.rejected.remove(name);
+        if name == DEFAULT_POLICY {
+            let compiled = self.engine.load_kube_default()?;
+            let runtime = PolicyRuntime::new(self.engine.clone(), compiled, "", self.workers)
+                .map_err(|e| anyhow::anyhow!("the built-in kube-default policy failed: {e}"))?;
+            self.policies.insert(name.to_string(), Arc::new(runtime));
+        } else if self.policies.remove(name).is_some() {
+            self.deleted.insert(name.to_string());
+        }
+        Ok(())
+    }
+
+    /// The sha256 of the module serving `name`.
+    pub fn sha256(&self, name: &str) -> Option<&str> {
+        self.policies.get(name).map(|p| p.policy().sha256.as_str())
+    }
+
     /// The runtime serving `name`.
     pub fn resolve(&self, name: &str) -> Binding {
         match self.policies.get(name) {
             Some(runtime) => Binding::Policy(runtime.clone()),
             None => Binding::Missing(match self.rejected.get(name) {
                 Some(reason) => format!("policy `{name}` was rejected: {reason}"),
+                None if self.deleted.contains(name) => {
+                    format!(
+                        "policy `{name}` was deleted ({name}.wasm is gone from the policies directory)"
+                    )
+                }
                 None => format!(
                     "policy `{name}` is not loaded (no {name}.wasm in the policies directory)"
                 ),

@@ -54,7 +54,7 @@ impl FailureMode {
 }
 
 /// Everything a policy is told about one service port, kept to replay into new instances.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct ServiceInput {
     pub service: Service,
     pub node: Arc<Node>,
@@ -341,6 +341,35 @@ impl PolicyRuntime {
         };
         self.replace_poisoned(slot);
         self.failure_mode(handle, &failed.0, connection)
+    }
+
+    /// Another endpoint for a connection whose connect to each of `tried` failed: the
+    /// eligible endpoint of `scope` after the last one tried, in id order, skipping those
+    /// tried. Used when the policy answers an endpoint already tried (a hashing policy
+    /// will, for the same client).
+    pub fn alternative(
+        &self,
+        worker: usize,
+        handle: u32,
+        scope: Scope,
+        tried: &[EndpointId],
+    ) -> Option<HostDecision> {
+        let slot = &self.workers[worker % self.workers.len()];
+        let guard = lock(slot);
+        let service = guard.services.get(&handle)?;
+        let set = &service.eligibility.for_scope(scope).endpoints;
+        let last = tried.last().copied().unwrap_or(0);
+        let start = set.partition_point(|&id| id <= last);
+        let id = set[start..]
+            .iter()
+            .chain(&set[..start])
+            .copied()
+            .find(|id| !tried.contains(id))?;
+        let address = service.targets.get(&id)?.address;
+        Some(HostDecision::Forward {
+            endpoint: id,
+            address,
+        })
     }
 
     /// Tells the instance of `worker` what happened to a connection it forwarded, if the

@@ -1,0 +1,203 @@
+//! HTTP answers: the admin port (`/healthz`, `/livez`, `/readyz`, `/metrics`) and each
+//! Service's healthCheckNodePort, with kube-proxy's statuses, headers and bodies.
+//!
+//! Headers go out in Go's net/http order and case (the handler's, then `Date` and
+//! `Content-Length`), so probes and tools written against kube-proxy see the same bytes.
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::SystemTime;
+
+use arc_swap::ArcSwap;
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::{Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::health::{ProxyHealth, http_date, service_health_body};
+use crate::metrics::{CodeLabels, Metrics};
+
+/// What `/readyz` waits for: the first full sync of objects and policies.
+#[derive(Debug)]
+pub struct Readiness {
+    pending: Mutex<Vec<String>>,
+}
+
+impl Readiness {
+    pub fn new(pending: Vec<String>) -> Self {
+        Readiness {
+            pending: Mutex::new(pending),
+        }
+    }
+
+    pub fn set_pending(&self, pending: Vec<String>) {
+        *self.pending.lock().unwrap_or_else(|e| e.into_inner()) = pending;
+    }
+
+    pub fn pending(&self) -> Vec<String> {
+        self.pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+}
+
+/// Local endpoint counts of the Services with a healthCheckNodePort, by
+/// `(namespace, name)`.
+pub type HealthChecks = ArcSwap<HashMap<(String, String), usize>>;
+
+/// Everything the HTTP answers read.
+pub struct AdminState {
+    pub health: Arc<ProxyHealth>,
+    pub readiness: Arc<Readiness>,
+    pub metrics: Arc<Metrics>,
+    pub health_checks: Arc<HealthChecks>,
+}
+
+type Body = Full<Bytes>;
+
+/// Serves HTTP/1 on `listener` with `answer` until `stop` is cancelled.
+pub async fn serve<F>(listener: TcpListener, stop: CancellationToken, answer: F)
+where
+    F: Fn(&Request<Incoming>) -> Response<Body> + Send + Sync + 'static,
+{
+    let answer = Arc::new(answer);
+    loop {
+        let (stream, _) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(_) => {
+                    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                    continue;
+                }
+            },
+            () = stop.cancelled() => return,
+        };
+        let answer = answer.clone();
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |request: Request<Incoming>| {
+                let response = answer(&request);
+                async move { Ok::<_, Infallible>(response) }
+            });
+            let connection = hyper::server::conn::http1::Builder::new()
+                .title_case_headers(true)
+                .serve_connection(TokioIo::new(stream), service);
+            tokio::select! {
+                _ = connection => {}
+                () = stop.cancelled() => {}
+            }
+        });
+    }
+}
+
+/// The admin port's answers.
+pub fn admin(state: &AdminState, request: &Request<Incoming>) -> Response<Body> {
+    match request.uri().path() {
+        "/healthz" => {
+            let answer = state.health.healthz();
+            count(&state.metrics.proxy.healthz, answer.status);
+            json(answer.status, answer.body, None)
+        }
+        "/livez" => {
+            let answer = state.health.livez();
+            count(&state.metrics.proxy.livez, answer.status);
+            json(answer.status, answer.body, None)
+        }
+        "/readyz" => {
+            let pending = state.readiness.pending();
+            if pending.is_empty() {
+                text(200, "ok\n".to_string())
+            } else {
+                let mut body = String::from("not ready; waiting for:\n");
+                for item in pending {
+                    body.push_str(&format!("- {item}\n"));
+                }
+                text(503, body)
+            }
+        }
+        "/metrics" => {
+            let mut response = text(200, state.metrics.encode());
+            response.headers_mut().insert(
+                hyper::header::CONTENT_TYPE,
+                "application/openmetrics-text; version=1.0.0; charset=utf-8"
+                    .parse()
+                    .expect("valid header"),
+            );
+            response
+        }
+        _ => text(404, "404 page not found\n".to_string()),
+    }
+}
+
+/// A healthCheckNodePort's answer, for any path and method (as kube-proxy).
+pub fn health_check(state: &AdminState, namespace: &str, name: &str) -> Response<Body> {
+    let key = (namespace.to_string(), name.to_string());
+    let Some(&count) = state.health_checks.load().get(&key) else {
+        // kube-proxy writes nothing for a Service it no longer serves: an empty 200.
+        return respond(200, Vec::new(), Bytes::new());
+    };
+    let healthy = state.health.is_healthy();
+    let status = if count != 0 && healthy { 200 } else { 503 };
+    json(
+        status,
+        service_health_body(namespace, name, count, healthy),
+        Some(count),
+    )
+}
+
+fn count(
+    family: &prometheus_client::metrics::family::Family<
+        CodeLabels,
+        prometheus_client::metrics::counter::Counter,
+    >,
+    code: u16,
+) {
+    family.get_or_create(&CodeLabels { code }).inc();
+}
+
+fn json(status: u16, body: String, weight: Option<usize>) -> Response<Body> {
+    let mut headers = vec![
+        ("Content-Type", "application/json".to_string()),
+        ("X-Content-Type-Options", "nosniff".to_string()),
+    ];
+    if let Some(weight) = weight {
+        headers.push(("X-Load-Balancing-Endpoint-Weight", weight.to_string()));
+    }
+    respond(status, headers, Bytes::from(body))
+}
+
+fn text(status: u16, body: String) -> Response<Body> {
+    respond(
+        status,
+        vec![
+            ("Content-Type", "text/plain; charset=utf-8".to_string()),
+            ("X-Content-Type-Options", "nosniff".to_string()),
+        ],
+        Bytes::from(body),
+    )
+}
+
+fn respond(status: u16, headers: Vec<(&'static str, String)>, body: Bytes) -> Response<Body> {
+    let mut builder = Response::builder().status(StatusCode::from_u16(status).expect("valid"));
+    for (name, value) in headers {
+        builder = builder.header(name, value);
+    }
+    builder
+        .header("Date", http_date(SystemTime::now()))
+        .header("Content-Length", body.len().to_string())
+        .body(Full::new(body))
+        .expect("valid response")
+}
+
+/// The admin address, bound before anything else so a taken port fails start-up.
+pub fn bind(address: SocketAddr) -> std::io::Result<std::net::TcpListener> {
+    let listener = std::net::TcpListener::bind(address)?;
+    listener.set_nonblocking(true)?;
+    Ok(listener)
+}

@@ -1,0 +1,254 @@
+//! Wiring: starts the admin server, the policy engine, the control plane and the data
+//! plane from a [`Config`], and shuts them down gracefully. Used by `weir run` and, in
+//! process, by the tests.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::mpsc::Sender;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use tokio_util::sync::CancellationToken;
+
+use crate::admin::{self, AdminState, HealthChecks, Readiness};
+use crate::config::Config;
+use crate::control::ControlPlane;
+use crate::health::ProxyHealth;
+use crate::metrics::Metrics;
+use crate::policy::{PolicyEngine, Registry};
+use crate::proxy::{ListenerKind, Listeners, Settings, Shared, tcp};
+
+/// A running weir.
+pub struct App {
+    admin_address: SocketAddr,
+    shared: Arc<Shared>,
+    metrics: Arc<Metrics>,
+    readiness: Arc<Readiness>,
+    stop_control: Option<Sender<()>>,
+    control: Option<std::thread::JoinHandle<()>>,
+    stop_admin: CancellationToken,
+    grace: Duration,
+}
+
+/// How a shutdown went.
+#[derive(Debug)]
+pub struct Drained {
+    /// Connections still open when the grace period ran out, closed by force.
+    pub forced: bool,
+}
+
+impl App {
+    /// Starts weir on the current tokio runtime. Returns once the admin port listens and
+    /// the policy engine is up; the first sync of objects and policies follows (`/readyz`
+    /// says when it is done).
+    pub fn start(config: Config) -> anyhow::Result<App> {
+        let runtime = tokio::runtime::Handle::current();
+        let metrics = Arc::new(Metrics::new());
+        let health = Arc::new(ProxyHealth::new(config.admin.health_timeout.0));
+        let mut pending = vec![format!(
+            "objects: first read of {}",
+            config
+                .source
+                .paths
+                .iter()
+                .map(|p| p.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        )];
+        if let Some(dir) = &config.policies.dir {
+            pending.push(format!("policies: first load of {}", dir.display()));
+        }
+        let readiness = Arc::new(Readiness::new(pending));
+        let health_checks: Arc<HealthChecks> = Arc::default();
+        let state = Arc::new(AdminState {
+            health: health.clone(),
+            readiness: readiness.clone(),
+            metrics: metrics.clone(),
+            health_checks: health_checks.clone(),
+        });
+
+        let admin_listener = admin::bind(config.admin.address).with_context(|| {
+            format!(
+                "cannot listen on admin.address {}: set another address in [admin]",
+                config.admin.address
+            )
+        })?;
+        let admin_address = admin_listener.local_addr()?;
+        let stop_admin = CancellationToken::new();
+        {
+            let _guard = runtime.enter();
+            let listener = tokio::net::TcpListener::from_std(admin_listener)?;
+            let state = state.clone();
+            tokio::spawn(admin::serve(listener, stop_admin.clone(), move |request| {
+                admin::admin(&state, request)
+            }));
+        }
+
+        let workers = config.proxy.worker_count();
+        let engine = PolicyEngine::new(
+            config.limits.limits(),
+            config.cache_dir().as_deref(),
+            metrics.policy.clone(),
+        )
+        .context("cannot start the policy engine")?;
+        let registry = Registry::new(engine, workers)?;
+
+        let shared = Arc::new(Shared::new(Settings {
+            workers,
+            connect_timeout: config.proxy.connect_timeout.0,
+            connect_attempts: config.proxy.connect_attempts,
+            drop_timeout: config.proxy.drop_timeout.0,
+            local_sources: config.local_cidrs(),
+        }));
+        let spawn = {
+            let shared = shared.clone();
+            let state = state.clone();
+            Box::new(
+                move |listener: tokio::net::TcpListener,
+                      address: SocketAddr,
+                      kind: ListenerKind,
+                      stop: CancellationToken| match kind {
+                    ListenerKind::Service => {
+                        tokio::spawn(tcp::serve(listener, address, shared.clone(), stop));
+                    }
+                    ListenerKind::HealthCheck { namespace, name } => {
+                        let state = state.clone();
+                        tokio::spawn(admin::serve(listener, stop, move |_| {
+                            admin::health_check(&state, &namespace, &name)
+                        }));
+                    }
+                },
+            )
+        };
+        let listeners = Listeners::new(
+            runtime,
+            spawn,
+            metrics.proxy.clone(),
+            CancellationToken::new(),
+        );
+        let grace = config.proxy.shutdown_grace_period.0;
+        let control = ControlPlane::new(
+            config,
+            registry,
+            listeners,
+            shared.clone(),
+            health_checks,
+            health,
+            readiness.clone(),
+            metrics.clone(),
+        );
+        let (stop_control, stop) = std::sync::mpsc::channel();
+        let control = std::thread::Builder::new()
+            .name("weir-control".into())
+            .spawn(move || control.run(stop))?;
+        Ok(App {
+            admin_address,
+            shared,
+            metrics,
+            readiness,
+            stop_control: Some(stop_control),
+            control: Some(control),
+            stop_admin,
+            grace,
+        })
+    }
+
+    /// Where `/healthz`, `/livez`, `/readyz` and `/metrics` are served.
+    pub fn admin_address(&self) -> SocketAddr {
+        self.admin_address
+    }
+
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    /// What `/readyz` is waiting for (empty: ready).
+    pub fn pending(&self) -> Vec<String> {
+        self.readiness.pending()
+    }
+
+    /// Connections open now.
+    pub fn connections(&self) -> usize {
+        self.shared.connections.len()
+    }
+
+    /// Stops accepting, lets established connections finish for up to the grace period,
+    /// then closes those left.
+    pub async fn shutdown(mut self) -> Drained {
+        self.readiness
+            .set_pending(vec!["shutting down: not accepting connections".to_string()]);
+        self.stop_control_plane().await;
+        let connections = &self.shared.connections;
+        connections.close();
+        let open = connections.len();
+        if open > 0 {
+            tracing::info!(
+                open,
+                grace = ?self.grace,
+                "listeners closed; waiting for established connections to finish"
+            );
+        }
+        let forced = tokio::time::timeout(self.grace, connections.wait())
+            .await
+            .is_err();
+        if forced {
+            tracing::warn!(
+                open = connections.len(),
+                "shutdown grace period over: closing the connections left"
+            );
+            self.shared.close.cancel();
+            connections.wait().await;
+        }
+        self.stop_admin.cancel();
+        Drained { forced }
+    }
+
+    /// Stops the control thread, which closes every listener on its way out.
+    async fn stop_control_plane(&mut self) {
+        if let Some(stop) = self.stop_control.take() {
+            let _ = stop.send(());
+        }
+        if let Some(control) = self.control.take() {
+            let _ = tokio::task::spawn_blocking(move || control.join()).await;
+        }
+    }
+}
+
+impl Drop for App {
+    fn drop(&mut self) {
+        // Without a graceful shutdown: stop everything now.
+        if let Some(stop) = self.stop_control.take() {
+            let _ = stop.send(());
+        }
+        self.shared.close.cancel();
+        self.stop_admin.cancel();
+    }
+}
+
+/// Waits for SIGTERM or SIGINT and names it.
+pub async fn signal() -> &'static str {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
+    tokio::select! {
+        _ = term.recv() => "SIGTERM",
+        _ = int.recv() => "SIGINT",
+    }
+}
+
+/// Runs `app` until SIGTERM or SIGINT, then drains it; a second signal exits at once.
+pub async fn serve_until_signal(app: App) {
+    let first = signal().await;
+    tracing::info!("{first}: draining (a second signal exits at once)");
+    tokio::spawn(async {
+        let second = signal().await;
+        eprintln!("{second} again: exiting now");
+        std::process::exit(130);
+    });
+    let drained = app.shutdown().await;
+    if drained.forced {
+        tracing::warn!("stopped; some connections were closed at the end of the grace period");
+    } else {
+        tracing::info!("stopped; every connection finished");
+    }
+}

@@ -1,0 +1,496 @@
+//! `weir.toml`: weir's own settings. Unknown keys and bad values are errors that name the
+//! key, its line and what would be accepted; `weir run` exits 64 (EX_USAGE) on them.
+//!
+//! Relative paths are resolved against the directory of the config file, as kubeconfig
+//! paths are, so a config works from any working directory.
+
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::policy::{FailureMode, Limits};
+
+/// Exit status for a bad config (sysexits.h EX_USAGE).
+pub const EXIT_CONFIG: u8 = 64;
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub node: NodeConfig,
+    pub source: SourceConfig,
+    #[serde(default)]
+    pub policies: PoliciesConfig,
+    #[serde(default)]
+    pub admin: AdminConfig,
+    #[serde(default)]
+    pub proxy: ProxyConfig,
+    #[serde(default)]
+    pub limits: LimitsConfig,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeConfig {
+    /// The Node weir runs on: locality, topology hints and externalTrafficPolicy Local.
+    pub name: String,
+    /// Where NodePorts and healthCheckNodePorts listen.
+    #[serde(default = "default_node_addresses")]
+    pub addresses: Vec<IpAddr>,
+    /// Sources that count as this node or its pods. External traffic from them gets the
+    /// Service's internal (Cluster) endpoints, as kube-proxy does for
+    /// externalTrafficPolicy Local. Default: `addresses`, each as a single host.
+    #[serde(default)]
+    pub local_cidrs: Option<Vec<Cidr>>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SourceKind {
+    Files,
+    Kubernetes,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SourceConfig {
+    pub kind: SourceKind,
+    /// Files or directories of Services, EndpointSlices and Nodes (`kind = "files"`).
+    #[serde(default)]
+    pub paths: Vec<PathBuf>,
+    /// How often the files are checked for changes.
+    #[serde(default = "default_poll")]
+    pub poll_interval: Humantime,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PoliciesConfig {
+    /// Directory of `NAME.wasm` modules, watched; the file stem is the policy's name.
+    pub dir: Option<PathBuf>,
+    /// How often the directory is checked for changes.
+    #[serde(default = "default_poll")]
+    pub poll_interval: Humantime,
+    /// What a Service gets when its policy fails and it has no `weir.dev/failure-mode`.
+    #[serde(default)]
+    pub failure_mode: FailureModeConfig,
+    /// Where compiled modules are cached (default: `$XDG_CACHE_HOME/weir` or
+    /// `~/.cache/weir`); `""` disables the cache.
+    pub cache_dir: Option<PathBuf>,
+}
+
+impl Default for PoliciesConfig {
+    fn default() -> Self {
+        PoliciesConfig {
+            dir: None,
+            poll_interval: default_poll(),
+            failure_mode: FailureModeConfig::Open,
+            cache_dir: None,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FailureModeConfig {
+    #[default]
+    Open,
+    Closed,
+}
+
+impl From<FailureModeConfig> for FailureMode {
+    fn from(mode: FailureModeConfig) -> Self {
+        match mode {
+            FailureModeConfig::Open => FailureMode::Open,
+            FailureModeConfig::Closed => FailureMode::Closed,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminConfig {
+    /// `/healthz`, `/livez`, `/readyz` and `/metrics` (kube-proxy's healthz port).
+    #[serde(default = "default_admin")]
+    pub address: SocketAddr,
+    /// `/healthz` and `/livez` fail when a change has waited this long to be applied
+    /// (kube-proxy: twice its sync period).
+    #[serde(default = "default_health_timeout")]
+    pub health_timeout: Humantime,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        AdminConfig {
+            address: default_admin(),
+            health_timeout: default_health_timeout(),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProxyConfig {
+    /// Data-plane threads, each with its own instance of every policy (0: one per CPU).
+    #[serde(default)]
+    pub workers: usize,
+    /// How long a connect to one endpoint may take before another is tried.
+    #[serde(default = "default_connect_timeout")]
+    pub connect_timeout: Humantime,
+    /// Endpoints tried for one connection before it is given up on (at least 1).
+    #[serde(default = "default_connect_attempts")]
+    pub connect_attempts: u32,
+    /// A dropped connection is closed without a reply after the client's first bytes or
+    /// after this long, whichever comes first.
+    #[serde(default = "default_drop_timeout")]
+    pub drop_timeout: Humantime,
+    /// On SIGTERM, how long established connections may continue before they are closed.
+    #[serde(default = "default_grace")]
+    pub shutdown_grace_period: Humantime,
+}
+
+impl Default for ProxyConfig {
+    fn default() -> Self {
+        ProxyConfig {
+            workers: 0,
+            connect_timeout: default_connect_timeout(),
+            connect_attempts: default_connect_attempts(),
+            drop_timeout: default_drop_timeout(),
+            shutdown_grace_period: default_grace(),
+        }
+    }
+}
+
+impl ProxyConfig {
+    pub fn worker_count(&self) -> usize {
+        if self.workers > 0 {
+            self.workers
+        } else {
+            std::thread::available_parallelism().map_or(2, |n| n.get())
+        }
+    }
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsConfig {
+    /// Deadline of `select` and `observe` (per connection).
+    pub select_deadline: Option<Humantime>,
+    /// Deadline of `configure`, `update` and `remove`.
+    pub update_deadline: Option<Humantime>,
+    /// Linear memory cap per policy instance, in MiB.
+    pub memory_mib: Option<u32>,
+    /// How long a service follows its failure mode after a failed `select`.
+    pub quarantine: Option<Humantime>,
+}
+
+impl LimitsConfig {
+    pub fn limits(&self) -> Limits {
+        let mut limits = Limits::default();
+        if let Some(d) = self.select_deadline {
+            limits.select_deadline = d.0;
+        }
+        if let Some(d) = self.update_deadline {
+            limits.update_deadline = d.0;
+        }
+        if let Some(mib) = self.memory_mib {
+            limits.memory_bytes = (mib as usize) << 20;
+        }
+        if let Some(d) = self.quarantine {
+            limits.quarantine = d.0;
+        }
+        limits
+    }
+}
+
+/// A duration written with a unit: `"250ms"`, `"2s"`, `"1m"`, `"1h"`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Humantime(pub Duration);
+
+impl<'de> Deserialize<'de> for Humantime {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        parse_duration(&text).map(Humantime).ok_or_else(|| {
+            serde::de::Error::custom(format!(
+                "invalid duration `{text}`: write a number and a unit (us, ms, s, m, h), e.g. \"250ms\" or \"30s\""
+            ))
+        })
+    }
+}
+
+fn parse_duration(text: &str) -> Option<Duration> {
+    let text = text.trim();
+    let split = text.find(|c: char| !c.is_ascii_digit() && c != '.')?;
+    let (number, unit) = text.split_at(split);
+    let number: f64 = number.parse().ok()?;
+    let seconds = match unit.trim() {
+        "us" | "µs" => number / 1e6,
+        "ms" => number / 1e3,
+        "s" => number,
+        "m" => number * 60.0,
+        "h" => number * 3600.0,
+        _ => return None,
+    };
+    (seconds.is_finite() && seconds >= 0.0).then(|| Duration::from_secs_f64(seconds))
+}
+
+/// An address range, `198.18.0.0/15` or a single address.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Cidr {
+    pub address: IpAddr,
+    pub prefix: u8,
+}
+
+impl Cidr {
+    pub fn host(address: IpAddr) -> Self {
+        let prefix = if address.is_ipv4() { 32 } else { 128 };
+        Cidr { address, prefix }
+    }
+
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        crate::model::cidr_contains((self.address, self.prefix), ip)
+    }
+}
+
+impl fmt::Display for Cidr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.address, self.prefix)
+    }
+}
+
+impl<'de> Deserialize<'de> for Cidr {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        parse_cidr(&text).ok_or_else(|| {
+            serde::de::Error::custom(format!(
+                "invalid address range `{text}`: write an address with an optional prefix length, e.g. \"127.0.0.0/8\" or \"fd00::/64\""
+            ))
+        })
+    }
+}
+
+fn parse_cidr(text: &str) -> Option<Cidr> {
+    let (address, prefix) = match text.split_once('/') {
+        Some((a, p)) => (a.parse::<IpAddr>().ok()?, Some(p.parse::<u8>().ok()?)),
+        None => (text.parse::<IpAddr>().ok()?, None),
+    };
+    let max = if address.is_ipv4() { 32 } else { 128 };
+    let prefix = prefix.unwrap_or(max);
+    (prefix <= max).then_some(Cidr { address, prefix })
+}
+
+fn readable(path: &Path) -> std::io::Result<()> {
+    if std::fs::metadata(path)?.is_dir() {
+        std::fs::read_dir(path).map(drop)
+    } else {
+        std::fs::File::open(path).map(drop)
+    }
+}
+
+fn default_node_addresses() -> Vec<IpAddr> {
+    vec![IpAddr::from([127, 0, 0, 1])]
+}
+fn default_poll() -> Humantime {
+    Humantime(Duration::from_millis(250))
+}
+fn default_admin() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 10256))
+}
+fn default_health_timeout() -> Humantime {
+    Humantime(Duration::from_secs(60))
+}
+fn default_connect_timeout() -> Humantime {
+    Humantime(Duration::from_secs(2))
+}
+fn default_connect_attempts() -> u32 {
+    3
+}
+fn default_drop_timeout() -> Humantime {
+    Humantime(Duration::from_secs(5))
+}
+fn default_grace() -> Humantime {
+    Humantime(Duration::from_secs(30))
+}
+
+/// A config that cannot be used, with what is wrong and how to fix it.
+#[derive(Debug, thiserror::Error)]
+#[error("{file}: {message}")]
+pub struct ConfigError {
+    pub file: String,
+    pub message: String,
+}
+
+impl Config {
+    /// Reads and checks a config file; relative paths become relative to its directory.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let error = |message: String| ConfigError {
+            file: path.display().to_string(),
+            message,
+        };
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| error(format!("cannot read the config file: {e}")))?;
+        let base = path.parent().unwrap_or(Path::new(""));
+        let config = Config::parse(&text, base).map_err(error)?;
+        config.check_paths().map_err(error)?;
+        Ok(config)
+    }
+
+    /// Parses config text; relative paths are joined to `base`.
+    pub fn parse(text: &str, base: &Path) -> Result<Config, String> {
+        let mut config: Config = toml::from_str(text).map_err(|e| {
+            format!(
+                "{}\nThe keys and their meaning are listed in README.md, section \"Configuration\".",
+                e.to_string().trim_end()
+            )
+        })?;
+        config.check()?;
+        let resolve = |p: &mut PathBuf| {
+            if p.is_relative() && !p.as_os_str().is_empty() {
+                *p = base.join(&*p);
+            }
+        };
+        config.source.paths.iter_mut().for_each(resolve);
+        if let Some(dir) = config.policies.dir.as_mut() {
+            resolve(dir);
+        }
+        if let Some(dir) = config.policies.cache_dir.as_mut() {
+            resolve(dir);
+        }
+        Ok(config)
+    }
+
+    fn check(&self) -> Result<(), String> {
+        if self.node.name.trim().is_empty() {
+            return Err("node.name is empty: set it to the name of the Node weir runs on, e.g. name = \"node-a\"".into());
+        }
+        match self.source.kind {
+            SourceKind::Files if self.source.paths.is_empty() => {
+                return Err("source.paths is empty: with kind = \"files\", list the files or directories of objects, e.g. paths = [\"objects\"]".into());
+            }
+            SourceKind::Kubernetes => {
+                return Err("source.kind = \"kubernetes\" is not available in this version: use kind = \"files\"".into());
+            }
+            SourceKind::Files => {}
+        }
+        if self.proxy.connect_attempts == 0 {
+            return Err("proxy.connect_attempts = 0: it must be at least 1".into());
+        }
+        if self.limits.memory_mib == Some(0) {
+            return Err("limits.memory_mib = 0: give policy instances at least 1 MiB".into());
+        }
+        if self.source.poll_interval.0.is_zero() || self.policies.poll_interval.0.is_zero() {
+            return Err("poll_interval must be more than 0, e.g. \"250ms\"".into());
+        }
+        Ok(())
+    }
+
+    /// Checks that every path the config names can be read now.
+    pub fn check_paths(&self) -> Result<(), String> {
+        for path in &self.source.paths {
+            readable(path).map_err(|e| {
+                format!(
+                    "source.paths: cannot read {}: {e}; fix the path or its permissions",
+                    path.display()
+                )
+            })?;
+        }
+        if let Some(dir) = &self.policies.dir {
+            let metadata = std::fs::metadata(dir).map_err(|e| {
+                format!(
+                    "policies.dir: cannot read {}: {e}; create it, fix the path, or remove the key to run with the built-in kube-default only",
+                    dir.display()
+                )
+            })?;
+            if !metadata.is_dir() {
+                return Err(format!(
+                    "policies.dir: {} is not a directory: name a directory of NAME.wasm modules",
+                    dir.display()
+                ));
+            }
+            std::fs::read_dir(dir)
+                .map_err(|e| format!("policies.dir: cannot read {}: {e}", dir.display()))?;
+        }
+        Ok(())
+    }
+
+    /// `node.local_cidrs`, or each node address as a single host.
+    pub fn local_cidrs(&self) -> Vec<Cidr> {
+        self.node.local_cidrs.clone().unwrap_or_else(|| {
+            self.node
+                .addresses
+                .iter()
+                .copied()
+                .map(Cidr::host)
+                .collect()
+        })
+    }
+
+    /// The compiled-module cache: `policies.cache_dir`, or the user's cache directory.
+    pub fn cache_dir(&self) -> Option<PathBuf> {
+        match &self.policies.cache_dir {
+            Some(dir) if dir.as_os_str().is_empty() => None,
+            Some(dir) => Some(dir.clone()),
+            None => crate::policy::default_cache_dir(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str =
+        "[node]\nname = \"node-a\"\n[source]\nkind = \"files\"\npaths = [\"objects\"]\n";
+
+    #[test]
+    fn minimal_config_gets_the_documented_defaults() {
+        let config = Config::parse(MINIMAL, Path::new("/etc/weir")).unwrap();
+        assert_eq!(config.source.paths, [PathBuf::from("/etc/weir/objects")]);
+        assert_eq!(config.admin.address, "127.0.0.1:10256".parse().unwrap());
+        assert_eq!(config.node.addresses, [IpAddr::from([127, 0, 0, 1])]);
+        assert_eq!(config.proxy.connect_attempts, 3);
+        assert_eq!(
+            config.local_cidrs(),
+            [Cidr::host("127.0.0.1".parse().unwrap())]
+        );
+    }
+
+    #[test]
+    fn unknown_key_names_key_line_and_choices() {
+        let text = format!("{MINIMAL}[admin]\nadress = \"127.0.0.1:1\"\n");
+        let error = Config::parse(&text, Path::new("")).unwrap_err();
+        assert!(error.contains("line 7"), "{error}");
+        assert!(error.contains("unknown field `adress`"), "{error}");
+        assert!(error.contains("`address`"), "{error}");
+    }
+
+    #[test]
+    fn bad_values_name_the_fix() {
+        let text = format!("{MINIMAL}[proxy]\nconnect_timeout = \"2 parsecs\"\n");
+        let error = Config::parse(&text, Path::new("")).unwrap_err();
+        assert!(
+            error.contains("line 7") && error.contains("\"250ms\""),
+            "{error}"
+        );
+        let text = format!("{MINIMAL}[node]\n");
+        assert!(Config::parse(&text, Path::new("")).is_err());
+        let text = MINIMAL.replace("paths = [\"objects\"]", "paths = []");
+        let error = Config::parse(&text, Path::new("")).unwrap_err();
+        assert!(error.contains("source.paths is empty"), "{error}");
+    }
+
+    #[test]
+    fn durations_and_ranges() {
+        assert_eq!(parse_duration("250ms"), Some(Duration::from_millis(250)));
+        assert_eq!(parse_duration("1.5s"), Some(Duration::from_millis(1500)));
+        assert_eq!(parse_duration("2m"), Some(Duration::from_secs(120)));
+        assert_eq!(parse_duration("5"), None);
+        assert_eq!(parse_duration("5 days"), None);
+        let cidr = parse_cidr("198.18.0.0/15").unwrap();
+        assert!(cidr.contains("198.19.1.1".parse().unwrap()));
+        assert!(!cidr.contains("198.20.0.1".parse().unwrap()));
+        assert!(parse_cidr("10.0.0.0/33").is_none());
+    }
+}

@@ -1,0 +1,562 @@
+//! The control plane: watches objects and policy modules, keeps every policy told about
+//! the service ports it serves, and publishes the routing table and listeners that
+//! follow from their answers. It runs on its own thread: a policy's `update` may take up
+//! to its deadline, and must never hold up a data-plane thread.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::mpsc::{Receiver, RecvTimeoutError};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use sha2::{Digest, Sha256};
+use weir_sdk::{Eligibility, EmptyAction, Scope, ServiceHandle};
+
+use crate::admin::{HealthChecks, Readiness};
+use crate::config::Config;
+use crate::discovery::files::{Diagnostic, Severity};
+use crate::discovery::watch::{FileSource, Fingerprint};
+use crate::health::ProxyHealth;
+use crate::metrics::{Metrics, ReloadResult, TrafficPolicyLabels};
+use crate::model::{self, ProtocolKey, ServicePortSnapshot};
+use crate::policy::{Binding, FailureMode, PolicyRuntime, Registry, ServiceInput};
+use crate::proxy::{ListenerKind, Listeners, Route, RouteMetrics, Routes, Shared};
+use crate::state::Identities;
+
+/// What a service port's policy was last told, and answered.
+struct Bound {
+    policy: String,
+    runtime: Option<Arc<PolicyRuntime>>,
+    input: ServiceInput,
+    eligibility: Eligibility,
+}
+
+pub struct ControlPlane {
+    pub(crate) config: Config,
+    pub(crate) source: FileSource,
+    pub(crate) registry: Registry,
+    policy_files: BTreeMap<PathBuf, Fingerprint>,
+    policy_dir_error: Option<String>,
+    identities: Identities,
+    bound: HashMap<ServiceHandle, Bound>,
+    /// Diagnostics of the model already logged (each is logged once).
+    reported: HashSet<String>,
+    pub(crate) listeners: Listeners,
+    pub(crate) shared: Arc<Shared>,
+    pub(crate) health_checks: Arc<HealthChecks>,
+    pub(crate) health: Arc<ProxyHealth>,
+    pub(crate) readiness: Arc<Readiness>,
+    pub(crate) metrics: Arc<Metrics>,
+}
+
+impl ControlPlane {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        config: Config,
+        registry: Registry,
+        listeners: Listeners,
+        shared: Arc<Shared>,
+        health_checks: Arc<HealthChecks>,
+        health: Arc<ProxyHealth>,
+        readiness: Arc<Readiness>,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        ControlPlane {
+            source: FileSource::new(config.source.paths.clone()),
+            config,
+            registry,
+            policy_files: BTreeMap::new(),
+            policy_dir_error: None,
+            identities: Identities::default(),
+            bound: HashMap::new(),
+            reported: HashSet::new(),
+            listeners,
+            shared,
+            health_checks,
+            health,
+            readiness,
+            metrics,
+        }
+    }
+
+    /// Syncs once, then follows changes until `stop` says so (or is dropped); closes every
+    /// listener on the way out.
+    pub fn run(mut self, stop: Receiver<()>) {
+        self.poll_policies();
+        self.poll_objects();
+        self.sync();
+        self.readiness.set_pending(Vec::new());
+        tracing::info!(
+            listeners = self.listeners.addresses().len(),
+            "first sync done: ready"
+        );
+        let interval = self
+            .config
+            .source
+            .poll_interval
+            .0
+            .min(self.config.policies.poll_interval.0);
+        while let Err(RecvTimeoutError::Timeout) = stop.recv_timeout(interval) {
+            let policies = self.poll_policies();
+            let objects = self.poll_objects();
+            if policies || objects || self.listeners.has_failed() {
+                self.sync();
+            }
+        }
+        self.listeners.close_all();
+    }
+
+    /// Re-reads changed object files. Returns whether the objects changed.
+    fn poll_objects(&mut self) -> bool {
+        let poll = self.source.poll();
+        let mut rejected = false;
+        for diagnostic in &poll.diagnostics {
+            log_diagnostic(diagnostic);
+            rejected |= diagnostic.is_error();
+        }
+        if rejected {
+            self.metrics.proxy.reload("objects", ReloadResult::rejected);
+        }
+        if poll.changed {
+            self.queued();
+            self.metrics.proxy.reload("objects", ReloadResult::accepted);
+        }
+        poll.changed
+    }
+
+    fn queued(&self) {
+        self.health.queued();
+        self.metrics.proxy.last_queued.set(unix_now());
+    }
+
+    /// Loads new and changed modules of the policies directory, each through the
+    /// transactional swap, and unloads deleted ones. Returns whether any policy changed.
+    fn poll_policies(&mut self) -> bool {
+        let Some(dir) = self.config.policies.dir.clone() else {
+            return false;
+        };
+        let mut found = BTreeMap::new();
+        match std::fs::read_dir(&dir) {
+            Ok(entries) => {
+                self.policy_dir_error = None;
+                for path in entries.filter_map(Result::ok).map(|e| e.path()) {
+                    if path.extension().is_some_and(|e| e == "wasm")
+                        && let Ok(fingerprint) = Fingerprint::of(&path)
+                    {
+                        found.insert(path, fingerprint);
+                    }
+                }
+            }
+            Err(error) => {
+                let message = format!(
+                    "{}: cannot read the policies directory: {error}; the policies loaded keep serving",
+                    dir.display()
+                );
+                if self.policy_dir_error.as_ref() != Some(&message) {
+                    tracing::error!("{message}");
+                    self.policy_dir_error = Some(message);
+                }
+                return false;
+            }
+        }
+        let mut changed = false;
+        let gone: Vec<PathBuf> = self
+            .policy_files
+            .keys()
+            .filter(|p| !found.contains_key(*p))
+            .cloned()
+            .collect();
+        for path in gone {
+            let name = policy_name(&path);
+            changed = true;
+            self.queued();
+            tracing::warn!(
+                policy = %name,
+                "{} was deleted: its Services fall back to their failure mode (open, the default: kube-default)",
+                path.display()
+            );
+            if let Err(error) = self.registry.unload(&name) {
+                tracing::error!(policy = %name, "{error:#}");
+            }
+        }
+        for (path, fingerprint) in &found {
+            if self.policy_files.get(path) == Some(fingerprint) {
+                continue;
+            }
+            let name = policy_name(path);
+            let bytes = match std::fs::read(path) {
+                Ok(bytes) => bytes,
+                Err(error) => {
+                    tracing::error!(policy = %name, "{}: cannot read: {error}", path.display());
+                    continue;
+                }
+            };
+            let sha256 = hex(&Sha256::digest(&bytes));
+            if self.registry.sha256(&name) == Some(sha256.as_str()) {
+                continue;
+            }
+            self.queued();
+            changed |= self.swap(&name, path, &bytes, &sha256);
+        }
+        self.policy_files = found;
+        changed
+    }
+
+    /// One module through the transactional swap. Returns whether it was accepted.
+    fn swap(&mut self, name: &str, path: &Path, bytes: &[u8], sha256: &str) -> bool {
+        let started = Instant::now();
+        let mut replay: Vec<(ServiceHandle, ServiceInput)> = self
+            .bound
+            .iter()
+            .filter(|(_, b)| b.policy == name && b.runtime.is_some())
+            .map(|(handle, b)| (*handle, b.input.clone()))
+            .collect();
+        replay.sort_by_key(|(handle, _)| *handle);
+        let source = path.display().to_string();
+        match self.registry.swap(name, &source, bytes, "", &replay) {
+            Ok((runtime, answers)) => {
+                for (handle, eligibility) in answers {
+                    if let Some(bound) = self.bound.get_mut(&handle) {
+                        // A service that was on a fallback leaves it; the previous
+                        // version of this policy goes away as a whole.
+                        if let Some(previous) = bound.runtime.replace(runtime.clone())
+                            && previous.name() != name
+                        {
+                            previous.remove(handle);
+                        }
+                        bound.eligibility = eligibility;
+                    }
+                }
+                self.metrics.proxy.reload(name, ReloadResult::accepted);
+                tracing::info!(
+                    policy = %name,
+                    sha256 = %sha256,
+                    services = replay.len(),
+                    "policy loaded from {source} in {:?}",
+                    started.elapsed()
+                );
+                true
+            }
+            Err(error) => {
+                self.metrics.proxy.reload(name, ReloadResult::rejected);
+                self.registry.refuse(name, error.to_string());
+                let serving = match self.registry.sha256(name) {
+                    Some(previous) => {
+                        format!("the previous version (sha256 {previous}) keeps serving")
+                    }
+                    None => "its Services follow their failure mode".to_string(),
+                };
+                tracing::error!(
+                    policy = %name,
+                    sha256 = %sha256,
+                    "policy rejected: {error}; {serving}"
+                );
+                false
+            }
+        }
+    }
+
+    /// Applies the current objects and policies: tells each policy what changed, then
+    /// publishes the routes, the health check counts and the listeners.
+    fn sync(&mut self) {
+        let started = Instant::now();
+        let node_name = self.config.node.name.clone();
+        let objects = self.source.objects();
+        let model = model::build(&objects, &node_name);
+        self.health
+            .set_node_eligible(model::node_eligible(&objects, &node_name));
+        for diagnostic in &model.diagnostics {
+            if self.reported.insert(diagnostic.to_string()) {
+                log_diagnostic(diagnostic);
+            }
+        }
+
+        let mut present = Vec::new();
+        let mut routes = Routes::default();
+        let mut wanted: BTreeMap<SocketAddr, ListenerKind> = BTreeMap::new();
+        let mut health: HashMap<(String, String), BTreeSet<IpAddr>> = HashMap::new();
+        let mut no_local = [0i64; 2];
+        let mut handles = HashSet::new();
+        for snapshot in &model.ports {
+            if snapshot.key.protocol != ProtocolKey::Tcp {
+                let message = format!(
+                    "{}: {} is not proxied (weir proxies TCP; UDP comes later)",
+                    snapshot.service.display_name(),
+                    snapshot.key.protocol.as_str()
+                );
+                if self.reported.insert(message.clone()) {
+                    tracing::warn!("{message}");
+                }
+                continue;
+            }
+            present.push(&snapshot.key);
+            let (handle, endpoints) = self.identities.assign(snapshot);
+            handles.insert(handle);
+            let input = ServiceInput {
+                service: snapshot.service.clone(),
+                node: model.node.clone(),
+                endpoints,
+                failure_mode: snapshot.failure_mode,
+            };
+            let has_any = input.endpoints.iter().any(|e| e.ready || e.serving);
+            let (runtime, policy_label) = self.resolve(snapshot);
+            let eligibility = self.push(handle, snapshot, runtime.clone(), input);
+            if has_any
+                && snapshot.service.internal_traffic_local
+                && eligibility.internal.endpoints.is_empty()
+            {
+                no_local[0] += 1;
+            }
+            if has_any
+                && snapshot.service.external_traffic_local
+                && eligibility.external.endpoints.is_empty()
+            {
+                no_local[1] += 1;
+            }
+            let ready = self.bound[&handle]
+                .input
+                .endpoints
+                .iter()
+                .filter(|e| e.ready && eligibility.external.endpoints.contains(&e.id))
+                .map(|e| e.address.ip());
+            if let Some(check) = snapshot.health_check {
+                let key = (snapshot.key.namespace.clone(), snapshot.key.name.clone());
+                health.entry(key.clone()).or_default().extend(ready);
+                for address in &self.config.node.addresses {
+                    wanted
+                        .entry(SocketAddr::new(*address, check.node_port))
+                        .or_insert(ListenerKind::HealthCheck {
+                            namespace: key.0.clone(),
+                            name: key.1.clone(),
+                        });
+                }
+            }
+            let service_label = format!(
+                "{}/{}:{}",
+                snapshot.key.namespace,
+                snapshot.key.name,
+                if snapshot.key.port_name.is_empty() {
+                    snapshot.service.port.to_string()
+                } else {
+                    snapshot.key.port_name.clone()
+                }
+            );
+            let metrics = || RouteMetrics::new(&self.metrics.proxy, &service_label, &policy_label);
+            let mut add = |address: SocketAddr, scope: Scope, source_ranges: Vec<(IpAddr, u8)>| {
+                if routes.by_address.contains_key(&address) {
+                    let message = format!(
+                        "{address} is claimed by more than one Service port; {} does not get it",
+                        snapshot.service.display_name()
+                    );
+                    if self.reported.insert(message.clone()) {
+                        tracing::warn!("{message}");
+                    }
+                    return;
+                }
+                wanted.insert(address, ListenerKind::Service);
+                routes.by_address.insert(
+                    address,
+                    Arc::new(Route {
+                        handle,
+                        policy: runtime.clone(),
+                        scope,
+                        source_ranges,
+                        metrics: metrics(),
+                    }),
+                );
+            };
+            let service = &snapshot.service;
+            if serves(&eligibility, Scope::Internal) {
+                add(
+                    SocketAddr::new(service.cluster_ip, service.port),
+                    Scope::Internal,
+                    Vec::new(),
+                );
+            }
+            if serves(&eligibility, Scope::External) || serves(&eligibility, Scope::Internal) {
+                if service.node_port != 0 {
+                    for address in &self.config.node.addresses {
+                        if address.is_ipv4() == service.cluster_ip.is_ipv4() {
+                            add(
+                                SocketAddr::new(*address, service.node_port),
+                                Scope::External,
+                                Vec::new(),
+                            );
+                        }
+                    }
+                }
+                for ip in &service.external_ips {
+                    add(
+                        SocketAddr::new(*ip, service.port),
+                        Scope::External,
+                        Vec::new(),
+                    );
+                }
+                for ip in &service.load_balancer_ips {
+                    add(
+                        SocketAddr::new(*ip, service.port),
+                        Scope::External,
+                        snapshot.load_balancer_source_ranges.clone(),
+                    );
+                }
+            }
+        }
+        for handle in self.identities.retain(&present) {
+            self.forget(handle);
+        }
+        // Ports whose protocol is no longer proxied, or that moved to another handle.
+        let stale: Vec<ServiceHandle> = self
+            .bound
+            .keys()
+            .filter(|h| !handles.contains(h))
+            .copied()
+            .collect();
+        for handle in stale {
+            self.forget(handle);
+        }
+
+        self.shared.routes.store(Arc::new(routes));
+        self.health_checks.store(Arc::new(
+            health
+                .into_iter()
+                .map(|(key, ips)| (key, ips.len()))
+                .collect(),
+        ));
+        for error in self.listeners.reconcile(&wanted) {
+            tracing::warn!("{error}; retrying");
+        }
+        let proxy = &self.metrics.proxy;
+        for (i, policy) in ["internal", "external"].into_iter().enumerate() {
+            proxy
+                .no_local_endpoints
+                .get_or_create(&TrafficPolicyLabels {
+                    traffic_policy: policy,
+                })
+                .set(no_local[i]);
+        }
+        proxy.sync_seconds.observe(started.elapsed().as_secs_f64());
+        proxy.last_sync.set(unix_now());
+        self.health.updated();
+    }
+
+    /// The runtime a snapshot's policy name resolves to: `None` when the policy is
+    /// unavailable and the failure mode is closed. Also returns the metrics label.
+    fn resolve(&mut self, snapshot: &ServicePortSnapshot) -> (Option<Arc<PolicyRuntime>>, String) {
+        match self.registry.resolve(&snapshot.policy) {
+            Binding::Policy(runtime) => (Some(runtime), snapshot.policy.clone()),
+            Binding::Missing(reason) => {
+                let (runtime, outcome) = match snapshot.failure_mode {
+                    FailureMode::Open => (
+                        Some(self.registry.default_runtime()),
+                        "falls back to the built-in kube-default",
+                    ),
+                    FailureMode::Closed => (None, "rejects its traffic (failure mode closed)"),
+                };
+                let message = format!(
+                    "{}: {reason}; it {outcome}",
+                    snapshot.service.display_name()
+                );
+                if self.reported.insert(message.clone()) {
+                    tracing::warn!("{message}");
+                }
+                (runtime, crate::policy::DEFAULT_POLICY.to_string())
+            }
+        }
+    }
+
+    /// Tells the port's policy its current state, unless it knows it already. Returns the
+    /// eligibility serving the port.
+    fn push(
+        &mut self,
+        handle: ServiceHandle,
+        snapshot: &ServicePortSnapshot,
+        runtime: Option<Arc<PolicyRuntime>>,
+        input: ServiceInput,
+    ) -> Eligibility {
+        if let Some(bound) = self.bound.get(&handle) {
+            let same_runtime = match (&bound.runtime, &runtime) {
+                (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+                (None, None) => true,
+                _ => false,
+            };
+            if same_runtime && bound.input == input && bound.policy == snapshot.policy {
+                return bound.eligibility.clone();
+            }
+        }
+        let proxy = &self.metrics.proxy;
+        match self.bound.get(&handle) {
+            None => {
+                proxy.service_changes.inc();
+            }
+            Some(bound) => {
+                if bound.input.service != input.service {
+                    proxy.service_changes.inc();
+                }
+                if bound.input.endpoints != input.endpoints {
+                    proxy.endpoint_changes.inc();
+                }
+            }
+        }
+        if let Some(previous) = self.bound.get(&handle).and_then(|b| b.runtime.clone())
+            && !runtime.as_ref().is_some_and(|r| Arc::ptr_eq(r, &previous))
+        {
+            previous.remove(handle);
+        }
+        let eligibility = match &runtime {
+            Some(runtime) => runtime.update(handle, input.clone()).eligibility,
+            None => Eligibility::reject_all(),
+        };
+        self.bound.insert(
+            handle,
+            Bound {
+                policy: snapshot.policy.clone(),
+                runtime,
+                input,
+                eligibility: eligibility.clone(),
+            },
+        );
+        eligibility
+    }
+
+    fn forget(&mut self, handle: ServiceHandle) {
+        if let Some(bound) = self.bound.remove(&handle) {
+            self.metrics.proxy.service_changes.inc();
+            if let Some(runtime) = bound.runtime {
+                runtime.remove(handle);
+            }
+        }
+    }
+}
+
+/// Whether a scope needs its listeners: something to forward to, or connections to drop.
+/// With nothing eligible and `reject`, no listener is better: the kernel refuses the
+/// connection, as kube-proxy's REJECT rule does.
+fn serves(eligibility: &Eligibility, scope: Scope) -> bool {
+    let set = eligibility.for_scope(scope);
+    !set.endpoints.is_empty() || set.when_empty == EmptyAction::Drop
+}
+
+fn policy_name(path: &Path) -> String {
+    path.file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default()
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn unix_now() -> f64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs_f64()
+}
+
+fn log_diagnostic(diagnostic: &Diagnostic) {
+    match diagnostic.severity {
+        Severity::Error => tracing::error!("{diagnostic}"),
+        Severity::Warning => tracing::warn!("{diagnostic}"),
+    }
+}

@@ -1,0 +1,338 @@
+//! The data plane: one listening socket per service address, the routing table every new
+//! connection reads, and the listeners' life cycle.
+//!
+//! The control plane publishes a new [`Routes`] (an `ArcSwap`) after every change and
+//! reconciles the set of listeners. A connection reads the table once, when it is
+//! accepted; nothing that happens afterwards (a swap, a port change, a listener closing)
+//! touches an established connection.
+
+pub mod tcp;
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use weir_sdk::{Scope, ServiceHandle};
+
+use crate::config::Cidr;
+use crate::metrics::{
+    Action, BytesLabels, ConnectFailure, DecisionLabels, Direction, EndpointLabels, FailedLabels,
+    ListenerLabels, PolicyLabels, ProxyMetrics,
+};
+use crate::policy::PolicyRuntime;
+
+/// Where one listening address sends its connections.
+pub struct Route {
+    pub handle: ServiceHandle,
+    /// `None`: the Service's policy is unavailable and its failure mode is closed.
+    pub policy: Option<Arc<PolicyRuntime>>,
+    /// Internal for the clusterIP, external for nodePorts, externalIPs and LB IPs.
+    pub scope: Scope,
+    /// For LoadBalancer IPs: the sources allowed (empty: all).
+    pub source_ranges: Vec<(IpAddr, u8)>,
+    pub metrics: RouteMetrics,
+}
+
+/// A route's metric handles, resolved once per route rather than per connection.
+pub struct RouteMetrics {
+    service: String,
+    family: Arc<ProxyMetrics>,
+    pub forward: Counter,
+    pub reject: Counter,
+    pub drop: Counter,
+    pub select: Histogram,
+    pub unreachable: Counter,
+    pub gave_up: Counter,
+    pub source_range: Counter,
+}
+
+impl RouteMetrics {
+    pub fn new(metrics: &Arc<ProxyMetrics>, service: &str, policy: &str) -> Self {
+        let decision = |action| {
+            metrics
+                .decisions
+                .get_or_create(&DecisionLabels {
+                    service: service.to_string(),
+                    action,
+                })
+                .clone()
+        };
+        let failed = |reason| {
+            metrics
+                .failed
+                .get_or_create(&FailedLabels {
+                    service: service.to_string(),
+                    reason,
+                })
+                .clone()
+        };
+        RouteMetrics {
+            service: service.to_string(),
+            family: metrics.clone(),
+            forward: decision(Action::forward),
+            reject: decision(Action::reject),
+            drop: decision(Action::drop),
+            select: metrics
+                .select_seconds
+                .get_or_create(&PolicyLabels {
+                    policy: policy.to_string(),
+                })
+                .clone(),
+            unreachable: failed(ConnectFailure::endpoint_unreachable),
+            gave_up: failed(ConnectFailure::gave_up),
+            source_range: failed(ConnectFailure::source_range),
+        }
+    }
+
+    /// The counters of one endpoint of this route's service.
+    pub fn endpoint(&self, endpoint: SocketAddr) -> EndpointMetrics {
+        let endpoint = endpoint.to_string();
+        let labels = EndpointLabels {
+            service: self.service.clone(),
+            endpoint: endpoint.clone(),
+        };
+        let bytes = |direction| {
+            self.family
+                .bytes
+                .get_or_create(&BytesLabels {
+                    service: self.service.clone(),
+                    endpoint: endpoint.clone(),
+                    direction,
+                })
+                .clone()
+        };
+        EndpointMetrics {
+            opened: self.family.opened.get_or_create(&labels).clone(),
+            active: self.family.active.get_or_create(&labels).clone(),
+            to_endpoint: bytes(Direction::client_to_endpoint),
+            to_client: bytes(Direction::endpoint_to_client),
+        }
+    }
+}
+
+pub struct EndpointMetrics {
+    pub opened: Counter,
+    pub active: Gauge,
+    pub to_endpoint: Counter,
+    pub to_client: Counter,
+}
+
+/// The routing table: listening address to route.
+#[derive(Default)]
+pub struct Routes {
+    pub by_address: HashMap<SocketAddr, Arc<Route>>,
+}
+
+/// Data-plane settings from `[proxy]` and `[node]`.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    pub workers: usize,
+    pub connect_timeout: Duration,
+    pub connect_attempts: u32,
+    pub drop_timeout: Duration,
+    /// Sources that are this node or its pods: their external traffic is internal.
+    pub local_sources: Vec<Cidr>,
+}
+
+/// What the data plane's tasks share.
+pub struct Shared {
+    pub routes: ArcSwap<Routes>,
+    pub settings: Settings,
+    /// Every connection task, for the drain on shutdown.
+    pub connections: TaskTracker,
+    /// Cancelled at the end of the shutdown grace period: closes established connections.
+    pub close: CancellationToken,
+}
+
+impl Shared {
+    pub fn new(settings: Settings) -> Self {
+        Shared {
+            routes: ArcSwap::from_pointee(Routes::default()),
+            settings,
+            connections: TaskTracker::new(),
+            close: CancellationToken::new(),
+        }
+    }
+
+    fn is_local_source(&self, ip: IpAddr) -> bool {
+        self.settings.local_sources.iter().any(|c| c.contains(ip))
+    }
+}
+
+/// What a listening address serves.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ListenerKind {
+    /// Service traffic, routed by [`Routes`].
+    Service,
+    /// A Service's healthCheckNodePort (`namespace`, `name`).
+    HealthCheck { namespace: String, name: String },
+}
+
+impl ListenerKind {
+    fn label(&self) -> &'static str {
+        match self {
+            ListenerKind::Service => "service",
+            ListenerKind::HealthCheck { .. } => "health_check",
+        }
+    }
+}
+
+/// Starts the task serving one listener; it ends when the token is cancelled.
+pub type Spawner =
+    Box<dyn Fn(tokio::net::TcpListener, SocketAddr, ListenerKind, CancellationToken) + Send + Sync>;
+
+/// The listening sockets, reconciled against what the model asks for.
+pub struct Listeners {
+    runtime: tokio::runtime::Handle,
+    spawn: Spawner,
+    metrics: Arc<ProxyMetrics>,
+    /// Parent of every listener's token: cancelled to stop accepting everywhere.
+    stop: CancellationToken,
+    open: HashMap<SocketAddr, (ListenerKind, CancellationToken)>,
+    /// Addresses that could not be bound, with when to try again and the last error.
+    failed: HashMap<SocketAddr, (Instant, String)>,
+}
+
+/// How long a listener that failed to bind waits before it is tried again.
+const BIND_RETRY: Duration = Duration::from_secs(2);
+
+impl Listeners {
+    pub fn new(
+        runtime: tokio::runtime::Handle,
+        spawn: Spawner,
+        metrics: Arc<ProxyMetrics>,
+        stop: CancellationToken,
+    ) -> Self {
+        Listeners {
+            runtime,
+            spawn,
+            metrics,
+            stop,
+            open: HashMap::new(),
+            failed: HashMap::new(),
+        }
+    }
+
+    /// Opens what is wanted and not open, closes what is open and not wanted. Returns the
+    /// addresses that could not be opened now, each with the reason (they are retried).
+    pub fn reconcile(&mut self, wanted: &BTreeMap<SocketAddr, ListenerKind>) -> Vec<String> {
+        let mut errors = Vec::new();
+        self.open.retain(|address, (kind, token)| {
+            let keep = wanted.get(address) == Some(kind);
+            if !keep {
+                token.cancel();
+            }
+            keep
+        });
+        self.failed
+            .retain(|address, _| wanted.contains_key(address));
+        if self.stop.is_cancelled() {
+            return errors;
+        }
+        for (address, kind) in wanted {
+            if self.open.contains_key(address) {
+                continue;
+            }
+            if let Some((retry, _)) = self.failed.get(address)
+                && Instant::now() < *retry
+            {
+                continue;
+            }
+            match bind(*address) {
+                Ok(listener) => {
+                    let _guard = self.runtime.enter();
+                    match tokio::net::TcpListener::from_std(listener) {
+                        Ok(listener) => {
+                            let token = self.stop.child_token();
+                            (self.spawn)(listener, *address, kind.clone(), token.clone());
+                            self.open.insert(*address, (kind.clone(), token));
+                            if self.failed.remove(address).is_some() {
+                                tracing::info!(%address, "listening now");
+                            }
+                        }
+                        Err(e) => errors.push(format!("{address}: {e}")),
+                    }
+                }
+                Err(e) => {
+                    self.metrics
+                        .listener_errors
+                        .get_or_create(&ListenerLabels { kind: kind.label() })
+                        .inc();
+                    let message = format!(
+                        "cannot listen on {address} ({}): {e}{}",
+                        kind.label(),
+                        bind_hint(&e)
+                    );
+                    let repeated = self.failed.get(address).is_some_and(|(_, m)| *m == message);
+                    if !repeated {
+                        errors.push(message.clone());
+                    }
+                    self.failed
+                        .insert(*address, (Instant::now() + BIND_RETRY, message));
+                }
+            }
+        }
+        for kind in ["service", "health_check"] {
+            let count = self
+                .open
+                .values()
+                .filter(|(k, _)| k.label() == kind)
+                .count();
+            self.metrics
+                .listeners
+                .get_or_create(&ListenerLabels { kind })
+                .set(count as i64);
+        }
+        errors
+    }
+
+    /// Whether some wanted listener is waiting for a retry.
+    pub fn has_failed(&self) -> bool {
+        !self.failed.is_empty()
+    }
+
+    /// The addresses listening now.
+    pub fn addresses(&self) -> Vec<SocketAddr> {
+        let mut out: Vec<_> = self.open.keys().copied().collect();
+        out.sort();
+        out
+    }
+
+    /// Stops accepting on every listener.
+    pub fn close_all(&mut self) {
+        self.stop.cancel();
+        self.open.clear();
+    }
+}
+
+fn bind_hint(error: &std::io::Error) -> &'static str {
+    match error.kind() {
+        std::io::ErrorKind::AddrNotAvailable => {
+            "; the address is not on this host (in file mode use 127.0.0.0/8 addresses, which need no set-up)"
+        }
+        std::io::ErrorKind::AddrInUse => "; another process or Service port uses it",
+        std::io::ErrorKind::PermissionDenied => "; ports below 1024 need CAP_NET_BIND_SERVICE",
+        _ => "",
+    }
+}
+
+fn bind(address: SocketAddr) -> std::io::Result<std::net::TcpListener> {
+    use socket2::{Domain, Socket, Type};
+    let socket = Socket::new(Domain::for_address(address), Type::STREAM, None)?;
+    // A port moving back to an address it left must not wait for TIME_WAIT to expire.
+    socket.set_reuse_address(true)?;
+    if address.is_ipv6() {
+        socket.set_only_v6(true)?;
+    }
+    socket.set_nonblocking(true)?;
+    socket.bind(&address.into())?;
+    socket.listen(4096)?;
+    Ok(socket.into())
+}

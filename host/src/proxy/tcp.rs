@@ -1,0 +1,272 @@
+//! L4 TCP: accept, ask the policy, connect, copy both ways until both sides close.
+//!
+//! What userspace can and cannot do, compared with kube-proxy's packet rules:
+//! - `reject` with nothing eligible at all: the listener is not opened, so the kernel
+//!   refuses the SYN ("connection refused"), as kube-proxy's REJECT does. A `reject` decided
+//!   per connection comes after the handshake: the connection is reset (RST), which the
+//!   client sees as "connection reset".
+//! - `drop`: the kernel completes the handshake before weir sees the connection, so the
+//!   client's connect succeeds; weir then sends nothing, and closes the connection (RST)
+//!   after the client's first bytes or after `proxy.drop_timeout`.
+//! - Source addresses are not preserved towards endpoints: they see weir's address.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Instant;
+
+use tokio::io::AsyncReadExt;
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
+use weir_sdk::{Connection, EndpointId, Outcome, OutcomeKind, Scope};
+
+use super::{Route, Shared};
+use crate::policy::HostDecision;
+
+/// Accepts connections on one listener until `stop` is cancelled.
+pub async fn serve(
+    listener: TcpListener,
+    address: SocketAddr,
+    shared: Arc<Shared>,
+    stop: CancellationToken,
+) {
+    loop {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            () = stop.cancelled() => return,
+        };
+        match accepted {
+            Ok((stream, client)) => {
+                let shared2 = shared.clone();
+                shared
+                    .connections
+                    .spawn(connection(stream, client, address, shared2));
+            }
+            Err(error) => {
+                // Out of file descriptors and the like: back off instead of spinning.
+                tracing::warn!(%address, "accept failed: {error}");
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
+        }
+    }
+}
+
+/// Which policy instance serves a client: the same one for all of a client's
+/// connections, so per-client state (affinity, counts) stays in one place.
+fn worker_for(ip: IpAddr, workers: usize) -> usize {
+    let key = match ip {
+        IpAddr::V4(v4) => u64::from(u32::from(v4)),
+        IpAddr::V6(v6) => {
+            let bits = u128::from(v6);
+            (bits as u64) ^ ((bits >> 64) as u64)
+        }
+    };
+    (key.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 32) as usize % workers.max(1)
+}
+
+async fn connection(client: TcpStream, peer: SocketAddr, address: SocketAddr, shared: Arc<Shared>) {
+    let route = shared.routes.load().by_address.get(&address).cloned();
+    let Some(route) = route else {
+        // The listener is closing as this connection arrived.
+        reset(client);
+        return;
+    };
+    let ip = canonical(peer.ip());
+    if !route.source_ranges.is_empty()
+        && !route
+            .source_ranges
+            .iter()
+            .any(|&range| crate::model::cidr_contains(range, ip))
+    {
+        // kube-proxy drops what a LoadBalancer's source ranges do not allow.
+        route.metrics.source_range.inc();
+        drop_connection(client, &shared).await;
+        return;
+    }
+    // kube-proxy: traffic from the node itself or its pods to an external address gets
+    // the Service's Cluster endpoints, even with externalTrafficPolicy Local.
+    let scope = if route.scope == Scope::External && shared.is_local_source(ip) {
+        Scope::Internal
+    } else {
+        route.scope
+    };
+    let Some(policy) = route.policy.clone() else {
+        route.metrics.reject.inc();
+        reset(client);
+        return;
+    };
+    let worker = worker_for(ip, shared.settings.workers);
+    let request = Connection {
+        client: SocketAddr::new(ip, peer.port()),
+        destination: address,
+        scope,
+    };
+    let mut tried: Vec<EndpointId> = Vec::new();
+    for _ in 0..shared.settings.connect_attempts {
+        let started = Instant::now();
+        let mut decision = policy.select(worker, route.handle, &request);
+        if let HostDecision::Forward { endpoint, .. } = decision
+            && tried.contains(&endpoint)
+        {
+            match policy.alternative(worker, route.handle, scope, &tried) {
+                Some(other) => decision = other,
+                None => break,
+            }
+        }
+        route
+            .metrics
+            .select
+            .observe(started.elapsed().as_secs_f64());
+        let (endpoint, target) = match decision {
+            HostDecision::Forward { endpoint, address } => (endpoint, address),
+            HostDecision::Reject => {
+                route.metrics.reject.inc();
+                reset(client);
+                return;
+            }
+            HostDecision::Drop => {
+                route.metrics.drop.inc();
+                drop_connection(client, &shared).await;
+                return;
+            }
+        };
+        if tried.is_empty() {
+            route.metrics.forward.inc();
+        }
+        let connecting = Instant::now();
+        let connected =
+            tokio::time::timeout(shared.settings.connect_timeout, TcpStream::connect(target)).await;
+        let micros = connecting.elapsed().as_micros() as u64;
+        match connected {
+            Ok(Ok(upstream)) => {
+                outcome(
+                    &policy,
+                    worker,
+                    &route,
+                    endpoint,
+                    OutcomeKind::Connected,
+                    micros,
+                );
+                let lifetime = Instant::now();
+                splice(client, upstream, target, &route, &shared).await;
+                let micros = lifetime.elapsed().as_micros() as u64;
+                outcome(
+                    &policy,
+                    worker,
+                    &route,
+                    endpoint,
+                    OutcomeKind::Closed,
+                    micros,
+                );
+                return;
+            }
+            Ok(Err(error)) => {
+                tracing::debug!(%target, "connect failed: {error}");
+            }
+            Err(_) => tracing::debug!(%target, "connect timed out"),
+        }
+        route.metrics.unreachable.inc();
+        outcome(
+            &policy,
+            worker,
+            &route,
+            endpoint,
+            OutcomeKind::ConnectFailed,
+            micros,
+        );
+        tried.push(endpoint);
+    }
+    route.metrics.gave_up.inc();
+    reset(client);
+}
+
+fn outcome(
+    policy: &crate::policy::PolicyRuntime,
+    worker: usize,
+    route: &Route,
+    endpoint: EndpointId,
+    kind: OutcomeKind,
+    micros: u64,
+) {
+    policy.observe(
+        worker,
+        route.handle,
+        &Outcome {
+            endpoint,
+            kind,
+            micros,
+        },
+    );
+}
+
+/// Copies both ways until both sides have closed; a half-close on one side is passed on
+/// to the other. Ends early, resetting both, when the shutdown grace period runs out.
+async fn splice(
+    mut client: TcpStream,
+    mut upstream: TcpStream,
+    target: SocketAddr,
+    route: &Route,
+    shared: &Shared,
+) {
+    let _ = client.set_nodelay(true);
+    let _ = upstream.set_nodelay(true);
+    let metrics = route.metrics.endpoint(target);
+    metrics.opened.inc();
+    metrics.active.inc();
+    let copied = tokio::select! {
+        copied = tokio::io::copy_bidirectional_with_sizes(&mut client, &mut upstream, 32 << 10, 32 << 10) => Some(copied),
+        () = shared.close.cancelled() => None,
+    };
+    metrics.active.dec();
+    match copied {
+        Some(Ok((to_endpoint, to_client))) => {
+            metrics.to_endpoint.inc_by(to_endpoint);
+            metrics.to_client.inc_by(to_client);
+        }
+        // A reset on one side is passed on to the other.
+        Some(Err(_)) | None => {
+            reset(client);
+            reset(upstream);
+        }
+    }
+}
+
+/// Closes a connection with a reset: the client sees "connection reset".
+fn reset(stream: TcpStream) {
+    let _ = stream.set_zero_linger();
+    drop(stream);
+}
+
+/// Closes a connection without a reply, after the client's first bytes or the drop
+/// timeout: the nearest userspace gets to a dropped SYN.
+async fn drop_connection(mut client: TcpStream, shared: &Shared) {
+    let mut byte = [0u8; 1];
+    tokio::select! {
+        _ = client.read(&mut byte) => {}
+        () = tokio::time::sleep(shared.settings.drop_timeout) => {}
+        () = shared.close.cancelled() => {}
+    }
+    reset(client);
+}
+
+/// IPv4-mapped IPv6 addresses as IPv4, so ranges and hashing see one form.
+fn canonical(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+        v4 => v4,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_client_always_gets_the_same_worker() {
+        let a: IpAddr = "198.18.0.7".parse().unwrap();
+        assert_eq!(worker_for(a, 4), worker_for(a, 4));
+        let spread: std::collections::BTreeSet<usize> = (0..64u8)
+            .map(|i| worker_for(IpAddr::from([198, 18, 0, i]), 4))
+            .collect();
+        assert_eq!(spread.len(), 4, "clients spread over workers");
+    }
+}
