@@ -48,7 +48,14 @@ pub struct ControlPlane {
     pub(crate) health: Arc<ProxyHealth>,
     pub(crate) readiness: Arc<Readiness>,
     pub(crate) metrics: Arc<Metrics>,
+    /// Service ports to remove from a policy they left, once no connection can still be
+    /// deciding with the routing table that named it.
+    retired: Vec<(Instant, Arc<PolicyRuntime>, ServiceHandle)>,
 }
+
+/// How long a policy keeps a service port after the routes stop naming it: a connection
+/// that read the previous routing table may still ask it.
+const RETIRE_AFTER: std::time::Duration = std::time::Duration::from_secs(2);
 
 impl ControlPlane {
     #[allow(clippy::too_many_arguments)]
@@ -77,7 +84,31 @@ impl ControlPlane {
             health,
             readiness,
             metrics,
+            retired: Vec::new(),
         }
+    }
+
+    /// Removes a service port from a policy it left, after [`RETIRE_AFTER`].
+    fn retire(&mut self, runtime: Arc<PolicyRuntime>, handle: ServiceHandle) {
+        self.retired
+            .push((Instant::now() + RETIRE_AFTER, runtime, handle));
+    }
+
+    fn remove_retired(&mut self) {
+        let now = Instant::now();
+        let bound = &self.bound;
+        self.retired.retain(|(due, runtime, handle)| {
+            let keep = now < *due;
+            // A port that came back to this policy meanwhile stays.
+            let returned = bound
+                .get(handle)
+                .and_then(|b| b.runtime.as_ref())
+                .is_some_and(|r| Arc::ptr_eq(r, runtime));
+            if !keep && !returned {
+                runtime.remove(*handle);
+            }
+            keep
+        });
     }
 
     /// Syncs once, then follows changes until `stop` says so (or is dropped); closes every
@@ -103,6 +134,7 @@ impl ControlPlane {
             if policies || objects || self.listeners.has_failed() {
                 self.sync();
             }
+            self.remove_retired();
         }
         self.listeners.close_all();
     }
@@ -223,7 +255,8 @@ impl ControlPlane {
                         if let Some(previous) = bound.runtime.replace(runtime.clone())
                             && previous.name() != name
                         {
-                            previous.remove(handle);
+                            self.retired
+                                .push((Instant::now() + RETIRE_AFTER, previous, handle));
                         }
                         bound.eligibility = eligibility;
                     }
@@ -361,6 +394,7 @@ impl ControlPlane {
                         handle,
                         policy: runtime.clone(),
                         scope,
+                        local_sources_use_cluster: snapshot.service.external_traffic_local,
                         source_ranges,
                         metrics: metrics(),
                     }),
@@ -501,7 +535,7 @@ impl ControlPlane {
         if let Some(previous) = self.bound.get(&handle).and_then(|b| b.runtime.clone())
             && !runtime.as_ref().is_some_and(|r| Arc::ptr_eq(r, &previous))
         {
-            previous.remove(handle);
+            self.retire(previous, handle);
         }
         let eligibility = match &runtime {
             Some(runtime) => runtime.update(handle, input.clone()).eligibility,
@@ -523,7 +557,7 @@ impl ControlPlane {
         if let Some(bound) = self.bound.remove(&handle) {
             self.metrics.proxy.service_changes.inc();
             if let Some(runtime) = bound.runtime {
-                runtime.remove(handle);
+                self.retire(runtime, handle);
             }
         }
     }

@@ -35,6 +35,10 @@ pub struct Route {
     pub policy: Option<Arc<PolicyRuntime>>,
     /// Internal for the clusterIP, external for nodePorts, externalIPs and LB IPs.
     pub scope: Scope,
+    /// externalTrafficPolicy Local: traffic from this node or its pods to an external
+    /// address uses the internal endpoints instead (kube-proxy sends it to the Cluster
+    /// endpoints; the two differ only when internalTrafficPolicy is Local too).
+    pub local_sources_use_cluster: bool,
     /// For LoadBalancer IPs: the sources allowed (empty: all).
     pub source_ranges: Vec<(IpAddr, u8)>,
     pub metrics: RouteMetrics,

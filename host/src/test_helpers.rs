@@ -186,3 +186,262 @@ async fn answer(mut stream: tokio::net::TcpStream, who: &str) -> std::io::Result
         pending.extend_from_slice(&buffer[..n]);
     }
 }
+
+/// weir running in process on files in a temporary directory, for proxy tests.
+pub struct Weir {
+    pub app: Option<crate::app::App>,
+    pub dir: tempfile::TempDir,
+}
+
+/// One endpoint in an EndpointSlice written by [`slice_yaml`].
+#[derive(Clone, Debug)]
+pub struct Ep {
+    pub ip: IpAddr,
+    pub node: &'static str,
+    pub ready: bool,
+    pub terminating: bool,
+}
+
+impl Ep {
+    pub fn ready(ip: IpAddr, node: &'static str) -> Self {
+        Ep {
+            ip,
+            node,
+            ready: true,
+            terminating: false,
+        }
+    }
+
+    pub fn terminating(ip: IpAddr, node: &'static str) -> Self {
+        Ep {
+            ip,
+            node,
+            ready: false,
+            terminating: true,
+        }
+    }
+}
+
+/// A Service named `name` in `default` with one TCP port named `http`; `spec` adds lines
+/// to its spec (indented two spaces), `annotations` to its metadata.
+pub fn service_yaml(
+    name: &str,
+    cluster_ip: IpAddr,
+    port: u16,
+    spec: &str,
+    annotations: &str,
+) -> String {
+    let mut yaml =
+        format!("apiVersion: v1\nkind: Service\nmetadata:\n  name: {name}\n  namespace: default\n");
+    if !annotations.is_empty() {
+        yaml.push_str("  annotations:\n");
+        for line in annotations.lines() {
+            yaml.push_str(&format!("    {line}\n"));
+        }
+    }
+    yaml.push_str(&format!(
+        "spec:\n  clusterIP: {cluster_ip}\n  ports:\n  - name: http\n    port: {port}\n    protocol: TCP\n"
+    ));
+    for line in spec.lines() {
+        yaml.push_str(&format!("  {line}\n"));
+    }
+    yaml
+}
+
+/// An EndpointSlice for Service `service`, port `http` = `port`.
+pub fn slice_yaml(service: &str, port: u16, endpoints: &[Ep]) -> String {
+    let mut yaml = format!(
+        "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: {service}-1\n  namespace: default\n  labels:\n    kubernetes.io/service-name: {service}\naddressType: IPv4\nports:\n- name: http\n  port: {port}\n  protocol: TCP\nendpoints:\n"
+    );
+    if endpoints.is_empty() {
+        yaml.push_str("[]\n");
+        yaml = yaml.replace("endpoints:\n[]\n", "endpoints: []\n");
+    }
+    for e in endpoints {
+        yaml.push_str(&format!(
+            "- addresses: [\"{}\"]\n  nodeName: {}\n  conditions: {{ready: {}, serving: true, terminating: {}}}\n",
+            e.ip, e.node, e.ready, e.terminating
+        ));
+    }
+    yaml
+}
+
+impl Weir {
+    /// Writes `objects` (file name, YAML) and `policies` (policy name, module bytes) and
+    /// starts weir on them as node `node-a` with NodePorts on `node_address`; returns once
+    /// it is ready. `config` is appended to the generated weir.toml.
+    pub async fn start(
+        node_address: IpAddr,
+        objects: &[(&str, String)],
+        policies: &[(&str, Vec<u8>)],
+        config: &str,
+    ) -> Weir {
+        let dir = tempfile::tempdir().expect("temporary directory");
+        std::fs::create_dir(dir.path().join("objects")).unwrap();
+        std::fs::create_dir(dir.path().join("policies")).unwrap();
+        let weir = Weir { app: None, dir };
+        for (name, yaml) in objects {
+            weir.write_objects(name, yaml);
+        }
+        for (name, bytes) in policies {
+            weir.write_policy(name, bytes);
+        }
+        let text = format!(
+            "[node]\nname = \"node-a\"\naddresses = [\"{node_address}\"]\n\
+             [source]\nkind = \"files\"\npaths = [\"objects\"]\npoll_interval = \"50ms\"\n\
+             [policies]\ndir = \"policies\"\npoll_interval = \"50ms\"\n\
+             [admin]\naddress = \"127.0.0.1:0\"\n\
+             {config}\n"
+        );
+        let text = if text.contains("[limits]") {
+            text
+        } else {
+            format!("{text}[limits]\nselect_deadline = \"50ms\"\nupdate_deadline = \"500ms\"\n")
+        };
+        let path = weir.dir.path().join("weir.toml");
+        std::fs::write(&path, text).unwrap();
+        let config = crate::config::Config::load(&path).expect("valid test config");
+        let app = crate::app::App::start(config).expect("weir starts");
+        let mut weir = weir;
+        weir.app = Some(app);
+        let app = weir.app();
+        wait_until("weir is ready", std::time::Duration::from_secs(30), || {
+            app.pending().is_empty()
+        })
+        .await;
+        weir
+    }
+
+    pub fn app(&self) -> &crate::app::App {
+        self.app.as_ref().expect("running")
+    }
+
+    /// Replaces an objects file atomically (write, then rename), as editors and kubectl do.
+    pub fn write_objects(&self, name: &str, yaml: &str) {
+        atomic_write(&self.dir.path().join("objects").join(name), yaml.as_bytes());
+    }
+
+    /// Replaces a policy module atomically.
+    pub fn write_policy(&self, name: &str, bytes: &[u8]) {
+        atomic_write(
+            &self
+                .dir
+                .path()
+                .join("policies")
+                .join(format!("{name}.wasm")),
+            bytes,
+        );
+    }
+
+    /// `GET path` on the admin port: status and body.
+    pub async fn admin_get(&self, path: &str) -> (u16, String) {
+        let response = http_get(self.app().admin_address(), path)
+            .await
+            .expect("admin answers");
+        let status = response[9..12].parse().expect("status code");
+        let body = response
+            .split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_string())
+            .unwrap_or_default();
+        (status, body)
+    }
+
+    pub fn metrics(&self) -> String {
+        self.app().metrics().encode()
+    }
+
+    /// Shuts down gracefully.
+    pub async fn shutdown(mut self) -> crate::app::Drained {
+        self.app.take().expect("running").shutdown().await
+    }
+}
+
+fn atomic_write(path: &std::path::Path, bytes: &[u8]) {
+    let tmp = path.with_file_name(format!(
+        ".{}.tmp",
+        path.file_name().unwrap().to_string_lossy()
+    ));
+    std::fs::write(&tmp, bytes).unwrap();
+    std::fs::rename(&tmp, path).unwrap();
+}
+
+/// Waits for `condition`, checking every 10 ms; panics naming `what` after `deadline`.
+pub async fn wait_until(
+    what: &str,
+    deadline: std::time::Duration,
+    mut condition: impl FnMut() -> bool,
+) {
+    let end = std::time::Instant::now() + deadline;
+    while !condition() {
+        assert!(
+            std::time::Instant::now() < end,
+            "timed out after {deadline:?} waiting until {what}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+}
+
+/// Connects to `address` (from `source` when given), sends `who` and closes its side,
+/// then reads to the end: returns the name of the backend that answered (its first line).
+/// Closing cleanly matters: a client that closes with unread data sends a reset.
+pub async fn who(address: SocketAddr, source: Option<IpAddr>) -> std::io::Result<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = connect(address, source).await?;
+    stream.write_all(b"who\n").await?;
+    stream.shutdown().await?;
+    let mut answer = Vec::new();
+    tokio::time::timeout(
+        std::time::Duration::from_secs(5),
+        stream.read_to_end(&mut answer),
+    )
+    .await
+    .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "no answer in 5 s"))??;
+    let answer = String::from_utf8_lossy(&answer);
+    match answer.split_once('\n') {
+        Some((name, "who\n")) => Ok(name.to_string()),
+        _ if answer.is_empty() => Err(std::io::Error::new(
+            std::io::ErrorKind::UnexpectedEof,
+            "closed without an answer",
+        )),
+        _ => Err(std::io::Error::other(format!(
+            "unexpected answer {answer:?}"
+        ))),
+    }
+}
+
+/// A TCP connection to `address`, from `source` if given.
+pub async fn connect(
+    address: SocketAddr,
+    source: Option<IpAddr>,
+) -> std::io::Result<tokio::net::TcpStream> {
+    let socket = if address.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    if let Some(source) = source {
+        socket.bind(SocketAddr::new(source, 0))?;
+    }
+    tokio::time::timeout(std::time::Duration::from_secs(5), socket.connect(address))
+        .await
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out"))?
+}
+
+/// A raw HTTP/1.1 GET; returns the whole response (the server closes after it).
+pub async fn http_get(address: SocketAddr, path: &str) -> std::io::Result<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = connect(address, None).await?;
+    stream
+        .write_all(
+            format!("GET {path} HTTP/1.1\r\nHost: weir\r\nConnection: close\r\n\r\n").as_bytes(),
+        )
+        .await?;
+    let mut response = Vec::new();
+    tokio::time::timeout(
+        std::time::Duration::from_secs(5),
+        stream.read_to_end(&mut response),
+    )
+    .await
+    .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "no response"))??;
+    Ok(String::from_utf8_lossy(&response).into_owned())
+}

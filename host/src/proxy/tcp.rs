@@ -84,7 +84,10 @@ async fn connection(client: TcpStream, peer: SocketAddr, address: SocketAddr, sh
     }
     // kube-proxy: traffic from the node itself or its pods to an external address gets
     // the Service's Cluster endpoints, even with externalTrafficPolicy Local.
-    let scope = if route.scope == Scope::External && shared.is_local_source(ip) {
+    let scope = if route.scope == Scope::External
+        && route.local_sources_use_cluster
+        && shared.is_local_source(ip)
+    {
         Scope::Internal
     } else {
         route.scope
@@ -223,7 +226,12 @@ async fn splice(
             metrics.to_client.inc_by(to_client);
         }
         // A reset on one side is passed on to the other.
-        Some(Err(_)) | None => {
+        Some(Err(error)) => {
+            tracing::debug!(endpoint = %target, "connection ended with an error: {error}");
+            reset(client);
+            reset(upstream);
+        }
+        None => {
             reset(client);
             reset(upstream);
         }

@@ -1,0 +1,736 @@
+//! The proxy end to end, in process, on 127.0.0.0/8: real listeners, real backends, the
+//! real policy modules. Each test owns a /16 of loopback (127.<test>.0.0) so tests can
+//! run in parallel: services on 127.T.0.x, backends on 127.T.1.x, node 127.T.0.1,
+//! "outside" clients from 127.T.9.9.
+
+use std::collections::BTreeSet;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use weir::metrics::ReloadResult;
+use weir::test_helpers::{
+    Backend, Ep, Weir, connect, guest_bytes, http_get, service_yaml, slice_yaml, wait_until, who,
+};
+
+fn ip(test: u8, host: u8, n: u8) -> IpAddr {
+    IpAddr::from([127, test, host, n])
+}
+
+async fn backends(test: u8, count: u8) -> Vec<Backend> {
+    let mut out = Vec::new();
+    for n in 1..=count {
+        out.push(
+            Backend::start(SocketAddr::new(ip(test, 1, n), 8080), "")
+                .await
+                .expect("backend"),
+        );
+    }
+    out
+}
+
+/// The backends answering `count` connections to `address`.
+async fn answers(address: SocketAddr, source: Option<IpAddr>, count: usize) -> BTreeSet<String> {
+    let mut seen = BTreeSet::new();
+    for _ in 0..count {
+        seen.insert(who(address, source).await.expect("an answer"));
+    }
+    seen
+}
+
+fn names(test: u8, hosts: &[u8]) -> BTreeSet<String> {
+    hosts
+        .iter()
+        .map(|n| format!("{}:8080", ip(test, 1, *n)))
+        .collect()
+}
+
+/// The connection is accepted, but closed without a reply once the client has written.
+async fn assert_dropped(address: SocketAddr, source: Option<IpAddr>) {
+    let started = Instant::now();
+    match who(address, source).await {
+        Ok(name) => panic!("{address} answered ({name}); it should drop"),
+        Err(e) => assert!(
+            matches!(
+                e.kind(),
+                std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::UnexpectedEof
+            ),
+            "{address}: {e}"
+        ),
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "closed after the first bytes"
+    );
+}
+
+fn assert_refused(result: std::io::Result<tokio::net::TcpStream>, what: &str) {
+    match result {
+        Ok(_) => panic!("{what}: connected; it should be refused"),
+        Err(e) => assert_eq!(
+            e.kind(),
+            std::io::ErrorKind::ConnectionRefused,
+            "{what}: {e}"
+        ),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn traffic_reaches_exactly_the_eligible_endpoints() {
+    const T: u8 = 21;
+    let _backends = backends(T, 4).await;
+    let node = ip(T, 0, 1);
+    let outside = Some(ip(T, 9, 9));
+    let eps = vec![
+        Ep::ready(ip(T, 1, 1), "node-a"),
+        Ep::ready(ip(T, 1, 2), "node-a"),
+        Ep::ready(ip(T, 1, 3), "node-b"),
+        Ep::terminating(ip(T, 1, 4), "node-a"),
+    ];
+    let remote_only = vec![Ep::ready(ip(T, 1, 3), "node-b")];
+    let objects = vec![
+        (
+            "web.yaml",
+            service_yaml(
+                "web",
+                ip(T, 0, 10),
+                8000,
+                "type: NodePort\nexternalTrafficPolicy: Local",
+                "",
+            )
+            .replace("protocol: TCP\n", "protocol: TCP\n    nodePort: 30080\n")
+                + "---\n"
+                + &slice_yaml("web", 8080, &eps),
+        ),
+        (
+            "api.yaml",
+            service_yaml(
+                "api",
+                ip(T, 0, 11),
+                8000,
+                "internalTrafficPolicy: Local",
+                "",
+            ) + "---\n"
+                + &slice_yaml("api", 8080, &eps),
+        ),
+        (
+            "far.yaml",
+            service_yaml(
+                "far",
+                ip(T, 0, 12),
+                8000,
+                "type: NodePort\nexternalTrafficPolicy: Local",
+                "",
+            )
+            .replace("protocol: TCP\n", "protocol: TCP\n    nodePort: 30081\n")
+                + "---\n"
+                + &slice_yaml("far", 8080, &remote_only),
+        ),
+        (
+            "near.yaml",
+            service_yaml(
+                "near",
+                ip(T, 0, 14),
+                8000,
+                "internalTrafficPolicy: Local",
+                "",
+            ) + "---\n"
+                + &slice_yaml("near", 8080, &remote_only),
+        ),
+        (
+            "empty.yaml",
+            service_yaml("empty", ip(T, 0, 13), 8000, "type: NodePort", "")
+                .replace("protocol: TCP\n", "protocol: TCP\n    nodePort: 30082\n")
+                + "---\n"
+                + &slice_yaml("empty", 8080, &[]),
+        ),
+    ];
+    let weir = Weir::start(node, &objects, &[], "").await;
+
+    // clusterIP: every ready endpoint, never the terminating one.
+    let cluster = SocketAddr::new(ip(T, 0, 10), 8000);
+    assert_eq!(answers(cluster, None, 40).await, names(T, &[1, 2, 3]));
+    // nodePort from outside with eTP=Local: this node's ready endpoints only.
+    let node_port = SocketAddr::new(node, 30080);
+    assert_eq!(answers(node_port, outside, 40).await, names(T, &[1, 2]));
+    // nodePort from the node itself: the Cluster set, as kube-proxy does.
+    assert_eq!(
+        answers(node_port, Some(node), 40).await,
+        names(T, &[1, 2, 3])
+    );
+    // iTP=Local: this node's ready endpoints.
+    let api = SocketAddr::new(ip(T, 0, 11), 8000);
+    assert_eq!(answers(api, None, 40).await, names(T, &[1, 2]));
+
+    // eTP=Local without local endpoints: dropped from outside, served from the node.
+    let far_node_port = SocketAddr::new(node, 30081);
+    assert_dropped(far_node_port, outside).await;
+    assert_eq!(answers(far_node_port, Some(node), 5).await, names(T, &[3]));
+    assert_eq!(
+        answers(SocketAddr::new(ip(T, 0, 12), 8000), None, 5).await,
+        names(T, &[3])
+    );
+    // iTP=Local without local endpoints: the clusterIP drops.
+    assert_dropped(SocketAddr::new(ip(T, 0, 14), 8000), None).await;
+
+    // No endpoints at all: refused on every address, as kube-proxy's REJECT.
+    assert_refused(
+        connect(SocketAddr::new(ip(T, 0, 13), 8000), None).await,
+        "clusterIP",
+    );
+    assert_refused(
+        connect(SocketAddr::new(node, 30082), outside).await,
+        "nodePort",
+    );
+
+    let metrics = weir.metrics();
+    assert!(
+        metrics.contains(&format!(
+            "weir_connections_opened_total{{service=\"default/web:http\",endpoint=\"{}:8080\"}}",
+            ip(T, 1, 1)
+        )),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("weir_decisions_total{service=\"default/far:http\",action=\"drop\"} 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(
+            "weir_sync_proxy_rules_no_local_endpoints_total{traffic_policy=\"external\"} 1"
+        ),
+        "{metrics}"
+    );
+    weir.shutdown().await;
+}
+
+/// Splits a raw HTTP response into status line, headers (in order) and body.
+fn parse(response: &str) -> (String, Vec<(String, String)>, String) {
+    let (head, body) = response.split_once("\r\n\r\n").expect("a head");
+    let mut lines = head.split("\r\n");
+    let status = lines.next().unwrap().to_string();
+    let headers = lines
+        .map(|l| {
+            let (k, v) = l.split_once(": ").expect("a header");
+            (k.to_string(), v.to_string())
+        })
+        .collect();
+    (status, headers, body.to_string())
+}
+
+fn assert_go_time(text: &str) {
+    // 2026-11-25 09:30:02.886819705 +0000 UTC m=+0.434406875
+    let (wall, monotonic) = text.split_once(" +0000 UTC m=+").expect("Go's time format");
+    let (date, time) = wall.split_once(' ').expect("date and time");
+    assert_eq!(date.len(), 10, "{text}");
+    assert!(time.len() >= 8 && !time.ends_with('0'), "{text}");
+    let (secs, nanos) = monotonic.split_once('.').expect("monotonic reading");
+    assert!(secs.parse::<u64>().is_ok() && nanos.len() == 9, "{text}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_answers_are_kube_proxys() {
+    const T: u8 = 22;
+    let _backends = backends(T, 3).await;
+    let node = ip(T, 0, 1);
+    let service = |eps: &[Ep]| {
+        service_yaml(
+            "lb",
+            ip(T, 0, 10),
+            8000,
+            "type: LoadBalancer\nexternalTrafficPolicy: Local\nhealthCheckNodePort: 30256",
+            "",
+        )
+        .replace("protocol: TCP\n", "protocol: TCP\n    nodePort: 30080\n")
+            + "---\n"
+            + &slice_yaml("lb", 8080, eps)
+    };
+    let local = [
+        Ep::ready(ip(T, 1, 1), "node-a"),
+        Ep::ready(ip(T, 1, 2), "node-a"),
+        Ep::terminating(ip(T, 1, 3), "node-a"),
+    ];
+    let weir = Weir::start(node, &[("lb.yaml", service(&local))], &[], "").await;
+    let health_port = SocketAddr::new(node, 30256);
+
+    let response = http_get(health_port, "/").await.unwrap();
+    let (status, headers, body) = parse(&response);
+    assert_eq!(status, "HTTP/1.1 200 OK");
+    let names: Vec<&str> = headers.iter().map(|(k, _)| k.as_str()).collect();
+    assert_eq!(
+        names,
+        [
+            "Content-Type",
+            "X-Content-Type-Options",
+            "X-Load-Balancing-Endpoint-Weight",
+            "Date",
+            "Content-Length",
+            // As Go's net/http, for a request that asked for `Connection: close`.
+            "Connection",
+        ]
+    );
+    assert_eq!(headers[0].1, "application/json");
+    assert_eq!(headers[1].1, "nosniff");
+    assert_eq!(headers[2].1, "2", "terminating endpoints never count");
+    assert!(headers[3].1.ends_with(" GMT"), "{}", headers[3].1);
+    assert_eq!(headers[4].1, body.len().to_string());
+    assert_eq!(
+        body,
+        "{\n\t\"service\": {\n\t\t\"namespace\": \"default\",\n\t\t\"name\": \"lb\"\n\t},\n\t\"localEndpoints\": 2,\n\t\"serviceProxyHealthy\": true\n}"
+    );
+    // Any path, any method.
+    let mut stream = connect(health_port, None).await.unwrap();
+    stream
+        .write_all(
+            b"POST /whatever HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+        )
+        .await
+        .unwrap();
+    let mut other = String::new();
+    stream.read_to_string(&mut other).await.unwrap();
+    assert_eq!(parse(&other).2, body);
+
+    // No local endpoints: 503 and a count of 0.
+    weir.write_objects("lb.yaml", &service(&[Ep::ready(ip(T, 1, 3), "node-b")]));
+    let mut last = String::new();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < deadline {
+        last = http_get(health_port, "/").await.unwrap();
+        if last.starts_with("HTTP/1.1 503") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (status, headers, body) = parse(&last);
+    assert_eq!(status, "HTTP/1.1 503 Service Unavailable");
+    assert_eq!(
+        headers[2],
+        ("X-Load-Balancing-Endpoint-Weight".into(), "0".into())
+    );
+    assert!(body.contains("\"localEndpoints\": 0,"), "{body}");
+
+    // /healthz and /livez.
+    let admin = weir.app().admin_address();
+    let (status, headers, body) = parse(&http_get(admin, "/healthz").await.unwrap());
+    assert_eq!(status, "HTTP/1.1 200 OK");
+    let names: Vec<&str> = headers.iter().map(|(k, _)| k.as_str()).collect();
+    assert_eq!(
+        names,
+        [
+            "Content-Type",
+            "X-Content-Type-Options",
+            "Date",
+            "Content-Length",
+            "Connection"
+        ]
+    );
+    let rest = body
+        .strip_prefix("{\"lastUpdated\": \"")
+        .expect("lastUpdated first");
+    let (last_updated, rest) = rest
+        .split_once("\",\"currentTime\": \"")
+        .expect("currentTime");
+    let (current, rest) = rest.split_once('"').unwrap();
+    assert_eq!(rest, ", \"nodeEligible\": true}");
+    assert_eq!(
+        last_updated, current,
+        "healthy: lastUpdated is the current time"
+    );
+    assert_go_time(current);
+    let (status, _, body) = parse(&http_get(admin, "/livez").await.unwrap());
+    assert_eq!(status, "HTTP/1.1 200 OK");
+    assert!(
+        body.starts_with("{\"lastUpdated\": \"") && body.ends_with("\"}"),
+        "{body}"
+    );
+    assert!(!body.contains("nodeEligible"));
+    assert_eq!(weir.admin_get("/readyz").await.0, 200);
+
+    // A Node being drained by the autoscaler is not eligible: /healthz fails, /livez not.
+    weir.write_objects(
+        "node.yaml",
+        "apiVersion: v1\nkind: Node\nmetadata:\n  name: node-a\nspec:\n  taints:\n  - key: ToBeDeletedByClusterAutoscaler\n    effect: NoSchedule\n",
+    );
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut healthz = (0, String::new());
+    while Instant::now() < deadline {
+        healthz = weir.admin_get("/healthz").await;
+        if healthz.0 == 503 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(healthz.0, 503, "{}", healthz.1);
+    assert!(
+        healthz.1.ends_with(", \"nodeEligible\": false}"),
+        "{}",
+        healthz.1
+    );
+    assert_eq!(weir.admin_get("/livez").await.0, 200);
+    let metrics = weir.metrics();
+    assert!(
+        metrics.contains("weir_proxy_healthz_total{code=\"503\"}"),
+        "{metrics}"
+    );
+    weir.shutdown().await;
+}
+
+/// A client opening connections in a loop, recording every answer and every failure.
+struct Traffic {
+    answers: Arc<Mutex<Vec<String>>>,
+    failures: Arc<Mutex<Vec<String>>>,
+    stop: tokio_util::sync::CancellationToken,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Traffic {
+    fn start(address: SocketAddr, source: Option<IpAddr>) -> Traffic {
+        let answers = Arc::new(Mutex::new(Vec::new()));
+        let failures = Arc::new(Mutex::new(Vec::new()));
+        let stop = tokio_util::sync::CancellationToken::new();
+        let task = tokio::spawn({
+            let (answers, failures, stop) = (answers.clone(), failures.clone(), stop.clone());
+            async move {
+                while !stop.is_cancelled() {
+                    match who(address, source).await {
+                        Ok(name) => answers.lock().unwrap().push(name),
+                        Err(e) => failures.lock().unwrap().push(format!("{address}: {e}")),
+                    }
+                }
+            }
+        });
+        Traffic {
+            answers,
+            failures,
+            stop,
+            task,
+        }
+    }
+
+    fn count(&self) -> usize {
+        self.answers.lock().unwrap().len()
+    }
+
+    /// The distinct answers among the last `n`, once there are `n` after `since`.
+    fn recent(&self, since: usize, n: usize) -> Option<BTreeSet<String>> {
+        let answers = self.answers.lock().unwrap();
+        (answers.len() >= since + n).then(|| answers[answers.len() - n..].iter().cloned().collect())
+    }
+
+    /// Waits until the last `n` answers, all given after now, satisfy `check`.
+    async fn until(&self, what: &str, n: usize, check: impl Fn(&BTreeSet<String>) -> bool) {
+        let since = self.count();
+        wait_until(what, Duration::from_secs(10), || {
+            self.recent(since, n).is_some_and(|seen| check(&seen))
+        })
+        .await;
+    }
+
+    async fn stop(self) -> (usize, Vec<String>) {
+        self.stop.cancel();
+        self.task.await.unwrap();
+        let count = self.answers.lock().unwrap().len();
+        let failures = self.failures.lock().unwrap().clone();
+        (count, failures)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn live_changes_under_continuous_traffic() {
+    const T: u8 = 23;
+    let _backends = backends(T, 4).await;
+    let node = ip(T, 0, 1);
+    let web = |port: u16, eps: &[Ep]| {
+        service_yaml(
+            "web",
+            ip(T, 0, 10),
+            port,
+            "type: NodePort",
+            "weir.dev/policy: web-policy",
+        )
+        .replace("protocol: TCP\n", "protocol: TCP\n    nodePort: 30080\n")
+            + "---\n"
+            + &slice_yaml("web", 8080, eps)
+    };
+    let ready = |hosts: &[u8]| -> Vec<Ep> {
+        hosts
+            .iter()
+            .map(|n| Ep::ready(ip(T, 1, *n), "node-a"))
+            .collect()
+    };
+    let round_robin = guest_bytes("round-robin");
+    let maglev = guest_bytes("maglev");
+    let weir = Weir::start(
+        node,
+        &[("web.yaml", web(8000, &ready(&[1, 2])))],
+        &[("web-policy", round_robin.clone())],
+        "",
+    )
+    .await;
+    let node_port = SocketAddr::new(node, 30080);
+    let cluster = SocketAddr::new(ip(T, 0, 10), 8000);
+    let outside = Some(ip(T, 9, 9));
+    let via_node_port = Traffic::start(node_port, outside);
+    let via_cluster_ip = Traffic::start(cluster, None);
+    via_node_port
+        .until("both endpoints serve", 10, |s| *s == names(T, &[1, 2]))
+        .await;
+
+    // Scale up, scale down, one endpoint terminating.
+    weir.write_objects("web.yaml", &web(8000, &ready(&[1, 2, 3])));
+    via_node_port
+        .until("the new endpoint serves", 12, |s| {
+            *s == names(T, &[1, 2, 3])
+        })
+        .await;
+    weir.write_objects("web.yaml", &web(8000, &ready(&[2, 3])));
+    via_node_port
+        .until("the removed endpoint is gone", 12, |s| {
+            *s == names(T, &[2, 3])
+        })
+        .await;
+    let mut eps = ready(&[2, 3]);
+    eps[0] = Ep::terminating(ip(T, 1, 2), "node-a");
+    weir.write_objects("web.yaml", &web(8000, &eps));
+    via_node_port
+        .until("the terminating endpoint takes nothing new", 12, |s| {
+            *s == names(T, &[3])
+        })
+        .await;
+    weir.write_objects("web.yaml", &web(8000, &ready(&[1, 2, 3])));
+    via_node_port
+        .until("all three serve again", 12, |s| *s == names(T, &[1, 2, 3]))
+        .await;
+
+    // Twenty swaps: maglev sends one client to one endpoint, round-robin to all three.
+    let accepted = || {
+        weir.app()
+            .metrics()
+            .proxy
+            .reloads_of("web-policy", ReloadResult::accepted)
+    };
+    for swap in 0..20 {
+        let before = accepted();
+        let to_maglev = swap % 2 == 0;
+        weir.write_policy("web-policy", if to_maglev { &maglev } else { &round_robin });
+        wait_until("the swap is accepted", Duration::from_secs(10), || {
+            accepted() > before
+        })
+        .await;
+        if to_maglev {
+            via_node_port
+                .until("maglev routes", 6, |s| s.len() == 1)
+                .await;
+        } else {
+            via_node_port
+                .until("round-robin routes", 6, |s| s.len() == 3)
+                .await;
+        }
+    }
+
+    // A broken module is rejected and reported; round-robin keeps serving.
+    let rejected = || {
+        weir.app()
+            .metrics()
+            .proxy
+            .reloads_of("web-policy", ReloadResult::rejected)
+    };
+    weir.write_policy("web-policy", b"\0asm not really a module");
+    wait_until(
+        "the broken module is rejected",
+        Duration::from_secs(10),
+        || rejected() == 1,
+    )
+    .await;
+    via_node_port
+        .until("round-robin still routes", 6, |s| s.len() == 3)
+        .await;
+    let metrics = weir.metrics();
+    assert!(
+        metrics.contains("weir_reloads_total{what=\"web-policy\",result=\"rejected\"} 1"),
+        "{metrics}"
+    );
+
+    // The module is deleted: the Service falls back to kube-default.
+    std::fs::remove_file(weir.dir.path().join("policies/web-policy.wasm")).unwrap();
+    let kube_default = || {
+        weir.metrics()
+            .lines()
+            .find(|l| {
+                l.starts_with("weir_policy_select_duration_seconds_count{policy=\"kube-default\"}")
+            })
+            .and_then(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    wait_until("kube-default decides", Duration::from_secs(10), || {
+        kube_default() > 20
+    })
+    .await;
+
+    // The Service's port moves: the clusterIP listener follows; the nodePort stays.
+    let (cluster_count, cluster_failures) = via_cluster_ip.stop().await;
+    weir.write_objects("web.yaml", &web(8001, &ready(&[1, 2, 3])));
+    let moved = SocketAddr::new(ip(T, 0, 10), 8001);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while who(moved, None).await.is_err() {
+        assert!(Instant::now() < deadline, "the new port never served");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_refused(connect(cluster, None).await, "the old port");
+    via_node_port
+        .until("the nodePort serves on", 6, |s| *s == names(T, &[1, 2, 3]))
+        .await;
+
+    let (count, failures) = via_node_port.stop().await;
+    assert!(
+        failures.is_empty(),
+        "{} failed of {count}: {failures:?}",
+        failures.len()
+    );
+    assert!(
+        cluster_failures.is_empty(),
+        "{} failed of {cluster_count}: {cluster_failures:?}",
+        cluster_failures.len()
+    );
+    assert!(
+        count > 100 && cluster_count > 100,
+        "{count} {cluster_count}"
+    );
+    weir.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn established_connections_survive_swaps_and_slice_changes() {
+    const T: u8 = 24;
+    let _backends = backends(T, 2).await;
+    let node = ip(T, 0, 1);
+    let web = |eps: &[Ep]| {
+        service_yaml("web", ip(T, 0, 10), 8000, "", "weir.dev/policy: web-policy")
+            + "---\n"
+            + &slice_yaml("web", 8080, eps)
+    };
+    let both = [
+        Ep::ready(ip(T, 1, 1), "node-a"),
+        Ep::ready(ip(T, 1, 2), "node-a"),
+    ];
+    let weir = Weir::start(
+        node,
+        &[("web.yaml", web(&both))],
+        &[("web-policy", guest_bytes("round-robin"))],
+        "",
+    )
+    .await;
+    let cluster = SocketAddr::new(ip(T, 0, 10), 8000);
+    let mut stream = connect(cluster, None).await.unwrap();
+    stream.write_all(b"who\n").await.unwrap();
+    let mut buffer = vec![0u8; 64];
+    let n = stream.read(&mut buffer).await.unwrap();
+    let first = String::from_utf8_lossy(&buffer[..n]).to_string();
+    let serving: IpAddr = first.split(':').next().unwrap().parse().unwrap();
+
+    // Swap the policy and remove the endpoint this connection is on.
+    let metrics = weir.app().metrics().proxy.clone();
+    weir.write_policy("web-policy", &guest_bytes("random"));
+    wait_until("the swap", Duration::from_secs(10), || {
+        metrics.reloads_of("web-policy", ReloadResult::accepted) == 2
+    })
+    .await;
+    let other: Vec<Ep> = both.iter().filter(|e| e.ip != serving).cloned().collect();
+    weir.write_objects("web.yaml", &web(&other));
+    let remaining = format!("{}:8080", other[0].ip);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while answers(cluster, None, 10).await != BTreeSet::from([remaining.clone()]) {
+        assert!(
+            Instant::now() < deadline,
+            "new connections still reach the removed endpoint"
+        );
+    }
+
+    // The old connection still carries data both ways, and closes cleanly: the client's
+    // half-close reaches the backend, which finishes and closes its side.
+    stream.write_all(b"still here\n").await.unwrap();
+    let mut echoed = vec![0u8; 11];
+    stream.read_exact(&mut echoed).await.unwrap();
+    assert_eq!(&echoed, b"still here\n");
+    stream.shutdown().await.unwrap();
+    let mut rest = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut rest)).await;
+    assert!(matches!(read, Ok(Ok(0))), "{read:?} {rest:?}");
+    weir.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_drains_in_flight_connections() {
+    const T: u8 = 25;
+    let _backends = backends(T, 1).await;
+    let node = ip(T, 0, 1);
+    let objects = [(
+        "web.yaml",
+        service_yaml("web", ip(T, 0, 10), 8000, "", "")
+            + "---\n"
+            + &slice_yaml("web", 8080, &[Ep::ready(ip(T, 1, 1), "node-a")]),
+    )];
+    let cluster = SocketAddr::new(ip(T, 0, 10), 8000);
+
+    // Within the grace period: the transfer finishes.
+    let weir = Weir::start(
+        node,
+        &objects,
+        &[],
+        "[proxy]\nshutdown_grace_period = \"20s\"",
+    )
+    .await;
+    let mut stream = connect(cluster, None).await.unwrap();
+    stream.write_all(b"who\n").await.unwrap();
+    let mut buffer = vec![0u8; 64];
+    let _ = stream.read(&mut buffer).await.unwrap();
+    let app = weir.app.as_ref().unwrap();
+    wait_until("the connection is tracked", Duration::from_secs(5), || {
+        app.connections() == 1
+    })
+    .await;
+    let mut weir = weir;
+    let app = weir.app.take().unwrap();
+    let shutdown = tokio::spawn(app.shutdown());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while connect(cluster, None).await.is_ok() {
+        assert!(Instant::now() < deadline, "still accepting");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(!shutdown.is_finished(), "waits for the open connection");
+    let payload = vec![7u8; 1 << 20];
+    let (mut reader, mut writer) = stream.into_split();
+    let sender = tokio::spawn(async move {
+        writer.write_all(&payload).await.unwrap();
+        writer.shutdown().await.unwrap();
+    });
+    let mut received = Vec::new();
+    reader.read_to_end(&mut received).await.unwrap();
+    sender.await.unwrap();
+    assert_eq!(received.len(), 1 << 20, "every byte echoed");
+    let drained = tokio::time::timeout(Duration::from_secs(10), shutdown)
+        .await
+        .expect("shutdown ends once the connection closes")
+        .unwrap();
+    assert!(!drained.forced);
+
+    // Past the grace period: the connection is closed by force.
+    let weir = Weir::start(
+        node,
+        &objects,
+        &[],
+        "[proxy]\nshutdown_grace_period = \"200ms\"",
+    )
+    .await;
+    let mut stream = connect(cluster, None).await.unwrap();
+    stream.write_all(b"who\n").await.unwrap();
+    let _ = stream.read(&mut buffer).await.unwrap();
+    let drained = weir.shutdown().await;
+    assert!(drained.forced);
+    let read = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buffer)).await;
+    assert!(
+        matches!(read, Ok(Ok(0)) | Ok(Err(_))),
+        "the connection is closed: {read:?}"
+    );
+}
