@@ -1,0 +1,226 @@
+//! `weir run` as users run it: the real binary, its config errors and exit codes, and its
+//! signal handling. Addresses: 127.31.0.0/16.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use weir::test_helpers::{Backend, Ep, connect, http_get, service_yaml, slice_yaml};
+
+const WEIR: &str = env!("CARGO_BIN_EXE_weir");
+
+fn run_config(dir: &Path, text: &str) -> (i32, String) {
+    let path = dir.join("weir.toml");
+    std::fs::write(&path, text).unwrap();
+    let output = Command::new(WEIR)
+        .args(["run", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    (
+        output.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn bad_configs_exit_64_naming_the_problem() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("objects")).unwrap();
+    let good = "[node]\nname = \"node-a\"\n[source]\nkind = \"files\"\npaths = [\"objects\"]\n";
+    let cases: &[(&str, String, &[&str])] = &[
+        (
+            "unknown key",
+            format!("{good}[admin]\nadress = \"127.0.0.1:0\"\n"),
+            &["line 7", "unknown field `adress`", "`address`", "README.md"],
+        ),
+        (
+            "malformed TOML",
+            format!("{good}[proxy\nworkers = 2\n"),
+            &["line 6", "weir.toml"],
+        ),
+        (
+            "bad duration",
+            format!("{good}[proxy]\nshutdown_grace_period = 30\n"),
+            &["line 7", "shutdown_grace_period"],
+        ),
+        (
+            "bad duration unit",
+            format!("{good}[proxy]\nconnect_timeout = \"2 fortnights\"\n"),
+            &["line 7", "invalid duration `2 fortnights`", "\"250ms\""],
+        ),
+        (
+            "bad address",
+            format!("{good}[admin]\naddress = \"localhost\"\n"),
+            &["line 7", "address"],
+        ),
+        (
+            "missing section",
+            "[source]\nkind = \"files\"\npaths = [\"objects\"]\n".to_string(),
+            &["missing field `node`"],
+        ),
+        (
+            "unreadable objects path",
+            good.replace("\"objects\"", "\"no-such-dir\""),
+            &["source.paths", "no-such-dir", "No such file"],
+        ),
+        (
+            "missing policies dir",
+            format!("{good}[policies]\ndir = \"no-policies\"\n"),
+            &["policies.dir", "no-policies", "create it"],
+        ),
+        (
+            "unknown source kind",
+            good.replace("\"files\"", "\"etcd\""),
+            &["line 4", "unknown variant `etcd`", "`files`"],
+        ),
+    ];
+    for (what, text, expected) in cases {
+        let (code, stderr) = run_config(dir.path(), text);
+        assert_eq!(code, 64, "{what}: exit code; stderr:\n{stderr}");
+        for needle in *expected {
+            assert!(
+                stderr.contains(needle),
+                "{what}: no {needle:?} in:\n{stderr}"
+            );
+        }
+    }
+    let output = Command::new(WEIR)
+        .args(["run", "--config", "/nonexistent/weir.toml"])
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(64));
+    assert!(String::from_utf8_lossy(&output.stderr).contains("cannot read the config file"));
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+struct Process(Child);
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl Process {
+    fn signal(&self, name: &str) {
+        let status = Command::new("kill")
+            .args(["-s", name, &self.0.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+
+    async fn exit_code(&mut self, within: Duration) -> Option<i32> {
+        let end = Instant::now() + within;
+        loop {
+            if let Some(status) = self.0.try_wait().unwrap() {
+                return status.code();
+            }
+            assert!(Instant::now() < end, "weir did not exit within {within:?}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+/// Starts the binary on one Service at 127.31.0.10:8000 and waits until it is ready.
+async fn start(dir: &Path, backend: &Backend) -> (Process, SocketAddr) {
+    std::fs::create_dir_all(dir.join("objects")).unwrap();
+    std::fs::write(
+        dir.join("objects/web.yaml"),
+        service_yaml("web", IpAddr::from([127, 31, 0, 10]), 8000, "", "")
+            + "---\n"
+            + &slice_yaml(
+                "web",
+                backend.address.port(),
+                &[Ep::ready(backend.address.ip(), "node-a")],
+            ),
+    )
+    .unwrap();
+    let admin = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    std::fs::write(
+        dir.join("weir.toml"),
+        format!(
+            "[node]\nname = \"node-a\"\naddresses = [\"127.31.0.1\"]\n[source]\nkind = \"files\"\npaths = [\"objects\"]\n[admin]\naddress = \"{admin}\"\n"
+        ),
+    )
+    .unwrap();
+    let child = Command::new(WEIR)
+        .args(["run", "--config"])
+        .arg(dir.join("weir.toml"))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let process = Process(child);
+    let end = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Ok(response) = http_get(admin, "/readyz").await
+            && response.starts_with("HTTP/1.1 200")
+        {
+            break;
+        }
+        assert!(Instant::now() < end, "weir never became ready");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    (process, SocketAddr::from(([127, 31, 0, 10], 8000)))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_and_a_second_signal_exits_at_once() {
+    let backend = Backend::start("127.31.1.1:0".parse().unwrap(), "b1")
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+
+    // SIGTERM: no new connections, the open one finishes, then a clean exit.
+    let (mut weir, service) = start(dir.path(), &backend).await;
+    let mut stream = connect(service, None).await.unwrap();
+    stream.write_all(b"who\n").await.unwrap();
+    let mut buffer = [0u8; 64];
+    let n = stream.read(&mut buffer).await.unwrap();
+    assert_eq!(&buffer[..n], b"b1\nwho\n");
+    weir.signal("TERM");
+    let end = Instant::now() + Duration::from_secs(10);
+    while connect(service, None).await.is_ok() {
+        assert!(Instant::now() < end, "still accepting after SIGTERM");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        weir.0.try_wait().unwrap().is_none(),
+        "waits for the open connection"
+    );
+    stream.write_all(b"after the signal\n").await.unwrap();
+    let mut echoed = [0u8; 17];
+    stream.read_exact(&mut echoed).await.unwrap();
+    assert_eq!(&echoed, b"after the signal\n");
+    stream.shutdown().await.unwrap();
+    let mut rest = Vec::new();
+    stream.read_to_end(&mut rest).await.unwrap();
+    assert_eq!(weir.exit_code(Duration::from_secs(10)).await, Some(0));
+
+    // A second signal during the drain: out at once.
+    let (mut weir, service) = start(dir.path(), &backend).await;
+    let mut stream = connect(service, None).await.unwrap();
+    stream.write_all(b"who\n").await.unwrap();
+    let _ = stream.read(&mut buffer).await.unwrap();
+    weir.signal("TERM");
+    let end = Instant::now() + Duration::from_secs(10);
+    while connect(service, None).await.is_ok() {
+        assert!(Instant::now() < end, "still accepting after SIGTERM");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    weir.signal("INT");
+    assert_eq!(weir.exit_code(Duration::from_secs(5)).await, Some(130));
+}
