@@ -51,6 +51,8 @@ pub struct ControlPlane {
     /// Service ports to remove from a policy they left, once no connection can still be
     /// deciding with the routing table that named it.
     retired: Vec<(Instant, Arc<PolicyRuntime>, ServiceHandle)>,
+    /// Metric handles by (service port label, policy), kept across syncs.
+    route_metrics: HashMap<(String, String), Arc<RouteMetrics>>,
 }
 
 /// How long a policy keeps a service port after the routes stop naming it: a connection
@@ -85,6 +87,7 @@ impl ControlPlane {
             readiness,
             metrics,
             retired: Vec::new(),
+            route_metrics: HashMap::new(),
         }
     }
 
@@ -311,6 +314,7 @@ impl ControlPlane {
         let mut health: HashMap<(String, String), BTreeSet<IpAddr>> = HashMap::new();
         let mut no_local = [0i64; 2];
         let mut handles = HashSet::new();
+        let mut used_metrics = HashMap::new();
         for snapshot in &model.ports {
             if snapshot.key.protocol != ProtocolKey::Tcp {
                 let message = format!(
@@ -375,7 +379,21 @@ impl ControlPlane {
                     snapshot.key.port_name.clone()
                 }
             );
-            let metrics = || RouteMetrics::new(&self.metrics.proxy, &service_label, &policy_label);
+            let metrics = used_metrics
+                .entry((service_label.clone(), policy_label.clone()))
+                .or_insert_with(|| {
+                    self.route_metrics
+                        .get(&(service_label.clone(), policy_label.clone()))
+                        .cloned()
+                        .unwrap_or_else(|| {
+                            Arc::new(RouteMetrics::new(
+                                &self.metrics.proxy,
+                                &service_label,
+                                &policy_label,
+                            ))
+                        })
+                })
+                .clone();
             let mut add = |address: SocketAddr, scope: Scope, source_ranges: Vec<(IpAddr, u8)>| {
                 if routes.by_address.contains_key(&address) {
                     let message = format!(
@@ -396,7 +414,7 @@ impl ControlPlane {
                         scope,
                         local_sources_use_cluster: snapshot.service.external_traffic_local,
                         source_ranges,
-                        metrics: metrics(),
+                        metrics: metrics.clone(),
                     }),
                 );
             };
@@ -451,6 +469,7 @@ impl ControlPlane {
         }
 
         self.shared.routes.store(Arc::new(routes));
+        self.route_metrics = used_metrics;
         self.health_checks.store(Arc::new(
             health
                 .into_iter()

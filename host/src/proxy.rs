@@ -41,13 +41,15 @@ pub struct Route {
     pub local_sources_use_cluster: bool,
     /// For LoadBalancer IPs: the sources allowed (empty: all).
     pub source_ranges: Vec<(IpAddr, u8)>,
-    pub metrics: RouteMetrics,
+    pub metrics: Arc<RouteMetrics>,
 }
 
-/// A route's metric handles, resolved once per route rather than per connection.
+/// A route's metric handles, resolved once per service port and policy (and once per
+/// endpoint, on its first connection) rather than per connection.
 pub struct RouteMetrics {
     service: String,
     family: Arc<ProxyMetrics>,
+    endpoints: std::sync::RwLock<HashMap<SocketAddr, Arc<EndpointMetrics>>>,
     pub forward: Counter,
     pub reject: Counter,
     pub drop: Counter,
@@ -80,6 +82,7 @@ impl RouteMetrics {
         RouteMetrics {
             service: service.to_string(),
             family: metrics.clone(),
+            endpoints: Default::default(),
             forward: decision(Action::forward),
             reject: decision(Action::reject),
             drop: decision(Action::drop),
@@ -96,7 +99,25 @@ impl RouteMetrics {
     }
 
     /// The counters of one endpoint of this route's service.
-    pub fn endpoint(&self, endpoint: SocketAddr) -> EndpointMetrics {
+    pub fn endpoint(&self, address: SocketAddr) -> Arc<EndpointMetrics> {
+        if let Some(found) = self
+            .endpoints
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&address)
+        {
+            return found.clone();
+        }
+        let created = Arc::new(self.create_endpoint(address));
+        self.endpoints
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(address)
+            .or_insert(created)
+            .clone()
+    }
+
+    fn create_endpoint(&self, endpoint: SocketAddr) -> EndpointMetrics {
         let endpoint = endpoint.to_string();
         let labels = EndpointLabels {
             service: self.service.clone(),

@@ -195,6 +195,9 @@ pub struct PolicyRuntime {
     workers: Vec<Mutex<Worker>>,
     /// Native kube-default, told every update: the `open` failure mode's answer.
     fallback: Mutex<Driver<KubeDefault>>,
+    /// The policy asked for outcomes (`configure`'s capabilities): lets the data plane
+    /// skip `observe` without taking a lock.
+    observes: bool,
 }
 
 impl PolicyRuntime {
@@ -218,7 +221,12 @@ impl PolicyRuntime {
                 services: IdMap::default(),
             }));
         }
+        let observes = instances
+            .first()
+            .and_then(|w: &Mutex<Worker>| lock(w).instance.as_ref().map(|i| i.capabilities.observe_outcomes))
+            .unwrap_or(false);
         Ok(PolicyRuntime {
+            observes,
             engine,
             policy,
             config: config.to_string(),
@@ -375,6 +383,9 @@ impl PolicyRuntime {
     /// Tells the instance of `worker` what happened to a connection it forwarded, if the
     /// policy asked for outcomes.
     pub fn observe(&self, worker: usize, handle: u32, outcome: &weir_sdk::Outcome) {
+        if !self.observes {
+            return;
+        }
         let slot = &self.workers[worker % self.workers.len()];
         {
             let mut guard = lock(slot);

@@ -22,6 +22,10 @@ use weir_sdk::{Connection, EndpointId, Outcome, OutcomeKind, Scope};
 use super::{Route, Shared};
 use crate::policy::HostDecision;
 
+/// Bytes buffered per direction of a connection: small requests and responses fit in
+/// one read, and a connection costs 32 KiB, not more.
+const BUFFER: usize = 16 << 10;
+
 /// Accepts connections on one listener until `stop` is cancelled.
 pub async fn serve(
     listener: TcpListener,
@@ -216,7 +220,7 @@ async fn splice(
     metrics.opened.inc();
     metrics.active.inc();
     let copied = tokio::select! {
-        copied = tokio::io::copy_bidirectional_with_sizes(&mut client, &mut upstream, 32 << 10, 32 << 10) => Some(copied),
+        copied = tokio::io::copy_bidirectional_with_sizes(&mut client, &mut upstream, BUFFER, BUFFER) => Some(copied),
         () = shared.close.cancelled() => None,
     };
     metrics.active.dec();
