@@ -299,7 +299,13 @@ impl ControlPlane {
         let started = Instant::now();
         let node_name = self.config.node.name.clone();
         let objects = self.source.objects();
-        let model = model::build(&objects, &node_name);
+        let mut model = model::build(&objects, &node_name);
+        let default_mode = FailureMode::from(self.config.policies.failure_mode);
+        for port in &mut model.ports {
+            if !port.failure_mode_annotated {
+                port.failure_mode = default_mode;
+            }
+        }
         self.health
             .set_node_eligible(model::node_eligible(&objects, &node_name));
         for diagnostic in &model.diagnostics {

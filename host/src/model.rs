@@ -112,6 +112,9 @@ pub struct ServicePortSnapshot {
     /// The policy bound by the `weir.dev/policy` annotation, or kube-default.
     pub policy: String,
     pub failure_mode: FailureMode,
+    /// Whether `failure_mode` comes from the Service's annotation (otherwise it is the
+    /// default, which weir.toml may change).
+    pub failure_mode_annotated: bool,
     /// The Service's health check server, when kube-proxy would run one for it (type
     /// LoadBalancer with externalTrafficPolicy Local and a healthCheckNodePort).
     pub health_check: Option<HealthCheck>,
@@ -468,6 +471,7 @@ fn service_ports(
             FailureMode::Open
         }
     };
+    let failure_mode_annotated = annotations.contains_key(FAILURE_MODE_ANNOTATION);
     let config = annotations.get(POLICY_CONFIG_ANNOTATION).cloned();
 
     let externally_accessible_type = service_type == "LoadBalancer"
@@ -687,6 +691,7 @@ fn service_ports(
                 endpoints: Vec::new(),
                 policy: policy.clone(),
                 failure_mode,
+                failure_mode_annotated,
                 health_check,
                 load_balancer_source_ranges: ranges.clone(),
             });

@@ -25,6 +25,13 @@ pub struct StoreState {
     pub(crate) log: LogBuffer,
     rng: u64,
     clock: Arc<PolicyClock>,
+    /// The current call's deadline, as a duration and in epoch ticks.
+    pub(crate) deadline: std::time::Duration,
+    pub(crate) deadline_ticks: u64,
+    /// This thread's CPU time when the current call's deadline last passed, and how many
+    /// times it was extended since (see `PolicyInstance::overrun`).
+    pub(crate) cpu_at_deadline: Option<std::time::Duration>,
+    pub(crate) extensions: u32,
 }
 
 /// The clock policies read: monotonic, shared by every instance of an engine, and movable
@@ -73,6 +80,10 @@ impl StoreState {
             log,
             rng: seed.unwrap_or_else(time_seed),
             clock,
+            deadline: limits.update_deadline,
+            deadline_ticks: limits.ticks(limits.update_deadline),
+            cpu_at_deadline: None,
+            extensions: 0,
         }
     }
 }

@@ -3,8 +3,9 @@
 //! replaced (wasmtime leaves a trapped store unusable).
 
 use std::sync::Arc;
+use std::time::Duration;
 
-use wasmtime::{Store, Trap};
+use wasmtime::{Store, Trap, UpdateDeadline};
 
 use super::bindings::{PolicyWorld, types as wit};
 use super::engine::{CompiledPolicy, PolicyEngine};
@@ -88,6 +89,8 @@ pub struct PolicyInstance {
     metrics: Arc<PolicyMetrics>,
     select_ticks: u64,
     update_ticks: u64,
+    select_deadline: Duration,
+    update_deadline: Duration,
 }
 
 impl PolicyInstance {
@@ -110,7 +113,7 @@ impl PolicyInstance {
         store.limiter(|state| state);
         let update_ticks = limits.ticks(limits.update_deadline);
         store.set_epoch_deadline(update_ticks);
-        store.epoch_deadline_trap();
+        store.epoch_deadline_callback(|mut context| overrun(context.data_mut()));
         let bindings = policy
             .pre
             .instantiate(&mut store)
@@ -131,6 +134,8 @@ impl PolicyInstance {
             metrics: engine.metrics.clone(),
             select_ticks: limits.ticks(limits.select_deadline),
             update_ticks,
+            select_deadline: limits.select_deadline,
+            update_deadline: limits.update_deadline,
         };
         let answer = instance.call(CallKind::Configure, |bindings, store| {
             bindings.weir_policy_policy().call_configure(store, config)
@@ -187,10 +192,15 @@ impl PolicyInstance {
         kind: CallKind,
         f: impl FnOnce(&PolicyWorld, &mut Store<StoreState>) -> wasmtime::Result<R>,
     ) -> Result<R, CallError> {
-        let ticks = match kind {
-            CallKind::Select | CallKind::Observe => self.select_ticks,
-            _ => self.update_ticks,
+        let (ticks, deadline) = match kind {
+            CallKind::Select | CallKind::Observe => (self.select_ticks, self.select_deadline),
+            _ => (self.update_ticks, self.update_deadline),
         };
+        let state = self.store.data_mut();
+        state.deadline = deadline;
+        state.deadline_ticks = ticks;
+        state.cpu_at_deadline = None;
+        state.extensions = 0;
         self.store.set_epoch_deadline(ticks);
         self.store.data_mut().memory_denied = false;
         let result = f(&self.bindings, &mut self.store).map_err(|e| classify(&self.store, e, kind));
@@ -202,6 +212,39 @@ impl PolicyInstance {
         }
         result
     }
+}
+
+/// Most extensions a call gets while its thread is kept off the CPU.
+const MAX_EXTENSIONS: u32 = 100;
+
+/// A call's deadline passed. Deadlines are epoch ticks, wall-clock time, and a thread
+/// that the machine keeps off the CPU (a busy node, a noisy neighbour) would miss them
+/// through no fault of the policy. So the first time, the call gets another deadline's
+/// worth and this thread's CPU time is noted; at the next expiry it is stopped if the
+/// thread did run for at least half of that time (the policy is slow or loops), and
+/// extended again if not, up to [`MAX_EXTENSIONS`] times. A loop is stopped after at
+/// most about twice its deadline; reading the thread's CPU clock (a system call) happens
+/// only when a deadline passes, never on a normal call.
+fn overrun(state: &mut StoreState) -> wasmtime::Result<UpdateDeadline> {
+    let now = thread_cpu_time();
+    let ran = state
+        .cpu_at_deadline
+        .map(|before| now.saturating_sub(before));
+    match ran {
+        Some(ran) if ran >= state.deadline / 2 || state.extensions >= MAX_EXTENSIONS => {
+            Err(Trap::Interrupt.into())
+        }
+        _ => {
+            state.cpu_at_deadline = Some(now);
+            state.extensions += 1;
+            Ok(UpdateDeadline::Continue(state.deadline_ticks))
+        }
+    }
+}
+
+fn thread_cpu_time() -> Duration {
+    let t = rustix::time::clock_gettime(rustix::time::ClockId::ThreadCPUTime);
+    Duration::new(t.tv_sec as u64, t.tv_nsec as u32)
 }
 
 fn classify(store: &Store<StoreState>, error: wasmtime::Error, kind: CallKind) -> CallError {
@@ -221,5 +264,61 @@ fn classify(store: &Store<StoreState>, error: wasmtime::Error, kind: CallKind) -
     CallError {
         kind: FailureKind::Trap,
         message: format!("{call} trapped: {}", error.root_cause()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::policy::Limits;
+
+    fn state(deadline: Duration) -> StoreState {
+        let limits = Limits::default();
+        let mut state = StoreState::new("test", &limits, Arc::default(), Some(1));
+        state.deadline = deadline;
+        state.deadline_ticks = 2;
+        state
+    }
+
+    #[test]
+    fn a_thread_kept_off_the_cpu_is_given_more_time() {
+        let mut state = state(Duration::from_millis(5));
+        assert!(matches!(
+            overrun(&mut state),
+            Ok(UpdateDeadline::Continue(2))
+        ));
+        // Asleep, as a descheduled thread would be: no CPU used, so not the policy's fault.
+        std::thread::sleep(Duration::from_millis(20));
+        assert!(matches!(
+            overrun(&mut state),
+            Ok(UpdateDeadline::Continue(2))
+        ));
+        assert_eq!(state.extensions, 2);
+    }
+
+    #[test]
+    fn a_thread_that_keeps_running_is_stopped() {
+        let mut state = state(Duration::from_millis(5));
+        assert!(
+            overrun(&mut state).is_ok(),
+            "the first expiry only takes note"
+        );
+        let started = thread_cpu_time();
+        while thread_cpu_time() - started < Duration::from_millis(5) {
+            std::hint::black_box(0u64);
+        }
+        let Err(error) = overrun(&mut state) else {
+            panic!("a thread that ran through its extension is stopped");
+        };
+        assert_eq!(error.downcast_ref::<Trap>(), Some(&Trap::Interrupt));
+    }
+
+    #[test]
+    fn extensions_are_bounded() {
+        let mut state = state(Duration::from_secs(1));
+        for _ in 0..MAX_EXTENSIONS {
+            assert!(overrun(&mut state).is_ok());
+        }
+        assert!(overrun(&mut state).is_err());
     }
 }

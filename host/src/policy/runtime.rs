@@ -223,7 +223,12 @@ impl PolicyRuntime {
         }
         let observes = instances
             .first()
-            .and_then(|w: &Mutex<Worker>| lock(w).instance.as_ref().map(|i| i.capabilities.observe_outcomes))
+            .and_then(|w: &Mutex<Worker>| {
+                lock(w)
+                    .instance
+                    .as_ref()
+                    .map(|i| i.capabilities.observe_outcomes)
+            })
             .unwrap_or(false);
         Ok(PolicyRuntime {
             observes,
