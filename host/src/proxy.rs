@@ -6,6 +6,7 @@
 //! accepted; nothing that happens afterwards (a swap, a port change, a listener closing)
 //! touches an established connection.
 
+mod copy;
 pub mod tcp;
 
 use std::collections::{BTreeMap, HashMap};
@@ -356,8 +357,26 @@ fn bind(address: SocketAddr) -> std::io::Result<std::net::TcpListener> {
     if address.is_ipv6() {
         socket.set_only_v6(true)?;
     }
+    // Accepted connections inherit it: one system call fewer per connection.
+    socket.set_tcp_nodelay(true)?;
     socket.set_nonblocking(true)?;
     socket.bind(&address.into())?;
     socket.listen(4096)?;
     Ok(socket.into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn accepted_connections_inherit_nodelay() {
+        let listener =
+            tokio::net::TcpListener::from_std(bind("127.0.0.1:0".parse().unwrap()).unwrap())
+                .unwrap();
+        let address = listener.local_addr().unwrap();
+        let (accepted, _client) =
+            tokio::join!(listener.accept(), tokio::net::TcpStream::connect(address));
+        assert!(accepted.unwrap().0.nodelay().unwrap());
+    }
 }

@@ -214,13 +214,13 @@ async fn splice(
     route: &Route,
     shared: &Shared,
 ) {
-    let _ = client.set_nodelay(true);
+    // The client's socket inherits TCP_NODELAY from its listener.
     let _ = upstream.set_nodelay(true);
     let metrics = route.metrics.endpoint(target);
     metrics.opened.inc();
     metrics.active.inc();
     let copied = tokio::select! {
-        copied = tokio::io::copy_bidirectional_with_sizes(&mut client, &mut upstream, BUFFER, BUFFER) => Some(copied),
+        copied = super::copy::bidirectional(&mut client, &mut upstream, BUFFER) => Some(copied),
         () = shared.close.cancelled() => None,
     };
     metrics.active.dec();
