@@ -734,3 +734,113 @@ async fn shutdown_drains_in_flight_connections() {
         "the connection is closed: {read:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_endpoint_is_retried_on_another() {
+    const T: u8 = 26;
+    // Endpoint 1 answers; endpoint 9 has nothing listening (connect is refused).
+    let _backends = backends(T, 1).await;
+    let node = ip(T, 0, 1);
+    let eps = [
+        Ep::ready(ip(T, 1, 1), "node-a"),
+        Ep::ready(ip(T, 1, 9), "node-a"),
+    ];
+    let objects = [(
+        "web.yaml",
+        service_yaml("web", ip(T, 0, 10), 8000, "", "") + "---\n" + &slice_yaml("web", 8080, &eps),
+    )];
+    let weir = Weir::start(node, &objects, &[], "").await;
+    let cluster = SocketAddr::new(ip(T, 0, 10), 8000);
+    // Every connection is served, whichever endpoint kube-default picks first.
+    assert_eq!(answers(cluster, None, 40).await, names(T, &[1]));
+    let metrics = weir.metrics();
+    let unreachable = metrics
+        .lines()
+        .find(|l| {
+            l.starts_with(
+                "weir_connections_failed_total{service=\"default/web:http\",reason=\"endpoint_unreachable\"}",
+            )
+        })
+        .and_then(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .unwrap_or(0);
+    assert!(
+        unreachable > 0,
+        "kube-default picked the dead endpoint at least once in 40\n{metrics}"
+    );
+    assert!(
+        metrics.contains(
+            "weir_connections_failed_total{service=\"default/web:http\",reason=\"gave_up\"} 0"
+        ),
+        "{metrics}"
+    );
+
+    // With every endpoint dead, the client is reset after the attempts run out.
+    weir.write_objects(
+        "web.yaml",
+        &(service_yaml("web", ip(T, 0, 10), 8000, "", "")
+            + "---\n"
+            + &slice_yaml("web", 8080, &[Ep::ready(ip(T, 1, 9), "node-a")])),
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match who(cluster, None).await {
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => break,
+            _ => {
+                assert!(
+                    Instant::now() < deadline,
+                    "still served by the removed endpoint"
+                );
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    }
+    weir.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn external_ips_load_balancer_ips_and_source_ranges() {
+    const T: u8 = 27;
+    let _backends = backends(T, 2).await;
+    let node = ip(T, 0, 1);
+    let eps = [
+        Ep::ready(ip(T, 1, 1), "node-a"),
+        Ep::ready(ip(T, 1, 2), "node-b"),
+    ];
+    let spec = format!(
+        "type: LoadBalancer\nexternalIPs: [\"{}\"]\nloadBalancerSourceRanges: [\"127.{T}.9.0/24\"]",
+        ip(T, 0, 30)
+    );
+    let service = service_yaml("lb", ip(T, 0, 10), 8000, &spec, "")
+        .replace("protocol: TCP\n", "protocol: TCP\n    nodePort: 30080\n")
+        + &format!(
+            "status:\n  loadBalancer:\n    ingress:\n    - ip: {}\n",
+            ip(T, 0, 20)
+        )
+        + "---\n"
+        + &slice_yaml("lb", 8080, &eps);
+    let weir = Weir::start(node, &[("lb.yaml", service)], &[], "").await;
+    let both = names(T, &[1, 2]);
+    let allowed = Some(ip(T, 9, 9));
+    let denied = Some(ip(T, 8, 8));
+    let lb = SocketAddr::new(ip(T, 0, 20), 8000);
+    assert_eq!(answers(lb, allowed, 30).await, both);
+    // Outside the source ranges: dropped at the LoadBalancer IP...
+    assert_dropped(lb, denied).await;
+    // ...but not at the externalIP or the nodePort, which the ranges do not cover.
+    assert_eq!(
+        answers(SocketAddr::new(ip(T, 0, 30), 8000), denied, 30).await,
+        both
+    );
+    assert_eq!(
+        answers(SocketAddr::new(node, 30080), denied, 30).await,
+        both
+    );
+    let metrics = weir.metrics();
+    assert!(
+        metrics.contains(
+            "weir_connections_failed_total{service=\"default/lb:http\",reason=\"source_range\"} 1"
+        ),
+        "{metrics}"
+    );
+    weir.shutdown().await;
+}

@@ -6,6 +6,7 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use rustix::process::{Pid, Signal, kill_process};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use weir::test_helpers::{Backend, Ep, connect, http_get, service_yaml, slice_yaml};
 
@@ -113,12 +114,8 @@ impl Drop for Process {
 }
 
 impl Process {
-    fn signal(&self, name: &str) {
-        let status = Command::new("kill")
-            .args(["-s", name, &self.0.id().to_string()])
-            .status()
-            .unwrap();
-        assert!(status.success());
+    fn signal(&self, signal: Signal) {
+        kill_process(Pid::from_child(&self.0), signal).expect("signal sent");
     }
 
     async fn exit_code(&mut self, within: Duration) -> Option<i32> {
@@ -191,7 +188,7 @@ async fn sigterm_drains_and_a_second_signal_exits_at_once() {
     let mut buffer = [0u8; 64];
     let n = stream.read(&mut buffer).await.unwrap();
     assert_eq!(&buffer[..n], b"b1\nwho\n");
-    weir.signal("TERM");
+    weir.signal(Signal::TERM);
     let end = Instant::now() + Duration::from_secs(10);
     while connect(service, None).await.is_ok() {
         assert!(Instant::now() < end, "still accepting after SIGTERM");
@@ -215,12 +212,12 @@ async fn sigterm_drains_and_a_second_signal_exits_at_once() {
     let mut stream = connect(service, None).await.unwrap();
     stream.write_all(b"who\n").await.unwrap();
     let _ = stream.read(&mut buffer).await.unwrap();
-    weir.signal("TERM");
+    weir.signal(Signal::TERM);
     let end = Instant::now() + Duration::from_secs(10);
     while connect(service, None).await.is_ok() {
         assert!(Instant::now() < end, "still accepting after SIGTERM");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    weir.signal("INT");
+    weir.signal(Signal::INT);
     assert_eq!(weir.exit_code(Duration::from_secs(5)).await, Some(130));
 }
