@@ -27,6 +27,9 @@ pub struct App {
     stop_control: Option<Sender<()>>,
     control: Option<std::thread::JoinHandle<()>>,
     stop_admin: CancellationToken,
+    /// Parent of every listener's token: stops accepting at once, whatever the control
+    /// thread is doing.
+    stop_listeners: CancellationToken,
     grace: Duration,
 }
 
@@ -120,11 +123,12 @@ impl App {
                 },
             )
         };
+        let stop_listeners = CancellationToken::new();
         let listeners = Listeners::new(
             runtime,
             spawn,
             metrics.proxy.clone(),
-            CancellationToken::new(),
+            stop_listeners.clone(),
         );
         let grace = config.proxy.shutdown_grace_period.0;
         let control = ControlPlane::new(
@@ -149,6 +153,7 @@ impl App {
             stop_control: Some(stop_control),
             control: Some(control),
             stop_admin,
+            stop_listeners,
             grace,
         })
     }
@@ -177,6 +182,7 @@ impl App {
     pub async fn shutdown(mut self) -> Drained {
         self.readiness
             .set_pending(vec!["shutting down: not accepting connections".to_string()]);
+        self.stop_listeners.cancel();
         self.stop_control_plane().await;
         let connections = &self.shared.connections;
         connections.close();
@@ -225,23 +231,45 @@ impl Drop for App {
     }
 }
 
-/// Waits for SIGTERM or SIGINT and names it.
-pub async fn signal() -> &'static str {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
-    let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
-    tokio::select! {
-        _ = term.recv() => "SIGTERM",
-        _ = int.recv() => "SIGINT",
+/// SIGTERM and SIGINT, listened for from the start, so that a second signal arriving
+/// while the first is being handled is not lost.
+pub struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    pub fn new() -> std::io::Result<Self> {
+        use tokio::signal::unix::{SignalKind, signal};
+        Ok(Signals {
+            term: signal(SignalKind::terminate())?,
+            int: signal(SignalKind::interrupt())?,
+        })
+    }
+
+    /// Waits for the next signal and names it.
+    pub async fn next(&mut self) -> &'static str {
+        tokio::select! {
+            _ = self.term.recv() => "SIGTERM",
+            _ = self.int.recv() => "SIGINT",
+        }
     }
 }
 
 /// Runs `app` until SIGTERM or SIGINT, then drains it; a second signal exits at once.
 pub async fn serve_until_signal(app: App) {
-    let first = signal().await;
+    let mut signals = match Signals::new() {
+        Ok(signals) => signals,
+        Err(e) => {
+            tracing::error!("cannot listen for signals: {e}");
+            std::future::pending::<()>().await;
+            return;
+        }
+    };
+    let first = signals.next().await;
     tracing::info!("{first}: draining (a second signal exits at once)");
-    tokio::spawn(async {
-        let second = signal().await;
+    tokio::spawn(async move {
+        let second = signals.next().await;
         eprintln!("{second} again: exiting now");
         std::process::exit(130);
     });

@@ -233,7 +233,7 @@ fn parse_duration(text: &str) -> Option<Duration> {
         "h" => number * 3600.0,
         _ => return None,
     };
-    (seconds.is_finite() && seconds >= 0.0).then(|| Duration::from_secs_f64(seconds))
+    Duration::try_from_secs_f64(seconds).ok()
 }
 
 /// An address range, `198.18.0.0/15` or a single address.
@@ -374,6 +374,12 @@ impl Config {
             }
             SourceKind::Files => {}
         }
+        if self.node.addresses.is_empty() {
+            return Err("node.addresses is empty: list the addresses NodePorts listen on, e.g. addresses = [\"127.0.0.1\"]".into());
+        }
+        if self.proxy.connect_timeout.0.is_zero() {
+            return Err("proxy.connect_timeout is 0: give connects time, e.g. \"2s\"".into());
+        }
         if self.proxy.connect_attempts == 0 {
             return Err("proxy.connect_attempts = 0: it must be at least 1".into());
         }
@@ -488,6 +494,11 @@ mod tests {
         assert_eq!(parse_duration("2m"), Some(Duration::from_secs(120)));
         assert_eq!(parse_duration("5"), None);
         assert_eq!(parse_duration("5 days"), None);
+        assert_eq!(
+            parse_duration("100000000000000000000000h"),
+            None,
+            "too long: an error, not a panic"
+        );
         let cidr = parse_cidr("198.18.0.0/15").unwrap();
         assert!(cidr.contains("198.19.1.1".parse().unwrap()));
         assert!(!cidr.contains("198.20.0.1".parse().unwrap()));

@@ -19,7 +19,7 @@ use crate::discovery::files::{Diagnostic, Severity};
 use crate::discovery::watch::{FileSource, Fingerprint};
 use crate::health::ProxyHealth;
 use crate::metrics::{Metrics, ReloadResult, TrafficPolicyLabels};
-use crate::model::{self, ProtocolKey, ServicePortSnapshot};
+use crate::model::{self, FamilyKey, ProtocolKey, ServicePortSnapshot};
 use crate::policy::{Binding, FailureMode, PolicyRuntime, Registry, ServiceInput};
 use crate::proxy::{ListenerKind, Listeners, Route, RouteMetrics, Routes, Shared};
 use crate::state::Identities;
@@ -40,8 +40,11 @@ pub struct ControlPlane {
     policy_dir_error: Option<String>,
     identities: Identities,
     bound: HashMap<ServiceHandle, Bound>,
-    /// Diagnostics of the model already logged (each is logged once).
+    /// Warnings logged at the last sync: each is logged once while it lasts, and again if
+    /// it comes back after going away.
     reported: HashSet<String>,
+    /// Warnings of the sync in progress.
+    seen: HashSet<String>,
     pub(crate) listeners: Listeners,
     pub(crate) shared: Arc<Shared>,
     pub(crate) health_checks: Arc<HealthChecks>,
@@ -56,8 +59,12 @@ pub struct ControlPlane {
 }
 
 /// How long a policy keeps a service port after the routes stop naming it: a connection
-/// that read the previous routing table may still ask it.
-const RETIRE_AFTER: std::time::Duration = std::time::Duration::from_secs(2);
+/// that read the previous routing table may still ask it, for as long as its connect
+/// attempts can take.
+fn retire_after(config: &Config) -> std::time::Duration {
+    config.proxy.connect_timeout.0 * config.proxy.connect_attempts
+        + std::time::Duration::from_secs(2)
+}
 
 impl ControlPlane {
     #[allow(clippy::too_many_arguments)]
@@ -80,6 +87,7 @@ impl ControlPlane {
             identities: Identities::default(),
             bound: HashMap::new(),
             reported: HashSet::new(),
+            seen: HashSet::new(),
             listeners,
             shared,
             health_checks,
@@ -91,10 +99,10 @@ impl ControlPlane {
         }
     }
 
-    /// Removes a service port from a policy it left, after [`RETIRE_AFTER`].
+    /// Removes a service port from a policy it left, after [`retire_after`].
     fn retire(&mut self, runtime: Arc<PolicyRuntime>, handle: ServiceHandle) {
-        self.retired
-            .push((Instant::now() + RETIRE_AFTER, runtime, handle));
+        let due = Instant::now() + retire_after(&self.config);
+        self.retired.push((due, runtime, handle));
     }
 
     fn remove_retired(&mut self) {
@@ -134,8 +142,12 @@ impl ControlPlane {
         while let Err(RecvTimeoutError::Timeout) = stop.recv_timeout(interval) {
             let policies = self.poll_policies();
             let objects = self.poll_objects();
-            if policies || objects || self.listeners.has_failed() {
+            if policies || objects {
                 self.sync();
+            } else if self.listeners.has_failed() {
+                for error in self.listeners.retry() {
+                    tracing::warn!("{error}; retrying");
+                }
             }
             self.remove_retired();
         }
@@ -215,6 +227,7 @@ impl ControlPlane {
                 tracing::error!(policy = %name, "{error:#}");
             }
         }
+        let mut unreadable = Vec::new();
         for (path, fingerprint) in &found {
             if self.policy_files.get(path) == Some(fingerprint) {
                 continue;
@@ -224,6 +237,7 @@ impl ControlPlane {
                 Ok(bytes) => bytes,
                 Err(error) => {
                     tracing::error!(policy = %name, "{}: cannot read: {error}", path.display());
+                    unreadable.push(path.clone());
                     continue;
                 }
             };
@@ -231,8 +245,16 @@ impl ControlPlane {
             if self.registry.sha256(&name) == Some(sha256.as_str()) {
                 continue;
             }
-            self.queued();
-            changed |= self.swap(&name, path, &bytes, &sha256);
+            // A rejected module changes nothing: only an accepted one is a change to apply
+            // (and to count against the health timeout until it is).
+            if self.swap(&name, path, &bytes, &sha256) {
+                self.queued();
+                changed = true;
+            }
+        }
+        for path in unreadable {
+            // Not recorded: read again at the next look.
+            found.remove(&path);
         }
         self.policy_files = found;
         changed
@@ -258,8 +280,8 @@ impl ControlPlane {
                         if let Some(previous) = bound.runtime.replace(runtime.clone())
                             && previous.name() != name
                         {
-                            self.retired
-                                .push((Instant::now() + RETIRE_AFTER, previous, handle));
+                            let due = Instant::now() + retire_after(&self.config);
+                            self.retired.push((due, previous, handle));
                         }
                         bound.eligibility = eligibility;
                     }
@@ -309,7 +331,7 @@ impl ControlPlane {
         self.health
             .set_node_eligible(model::node_eligible(&objects, &node_name));
         for diagnostic in &model.diagnostics {
-            if self.reported.insert(diagnostic.to_string()) {
+            if once(&self.reported, &mut self.seen, diagnostic.to_string()) {
                 log_diagnostic(diagnostic);
             }
         }
@@ -317,7 +339,7 @@ impl ControlPlane {
         let mut present = Vec::new();
         let mut routes = Routes::default();
         let mut wanted: BTreeMap<SocketAddr, ListenerKind> = BTreeMap::new();
-        let mut health: HashMap<(String, String), BTreeSet<IpAddr>> = HashMap::new();
+        let mut health = HealthCounts::new();
         let mut no_local = [0i64; 2];
         let mut handles = HashSet::new();
         let mut used_metrics = HashMap::new();
@@ -328,9 +350,16 @@ impl ControlPlane {
                     snapshot.service.display_name(),
                     snapshot.key.protocol.as_str()
                 );
-                if self.reported.insert(message.clone()) {
+                if once(&self.reported, &mut self.seen, message.clone()) {
                     tracing::warn!("{message}");
                 }
+                // Not proxied, but its Service's health check counts it, as kube-proxy's.
+                let local_ready = snapshot
+                    .endpoints
+                    .iter()
+                    .filter(|e| e.ready && e.is_local)
+                    .map(|e| e.address.ip());
+                self.health_check(snapshot, local_ready, &mut health, &mut wanted);
                 continue;
             }
             present.push(&snapshot.key);
@@ -357,24 +386,17 @@ impl ControlPlane {
             {
                 no_local[1] += 1;
             }
-            let ready = self.bound[&handle]
+            // kube-proxy counts this node's ready endpoints; weir counts the ready
+            // endpoints the policy lets serve external traffic (the same, for kube-default).
+            let external = &eligibility.external.endpoints;
+            let ready: Vec<IpAddr> = self.bound[&handle]
                 .input
                 .endpoints
                 .iter()
-                .filter(|e| e.ready && eligibility.external.endpoints.contains(&e.id))
-                .map(|e| e.address.ip());
-            if let Some(check) = snapshot.health_check {
-                let key = (snapshot.key.namespace.clone(), snapshot.key.name.clone());
-                health.entry(key.clone()).or_default().extend(ready);
-                for address in &self.config.node.addresses {
-                    wanted
-                        .entry(SocketAddr::new(*address, check.node_port))
-                        .or_insert(ListenerKind::HealthCheck {
-                            namespace: key.0.clone(),
-                            name: key.1.clone(),
-                        });
-                }
-            }
+                .filter(|e| e.ready && external.binary_search(&e.id).is_ok())
+                .map(|e| e.address.ip())
+                .collect();
+            self.health_check(snapshot, ready.into_iter(), &mut health, &mut wanted);
             let service_label = format!(
                 "{}/{}:{}",
                 snapshot.key.namespace,
@@ -406,7 +428,7 @@ impl ControlPlane {
                         "{address} is claimed by more than one Service port; {} does not get it",
                         snapshot.service.display_name()
                     );
-                    if self.reported.insert(message.clone()) {
+                    if once(&self.reported, &mut self.seen, message.clone()) {
                         tracing::warn!("{message}");
                     }
                     return;
@@ -475,11 +497,17 @@ impl ControlPlane {
         }
 
         self.shared.routes.store(Arc::new(routes));
+        self.reported = std::mem::take(&mut self.seen);
         self.route_metrics = used_metrics;
         self.health_checks.store(Arc::new(
             health
                 .into_iter()
-                .map(|(key, ips)| (key, ips.len()))
+                .map(|(key, families)| {
+                    // One server per Service, counting one family (IPv4 when it has it),
+                    // as kube-proxy's single health check server does.
+                    let count = families.values().next().map_or(0, BTreeSet::len);
+                    (key, count)
+                })
                 .collect(),
         ));
         for error in self.listeners.reconcile(&wanted) {
@@ -499,6 +527,35 @@ impl ControlPlane {
         self.health.updated();
     }
 
+    /// Notes a port's ready endpoint IPs for its Service's healthCheckNodePort, and the
+    /// server's listeners, when the Service has one.
+    fn health_check(
+        &self,
+        snapshot: &ServicePortSnapshot,
+        ready: impl Iterator<Item = IpAddr>,
+        health: &mut HealthCounts,
+        wanted: &mut BTreeMap<SocketAddr, ListenerKind>,
+    ) {
+        let Some(check) = snapshot.health_check else {
+            return;
+        };
+        let key = (snapshot.key.namespace.clone(), snapshot.key.name.clone());
+        health
+            .entry(key.clone())
+            .or_default()
+            .entry(snapshot.key.family)
+            .or_default()
+            .extend(ready);
+        for address in &self.config.node.addresses {
+            wanted
+                .entry(SocketAddr::new(*address, check.node_port))
+                .or_insert(ListenerKind::HealthCheck {
+                    namespace: key.0.clone(),
+                    name: key.1.clone(),
+                });
+        }
+    }
+
     /// The runtime a snapshot's policy name resolves to: `None` when the policy is
     /// unavailable and the failure mode is closed. Also returns the metrics label.
     fn resolve(&mut self, snapshot: &ServicePortSnapshot) -> (Option<Arc<PolicyRuntime>>, String) {
@@ -516,7 +573,7 @@ impl ControlPlane {
                     "{}: {reason}; it {outcome}",
                     snapshot.service.display_name()
                 );
-                if self.reported.insert(message.clone()) {
+                if once(&self.reported, &mut self.seen, message.clone()) {
                     tracing::warn!("{message}");
                 }
                 (runtime, crate::policy::DEFAULT_POLICY.to_string())
@@ -588,12 +645,22 @@ impl ControlPlane {
     }
 }
 
+/// Ready endpoint IPs per Service with a health check, per IP family.
+type HealthCounts = HashMap<(String, String), BTreeMap<FamilyKey, BTreeSet<IpAddr>>>;
+
 /// Whether a scope needs its listeners: something to forward to, or connections to drop.
 /// With nothing eligible and `reject`, no listener is better: the kernel refuses the
 /// connection, as kube-proxy's REJECT rule does.
 fn serves(eligibility: &Eligibility, scope: Scope) -> bool {
     let set = eligibility.for_scope(scope);
     !set.endpoints.is_empty() || set.when_empty == EmptyAction::Drop
+}
+
+/// Whether a warning is new since the last sync; notes it as seen in this one.
+fn once(reported: &HashSet<String>, seen: &mut HashSet<String>, message: String) -> bool {
+    let new = !reported.contains(&message);
+    seen.insert(message);
+    new
 }
 
 fn policy_name(path: &Path) -> String {

@@ -224,6 +224,8 @@ pub struct Listeners {
     open: HashMap<SocketAddr, (ListenerKind, CancellationToken)>,
     /// Addresses that could not be bound, with when to try again and the last error.
     failed: HashMap<SocketAddr, (Instant, String)>,
+    /// What the last reconcile asked for.
+    wanted: BTreeMap<SocketAddr, ListenerKind>,
 }
 
 /// How long a listener that failed to bind waits before it is tried again.
@@ -243,12 +245,14 @@ impl Listeners {
             stop,
             open: HashMap::new(),
             failed: HashMap::new(),
+            wanted: BTreeMap::new(),
         }
     }
 
     /// Opens what is wanted and not open, closes what is open and not wanted. Returns the
     /// addresses that could not be opened now, each with the reason (they are retried).
     pub fn reconcile(&mut self, wanted: &BTreeMap<SocketAddr, ListenerKind>) -> Vec<String> {
+        self.wanted = wanted.clone();
         let mut errors = Vec::new();
         self.open.retain(|address, (kind, token)| {
             let keep = wanted.get(address) == Some(kind);
@@ -317,6 +321,12 @@ impl Listeners {
                 .set(count as i64);
         }
         errors
+    }
+
+    /// Tries the listeners that failed to bind again, if their retry time has come.
+    pub fn retry(&mut self) -> Vec<String> {
+        let wanted = std::mem::take(&mut self.wanted);
+        self.reconcile(&wanted)
     }
 
     /// Whether some wanted listener is waiting for a retry.

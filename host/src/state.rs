@@ -56,9 +56,10 @@ impl Identities {
 
     /// Forgets ports not in `present`, returning their handles (to `remove` from policies).
     pub fn retain(&mut self, present: &[&ServicePortKey]) -> Vec<ServiceHandle> {
+        let present: std::collections::HashSet<&ServicePortKey> = present.iter().copied().collect();
         let mut gone = Vec::new();
         self.ports.retain(|key, port| {
-            let keep = present.contains(&key);
+            let keep = present.contains(key);
             if !keep {
                 gone.push(port.handle);
             }

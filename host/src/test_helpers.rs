@@ -269,7 +269,8 @@ pub fn slice_yaml(service: &str, port: u16, endpoints: &[Ep]) -> String {
 impl Weir {
     /// Writes `objects` (file name, YAML) and `policies` (policy name, module bytes) and
     /// starts weir on them as node `node-a` with NodePorts on `node_address`; returns once
-    /// it is ready. `config` is appended to the generated weir.toml.
+    /// it is ready. `config` is appended to the generated weir.toml, right after its
+    /// `[admin]` table (so it may start with admin keys).
     pub async fn start(
         node_address: IpAddr,
         objects: &[(&str, String)],
@@ -444,4 +445,24 @@ pub async fn http_get(address: SocketAddr, path: &str) -> std::io::Result<String
     .await
     .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "no response"))??;
     Ok(String::from_utf8_lossy(&response).into_owned())
+}
+
+/// On an open connection to a [`Backend`]: sends `who` and reads the answer and the echo,
+/// leaving nothing unread. Returns the backend's name.
+pub async fn greet(stream: &mut tokio::net::TcpStream) -> std::io::Result<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    stream.write_all(b"who\n").await?;
+    let mut answer = Vec::new();
+    let mut buffer = [0u8; 256];
+    while !(answer.ends_with(b"\nwho\n")) {
+        let n = tokio::time::timeout(std::time::Duration::from_secs(5), stream.read(&mut buffer))
+            .await
+            .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "no answer in 5 s"))??;
+        if n == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        answer.extend_from_slice(&buffer[..n]);
+    }
+    let text = String::from_utf8_lossy(&answer);
+    Ok(text.split('\n').next().unwrap_or_default().to_string())
 }

@@ -11,7 +11,8 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use weir::metrics::ReloadResult;
 use weir::test_helpers::{
-    Backend, Ep, Weir, connect, guest_bytes, http_get, service_yaml, slice_yaml, wait_until, who,
+    Backend, Ep, Weir, connect, greet, guest_bytes, http_get, service_yaml, slice_yaml, wait_until,
+    who,
 };
 
 fn ip(test: u8, host: u8, n: u8) -> IpAddr {
@@ -309,6 +310,36 @@ async fn health_answers_are_kube_proxys() {
         ("X-Load-Balancing-Endpoint-Weight".into(), "0".into())
     );
     assert!(body.contains("\"localEndpoints\": 0,"), "{body}");
+
+    // Dual-stack: one server for the Service, counting one family (as kube-proxy), so a
+    // pod with an address of each family counts once.
+    let dual = service_yaml(
+        "lb",
+        ip(T, 0, 10),
+        8000,
+        &format!(
+            "type: LoadBalancer\nexternalTrafficPolicy: Local\nhealthCheckNodePort: 30256\nipFamilyPolicy: RequireDualStack\nipFamilies: [IPv4, IPv6]\nclusterIPs: [\"{}\", \"fd00::10\"]",
+            ip(T, 0, 10)
+        ),
+        "",
+    )
+    .replace("protocol: TCP\n", "protocol: TCP\n    nodePort: 30080\n")
+        + "---\n"
+        + &slice_yaml("lb", 8080, &local)
+        + "---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: lb-v6\n  namespace: default\n  labels:\n    kubernetes.io/service-name: lb\naddressType: IPv6\nports:\n- name: http\n  port: 8080\n  protocol: TCP\nendpoints:\n- addresses: [\"fd00::1\"]\n  nodeName: node-a\n- addresses: [\"fd00::2\"]\n  nodeName: node-a\n- addresses: [\"fd00::3\"]\n  nodeName: node-a\n";
+    weir.write_objects("lb.yaml", &dual);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let response = http_get(health_port, "/").await.unwrap();
+        if response.starts_with("HTTP/1.1 200") {
+            let (_, headers, body) = parse(&response);
+            assert_eq!(headers[2].1, "2", "IPv4's count, not both families'");
+            assert!(body.contains("\"localEndpoints\": 2,"), "{body}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "{response}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 
     // /healthz and /livez.
     let admin = weir.app().admin_address();
@@ -623,10 +654,7 @@ async fn established_connections_survive_swaps_and_slice_changes() {
     .await;
     let cluster = SocketAddr::new(ip(T, 0, 10), 8000);
     let mut stream = connect(cluster, None).await.unwrap();
-    stream.write_all(b"who\n").await.unwrap();
-    let mut buffer = vec![0u8; 64];
-    let n = stream.read(&mut buffer).await.unwrap();
-    let first = String::from_utf8_lossy(&buffer[..n]).to_string();
+    let first = greet(&mut stream).await.unwrap();
     let serving: IpAddr = first.split(':').next().unwrap().parse().unwrap();
 
     // Swap the policy and remove the endpoint this connection is on.
@@ -682,9 +710,8 @@ async fn shutdown_drains_in_flight_connections() {
     )
     .await;
     let mut stream = connect(cluster, None).await.unwrap();
-    stream.write_all(b"who\n").await.unwrap();
+    greet(&mut stream).await.unwrap();
     let mut buffer = vec![0u8; 64];
-    let _ = stream.read(&mut buffer).await.unwrap();
     let app = weir.app.as_ref().unwrap();
     wait_until("the connection is tracked", Duration::from_secs(5), || {
         app.connections() == 1
@@ -724,8 +751,7 @@ async fn shutdown_drains_in_flight_connections() {
     )
     .await;
     let mut stream = connect(cluster, None).await.unwrap();
-    stream.write_all(b"who\n").await.unwrap();
-    let _ = stream.read(&mut buffer).await.unwrap();
+    greet(&mut stream).await.unwrap();
     let drained = weir.shutdown().await;
     assert!(drained.forced);
     let read = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buffer)).await;
@@ -842,5 +868,111 @@ async fn external_ips_load_balancer_ips_and_source_ranges() {
         ),
         "{metrics}"
     );
+    weir.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_loses_nothing_and_keeps_the_node_healthy() {
+    const T: u8 = 28;
+    let _backends = backends(T, 2).await;
+    let node = ip(T, 0, 1);
+    let web = |policy: &str| {
+        service_yaml(
+            "web",
+            ip(T, 0, 10),
+            8000,
+            "",
+            &format!("weir.dev/policy: {policy}"),
+        ) + "---\n"
+            + &slice_yaml(
+                "web",
+                8080,
+                &[
+                    Ep::ready(ip(T, 1, 1), "node-a"),
+                    Ep::ready(ip(T, 1, 2), "node-a"),
+                ],
+            )
+    };
+    let quiet = service_yaml(
+        "quiet",
+        ip(T, 0, 11),
+        8000,
+        "internalTrafficPolicy: Local",
+        "",
+    ) + "---\n"
+        + &slice_yaml("quiet", 8080, &[Ep::ready(ip(T, 1, 1), "node-b")]);
+    let weir = Weir::start(
+        node,
+        &[("web.yaml", web("a")), ("quiet.yaml", quiet)],
+        &[
+            ("a", guest_bytes("round-robin")),
+            ("b", guest_bytes("maglev")),
+        ],
+        "health_timeout = \"300ms\"\n[proxy]\ndrop_timeout = \"300ms\"",
+    )
+    .await;
+    let cluster = SocketAddr::new(ip(T, 0, 10), 8000);
+    let traffic = Traffic::start(cluster, None);
+    traffic
+        .until("round-robin serves both", 6, |s| *s == names(T, &[1, 2]))
+        .await;
+
+    // A broken module and a broken objects file: both rejected, nothing lost.
+    let metrics = weir.app().metrics().proxy.clone();
+    weir.write_policy("a", b"not wasm");
+    weir.write_objects("web.yaml", "kind: Service\nmetadata: [broken");
+    wait_until("both are rejected", Duration::from_secs(10), || {
+        metrics.reloads_of("a", ReloadResult::rejected) == 1
+            && metrics.reloads_of("objects", ReloadResult::rejected) >= 1
+    })
+    .await;
+    // Past the health timeout, the node stays healthy: a rejected change is not pending.
+    let until = Instant::now() + Duration::from_millis(900);
+    while Instant::now() < until {
+        assert_eq!(
+            weir.admin_get("/livez").await.0,
+            200,
+            "a rejection made the node unhealthy"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    traffic
+        .until("round-robin still serves both", 6, |s| {
+            *s == names(T, &[1, 2])
+        })
+        .await;
+
+    // The Service moves to another policy under traffic: maglev pins this client.
+    weir.write_objects("web.yaml", &web("b"));
+    traffic.until("maglev serves", 8, |s| s.len() == 1).await;
+    // And to a policy that does not exist: the built-in kube-default.
+    weir.write_objects("web.yaml", &web("missing"));
+    traffic
+        .until("kube-default serves", 20, |s| s.len() == 2)
+        .await;
+
+    // A drop without client bytes: closed after the drop timeout, with nothing sent.
+    let mut stream = connect(SocketAddr::new(ip(T, 0, 11), 8000), None)
+        .await
+        .unwrap();
+    let started = Instant::now();
+    let mut buffer = [0u8; 16];
+    let read = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buffer)).await;
+    assert!(
+        matches!(read, Ok(Ok(0)) | Ok(Err(_))),
+        "dropped without a reply: {read:?}"
+    );
+    assert!(
+        started.elapsed() >= Duration::from_millis(250),
+        "held for the drop timeout"
+    );
+
+    let (count, failures) = traffic.stop().await;
+    assert!(
+        failures.is_empty(),
+        "{} failed of {count}: {failures:?}",
+        failures.len()
+    );
+    assert_eq!(weir.admin_get("/healthz").await.0, 200);
     weir.shutdown().await;
 }

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use rustix::process::{Pid, Signal, kill_process};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use weir::test_helpers::{Backend, Ep, connect, http_get, service_yaml, slice_yaml};
+use weir::test_helpers::{Backend, Ep, connect, greet, http_get, service_yaml, slice_yaml};
 
 const WEIR: &str = env!("CARGO_BIN_EXE_weir");
 
@@ -184,10 +184,7 @@ async fn sigterm_drains_and_a_second_signal_exits_at_once() {
     // SIGTERM: no new connections, the open one finishes, then a clean exit.
     let (mut weir, service) = start(dir.path(), &backend).await;
     let mut stream = connect(service, None).await.unwrap();
-    stream.write_all(b"who\n").await.unwrap();
-    let mut buffer = [0u8; 64];
-    let n = stream.read(&mut buffer).await.unwrap();
-    assert_eq!(&buffer[..n], b"b1\nwho\n");
+    assert_eq!(greet(&mut stream).await.unwrap(), "b1");
     weir.signal(Signal::TERM);
     let end = Instant::now() + Duration::from_secs(10);
     while connect(service, None).await.is_ok() {
@@ -210,8 +207,7 @@ async fn sigterm_drains_and_a_second_signal_exits_at_once() {
     // A second signal during the drain: out at once.
     let (mut weir, service) = start(dir.path(), &backend).await;
     let mut stream = connect(service, None).await.unwrap();
-    stream.write_all(b"who\n").await.unwrap();
-    let _ = stream.read(&mut buffer).await.unwrap();
+    greet(&mut stream).await.unwrap();
     weir.signal(Signal::TERM);
     let end = Instant::now() + Duration::from_secs(10);
     while connect(service, None).await.is_ok() {

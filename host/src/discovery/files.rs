@@ -166,7 +166,12 @@ pub(crate) fn collect_files(
             .collect();
         entries.sort();
         for entry in entries {
-            collect_files(&entry, false, out)?;
+            match collect_files(&entry, false, out) {
+                // Deleted while the directory was read (an editor's probe file), or a
+                // dangling symlink: not a file of objects, and no reason to stop.
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                result => result?,
+            }
         }
     } else if explicit
         || path

@@ -29,7 +29,9 @@ impl Fingerprint {
 }
 
 /// Objects from files, watched. A file that fails to parse is reported and the objects of
-/// its last good version keep serving; a file that is deleted takes its objects with it.
+/// its last good version keep serving; a file deleted from a watched directory takes its
+/// objects with it. A path named in the config that cannot be read (deleted, or a volume
+/// being remounted) is reported and keeps the objects it had.
 #[derive(Debug)]
 pub struct FileSource {
     paths: Vec<PathBuf>,

@@ -26,24 +26,37 @@ use crate::policy::HostDecision;
 /// one read, and a connection costs 32 KiB, not more.
 const BUFFER: usize = 16 << 10;
 
-/// Accepts connections on one listener until `stop` is cancelled.
+/// Accepts connections on one listener until `stop` is cancelled, then serves the
+/// connections still waiting in its backlog before it closes.
 pub async fn serve(
     listener: TcpListener,
     address: SocketAddr,
     shared: Arc<Shared>,
     stop: CancellationToken,
 ) {
+    // The route this listener last served: for connections accepted after the control
+    // plane moved the address away (a port change, a Service deleted) but before this
+    // listener stopped, which were accepted under it.
+    let mut last = shared.routes.load().by_address.get(&address).cloned();
     loop {
         let accepted = tokio::select! {
             accepted = listener.accept() => accepted,
-            () = stop.cancelled() => return,
+            () = stop.cancelled() => break,
         };
         match accepted {
             Ok((stream, client)) => {
-                let shared2 = shared.clone();
-                shared
-                    .connections
-                    .spawn(connection(stream, client, address, shared2));
+                let route = shared.routes.load().by_address.get(&address).cloned();
+                if route.is_some() {
+                    last.clone_from(&route);
+                }
+                let route = route.or_else(|| last.clone());
+                shared.connections.spawn(connection(
+                    stream,
+                    client,
+                    address,
+                    route,
+                    shared.clone(),
+                ));
             }
             Err(error) => {
                 // Out of file descriptors and the like: back off instead of spinning.
@@ -51,6 +64,26 @@ pub async fn serve(
                 tokio::time::sleep(std::time::Duration::from_millis(20)).await;
             }
         }
+    }
+    // The kernel completed these handshakes: closing the socket now would reset them,
+    // and their clients saw their connect succeed.
+    let Ok(listener) = listener.into_std() else {
+        return;
+    };
+    while let Ok((stream, client)) = listener.accept() {
+        let Ok(stream) = stream
+            .set_nonblocking(true)
+            .and_then(|()| TcpStream::from_std(stream))
+        else {
+            continue;
+        };
+        shared.connections.spawn(connection(
+            stream,
+            client,
+            address,
+            last.clone(),
+            shared.clone(),
+        ));
     }
 }
 
@@ -67,8 +100,13 @@ fn worker_for(ip: IpAddr, workers: usize) -> usize {
     (key.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 32) as usize % workers.max(1)
 }
 
-async fn connection(client: TcpStream, peer: SocketAddr, address: SocketAddr, shared: Arc<Shared>) {
-    let route = shared.routes.load().by_address.get(&address).cloned();
+async fn connection(
+    client: TcpStream,
+    peer: SocketAddr,
+    address: SocketAddr,
+    route: Option<Arc<Route>>,
+    shared: Arc<Shared>,
+) {
     let Some(route) = route else {
         // The listener is closing as this connection arrived.
         reset(client);
