@@ -281,6 +281,25 @@ fn parse_cidr(text: &str) -> Option<Cidr> {
     (prefix <= max).then_some(Cidr { address, prefix })
 }
 
+/// The line (1-based) where a dotted key (`table.key`) is set in TOML text, if it is.
+fn line_of(text: &str, dotted: &str) -> Option<usize> {
+    let (table, key) = dotted.split_once('.')?;
+    let mut current = "";
+    for (n, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if let Some(header) = line.strip_prefix('[').and_then(|l| l.strip_suffix(']')) {
+            current = header.trim();
+        } else if current == table
+            && line
+                .strip_prefix(key)
+                .is_some_and(|rest| rest.trim_start().starts_with('='))
+        {
+            return Some(n + 1);
+        }
+    }
+    None
+}
+
 fn readable(path: &Path) -> std::io::Result<()> {
     if std::fs::metadata(path)?.is_dir() {
         std::fs::read_dir(path).map(drop)
@@ -345,7 +364,12 @@ impl Config {
                 e.to_string().trim_end()
             )
         })?;
-        config.check()?;
+        config
+            .check()
+            .map_err(|(key, message)| match line_of(text, key) {
+                Some(line) => format!("line {line}: {message}"),
+                None => message,
+            })?;
         let resolve = |p: &mut PathBuf| {
             if p.is_relative() && !p.as_os_str().is_empty() {
                 *p = base.join(&*p);
@@ -361,33 +385,62 @@ impl Config {
         Ok(config)
     }
 
-    fn check(&self) -> Result<(), String> {
+    /// Checks what the types cannot: returns the dotted key at fault and the message.
+    fn check(&self) -> Result<(), (&'static str, String)> {
+        let fail = |key, message: &str| Err((key, format!("{key}: {message}")));
         if self.node.name.trim().is_empty() {
-            return Err("node.name is empty: set it to the name of the Node weir runs on, e.g. name = \"node-a\"".into());
+            return fail(
+                "node.name",
+                "is empty: set it to the name of the Node weir runs on, e.g. name = \"node-a\"",
+            );
         }
         match self.source.kind {
             SourceKind::Files if self.source.paths.is_empty() => {
-                return Err("source.paths is empty: with kind = \"files\", list the files or directories of objects, e.g. paths = [\"objects\"]".into());
+                return fail(
+                    "source.paths",
+                    "is empty: with kind = \"files\", list the files or directories of objects, e.g. paths = [\"objects\"]",
+                );
             }
             SourceKind::Kubernetes => {
-                return Err("source.kind = \"kubernetes\" is not available in this version: use kind = \"files\"".into());
+                return fail(
+                    "source.kind",
+                    "\"kubernetes\" is not available in this version: use kind = \"files\"",
+                );
             }
             SourceKind::Files => {}
         }
         if self.node.addresses.is_empty() {
-            return Err("node.addresses is empty: list the addresses NodePorts listen on, e.g. addresses = [\"127.0.0.1\"]".into());
+            return fail(
+                "node.addresses",
+                "is empty: list the addresses NodePorts listen on, e.g. addresses = [\"127.0.0.1\"]",
+            );
         }
         if self.proxy.connect_timeout.0.is_zero() {
-            return Err("proxy.connect_timeout is 0: give connects time, e.g. \"2s\"".into());
+            return fail(
+                "proxy.connect_timeout",
+                "is 0: give connects time, e.g. \"2s\"",
+            );
         }
         if self.proxy.connect_attempts == 0 {
-            return Err("proxy.connect_attempts = 0: it must be at least 1".into());
+            return fail("proxy.connect_attempts", "is 0: it must be at least 1");
         }
         if self.limits.memory_mib == Some(0) {
-            return Err("limits.memory_mib = 0: give policy instances at least 1 MiB".into());
+            return fail(
+                "limits.memory_mib",
+                "is 0: give policy instances at least 1 MiB",
+            );
         }
-        if self.source.poll_interval.0.is_zero() || self.policies.poll_interval.0.is_zero() {
-            return Err("poll_interval must be more than 0, e.g. \"250ms\"".into());
+        if self.source.poll_interval.0.is_zero() {
+            return fail(
+                "source.poll_interval",
+                "is 0: use a duration such as \"250ms\"",
+            );
+        }
+        if self.policies.poll_interval.0.is_zero() {
+            return fail(
+                "policies.poll_interval",
+                "is 0: use a duration such as \"250ms\"",
+            );
         }
         Ok(())
     }
@@ -484,7 +537,13 @@ mod tests {
         assert!(Config::parse(&text, Path::new("")).is_err());
         let text = MINIMAL.replace("paths = [\"objects\"]", "paths = []");
         let error = Config::parse(&text, Path::new("")).unwrap_err();
-        assert!(error.contains("source.paths is empty"), "{error}");
+        assert!(error.contains("line 5: source.paths: is empty"), "{error}");
+        let text = format!("{MINIMAL}[proxy]\nworkers = 2\nconnect_attempts = 0\n");
+        let error = Config::parse(&text, Path::new("")).unwrap_err();
+        assert!(
+            error.contains("line 8: proxy.connect_attempts: is 0"),
+            "{error}"
+        );
     }
 
     #[test]

@@ -18,7 +18,7 @@ use crate::config::Config;
 use crate::discovery::files::{Diagnostic, Severity};
 use crate::discovery::watch::{FileSource, Fingerprint};
 use crate::health::ProxyHealth;
-use crate::metrics::{Metrics, ReloadResult, TrafficPolicyLabels};
+use crate::metrics::{Metrics, RejectionLabels, ReloadResult, TrafficPolicyLabels};
 use crate::model::{self, FamilyKey, ProtocolKey, ServicePortSnapshot};
 use crate::policy::{Binding, FailureMode, PolicyRuntime, Registry, ServiceInput};
 use crate::proxy::{ListenerKind, Listeners, Route, RouteMetrics, Routes, Shared};
@@ -298,6 +298,14 @@ impl ControlPlane {
             }
             Err(error) => {
                 self.metrics.proxy.reload(name, ReloadResult::rejected);
+                self.metrics
+                    .proxy
+                    .policy_rejections
+                    .get_or_create(&RejectionLabels {
+                        policy: name.to_string(),
+                        reason: error.reason(),
+                    })
+                    .inc();
                 self.registry.refuse(name, error.to_string());
                 let serving = match self.registry.sha256(name) {
                     Some(previous) => {

@@ -258,6 +258,13 @@ pub enum ReloadResult {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RejectionLabels {
+    pub policy: String,
+    /// `RegistryError::reason`: compile, wrong_version, replay...
+    pub reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct TrafficPolicyLabels {
     pub traffic_policy: &'static str,
 }
@@ -293,6 +300,7 @@ pub struct ProxyMetrics {
     pub decisions: Family<DecisionLabels, Counter>,
     pub select_seconds: Family<PolicyLabels, Histogram>,
     pub reloads: Family<ReloadLabels, Counter>,
+    pub policy_rejections: Family<RejectionLabels, Counter>,
     pub sync_seconds: Histogram,
     pub last_sync: Gauge<f64, AtomicU64>,
     pub last_queued: Gauge<f64, AtomicU64>,
@@ -315,6 +323,7 @@ impl Default for ProxyMetrics {
             decisions: Family::default(),
             select_seconds: Family::new_with_constructor(latency_histogram),
             reloads: Family::default(),
+            policy_rejections: Family::default(),
             sync_seconds: sync_histogram(),
             last_sync: Gauge::default(),
             last_queued: Gauge::default(),
@@ -366,6 +375,11 @@ impl ProxyMetrics {
             "weir_reloads",
             "Changes to objects or policy modules, accepted or rejected",
             self.reloads.clone(),
+        );
+        r.register(
+            "weir_policy_rejections",
+            "Policy modules refused by the swap, by reason",
+            self.policy_rejections.clone(),
         );
         r.register(
             "weir_sync_proxy_rules_duration_seconds",

@@ -579,7 +579,10 @@ async fn live_changes_under_continuous_traffic() {
         .await;
     let metrics = weir.metrics();
     assert!(
-        metrics.contains("weir_reloads_total{what=\"web-policy\",result=\"rejected\"} 1"),
+        metrics.contains("weir_reloads_total{what=\"web-policy\",result=\"rejected\"} 1")
+            && metrics.contains(
+                "weir_policy_rejections_total{policy=\"web-policy\",reason=\"not_component\"} 1"
+            ),
         "{metrics}"
     );
 

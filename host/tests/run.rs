@@ -58,6 +58,11 @@ fn bad_configs_exit_64_naming_the_problem() {
             &["line 7", "address"],
         ),
         (
+            "value out of range",
+            format!("{good}[proxy]\nconnect_attempts = 0\n"),
+            &["line 7", "proxy.connect_attempts", "at least 1"],
+        ),
+        (
             "missing section",
             "[source]\nkind = \"files\"\npaths = [\"objects\"]\n".to_string(),
             &["missing field `node`"],

@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use super::engine::{LoadError, PolicyEngine};
 use super::runtime::{PolicyRuntime, ServiceInput};
-use super::{CallError, DEFAULT_POLICY};
+use super::{CallError, DEFAULT_POLICY, FailureKind};
 use weir_sdk::Eligibility;
 
 /// A policy swapped in, with its answer for each service replayed into it.
@@ -47,6 +47,28 @@ pub enum RegistryError {
         service: String,
         error: CallError,
     },
+}
+
+impl RegistryError {
+    /// A short, bounded reason for metrics: `not_wasm`, `not_component`, `compile`,
+    /// `wrong_version`, `unsupported_import`, `read`, `instantiate`, `configure`, `replay`.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            RegistryError::Load(error) => match error {
+                LoadError::NotWasm { .. } => "not_wasm",
+                LoadError::CoreModule { .. } | LoadError::UnknownEncoding { .. } => "not_component",
+                LoadError::Compile { .. } => "compile",
+                LoadError::WrongWorld { .. } | LoadError::Link { .. } => "wrong_version",
+                LoadError::UnsupportedImport { .. } => "unsupported_import",
+                LoadError::Read { .. } => "read",
+            },
+            RegistryError::Instantiate { error, .. } => match error.kind {
+                FailureKind::Refused => "configure",
+                _ => "instantiate",
+            },
+            RegistryError::Replay { .. } => "replay",
+        }
+    }
 }
 
 impl Registry {
