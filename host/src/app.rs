@@ -23,6 +23,7 @@ pub struct App {
     admin_address: SocketAddr,
     shared: Arc<Shared>,
     metrics: Arc<Metrics>,
+    health_checks: Arc<HealthChecks>,
     readiness: Arc<Readiness>,
     stop_control: Option<Sender<()>>,
     control: Option<std::thread::JoinHandle<()>>,
@@ -136,7 +137,7 @@ impl App {
             registry,
             listeners,
             shared.clone(),
-            health_checks,
+            health_checks.clone(),
             health,
             readiness.clone(),
             metrics.clone(),
@@ -149,6 +150,7 @@ impl App {
             admin_address,
             shared,
             metrics,
+            health_checks,
             readiness,
             stop_control: Some(stop_control),
             control: Some(control),
@@ -170,6 +172,29 @@ impl App {
     /// What `/readyz` is waiting for (empty: ready).
     pub fn pending(&self) -> Vec<String> {
         self.readiness.pending()
+    }
+
+    /// The routing table now: every listening address with the scope it serves, sorted.
+    pub fn routes(&self) -> Vec<(SocketAddr, weir_sdk::Scope)> {
+        let mut routes: Vec<_> = self
+            .shared
+            .routes
+            .load()
+            .by_address
+            .iter()
+            .map(|(address, route)| (*address, route.scope))
+            .collect();
+        routes.sort_by_key(|(address, _)| *address);
+        routes
+    }
+
+    /// The local endpoint count each healthCheckNodePort reports now.
+    pub fn health_counts(&self) -> std::collections::BTreeMap<(String, String), usize> {
+        self.health_checks
+            .load()
+            .iter()
+            .map(|(k, v)| (k.clone(), *v))
+            .collect()
     }
 
     /// Connections open now.

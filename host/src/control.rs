@@ -16,10 +16,10 @@ use weir_sdk::{Eligibility, EmptyAction, Scope, ServiceHandle};
 use crate::admin::{HealthChecks, Readiness};
 use crate::config::Config;
 use crate::discovery::files::{Diagnostic, Severity};
-use crate::discovery::watch::{FileSource, Fingerprint};
+use crate::discovery::watch::{Changed, FileSource, Fingerprint};
 use crate::health::ProxyHealth;
 use crate::metrics::{Metrics, RejectionLabels, ReloadResult, TrafficPolicyLabels};
-use crate::model::{self, FamilyKey, ProtocolKey, ServicePortSnapshot};
+use crate::model::{self, FamilyKey, ProtocolKey, ServiceKey, ServicePortKey, ServicePortSnapshot};
 use crate::policy::{Binding, FailureMode, PolicyRuntime, Registry, ServiceInput};
 use crate::proxy::{ListenerKind, Listeners, Route, RouteMetrics, Routes, Shared};
 use crate::state::Identities;
@@ -54,8 +54,15 @@ pub struct ControlPlane {
     /// Service ports to remove from a policy they left, once no connection can still be
     /// deciding with the routing table that named it.
     retired: Vec<(Instant, Arc<PolicyRuntime>, ServiceHandle)>,
-    /// Metric handles by (service port label, policy), kept across syncs.
-    route_metrics: HashMap<(String, String), Arc<RouteMetrics>>,
+    /// Objects changed and not applied yet.
+    pending: Changed,
+    /// Each Service's part of what is published, and the published state itself.
+    services: HashMap<ServiceKey, Contribution>,
+    routes: HashMap<SocketAddr, Arc<Route>>,
+    owners: HashMap<SocketAddr, ServiceKey>,
+    wanted: BTreeMap<SocketAddr, ListenerKind>,
+    health_counts: HashMap<ServiceKey, usize>,
+    no_local: [i64; 2],
 }
 
 /// How long a policy keeps a service port after the routes stop naming it: a connection
@@ -95,7 +102,13 @@ impl ControlPlane {
             readiness,
             metrics,
             retired: Vec::new(),
-            route_metrics: HashMap::new(),
+            pending: Changed::Nothing,
+            services: HashMap::new(),
+            routes: HashMap::new(),
+            owners: HashMap::new(),
+            wanted: BTreeMap::new(),
+            health_counts: HashMap::new(),
+            no_local: [0; 2],
         }
     }
 
@@ -127,7 +140,7 @@ impl ControlPlane {
     pub fn run(mut self, stop: Receiver<()>) {
         self.poll_policies();
         self.poll_objects();
-        self.sync();
+        self.sync(Changed::Everything);
         self.readiness.set_pending(Vec::new());
         tracing::info!(
             listeners = self.listeners.addresses().len(),
@@ -140,10 +153,16 @@ impl ControlPlane {
             .0
             .min(self.config.policies.poll_interval.0);
         while let Err(RecvTimeoutError::Timeout) = stop.recv_timeout(interval) {
-            let policies = self.poll_policies();
-            let objects = self.poll_objects();
-            if policies || objects {
-                self.sync();
+            if self.poll_policies() {
+                // Which Services a policy serves can change with it: all are checked
+                // (unchanged ports cost a comparison, not a call).
+                self.pending = Changed::Everything;
+            }
+            let touched = self.poll_objects();
+            self.pending.merge(touched);
+            if !self.pending.is_nothing() {
+                let changed = std::mem::take(&mut self.pending);
+                self.sync(changed);
             } else if self.listeners.has_failed() {
                 for error in self.listeners.retry() {
                     tracing::warn!("{error}; retrying");
@@ -154,8 +173,8 @@ impl ControlPlane {
         self.listeners.close_all();
     }
 
-    /// Re-reads changed object files. Returns whether the objects changed.
-    fn poll_objects(&mut self) -> bool {
+    /// Re-reads changed object files. Returns what the change touches.
+    fn poll_objects(&mut self) -> Changed {
         let poll = self.source.poll();
         let mut rejected = false;
         for diagnostic in &poll.diagnostics {
@@ -166,10 +185,12 @@ impl ControlPlane {
             self.metrics.proxy.reload("objects", ReloadResult::rejected);
         }
         if poll.changed {
-            self.queued();
             self.metrics.proxy.reload("objects", ReloadResult::accepted);
         }
-        poll.changed
+        if !poll.touched.is_nothing() {
+            self.queued();
+        }
+        poll.touched
     }
 
     fn queued(&self) {
@@ -323,12 +344,21 @@ impl ControlPlane {
         }
     }
 
-    /// Applies the current objects and policies: tells each policy what changed, then
-    /// publishes the routes, the health check counts and the listeners.
-    fn sync(&mut self) {
+    /// Applies what changed: rebuilds the ports of the Services touched (every Service
+    /// for `Everything`), tells their policies, and publishes the routes, health check
+    /// counts and listeners. The work is in proportion to what changed.
+    fn sync(&mut self, changed: Changed) {
         let started = Instant::now();
         let node_name = self.config.node.name.clone();
-        let objects = self.source.objects();
+        let only = match changed {
+            Changed::Nothing => return,
+            Changed::Services(keys) => Some(keys),
+            Changed::Everything => None,
+        };
+        let objects = match &only {
+            Some(keys) => self.source.objects_for(keys),
+            None => self.source.objects(),
+        };
         let mut model = model::build(&objects, &node_name);
         let default_mode = FailureMode::from(self.config.policies.failure_mode);
         for port in &mut model.ports {
@@ -344,14 +374,113 @@ impl ControlPlane {
             }
         }
 
-        let mut present = Vec::new();
-        let mut routes = Routes::default();
-        let mut wanted: BTreeMap<SocketAddr, ListenerKind> = BTreeMap::new();
-        let mut health = HealthCounts::new();
-        let mut no_local = [0i64; 2];
-        let mut handles = HashSet::new();
-        let mut used_metrics = HashMap::new();
-        for snapshot in &model.ports {
+        let mut by_service: BTreeMap<ServiceKey, Vec<ServicePortSnapshot>> = BTreeMap::new();
+        for port in model.ports {
+            let key = (port.key.namespace.clone(), port.key.name.clone());
+            by_service.entry(key).or_default().push(port);
+        }
+        let affected: BTreeSet<ServiceKey> = match &only {
+            Some(keys) => keys.clone(),
+            None => self
+                .services
+                .keys()
+                .chain(by_service.keys())
+                .cloned()
+                .collect(),
+        };
+        for key in affected {
+            let ports = by_service.remove(&key).unwrap_or_default();
+            let metrics = self.withdraw(&key, &ports);
+            if !ports.is_empty() {
+                let contribution = self.apply(&key, &ports, &model.node, metrics);
+                self.services.insert(key, contribution);
+            }
+        }
+
+        self.shared.routes.store(Arc::new(Routes {
+            by_address: self.routes.clone(),
+        }));
+        let seen = std::mem::take(&mut self.seen);
+        if only.is_some() {
+            // Warnings about the Services not rebuilt still stand.
+            self.reported.extend(seen);
+        } else {
+            self.reported = seen;
+        }
+        self.health_checks
+            .store(Arc::new(self.health_counts.clone()));
+        for error in self.listeners.reconcile(&self.wanted) {
+            tracing::warn!("{error}; retrying");
+        }
+        let proxy = &self.metrics.proxy;
+        for (i, policy) in ["internal", "external"].into_iter().enumerate() {
+            proxy
+                .no_local_endpoints
+                .get_or_create(&TrafficPolicyLabels {
+                    traffic_policy: policy,
+                })
+                .set(self.no_local[i]);
+        }
+        proxy.sync_seconds.observe(started.elapsed().as_secs_f64());
+        tracing::debug!(
+            services = only.as_ref().map_or(self.services.len(), BTreeSet::len),
+            took = ?started.elapsed(),
+            "synced"
+        );
+        proxy.last_sync.set(unix_now());
+        self.health.updated();
+    }
+
+    /// Takes a Service's part out of the routes, listeners and health checks, and forgets
+    /// its ports that are not among `ports` (its ports from now on). Returns its metric
+    /// handles, to reuse.
+    fn withdraw(
+        &mut self,
+        key: &ServiceKey,
+        ports: &[ServicePortSnapshot],
+    ) -> HashMap<(String, String), Arc<RouteMetrics>> {
+        let Some(old) = self.services.remove(key) else {
+            return HashMap::new();
+        };
+        for address in &old.addresses {
+            if self.owners.get(address) == Some(key) {
+                self.owners.remove(address);
+                self.routes.remove(address);
+                self.wanted.remove(address);
+            }
+        }
+        self.health_counts.remove(key);
+        self.no_local[0] -= old.no_local[0];
+        self.no_local[1] -= old.no_local[1];
+        let kept: HashSet<&ServicePortKey> = ports
+            .iter()
+            .filter(|p| p.key.protocol == ProtocolKey::Tcp)
+            .map(|p| &p.key)
+            .collect();
+        for (port, handle) in old.ports {
+            if !kept.contains(&port) {
+                self.identities.forget(&port);
+                self.forget(handle);
+            }
+        }
+        old.metrics
+    }
+
+    /// Puts a Service's ports into the routes, listeners and health checks, telling their
+    /// policies what changed.
+    fn apply(
+        &mut self,
+        key: &ServiceKey,
+        ports: &[ServicePortSnapshot],
+        node: &Arc<weir_sdk::Node>,
+        mut reusable: HashMap<(String, String), Arc<RouteMetrics>>,
+    ) -> Contribution {
+        let mut contribution = Contribution::default();
+        // Ready endpoint IPs per family, for the healthCheckNodePort.
+        let mut ready_ips: BTreeMap<FamilyKey, BTreeSet<IpAddr>> = BTreeMap::new();
+        let mut health_port = None;
+        for snapshot in ports {
+            health_port = health_port.or(snapshot.health_check.map(|c| c.node_port));
             if snapshot.key.protocol != ProtocolKey::Tcp {
                 let message = format!(
                     "{}: {} is not proxied (weir proxies TCP; UDP comes later)",
@@ -362,206 +491,167 @@ impl ControlPlane {
                     tracing::warn!("{message}");
                 }
                 // Not proxied, but its Service's health check counts it, as kube-proxy's.
-                let local_ready = snapshot
-                    .endpoints
-                    .iter()
-                    .filter(|e| e.ready && e.is_local)
-                    .map(|e| e.address.ip());
-                self.health_check(snapshot, local_ready, &mut health, &mut wanted);
+                ready_ips.entry(snapshot.key.family).or_default().extend(
+                    snapshot
+                        .endpoints
+                        .iter()
+                        .filter(|e| e.ready && e.is_local)
+                        .map(|e| e.address.ip()),
+                );
                 continue;
             }
-            present.push(&snapshot.key);
             let (handle, endpoints) = self.identities.assign(snapshot);
-            handles.insert(handle);
+            contribution.ports.push((snapshot.key.clone(), handle));
             let input = ServiceInput {
                 service: snapshot.service.clone(),
-                node: model.node.clone(),
+                node: node.clone(),
                 endpoints,
                 failure_mode: snapshot.failure_mode,
             };
             let has_any = input.endpoints.iter().any(|e| e.ready || e.serving);
             let (runtime, policy_label) = self.resolve(snapshot);
             let eligibility = self.push(handle, snapshot, runtime.clone(), input);
+            let service = &snapshot.service;
             if has_any
-                && snapshot.service.internal_traffic_local
+                && service.internal_traffic_local
                 && eligibility.internal.endpoints.is_empty()
             {
-                no_local[0] += 1;
+                contribution.no_local[0] += 1;
             }
             if has_any
-                && snapshot.service.external_traffic_local
+                && service.external_traffic_local
                 && eligibility.external.endpoints.is_empty()
             {
-                no_local[1] += 1;
+                contribution.no_local[1] += 1;
             }
             // kube-proxy counts this node's ready endpoints; weir counts the ready
             // endpoints the policy lets serve external traffic (the same, for kube-default).
             let external = &eligibility.external.endpoints;
-            let ready: Vec<IpAddr> = self.bound[&handle]
-                .input
-                .endpoints
-                .iter()
-                .filter(|e| e.ready && external.binary_search(&e.id).is_ok())
-                .map(|e| e.address.ip())
-                .collect();
-            self.health_check(snapshot, ready.into_iter(), &mut health, &mut wanted);
+            ready_ips.entry(snapshot.key.family).or_default().extend(
+                self.bound[&handle]
+                    .input
+                    .endpoints
+                    .iter()
+                    .filter(|e| e.ready && external.binary_search(&e.id).is_ok())
+                    .map(|e| e.address.ip()),
+            );
+
             let service_label = format!(
                 "{}/{}:{}",
                 snapshot.key.namespace,
                 snapshot.key.name,
                 if snapshot.key.port_name.is_empty() {
-                    snapshot.service.port.to_string()
+                    service.port.to_string()
                 } else {
                     snapshot.key.port_name.clone()
                 }
             );
-            let metrics = used_metrics
-                .entry((service_label.clone(), policy_label.clone()))
-                .or_insert_with(|| {
-                    self.route_metrics
-                        .get(&(service_label.clone(), policy_label.clone()))
-                        .cloned()
-                        .unwrap_or_else(|| {
-                            Arc::new(RouteMetrics::new(
-                                &self.metrics.proxy,
-                                &service_label,
-                                &policy_label,
-                            ))
-                        })
-                })
-                .clone();
-            let mut add = |address: SocketAddr, scope: Scope, source_ranges: Vec<(IpAddr, u8)>| {
-                if routes.by_address.contains_key(&address) {
-                    let message = format!(
-                        "{address} is claimed by more than one Service port; {} does not get it",
-                        snapshot.service.display_name()
-                    );
-                    if once(&self.reported, &mut self.seen, message.clone()) {
-                        tracing::warn!("{message}");
-                    }
-                    return;
-                }
-                wanted.insert(address, ListenerKind::Service);
-                routes.by_address.insert(
-                    address,
-                    Arc::new(Route {
-                        handle,
-                        policy: runtime.clone(),
-                        scope,
-                        local_sources_use_cluster: snapshot.service.external_traffic_local,
-                        source_ranges,
-                        metrics: metrics.clone(),
-                    }),
-                );
-            };
-            let service = &snapshot.service;
+            let metrics_key = (service_label, policy_label);
+            let metrics = reusable
+                .remove(&metrics_key)
+                .or_else(|| contribution.metrics.get(&metrics_key).cloned())
+                .unwrap_or_else(|| {
+                    Arc::new(RouteMetrics::new(
+                        &self.metrics.proxy,
+                        &metrics_key.0,
+                        &metrics_key.1,
+                    ))
+                });
+            contribution.metrics.insert(metrics_key, metrics.clone());
+
+            let mut routes = Vec::new();
             if serves(&eligibility, Scope::Internal) {
-                add(
+                routes.push((
                     SocketAddr::new(service.cluster_ip, service.port),
                     Scope::Internal,
                     Vec::new(),
-                );
+                ));
             }
             if serves(&eligibility, Scope::External) || serves(&eligibility, Scope::Internal) {
                 if service.node_port != 0 {
                     for address in &self.config.node.addresses {
                         if address.is_ipv4() == service.cluster_ip.is_ipv4() {
-                            add(
+                            routes.push((
                                 SocketAddr::new(*address, service.node_port),
                                 Scope::External,
                                 Vec::new(),
-                            );
+                            ));
                         }
                     }
                 }
                 for ip in &service.external_ips {
-                    add(
+                    routes.push((
                         SocketAddr::new(*ip, service.port),
                         Scope::External,
                         Vec::new(),
-                    );
+                    ));
                 }
                 for ip in &service.load_balancer_ips {
-                    add(
+                    routes.push((
                         SocketAddr::new(*ip, service.port),
                         Scope::External,
                         snapshot.load_balancer_source_ranges.clone(),
-                    );
+                    ));
                 }
             }
+            for (address, scope, source_ranges) in routes {
+                if !self.claim(key, address, ListenerKind::Service, &mut contribution) {
+                    let message = format!(
+                        "{address} is claimed by more than one Service port; {} does not get it",
+                        service.display_name()
+                    );
+                    if once(&self.reported, &mut self.seen, message.clone()) {
+                        tracing::warn!("{message}");
+                    }
+                    continue;
+                }
+                self.routes.insert(
+                    address,
+                    Arc::new(Route {
+                        handle,
+                        policy: runtime.clone(),
+                        scope,
+                        local_sources_use_cluster: service.external_traffic_local,
+                        source_ranges,
+                        metrics: metrics.clone(),
+                    }),
+                );
+            }
         }
-        for handle in self.identities.retain(&present) {
-            self.forget(handle);
-        }
-        // Ports whose protocol is no longer proxied, or that moved to another handle.
-        let stale: Vec<ServiceHandle> = self
-            .bound
-            .keys()
-            .filter(|h| !handles.contains(h))
-            .copied()
-            .collect();
-        for handle in stale {
-            self.forget(handle);
-        }
-
-        self.shared.routes.store(Arc::new(routes));
-        self.reported = std::mem::take(&mut self.seen);
-        self.route_metrics = used_metrics;
-        self.health_checks.store(Arc::new(
-            health
-                .into_iter()
-                .map(|(key, families)| {
-                    // One server per Service, counting one family (IPv4 when it has it),
-                    // as kube-proxy's single health check server does.
-                    let count = families.values().next().map_or(0, BTreeSet::len);
-                    (key, count)
-                })
-                .collect(),
-        ));
-        for error in self.listeners.reconcile(&wanted) {
-            tracing::warn!("{error}; retrying");
-        }
-        let proxy = &self.metrics.proxy;
-        for (i, policy) in ["internal", "external"].into_iter().enumerate() {
-            proxy
-                .no_local_endpoints
-                .get_or_create(&TrafficPolicyLabels {
-                    traffic_policy: policy,
-                })
-                .set(no_local[i]);
-        }
-        proxy.sync_seconds.observe(started.elapsed().as_secs_f64());
-        proxy.last_sync.set(unix_now());
-        self.health.updated();
-    }
-
-    /// Notes a port's ready endpoint IPs for its Service's healthCheckNodePort, and the
-    /// server's listeners, when the Service has one.
-    fn health_check(
-        &self,
-        snapshot: &ServicePortSnapshot,
-        ready: impl Iterator<Item = IpAddr>,
-        health: &mut HealthCounts,
-        wanted: &mut BTreeMap<SocketAddr, ListenerKind>,
-    ) {
-        let Some(check) = snapshot.health_check else {
-            return;
-        };
-        let key = (snapshot.key.namespace.clone(), snapshot.key.name.clone());
-        health
-            .entry(key.clone())
-            .or_default()
-            .entry(snapshot.key.family)
-            .or_default()
-            .extend(ready);
-        for address in &self.config.node.addresses {
-            wanted
-                .entry(SocketAddr::new(*address, check.node_port))
-                .or_insert(ListenerKind::HealthCheck {
+        self.no_local[0] += contribution.no_local[0];
+        self.no_local[1] += contribution.no_local[1];
+        if let Some(port) = health_port {
+            // One server per Service, counting one family (IPv4 when it has it), as
+            // kube-proxy's single health check server does.
+            let count = ready_ips.values().next().map_or(0, BTreeSet::len);
+            self.health_counts.insert(key.clone(), count);
+            for address in self.config.node.addresses.clone() {
+                let kind = ListenerKind::HealthCheck {
                     namespace: key.0.clone(),
                     name: key.1.clone(),
-                });
+                };
+                self.claim(key, SocketAddr::new(address, port), kind, &mut contribution);
+            }
         }
+        contribution
+    }
+
+    /// Takes a listening address for a Service, unless another Service (or another of
+    /// its own ports) has it.
+    fn claim(
+        &mut self,
+        key: &ServiceKey,
+        address: SocketAddr,
+        kind: ListenerKind,
+        contribution: &mut Contribution,
+    ) -> bool {
+        if self.owners.contains_key(&address) {
+            return false;
+        }
+        self.owners.insert(address, key.clone());
+        self.wanted.insert(address, kind);
+        contribution.addresses.push(address);
+        true
     }
 
     /// The runtime a snapshot's policy name resolves to: `None` when the policy is
@@ -653,8 +743,17 @@ impl ControlPlane {
     }
 }
 
-/// Ready endpoint IPs per Service with a health check, per IP family.
-type HealthCounts = HashMap<(String, String), BTreeMap<FamilyKey, BTreeSet<IpAddr>>>;
+/// What one Service puts into the data plane, kept to take it out at its next change.
+#[derive(Default)]
+struct Contribution {
+    /// Its proxied ports and their handles.
+    ports: Vec<(ServicePortKey, ServiceHandle)>,
+    /// The listening addresses it owns (service and health check).
+    addresses: Vec<SocketAddr>,
+    /// Its ports with a Local traffic policy and no local endpoints: internal, external.
+    no_local: [i64; 2],
+    metrics: HashMap<(String, String), Arc<RouteMetrics>>,
+}
 
 /// Whether a scope needs its listeners: something to forward to, or connections to drop.
 /// With nothing eligible and `reject`, no listener is better: the kernel refuses the

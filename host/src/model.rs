@@ -226,6 +226,56 @@ fn namespaced_name(
     )
 }
 
+/// A Service by namespace and name.
+pub type ServiceKey = (String, String);
+
+/// The Services whose ports depend on `objects`: each Service, and each EndpointSlice's
+/// Service. `None` when a Node is among them: a Node's labels reach every port.
+pub fn services_of(objects: &Objects) -> Option<BTreeSet<ServiceKey>> {
+    if !objects.nodes.is_empty() {
+        return None;
+    }
+    let mut keys: BTreeSet<ServiceKey> = objects
+        .services
+        .iter()
+        .map(|s| s.object.namespaced_name())
+        .collect();
+    keys.extend(objects.endpoint_slices.iter().filter_map(slice_service));
+    Some(keys)
+}
+
+/// The Service an EndpointSlice belongs to, by its `kubernetes.io/service-name` label.
+pub fn slice_service(slice: &Sourced<EndpointSlice>) -> Option<ServiceKey> {
+    let (namespace, _) = slice.object.namespaced_name();
+    let name = slice
+        .object
+        .metadata
+        .labels
+        .as_ref()?
+        .get(SERVICE_NAME_LABEL)?;
+    Some((namespace, name.clone()))
+}
+
+/// The objects the ports of `services` are built from: those Services, their slices,
+/// and every Node.
+pub fn objects_for(objects: &Objects, services: &BTreeSet<ServiceKey>) -> Objects {
+    Objects {
+        services: objects
+            .services
+            .iter()
+            .filter(|s| services.contains(&s.object.namespaced_name()))
+            .cloned()
+            .collect(),
+        endpoint_slices: objects
+            .endpoint_slices
+            .iter()
+            .filter(|s| slice_service(s).is_some_and(|k| services.contains(&k)))
+            .cloned()
+            .collect(),
+        nodes: objects.nodes.clone(),
+    }
+}
+
 /// kube-proxy's node eligibility for `/healthz`: a Node being deleted, or tainted
 /// `ToBeDeletedByClusterAutoscaler`, is not eligible. Eligible while the Node is unknown.
 pub fn node_eligible(objects: &Objects, node_name: &str) -> bool {

@@ -54,6 +54,11 @@ impl Identities {
         (port.handle, endpoints)
     }
 
+    /// Forgets one port, returning its handle (to `remove` from its policy).
+    pub fn forget(&mut self, key: &ServicePortKey) -> Option<ServiceHandle> {
+        self.ports.remove(key).map(|port| port.handle)
+    }
+
     /// Forgets ports not in `present`, returning their handles (to `remove` from policies).
     pub fn retain(&mut self, present: &[&ServicePortKey]) -> Vec<ServiceHandle> {
         let present: std::collections::HashSet<&ServicePortKey> = present.iter().copied().collect();

@@ -979,3 +979,102 @@ async fn bad_input_loses_nothing_and_keeps_the_node_healthy() {
     assert_eq!(weir.admin_get("/healthz").await.0, 200);
     weir.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn changes_applied_one_by_one_equal_a_fresh_start() {
+    const T: u8 = 29;
+    let node = ip(T, 0, 1);
+    let eps = |hosts: &[u8], node: &'static str| -> Vec<Ep> {
+        hosts
+            .iter()
+            .map(|n| Ep::ready(ip(T, 1, *n), node))
+            .collect()
+    };
+    let lb = |local: &[u8]| {
+        service_yaml(
+            "lb",
+            ip(T, 0, 10),
+            8000,
+            "type: LoadBalancer\nexternalTrafficPolicy: Local\nhealthCheckNodePort: 30256",
+            "",
+        )
+        .replace("protocol: TCP\n", "protocol: TCP\n    nodePort: 30080\n")
+            + "---\n"
+            + &slice_yaml("lb", 8080, &eps(local, "node-a"))
+    };
+    let plain = |name: &str, host: u8, port: u16| service_yaml(name, ip(T, 0, host), port, "", "");
+    let weir = Weir::start(
+        node,
+        &[
+            ("lb.yaml", lb(&[1, 2])),
+            ("b.yaml", plain("b", 11, 8000)),
+            ("b-slice.yaml", slice_yaml("b", 8080, &eps(&[3], "node-b"))),
+            (
+                "c.yaml",
+                plain("c", 12, 8000) + "---\n" + &slice_yaml("c", 8080, &eps(&[4], "node-a")),
+            ),
+        ],
+        &[],
+        "",
+    )
+    .await;
+    let app = weir.app();
+    // Each change, then wait until it shows, so that every one is its own sync.
+    weir.write_objects("lb.yaml", &lb(&[1]));
+    wait_until("lb counts 1", Duration::from_secs(10), || {
+        app.health_counts().get(&("default".into(), "lb".into())) == Some(&1)
+    })
+    .await;
+    std::fs::remove_file(weir.dir.path().join("objects/c.yaml")).unwrap();
+    wait_until("c is gone", Duration::from_secs(10), || {
+        !app.routes().iter().any(|(a, _)| a.ip() == ip(T, 0, 12))
+    })
+    .await;
+    // b's slice moves into b's file; b's port moves.
+    std::fs::remove_file(weir.dir.path().join("objects/b-slice.yaml")).unwrap();
+    weir.write_objects(
+        "b.yaml",
+        &(plain("b", 11, 8001) + "---\n" + &slice_yaml("b", 8080, &eps(&[3, 5], "node-b"))),
+    );
+    wait_until("b moved", Duration::from_secs(10), || {
+        app.routes().contains(&(
+            SocketAddr::new(ip(T, 0, 11), 8001),
+            weir_sdk::Scope::Internal,
+        ))
+    })
+    .await;
+    // d takes the address c had.
+    weir.write_objects(
+        "d.yaml",
+        &(plain("d", 12, 8000) + "---\n" + &slice_yaml("d", 8080, &eps(&[6], "node-a"))),
+    );
+    wait_until("d serves", Duration::from_secs(10), || {
+        app.routes().iter().any(|(a, _)| a.ip() == ip(T, 0, 12))
+    })
+    .await;
+    let (routes, counts) = (app.routes(), app.health_counts());
+    let mut files: Vec<(String, String)> = std::fs::read_dir(weir.dir.path().join("objects"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
+        .map(|p| {
+            let name = p.file_name().unwrap().to_string_lossy().into_owned();
+            (name, std::fs::read_to_string(&p).unwrap())
+        })
+        .collect();
+    files.sort();
+    assert!(!weir.shutdown().await.forced);
+
+    // A fresh weir on the same files builds the same table.
+    let objects: Vec<(&str, String)> = files.iter().map(|(n, y)| (n.as_str(), y.clone())).collect();
+    let fresh = Weir::start(node, &objects, &[], "").await;
+    assert_eq!(fresh.app().routes(), routes);
+    assert_eq!(fresh.app().health_counts(), counts);
+    assert_eq!(
+        routes.len(),
+        // lb: clusterIP, nodePort; b: clusterIP; d: clusterIP.
+        4,
+        "{routes:?}"
+    );
+    fresh.shutdown().await;
+}

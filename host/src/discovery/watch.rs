@@ -7,6 +7,42 @@ use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
 use super::files::{Diagnostic, Objects, collect_files, load_str};
+use crate::model::{self, ServiceKey};
+
+/// What a change touches: the ports of some Services, or everything (a Node changed).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum Changed {
+    #[default]
+    Nothing,
+    Services(BTreeSet<ServiceKey>),
+    Everything,
+}
+
+impl Changed {
+    /// What objects that were, or are now, in a file touch.
+    pub fn of(objects: &Objects) -> Changed {
+        match model::services_of(objects) {
+            Some(keys) if keys.is_empty() => Changed::Nothing,
+            Some(keys) => Changed::Services(keys),
+            None => Changed::Everything,
+        }
+    }
+
+    pub fn merge(&mut self, other: Changed) {
+        *self = match (std::mem::take(self), other) {
+            (Changed::Everything, _) | (_, Changed::Everything) => Changed::Everything,
+            (Changed::Nothing, other) | (other, Changed::Nothing) => other,
+            (Changed::Services(mut a), Changed::Services(b)) => {
+                a.extend(b);
+                Changed::Services(a)
+            }
+        };
+    }
+
+    pub fn is_nothing(&self) -> bool {
+        *self == Changed::Nothing
+    }
+}
 
 /// What identifies one version of a file.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -54,6 +90,8 @@ struct WatchedFile {
 pub struct Poll {
     /// Whether the objects changed.
     pub changed: bool,
+    /// What the change touches.
+    pub touched: Changed,
     /// Problems in the files that changed (and paths that became unreadable).
     pub diagnostics: Vec<Diagnostic>,
 }
@@ -94,9 +132,18 @@ impl FileSource {
                 }
             }
         }
-        let before = self.files.len();
-        self.files.retain(|file, _| present.contains(file));
-        poll.changed |= self.files.len() != before;
+        let gone: Vec<PathBuf> = self
+            .files
+            .keys()
+            .filter(|f| !present.contains(*f))
+            .cloned()
+            .collect();
+        for file in gone {
+            if let Some(objects) = self.files.remove(&file).and_then(|f| f.good) {
+                poll.touched.merge(Changed::of(&objects));
+                poll.changed = true;
+            }
+        }
         for file in present {
             let fingerprint = Fingerprint::of(&file).ok();
             let watched = self.files.entry(file.clone()).or_insert(WatchedFile {
@@ -132,7 +179,11 @@ impl FileSource {
                     ));
                 }
             } else {
-                watched.good = Some(objects);
+                let mut touched = Changed::of(&objects);
+                if let Some(previous) = watched.good.replace(objects) {
+                    touched.merge(Changed::of(&previous));
+                }
+                poll.touched.merge(touched);
                 poll.changed = true;
             }
             watched.diagnostics = diagnostics.clone();
@@ -150,6 +201,21 @@ impl FileSource {
                 all.endpoint_slices
                     .extend(objects.endpoint_slices.iter().cloned());
                 all.nodes.extend(objects.nodes.iter().cloned());
+            }
+        }
+        all
+    }
+
+    /// The good objects the ports of `services` are built from (and every Node), without
+    /// copying the rest.
+    pub fn objects_for(&self, services: &BTreeSet<ServiceKey>) -> Objects {
+        let mut all = Objects::default();
+        for file in self.files.values() {
+            if let Some(objects) = &file.good {
+                let some = model::objects_for(objects, services);
+                all.services.extend(some.services);
+                all.endpoint_slices.extend(some.endpoint_slices);
+                all.nodes.extend(some.nodes);
             }
         }
         all
@@ -188,15 +254,49 @@ mod tests {
         let tmp = dir.path().join(".web.yaml.tmp");
         std::fs::write(&tmp, SERVICE.replace("web", "api")).unwrap();
         std::fs::rename(&tmp, &file).unwrap();
-        assert!(source.poll().changed);
+        let poll = source.poll();
+        assert!(poll.changed);
+        let touched = |names: &[&str]| {
+            Changed::Services(
+                names
+                    .iter()
+                    .map(|n| ("default".to_string(), n.to_string()))
+                    .collect(),
+            )
+        };
+        assert_eq!(
+            poll.touched,
+            touched(&["api", "web"]),
+            "the old and the new Service"
+        );
         let objects = source.objects();
         assert_eq!(
             objects.services[0].object.metadata.name.as_deref(),
             Some("api")
         );
+        let some = source.objects_for(&[("default".to_string(), "api".to_string())].into());
+        assert_eq!(some.services.len(), 1);
+        assert!(
+            source
+                .objects_for(&[("default".to_string(), "web".to_string())].into())
+                .services
+                .is_empty()
+        );
 
+        std::fs::write(
+            dir.path().join("node.yaml"),
+            "apiVersion: v1\nkind: Node\nmetadata: {name: node-a}\n",
+        )
+        .unwrap();
+        assert_eq!(
+            source.poll().touched,
+            Changed::Everything,
+            "a Node reaches every port"
+        );
         std::fs::remove_file(&file).unwrap();
-        assert!(source.poll().changed);
+        let poll = source.poll();
+        assert!(poll.changed);
+        assert_eq!(poll.touched, touched(&["api"]));
         assert!(source.objects().services.is_empty());
     }
 }
