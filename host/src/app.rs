@@ -174,17 +174,18 @@ impl App {
         self.readiness.pending()
     }
 
-    /// The routing table now: every listening address with the scope it serves, sorted.
-    pub fn routes(&self) -> Vec<(SocketAddr, weir_sdk::Scope)> {
+    /// The routing table now: every listening address with the scope it serves and its
+    /// service port (`namespace/name:port`), sorted.
+    pub fn routes(&self) -> Vec<(SocketAddr, weir_sdk::Scope, String)> {
         let mut routes: Vec<_> = self
             .shared
             .routes
             .load()
             .by_address
             .iter()
-            .map(|(address, route)| (*address, route.scope))
+            .map(|(address, route)| (*address, route.scope, route.metrics.service().to_string()))
             .collect();
-        routes.sort_by_key(|(address, _)| *address);
+        routes.sort_by_key(|(address, _, _)| *address);
         routes
     }
 

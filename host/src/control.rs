@@ -63,6 +63,9 @@ pub struct ControlPlane {
     wanted: BTreeMap<SocketAddr, ListenerKind>,
     health_counts: HashMap<ServiceKey, usize>,
     no_local: [i64; 2],
+    /// Services that wanted an address another Service has: re-applied when it is freed,
+    /// so the outcome does not depend on the order changes came in.
+    waiting: HashMap<SocketAddr, BTreeSet<ServiceKey>>,
 }
 
 /// How long a policy keeps a service port after the routes stop naming it: a connection
@@ -109,6 +112,7 @@ impl ControlPlane {
             wanted: BTreeMap::new(),
             health_counts: HashMap::new(),
             no_local: [0; 2],
+            waiting: HashMap::new(),
         }
     }
 
@@ -388,9 +392,15 @@ impl ControlPlane {
                 .cloned()
                 .collect(),
         };
+        // Everything touched is withdrawn before anything is applied, so an address one
+        // of them gives up is free for another.
+        let mut withdrawn = Vec::with_capacity(affected.len());
         for key in affected {
             let ports = by_service.remove(&key).unwrap_or_default();
             let metrics = self.withdraw(&key, &ports);
+            withdrawn.push((key, ports, metrics));
+        }
+        for (key, ports, metrics) in withdrawn {
             if !ports.is_empty() {
                 let contribution = self.apply(&key, &ports, &model.node, metrics);
                 self.services.insert(key, contribution);
@@ -447,6 +457,12 @@ impl ControlPlane {
                 self.owners.remove(address);
                 self.routes.remove(address);
                 self.wanted.remove(address);
+                if let Some(mut waiting) = self.waiting.remove(address) {
+                    waiting.remove(key);
+                    if !waiting.is_empty() {
+                        self.pending.merge(Changed::Services(waiting));
+                    }
+                }
             }
         }
         self.health_counts.remove(key);
@@ -630,7 +646,16 @@ impl ControlPlane {
                     namespace: key.0.clone(),
                     name: key.1.clone(),
                 };
-                self.claim(key, SocketAddr::new(address, port), kind, &mut contribution);
+                let address = SocketAddr::new(address, port);
+                if !self.claim(key, address, kind, &mut contribution) {
+                    let message = format!(
+                        "healthCheckNodePort {address} of {}/{} is taken by another Service",
+                        key.0, key.1
+                    );
+                    if once(&self.reported, &mut self.seen, message.clone()) {
+                        tracing::warn!("{message}");
+                    }
+                }
             }
         }
         contribution
@@ -645,8 +670,23 @@ impl ControlPlane {
         kind: ListenerKind,
         contribution: &mut Contribution,
     ) -> bool {
-        if self.owners.contains_key(&address) {
-            return false;
+        match self.owners.get(&address) {
+            // As a fresh start decides (Services in name order, first come first
+            // served): a Service before the owner takes the address over, and the owner
+            // is applied again to find it lost.
+            Some(owner) if key < owner => {
+                let owner = owner.clone();
+                self.waiting
+                    .entry(address)
+                    .or_default()
+                    .insert(owner.clone());
+                self.pending.merge(Changed::Services([owner].into()));
+            }
+            Some(_) => {
+                self.waiting.entry(address).or_default().insert(key.clone());
+                return false;
+            }
+            None => {}
         }
         self.owners.insert(address, key.clone());
         self.wanted.insert(address, kind);

@@ -99,6 +99,11 @@ impl RouteMetrics {
         }
     }
 
+    /// The service port's label, `namespace/name:port`.
+    pub fn service(&self) -> &str {
+        &self.service
+    }
+
     /// The counters of one endpoint of this route's service.
     pub fn endpoint(&self, address: SocketAddr) -> Arc<EndpointMetrics> {
         if let Some(found) = self

@@ -1027,7 +1027,7 @@ async fn changes_applied_one_by_one_equal_a_fresh_start() {
     .await;
     std::fs::remove_file(weir.dir.path().join("objects/c.yaml")).unwrap();
     wait_until("c is gone", Duration::from_secs(10), || {
-        !app.routes().iter().any(|(a, _)| a.ip() == ip(T, 0, 12))
+        !app.routes().iter().any(|(a, _, _)| a.ip() == ip(T, 0, 12))
     })
     .await;
     // b's slice moves into b's file; b's port moves.
@@ -1037,10 +1037,9 @@ async fn changes_applied_one_by_one_equal_a_fresh_start() {
         &(plain("b", 11, 8001) + "---\n" + &slice_yaml("b", 8080, &eps(&[3, 5], "node-b"))),
     );
     wait_until("b moved", Duration::from_secs(10), || {
-        app.routes().contains(&(
-            SocketAddr::new(ip(T, 0, 11), 8001),
-            weir_sdk::Scope::Internal,
-        ))
+        app.routes().iter().any(|(a, s, _)| {
+            *a == SocketAddr::new(ip(T, 0, 11), 8001) && *s == weir_sdk::Scope::Internal
+        })
     })
     .await;
     // d takes the address c had.
@@ -1049,7 +1048,44 @@ async fn changes_applied_one_by_one_equal_a_fresh_start() {
         &(plain("d", 12, 8000) + "---\n" + &slice_yaml("d", 8080, &eps(&[6], "node-a"))),
     );
     wait_until("d serves", Duration::from_secs(10), || {
-        app.routes().iter().any(|(a, _)| a.ip() == ip(T, 0, 12))
+        app.routes().iter().any(|(a, _, _)| a.ip() == ip(T, 0, 12))
+    })
+    .await;
+    // e wants d's address while d has it; once d is gone, e gets it, as at a fresh start.
+    let syncs = || {
+        weir.metrics()
+            .lines()
+            .find(|l| l.starts_with("weir_sync_proxy_rules_duration_seconds_count"))
+            .and_then(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    let before = syncs();
+    weir.write_objects(
+        "e.yaml",
+        &(plain("e", 12, 8000) + "---\n" + &slice_yaml("e", 8080, &eps(&[7], "node-a"))),
+    );
+    wait_until("e is applied", Duration::from_secs(10), || syncs() > before).await;
+    let before = syncs();
+    std::fs::remove_file(weir.dir.path().join("objects/d.yaml")).unwrap();
+    wait_until(
+        "d's removal and e's retry are applied",
+        Duration::from_secs(10),
+        || syncs() >= before + 2,
+    )
+    .await;
+    let owner = |service: &str| {
+        app.routes()
+            .iter()
+            .any(|(a, _, s)| a.ip() == ip(T, 0, 12) && s == service)
+    };
+    assert!(owner("default/e:http"), "e took the address d left");
+    // "aa" comes before "e": it takes the address over, as it would at a fresh start.
+    weir.write_objects(
+        "aa.yaml",
+        &(plain("aa", 12, 8000) + "---\n" + &slice_yaml("aa", 8080, &eps(&[8], "node-a"))),
+    );
+    wait_until("aa owns the address", Duration::from_secs(10), || {
+        owner("default/aa:http")
     })
     .await;
     let (routes, counts) = (app.routes(), app.health_counts());
