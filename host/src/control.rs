@@ -42,9 +42,9 @@ pub struct ControlPlane {
     bound: HashMap<ServiceHandle, Bound>,
     /// Warnings logged at the last sync: each is logged once while it lasts, and again if
     /// it comes back after going away.
-    reported: HashSet<String>,
+    reported: Reported,
     /// Warnings of the sync in progress.
-    seen: HashSet<String>,
+    seen: Reported,
     pub(crate) listeners: Listeners,
     pub(crate) shared: Arc<Shared>,
     pub(crate) health_checks: Arc<HealthChecks>,
@@ -96,8 +96,8 @@ impl ControlPlane {
             policy_dir_error: None,
             identities: Identities::default(),
             bound: HashMap::new(),
-            reported: HashSet::new(),
-            seen: HashSet::new(),
+            reported: HashMap::new(),
+            seen: HashMap::new(),
             listeners,
             shared,
             health_checks,
@@ -373,7 +373,7 @@ impl ControlPlane {
         self.health
             .set_node_eligible(model::node_eligible(&objects, &node_name));
         for diagnostic in &model.diagnostics {
-            if once(&self.reported, &mut self.seen, diagnostic.to_string()) {
+            if once(&self.reported, &mut self.seen, diagnostic.to_string(), None) {
                 log_diagnostic(diagnostic);
             }
         }
@@ -411,11 +411,14 @@ impl ControlPlane {
             by_address: self.routes.clone(),
         }));
         let seen = std::mem::take(&mut self.seen);
-        if only.is_some() {
-            // Warnings about the Services not rebuilt still stand.
-            self.reported.extend(seen);
-        } else {
-            self.reported = seen;
+        match &only {
+            // Warnings about the Services rebuilt are replaced; the others still stand.
+            Some(keys) => {
+                self.reported
+                    .retain(|_, service| !service.as_ref().is_some_and(|k| keys.contains(k)));
+                self.reported.extend(seen);
+            }
+            None => self.reported = seen,
         }
         self.health_checks
             .store(Arc::new(self.health_counts.clone()));
@@ -503,7 +506,7 @@ impl ControlPlane {
                     snapshot.service.display_name(),
                     snapshot.key.protocol.as_str()
                 );
-                if once(&self.reported, &mut self.seen, message.clone()) {
+                if once(&self.reported, &mut self.seen, message.clone(), Some(key)) {
                     tracing::warn!("{message}");
                 }
                 // Not proxied, but its Service's health check counts it, as kube-proxy's.
@@ -616,7 +619,7 @@ impl ControlPlane {
                         "{address} is claimed by more than one Service port; {} does not get it",
                         service.display_name()
                     );
-                    if once(&self.reported, &mut self.seen, message.clone()) {
+                    if once(&self.reported, &mut self.seen, message.clone(), Some(key)) {
                         tracing::warn!("{message}");
                     }
                     continue;
@@ -652,7 +655,7 @@ impl ControlPlane {
                         "healthCheckNodePort {address} of {}/{} is taken by another Service",
                         key.0, key.1
                     );
-                    if once(&self.reported, &mut self.seen, message.clone()) {
+                    if once(&self.reported, &mut self.seen, message.clone(), Some(key)) {
                         tracing::warn!("{message}");
                     }
                 }
@@ -711,7 +714,8 @@ impl ControlPlane {
                     "{}: {reason}; it {outcome}",
                     snapshot.service.display_name()
                 );
-                if once(&self.reported, &mut self.seen, message.clone()) {
+                let key = (snapshot.key.namespace.clone(), snapshot.key.name.clone());
+                if once(&self.reported, &mut self.seen, message.clone(), Some(&key)) {
                     tracing::warn!("{message}");
                 }
                 (runtime, crate::policy::DEFAULT_POLICY.to_string())
@@ -804,11 +808,19 @@ fn serves(eligibility: &Eligibility, scope: Scope) -> bool {
 }
 
 /// Whether a warning is new since the last sync; notes it as seen in this one.
-fn once(reported: &HashSet<String>, seen: &mut HashSet<String>, message: String) -> bool {
-    let new = !reported.contains(&message);
-    seen.insert(message);
+fn once(
+    reported: &Reported,
+    seen: &mut Reported,
+    message: String,
+    service: Option<&ServiceKey>,
+) -> bool {
+    let new = !reported.contains_key(&message);
+    seen.insert(message, service.cloned());
     new
 }
+
+/// Warnings logged, each with the Service it is about (if one).
+type Reported = HashMap<String, Option<ServiceKey>>;
 
 fn policy_name(path: &Path) -> String {
     path.file_stem()

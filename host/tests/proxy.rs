@@ -722,6 +722,7 @@ async fn shutdown_drains_in_flight_connections() {
     .await;
     let mut weir = weir;
     let app = weir.app.take().unwrap();
+    let metrics = app.metrics().clone();
     let shutdown = tokio::spawn(app.shutdown());
     let deadline = Instant::now() + Duration::from_secs(10);
     while connect(cluster, None).await.is_ok() {
@@ -744,6 +745,16 @@ async fn shutdown_drains_in_flight_connections() {
         .expect("shutdown ends once the connection closes")
         .unwrap();
     assert!(!drained.forced);
+    let text = metrics.encode();
+    let bytes = |direction: &str| {
+        format!(
+            "weir_bytes_total{{service=\"default/web:http\",endpoint=\"{}:8080\",direction=\"{direction}\"}} {}",
+            ip(T, 1, 1),
+            (1 << 20) + 4
+        )
+    };
+    // "who\n" and the payload each way (the backend echoes; its name line comes first).
+    assert!(text.contains(&bytes("client_to_endpoint")), "{text}");
 
     // Past the grace period: the connection is closed by force.
     let weir = Weir::start(

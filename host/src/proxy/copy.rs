@@ -111,16 +111,16 @@ impl Direction {
     }
 }
 
-/// Copies `a` to `b` and `b` to `a` until both have reached end of stream; returns the
-/// bytes copied each way. An error on either side ends both.
+/// Copies `a` to `b` and `b` to `a` until both have reached end of stream, or until an
+/// error on either side ends both. Returns the bytes copied each way, and the error.
 pub async fn bidirectional(
     a: &mut TcpStream,
     b: &mut TcpStream,
     buffer: usize,
-) -> io::Result<(u64, u64)> {
+) -> (u64, u64, io::Result<()>) {
     let mut a_to_b = Direction::new(buffer);
     let mut b_to_a = Direction::new(buffer);
-    poll_fn(|cx| {
+    let result = poll_fn(|cx| {
         // A direction that finishes while the other is open passes its half-close on;
         // the one finishing last leaves it to `close`.
         if let Poll::Ready(Err(e)) = a_to_b.poll(cx, a, b, b_to_a.done) {
@@ -130,12 +130,13 @@ pub async fn bidirectional(
             return Poll::Ready(Err(e));
         }
         if a_to_b.done && b_to_a.done {
-            Poll::Ready(Ok((a_to_b.total, b_to_a.total)))
+            Poll::Ready(Ok(()))
         } else {
             Poll::Pending
         }
     })
-    .await
+    .await;
+    (a_to_b.total, b_to_a.total, result)
 }
 
 #[cfg(test)]
@@ -171,6 +172,8 @@ mod tests {
         let mut answer = Vec::new();
         client.read_to_end(&mut answer).await.unwrap();
         assert_eq!(answer, b"late answer");
-        assert_eq!(copy.await.unwrap().unwrap(), (13, 11));
+        let (sent, received, result) = copy.await.unwrap();
+        assert!(result.is_ok());
+        assert_eq!((sent, received), (13, 11));
     }
 }

@@ -257,26 +257,24 @@ async fn splice(
     let metrics = route.metrics.endpoint(target);
     metrics.opened.inc();
     metrics.active.inc();
+    // The copy ends early only at the end of the shutdown grace period.
     let copied = tokio::select! {
         copied = super::copy::bidirectional(&mut client, &mut upstream, BUFFER) => Some(copied),
         () = shared.close.cancelled() => None,
     };
     metrics.active.dec();
-    match copied {
-        Some(Ok((to_endpoint, to_client))) => {
-            metrics.to_endpoint.inc_by(to_endpoint);
-            metrics.to_client.inc_by(to_client);
-        }
+    let Some((to_endpoint, to_client, result)) = copied else {
+        reset(client);
+        reset(upstream);
+        return;
+    };
+    metrics.to_endpoint.inc_by(to_endpoint);
+    metrics.to_client.inc_by(to_client);
+    if let Err(error) = result {
         // A reset on one side is passed on to the other.
-        Some(Err(error)) => {
-            tracing::debug!(endpoint = %target, "connection ended with an error: {error}");
-            reset(client);
-            reset(upstream);
-        }
-        None => {
-            reset(client);
-            reset(upstream);
-        }
+        tracing::debug!(endpoint = %target, "connection ended with an error: {error}");
+        reset(client);
+        reset(upstream);
     }
 }
 
