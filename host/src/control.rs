@@ -10,7 +10,6 @@ use std::sync::Arc;
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
-use sha2::{Digest, Sha256};
 use weir_sdk::{Eligibility, EmptyAction, Scope, ServiceHandle};
 
 use crate::admin::{HealthChecks, Readiness};
@@ -266,7 +265,7 @@ impl ControlPlane {
                     continue;
                 }
             };
-            let sha256 = hex(&Sha256::digest(&bytes));
+            let sha256 = crate::policy::sha256_hex(&bytes);
             if self.registry.sha256(&name) == Some(sha256.as_str()) {
                 continue;
             }
@@ -826,10 +825,6 @@ fn policy_name(path: &Path) -> String {
     path.file_stem()
         .map(|s| s.to_string_lossy().into_owned())
         .unwrap_or_default()
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 fn unix_now() -> f64 {

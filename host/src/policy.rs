@@ -12,7 +12,7 @@ mod limits;
 mod registry;
 mod runtime;
 
-pub use engine::{CompiledPolicy, LoadError, PolicyEngine};
+pub use engine::{CompiledPolicy, LoadError, PolicyEngine, sha256_hex};
 pub use instance::{CallError, CallKind, FailureKind};
 pub use limits::Limits;
 pub use registry::{Binding, Registry, RegistryError};

@@ -351,6 +351,16 @@ impl Weir {
         self.app().metrics().encode()
     }
 
+    /// The value of the metric sample whose line starts with `sample` (name and labels),
+    /// 0 when there is none.
+    pub fn metric(&self, sample: &str) -> u64 {
+        self.metrics()
+            .lines()
+            .find(|l| l.starts_with(sample))
+            .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .map_or(0, |v| v as u64)
+    }
+
     /// Shuts down gracefully.
     pub async fn shutdown(mut self) -> crate::app::Drained {
         self.app.take().expect("running").shutdown().await

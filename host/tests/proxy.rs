@@ -15,6 +15,13 @@ use weir::test_helpers::{
     who,
 };
 
+/// Where [`service_yaml`]'s port takes a `nodePort`: `.replace(NODE_PORT_AT, &node_port(N))`.
+const NODE_PORT_AT: &str = "protocol: TCP\n";
+
+fn node_port(port: u16) -> String {
+    format!("{NODE_PORT_AT}    nodePort: {port}\n")
+}
+
 fn ip(test: u8, host: u8, n: u8) -> IpAddr {
     IpAddr::from([127, test, host, n])
 }
@@ -100,7 +107,7 @@ async fn traffic_reaches_exactly_the_eligible_endpoints() {
                 "type: NodePort\nexternalTrafficPolicy: Local",
                 "",
             )
-            .replace("protocol: TCP\n", "protocol: TCP\n    nodePort: 30080\n")
+            .replace(NODE_PORT_AT, &node_port(30080))
                 + "---\n"
                 + &slice_yaml("web", 8080, &eps),
         ),
@@ -124,7 +131,7 @@ async fn traffic_reaches_exactly_the_eligible_endpoints() {
                 "type: NodePort\nexternalTrafficPolicy: Local",
                 "",
             )
-            .replace("protocol: TCP\n", "protocol: TCP\n    nodePort: 30081\n")
+            .replace(NODE_PORT_AT, &node_port(30081))
                 + "---\n"
                 + &slice_yaml("far", 8080, &remote_only),
         ),
@@ -142,7 +149,7 @@ async fn traffic_reaches_exactly_the_eligible_endpoints() {
         (
             "empty.yaml",
             service_yaml("empty", ip(T, 0, 13), 8000, "type: NodePort", "")
-                .replace("protocol: TCP\n", "protocol: TCP\n    nodePort: 30082\n")
+                .replace(NODE_PORT_AT, &node_port(30082))
                 + "---\n"
                 + &slice_yaml("empty", 8080, &[]),
         ),
@@ -243,7 +250,7 @@ async fn health_answers_are_kube_proxys() {
             "type: LoadBalancer\nexternalTrafficPolicy: Local\nhealthCheckNodePort: 30256",
             "",
         )
-        .replace("protocol: TCP\n", "protocol: TCP\n    nodePort: 30080\n")
+        .replace(NODE_PORT_AT, &node_port(30080))
             + "---\n"
             + &slice_yaml("lb", 8080, eps)
     };
@@ -323,7 +330,7 @@ async fn health_answers_are_kube_proxys() {
         ),
         "",
     )
-    .replace("protocol: TCP\n", "protocol: TCP\n    nodePort: 30080\n")
+    .replace(NODE_PORT_AT, &node_port(30080))
         + "---\n"
         + &slice_yaml("lb", 8080, &local)
         + "---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: lb-v6\n  namespace: default\n  labels:\n    kubernetes.io/service-name: lb\naddressType: IPv6\nports:\n- name: http\n  port: 8080\n  protocol: TCP\nendpoints:\n- addresses: [\"fd00::1\"]\n  nodeName: node-a\n- addresses: [\"fd00::2\"]\n  nodeName: node-a\n- addresses: [\"fd00::3\"]\n  nodeName: node-a\n";
@@ -480,7 +487,7 @@ async fn live_changes_under_continuous_traffic() {
             "type: NodePort",
             "weir.dev/policy: web-policy",
         )
-        .replace("protocol: TCP\n", "protocol: TCP\n    nodePort: 30080\n")
+        .replace(NODE_PORT_AT, &node_port(30080))
             + "---\n"
             + &slice_yaml("web", 8080, eps)
     };
@@ -588,15 +595,8 @@ async fn live_changes_under_continuous_traffic() {
 
     // The module is deleted: the Service falls back to kube-default.
     std::fs::remove_file(weir.dir.path().join("policies/web-policy.wasm")).unwrap();
-    let kube_default = || {
-        weir.metrics()
-            .lines()
-            .find(|l| {
-                l.starts_with("weir_policy_select_duration_seconds_count{policy=\"kube-default\"}")
-            })
-            .and_then(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
-            .unwrap_or(0)
-    };
+    let kube_default =
+        || weir.metric("weir_policy_select_duration_seconds_count{policy=\"kube-default\"}");
     wait_until("kube-default decides", Duration::from_secs(10), || {
         kube_default() > 20
     })
@@ -794,15 +794,9 @@ async fn a_dead_endpoint_is_retried_on_another() {
     // Every connection is served, whichever endpoint kube-default picks first.
     assert_eq!(answers(cluster, None, 40).await, names(T, &[1]));
     let metrics = weir.metrics();
-    let unreachable = metrics
-        .lines()
-        .find(|l| {
-            l.starts_with(
-                "weir_connections_failed_total{service=\"default/web:http\",reason=\"endpoint_unreachable\"}",
-            )
-        })
-        .and_then(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
-        .unwrap_or(0);
+    let unreachable = weir.metric(
+        "weir_connections_failed_total{service=\"default/web:http\",reason=\"endpoint_unreachable\"}",
+    );
     assert!(
         unreachable > 0,
         "kube-default picked the dead endpoint at least once in 40\n{metrics}"
@@ -851,7 +845,7 @@ async fn external_ips_load_balancer_ips_and_source_ranges() {
         ip(T, 0, 30)
     );
     let service = service_yaml("lb", ip(T, 0, 10), 8000, &spec, "")
-        .replace("protocol: TCP\n", "protocol: TCP\n    nodePort: 30080\n")
+        .replace(NODE_PORT_AT, &node_port(30080))
         + &format!(
             "status:\n  loadBalancer:\n    ingress:\n    - ip: {}\n",
             ip(T, 0, 20)
@@ -1009,7 +1003,7 @@ async fn changes_applied_one_by_one_equal_a_fresh_start() {
             "type: LoadBalancer\nexternalTrafficPolicy: Local\nhealthCheckNodePort: 30256",
             "",
         )
-        .replace("protocol: TCP\n", "protocol: TCP\n    nodePort: 30080\n")
+        .replace(NODE_PORT_AT, &node_port(30080))
             + "---\n"
             + &slice_yaml("lb", 8080, &eps(local, "node-a"))
     };
@@ -1063,13 +1057,7 @@ async fn changes_applied_one_by_one_equal_a_fresh_start() {
     })
     .await;
     // e wants d's address while d has it; once d is gone, e gets it, as at a fresh start.
-    let syncs = || {
-        weir.metrics()
-            .lines()
-            .find(|l| l.starts_with("weir_sync_proxy_rules_duration_seconds_count"))
-            .and_then(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
-            .unwrap_or(0)
-    };
+    let syncs = || weir.metric("weir_sync_proxy_rules_duration_seconds_count");
     let before = syncs();
     weir.write_objects(
         "e.yaml",

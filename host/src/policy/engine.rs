@@ -194,7 +194,7 @@ impl PolicyEngine {
         bytes: &[u8],
     ) -> Result<Arc<CompiledPolicy>, LoadError> {
         check_encoding(source_name, bytes)?;
-        let sha256 = hex(&Sha256::digest(bytes));
+        let sha256 = sha256_hex(bytes);
         let started = Instant::now();
         let cached = self
             .cache
@@ -327,8 +327,12 @@ fn check_encoding(source_name: &str, bytes: &[u8]) -> Result<(), LoadError> {
     }
 }
 
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
+/// Lowercase hex sha256: how modules are named in the cache, logs and events.
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    Sha256::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 fn spawn_ticker(engine: Engine, tick: Duration, stop: Arc<AtomicBool>) {
