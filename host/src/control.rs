@@ -65,6 +65,8 @@ pub struct ControlPlane {
     /// Services that wanted an address another Service has: re-applied when it is freed,
     /// so the outcome does not depend on the order changes came in.
     waiting: HashMap<SocketAddr, BTreeSet<ServiceKey>>,
+    /// Routes of addresses that went away, until their ports leave their policies.
+    retired_routes: HashMap<SocketAddr, (Instant, Arc<Route>)>,
 }
 
 /// How long a policy keeps a service port after the routes stop naming it: a connection
@@ -112,6 +114,7 @@ impl ControlPlane {
             health_counts: HashMap::new(),
             no_local: [0; 2],
             waiting: HashMap::new(),
+            retired_routes: HashMap::new(),
         }
     }
 
@@ -406,9 +409,10 @@ impl ControlPlane {
             }
         }
 
-        self.shared.routes.store(Arc::new(Routes {
+        let previous = self.shared.routes.swap(Arc::new(Routes {
             by_address: self.routes.clone(),
         }));
+        self.retire_routes(&previous);
         let seen = std::mem::take(&mut self.seen);
         match &only {
             // Warnings about the Services rebuilt are replaced; the others still stand.
@@ -441,6 +445,27 @@ impl ControlPlane {
         );
         proxy.last_sync.set(unix_now());
         self.health.updated();
+    }
+
+    /// Keeps the routes of addresses that just went away, for the connections their
+    /// listeners accepted before closing, as long as their policies keep the ports.
+    fn retire_routes(&mut self, previous: &Routes) {
+        let now = Instant::now();
+        let due = now + retire_after(&self.config);
+        for (address, route) in &previous.by_address {
+            if !self.routes.contains_key(address) {
+                self.retired_routes.insert(*address, (due, route.clone()));
+            }
+        }
+        let routes = &self.routes;
+        self.retired_routes
+            .retain(|address, (due, _)| now < *due && !routes.contains_key(address));
+        self.shared.retired.store(Arc::new(
+            self.retired_routes
+                .iter()
+                .map(|(address, (_, route))| (*address, route.clone()))
+                .collect(),
+        ));
     }
 
     /// Takes a Service's part out of the routes, listeners and health checks, and forgets

@@ -175,6 +175,9 @@ pub struct Settings {
 /// What the data plane's tasks share.
 pub struct Shared {
     pub routes: ArcSwap<Routes>,
+    /// Routes of addresses the control plane moved away recently: for connections their
+    /// listener accepted, or had in its backlog, before it closed.
+    pub retired: ArcSwap<HashMap<SocketAddr, Arc<Route>>>,
     pub settings: Settings,
     /// Every connection task, for the drain on shutdown.
     pub connections: TaskTracker,
@@ -186,6 +189,7 @@ impl Shared {
     pub fn new(settings: Settings) -> Self {
         Shared {
             routes: ArcSwap::from_pointee(Routes::default()),
+            retired: ArcSwap::from_pointee(HashMap::new()),
             settings,
             connections: TaskTracker::new(),
             close: CancellationToken::new(),

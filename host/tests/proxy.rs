@@ -604,6 +604,12 @@ async fn live_changes_under_continuous_traffic() {
 
     // The Service's port moves: the clusterIP listener follows; the nodePort stays.
     let (cluster_count, cluster_failures) = via_cluster_ip.stop().await;
+    // A client of the old port while it moves: each connection is served, or refused
+    // once the listener is gone; none is accepted and then reset.
+    let on_old_port = Traffic::start(cluster, None);
+    on_old_port
+        .until("the old port serves", 5, |s| s.len() == 3)
+        .await;
     weir.write_objects("web.yaml", &web(8001, &ready(&[1, 2, 3])));
     let moved = SocketAddr::new(ip(T, 0, 10), 8001);
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -612,6 +618,12 @@ async fn live_changes_under_continuous_traffic() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert_refused(connect(cluster, None).await, "the old port");
+    let (_, old_port_failures) = on_old_port.stop().await;
+    let not_refused: Vec<&String> = old_port_failures
+        .iter()
+        .filter(|f| !f.contains("refused"))
+        .collect();
+    assert!(not_refused.is_empty(), "{not_refused:?}");
     via_node_port
         .until("the nodePort serves on", 6, |s| *s == names(T, &[1, 2, 3]))
         .await;

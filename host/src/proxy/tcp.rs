@@ -34,10 +34,6 @@ pub async fn serve(
     shared: Arc<Shared>,
     stop: CancellationToken,
 ) {
-    // The route this listener last served: for connections accepted after the control
-    // plane moved the address away (a port change, a Service deleted) but before this
-    // listener stopped, which were accepted under it.
-    let mut last = shared.routes.load().by_address.get(&address).cloned();
     loop {
         let accepted = tokio::select! {
             accepted = listener.accept() => accepted,
@@ -45,16 +41,11 @@ pub async fn serve(
         };
         match accepted {
             Ok((stream, client)) => {
-                let route = shared.routes.load().by_address.get(&address).cloned();
-                if route.is_some() {
-                    last.clone_from(&route);
-                }
-                let route = route.or_else(|| last.clone());
                 shared.connections.spawn(connection(
                     stream,
                     client,
                     address,
-                    route,
+                    route_of(&shared, address),
                     shared.clone(),
                 ));
             }
@@ -81,10 +72,23 @@ pub async fn serve(
             stream,
             client,
             address,
-            last.clone(),
+            route_of(&shared, address),
             shared.clone(),
         ));
     }
+}
+
+/// The route of a connection accepted on `address`: the current one, or, when the
+/// control plane has just moved the address away and the listener is closing, the one
+/// it was accepted under.
+fn route_of(shared: &Shared, address: SocketAddr) -> Option<Arc<Route>> {
+    shared
+        .routes
+        .load()
+        .by_address
+        .get(&address)
+        .cloned()
+        .or_else(|| shared.retired.load().get(&address).cloned())
 }
 
 /// Which policy instance serves a client: the same one for all of a client's
