@@ -247,7 +247,7 @@ impl ControlPlane {
             self.queued();
             tracing::warn!(
                 policy = %name,
-                "{} was deleted: its Services fall back to their failure mode (open, the default: kube-default)",
+                "{} was deleted: its Services fall back to the built-in kube-default",
                 path.display()
             );
             if let Err(error) = self.registry.unload(&name) {
@@ -727,7 +727,14 @@ impl ControlPlane {
         match self.registry.resolve(&snapshot.policy) {
             Binding::Policy(runtime) => (Some(runtime), snapshot.policy.clone()),
             Binding::Missing(reason) => {
+                // Deleting a module is a decision, not a failure: its Services go back to
+                // kube-default whatever their failure mode.
+                let deleted = self.registry.was_deleted(&snapshot.policy);
                 let (runtime, outcome) = match snapshot.failure_mode {
+                    _ if deleted => (
+                        Some(self.registry.default_runtime()),
+                        "falls back to the built-in kube-default",
+                    ),
                     FailureMode::Open => (
                         Some(self.registry.default_runtime()),
                         "falls back to the built-in kube-default",

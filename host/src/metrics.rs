@@ -229,6 +229,8 @@ pub enum Action {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct FailedLabels {
     pub service: String,
+    /// `ip:port` for `endpoint_unreachable`; empty for failures of no one endpoint.
+    pub endpoint: String,
     pub reason: ConnectFailure,
 }
 

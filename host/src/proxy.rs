@@ -55,7 +55,6 @@ pub struct RouteMetrics {
     pub reject: Counter,
     pub drop: Counter,
     pub select: Histogram,
-    pub unreachable: Counter,
     pub gave_up: Counter,
     pub source_range: Counter,
 }
@@ -76,6 +75,7 @@ impl RouteMetrics {
                 .failed
                 .get_or_create(&FailedLabels {
                     service: service.to_string(),
+                    endpoint: String::new(),
                     reason,
                 })
                 .clone()
@@ -93,7 +93,6 @@ impl RouteMetrics {
                     policy: policy.to_string(),
                 })
                 .clone(),
-            unreachable: failed(ConnectFailure::endpoint_unreachable),
             gave_up: failed(ConnectFailure::gave_up),
             source_range: failed(ConnectFailure::source_range),
         }
@@ -140,6 +139,15 @@ impl RouteMetrics {
                 .clone()
         };
         EndpointMetrics {
+            unreachable: self
+                .family
+                .failed
+                .get_or_create(&FailedLabels {
+                    service: self.service.clone(),
+                    endpoint: endpoint.clone(),
+                    reason: ConnectFailure::endpoint_unreachable,
+                })
+                .clone(),
             opened: self.family.opened.get_or_create(&labels).clone(),
             active: self.family.active.get_or_create(&labels).clone(),
             to_endpoint: bytes(Direction::client_to_endpoint),
@@ -149,6 +157,8 @@ impl RouteMetrics {
 }
 
 pub struct EndpointMetrics {
+    /// Connect attempts to it that failed (and were tried elsewhere).
+    pub unreachable: Counter,
     pub opened: Counter,
     pub active: Gauge,
     pub to_endpoint: Counter,

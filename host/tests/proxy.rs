@@ -485,7 +485,8 @@ async fn live_changes_under_continuous_traffic() {
             ip(T, 0, 10),
             port,
             "type: NodePort",
-            "weir.dev/policy: web-policy",
+            // Closed: a failure would reject, but a deleted module is no failure.
+            "weir.dev/policy: web-policy\nweir.dev/failure-mode: closed",
         )
         .replace(NODE_PORT_AT, &node_port(30080))
             + "---\n"
@@ -593,7 +594,7 @@ async fn live_changes_under_continuous_traffic() {
         "{metrics}"
     );
 
-    // The module is deleted: the Service falls back to kube-default.
+    // The module is deleted: the Service falls back to kube-default, failure mode or not.
     std::fs::remove_file(weir.dir.path().join("policies/web-policy.wasm")).unwrap();
     let kube_default =
         || weir.metric("weir_policy_select_duration_seconds_count{policy=\"kube-default\"}");
@@ -807,7 +808,10 @@ async fn a_dead_endpoint_is_retried_on_another() {
     assert_eq!(answers(cluster, None, 40).await, names(T, &[1]));
     let metrics = weir.metrics();
     let unreachable = weir.metric(
-        "weir_connections_failed_total{service=\"default/web:http\",reason=\"endpoint_unreachable\"}",
+        &format!(
+            "weir_connections_failed_total{{service=\"default/web:http\",endpoint=\"{}:8080\",reason=\"endpoint_unreachable\"}}",
+            ip(T, 1, 9)
+        ),
     );
     assert!(
         unreachable > 0,
@@ -815,7 +819,7 @@ async fn a_dead_endpoint_is_retried_on_another() {
     );
     assert!(
         metrics.contains(
-            "weir_connections_failed_total{service=\"default/web:http\",reason=\"gave_up\"} 0"
+            "weir_connections_failed_total{service=\"default/web:http\",endpoint=\"\",reason=\"gave_up\"} 0"
         ),
         "{metrics}"
     );
@@ -884,7 +888,7 @@ async fn external_ips_load_balancer_ips_and_source_ranges() {
     let metrics = weir.metrics();
     assert!(
         metrics.contains(
-            "weir_connections_failed_total{service=\"default/lb:http\",reason=\"source_range\"} 1"
+            "weir_connections_failed_total{service=\"default/lb:http\",endpoint=\"\",reason=\"source_range\"} 1"
         ),
         "{metrics}"
     );

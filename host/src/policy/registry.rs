@@ -223,6 +223,11 @@ impl Registry {
         Ok(())
     }
 
+    /// Whether `name`'s module was deleted (and nothing has replaced it).
+    pub fn was_deleted(&self, name: &str) -> bool {
+        self.deleted.contains(name)
+    }
+
     /// The sha256 of the module serving `name`.
     pub fn sha256(&self, name: &str) -> Option<&str> {
         self.policies.get(name).map(|p| p.policy().sha256.as_str())

@@ -213,7 +213,7 @@ async fn connection(
             }
             Err(_) => tracing::debug!(%target, "connect timed out"),
         }
-        route.metrics.unreachable.inc();
+        route.metrics.endpoint(target).unreachable.inc();
         outcome(
             &policy,
             worker,
