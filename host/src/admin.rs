@@ -20,6 +20,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::health::{ProxyHealth, http_date, service_health_body};
+use crate::locks::lock;
 use crate::metrics::{CodeLabels, Metrics};
 
 /// What `/readyz` waits for: the first full sync of objects and policies.
@@ -36,14 +37,11 @@ impl Readiness {
     }
 
     pub fn set_pending(&self, pending: Vec<String>) {
-        *self.pending.lock().unwrap_or_else(|e| e.into_inner()) = pending;
+        *lock(&self.pending) = pending;
     }
 
     pub fn pending(&self) -> Vec<String> {
-        self.pending
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
+        lock(&self.pending).clone()
     }
 }
 

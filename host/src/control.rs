@@ -170,7 +170,8 @@ impl ControlPlane {
                 let changed = std::mem::take(&mut self.pending);
                 self.sync(changed);
             } else if self.listeners.has_failed() {
-                for error in self.listeners.retry() {
+                // Only the failed binds are tried again; nothing else has changed.
+                for error in self.listeners.reconcile(&self.wanted) {
                     tracing::warn!("{error}; retrying");
                 }
             }

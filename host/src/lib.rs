@@ -10,6 +10,7 @@ pub mod control;
 pub mod discovery;
 pub mod explain;
 pub mod health;
+mod locks;
 pub mod metrics;
 pub mod model;
 pub mod policy;

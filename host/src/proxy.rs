@@ -23,6 +23,7 @@ use tokio_util::task::TaskTracker;
 use weir_sdk::{Scope, ServiceHandle};
 
 use crate::config::Cidr;
+use crate::locks::{read, write};
 use crate::metrics::{
     Action, BytesLabels, ConnectFailure, DecisionLabels, Direction, EndpointLabels, FailedLabels,
     ListenerLabels, PolicyLabels, ProxyMetrics,
@@ -105,18 +106,11 @@ impl RouteMetrics {
 
     /// The counters of one endpoint of this route's service.
     pub fn endpoint(&self, address: SocketAddr) -> Arc<EndpointMetrics> {
-        if let Some(found) = self
-            .endpoints
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(&address)
-        {
+        if let Some(found) = read(&self.endpoints).get(&address) {
             return found.clone();
         }
         let created = Arc::new(self.create_endpoint(address));
-        self.endpoints
-            .write()
-            .unwrap_or_else(|e| e.into_inner())
+        write(&self.endpoints)
             .entry(address)
             .or_insert(created)
             .clone()
@@ -243,8 +237,6 @@ pub struct Listeners {
     open: HashMap<SocketAddr, (ListenerKind, CancellationToken)>,
     /// Addresses that could not be bound, with when to try again and the last error.
     failed: HashMap<SocketAddr, (Instant, String)>,
-    /// What the last reconcile asked for.
-    wanted: BTreeMap<SocketAddr, ListenerKind>,
 }
 
 /// How long a listener that failed to bind waits before it is tried again.
@@ -264,14 +256,13 @@ impl Listeners {
             stop,
             open: HashMap::new(),
             failed: HashMap::new(),
-            wanted: BTreeMap::new(),
         }
     }
 
     /// Opens what is wanted and not open, closes what is open and not wanted. Returns the
-    /// addresses that could not be opened now, each with the reason (they are retried).
+    /// addresses that could not be opened now, each with the reason; they are tried again
+    /// by a later call once their retry time has come.
     pub fn reconcile(&mut self, wanted: &BTreeMap<SocketAddr, ListenerKind>) -> Vec<String> {
-        self.wanted = wanted.clone();
         let mut errors = Vec::new();
         self.open.retain(|address, (kind, token)| {
             let keep = wanted.get(address) == Some(kind);
@@ -340,12 +331,6 @@ impl Listeners {
                 .set(count as i64);
         }
         errors
-    }
-
-    /// Tries the listeners that failed to bind again, if their retry time has come.
-    pub fn retry(&mut self) -> Vec<String> {
-        let wanted = std::mem::take(&mut self.wanted);
-        self.reconcile(&wanted)
     }
 
     /// Whether some wanted listener is waiting for a retry.

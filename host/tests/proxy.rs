@@ -22,6 +22,22 @@ fn node_port(port: u16) -> String {
     format!("{NODE_PORT_AT}    nodePort: {port}\n")
 }
 
+/// One file: Service `name` (port 8000 on `cluster_ip`, `spec` lines, a nodePort when
+/// given) and its EndpointSlice (port 8080).
+fn service_file(
+    name: &str,
+    cluster_ip: IpAddr,
+    spec: &str,
+    node_port_number: Option<u16>,
+    eps: &[Ep],
+) -> String {
+    let mut service = service_yaml(name, cluster_ip, 8000, spec, "");
+    if let Some(port) = node_port_number {
+        service = service.replace(NODE_PORT_AT, &node_port(port));
+    }
+    service + "---\n" + &slice_yaml(name, 8080, eps)
+}
+
 fn ip(test: u8, host: u8, n: u8) -> IpAddr {
     IpAddr::from([127, test, host, n])
 }
@@ -97,61 +113,51 @@ async fn traffic_reaches_exactly_the_eligible_endpoints() {
         Ep::terminating(ip(T, 1, 4), "node-a"),
     ];
     let remote_only = vec![Ep::ready(ip(T, 1, 3), "node-b")];
+    let local = "externalTrafficPolicy: Local";
     let objects = vec![
         (
             "web.yaml",
-            service_yaml(
+            service_file(
                 "web",
                 ip(T, 0, 10),
-                8000,
-                "type: NodePort\nexternalTrafficPolicy: Local",
-                "",
-            )
-            .replace(NODE_PORT_AT, &node_port(30080))
-                + "---\n"
-                + &slice_yaml("web", 8080, &eps),
+                &format!("type: NodePort\n{local}"),
+                Some(30080),
+                &eps,
+            ),
         ),
         (
             "api.yaml",
-            service_yaml(
+            service_file(
                 "api",
                 ip(T, 0, 11),
-                8000,
                 "internalTrafficPolicy: Local",
-                "",
-            ) + "---\n"
-                + &slice_yaml("api", 8080, &eps),
+                None,
+                &eps,
+            ),
         ),
         (
             "far.yaml",
-            service_yaml(
+            service_file(
                 "far",
                 ip(T, 0, 12),
-                8000,
-                "type: NodePort\nexternalTrafficPolicy: Local",
-                "",
-            )
-            .replace(NODE_PORT_AT, &node_port(30081))
-                + "---\n"
-                + &slice_yaml("far", 8080, &remote_only),
+                &format!("type: NodePort\n{local}"),
+                Some(30081),
+                &remote_only,
+            ),
         ),
         (
             "near.yaml",
-            service_yaml(
+            service_file(
                 "near",
                 ip(T, 0, 14),
-                8000,
                 "internalTrafficPolicy: Local",
-                "",
-            ) + "---\n"
-                + &slice_yaml("near", 8080, &remote_only),
+                None,
+                &remote_only,
+            ),
         ),
         (
             "empty.yaml",
-            service_yaml("empty", ip(T, 0, 13), 8000, "type: NodePort", "")
-                .replace(NODE_PORT_AT, &node_port(30082))
-                + "---\n"
-                + &slice_yaml("empty", 8080, &[]),
+            service_file("empty", ip(T, 0, 13), "type: NodePort", Some(30082), &[]),
         ),
     ];
     let weir = Weir::start(node, &objects, &[], "").await;
@@ -800,7 +806,7 @@ async fn a_dead_endpoint_is_retried_on_another() {
     ];
     let objects = [(
         "web.yaml",
-        service_yaml("web", ip(T, 0, 10), 8000, "", "") + "---\n" + &slice_yaml("web", 8080, &eps),
+        service_file("web", ip(T, 0, 10), "", None, &eps),
     )];
     let weir = Weir::start(node, &objects, &[], "").await;
     let cluster = SocketAddr::new(ip(T, 0, 10), 8000);
@@ -827,9 +833,13 @@ async fn a_dead_endpoint_is_retried_on_another() {
     // With every endpoint dead, the client is reset after the attempts run out.
     weir.write_objects(
         "web.yaml",
-        &(service_yaml("web", ip(T, 0, 10), 8000, "", "")
-            + "---\n"
-            + &slice_yaml("web", 8080, &[Ep::ready(ip(T, 1, 9), "node-a")])),
+        &service_file(
+            "web",
+            ip(T, 0, 10),
+            "",
+            None,
+            &[Ep::ready(ip(T, 1, 9), "node-a")],
+        ),
     );
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
@@ -1032,7 +1042,7 @@ async fn changes_applied_one_by_one_equal_a_fresh_start() {
             ("b-slice.yaml", slice_yaml("b", 8080, &eps(&[3], "node-b"))),
             (
                 "c.yaml",
-                plain("c", 12, 8000) + "---\n" + &slice_yaml("c", 8080, &eps(&[4], "node-a")),
+                service_file("c", ip(T, 0, 12), "", None, &eps(&[4], "node-a")),
             ),
         ],
         &[],
@@ -1066,7 +1076,7 @@ async fn changes_applied_one_by_one_equal_a_fresh_start() {
     // d takes the address c had.
     weir.write_objects(
         "d.yaml",
-        &(plain("d", 12, 8000) + "---\n" + &slice_yaml("d", 8080, &eps(&[6], "node-a"))),
+        &(service_file("d", ip(T, 0, 12), "", None, &eps(&[6], "node-a"))),
     );
     wait_until("d serves", Duration::from_secs(10), || {
         app.routes().iter().any(|(a, _, _)| a.ip() == ip(T, 0, 12))
@@ -1077,7 +1087,7 @@ async fn changes_applied_one_by_one_equal_a_fresh_start() {
     let before = syncs();
     weir.write_objects(
         "e.yaml",
-        &(plain("e", 12, 8000) + "---\n" + &slice_yaml("e", 8080, &eps(&[7], "node-a"))),
+        &(service_file("e", ip(T, 0, 12), "", None, &eps(&[7], "node-a"))),
     );
     wait_until("e is applied", Duration::from_secs(10), || syncs() > before).await;
     let before = syncs();
@@ -1097,7 +1107,7 @@ async fn changes_applied_one_by_one_equal_a_fresh_start() {
     // "aa" comes before "e": it takes the address over, as it would at a fresh start.
     weir.write_objects(
         "aa.yaml",
-        &(plain("aa", 12, 8000) + "---\n" + &slice_yaml("aa", 8080, &eps(&[8], "node-a"))),
+        &(service_file("aa", ip(T, 0, 12), "", None, &eps(&[8], "node-a"))),
     );
     wait_until("aa owns the address", Duration::from_secs(10), || {
         owner("default/aa:http")

@@ -228,11 +228,7 @@ impl LogBuffer {
         self.inner.budget.store(budget - taken, Ordering::Relaxed);
         self.drop_bytes(bytes.len() - taken);
         let cap = self.inner.message_cap;
-        let mut partial = self
-            .inner
-            .partial_line
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
+        let mut partial = crate::locks::lock(&self.inner.partial_line);
         partial.extend_from_slice(&bytes[..taken]);
         while let Some(end) = partial.iter().position(|&b| b == b'\n') {
             let line: Vec<u8> = partial.drain(..=end).collect();

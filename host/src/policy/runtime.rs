@@ -28,6 +28,7 @@ use super::bindings::types as wit;
 use super::convert;
 use super::engine::{CompiledPolicy, PolicyEngine};
 use super::instance::{CallError, CallKind, FailureKind, PolicyInstance};
+use crate::locks::{lock, read, write};
 
 /// Rebuilding an instance replays every service; a policy that keeps failing during the
 /// replay is given up on (all its services on their failure mode) after this many tries,
@@ -670,16 +671,4 @@ fn host_decision(decision: Decision, input: &ServiceInput) -> HostDecision {
         Decision::Reject => HostDecision::Reject,
         Decision::Drop => HostDecision::Drop,
     }
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-fn read<T>(lock: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
-    lock.read().unwrap_or_else(|e| e.into_inner())
-}
-
-fn write<T>(lock: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
-    lock.write().unwrap_or_else(|e| e.into_inner())
 }
