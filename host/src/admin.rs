@@ -23,6 +23,11 @@ use crate::health::{ProxyHealth, http_date, service_health_body};
 use crate::locks::lock;
 use crate::metrics::{CodeLabels, Metrics};
 
+/// The liveness path (kube-proxy's): the DaemonSet's livenessProbe asks it.
+pub const LIVEZ_PATH: &str = "/livez";
+/// The readiness path: the DaemonSet's readinessProbe asks it.
+pub const READYZ_PATH: &str = "/readyz";
+
 /// What `/readyz` waits for: the first full sync of objects and policies.
 #[derive(Debug)]
 pub struct Readiness {
@@ -102,12 +107,12 @@ pub fn admin(state: &AdminState, request: &Request<Incoming>) -> Response<Body> 
             count(&state.metrics.proxy.healthz, answer.status);
             json(answer.status, answer.body, None)
         }
-        "/livez" => {
+        LIVEZ_PATH => {
             let answer = state.health.livez();
             count(&state.metrics.proxy.livez, answer.status);
             json(answer.status, answer.body, None)
         }
-        "/readyz" => {
+        READYZ_PATH => {
             let pending = state.readiness.pending();
             if pending.is_empty() {
                 text(200, "ok\n".to_string())

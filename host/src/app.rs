@@ -11,8 +11,11 @@ use anyhow::Context as _;
 use tokio_util::sync::CancellationToken;
 
 use crate::admin::{self, AdminState, HealthChecks, Readiness};
-use crate::config::Config;
-use crate::control::ControlPlane;
+use crate::config::{Config, SourceKind};
+use crate::control::{ControlPlane, Signal};
+use crate::discovery::Source;
+use crate::discovery::kubernetes::{self, KubeSource};
+use crate::discovery::watch::FileSource;
 use crate::health::ProxyHealth;
 use crate::metrics::Metrics;
 use crate::policy::{PolicyEngine, Registry};
@@ -25,7 +28,7 @@ pub struct App {
     metrics: Arc<Metrics>,
     health_checks: Arc<HealthChecks>,
     readiness: Arc<Readiness>,
-    stop_control: Option<Sender<()>>,
+    stop_control: Option<Sender<Signal>>,
     control: Option<std::thread::JoinHandle<()>>,
     stop_admin: CancellationToken,
     /// Parent of every listener's token: stops accepting at once, whatever the control
@@ -49,16 +52,19 @@ impl App {
         let runtime = tokio::runtime::Handle::current();
         let metrics = Arc::new(Metrics::new());
         let health = Arc::new(ProxyHealth::new(config.admin.health_timeout.0));
-        let mut pending = vec![format!(
-            "objects: first read of {}",
-            config
-                .source
-                .paths
-                .iter()
-                .map(|p| p.display().to_string())
-                .collect::<Vec<_>>()
-                .join(", ")
-        )];
+        let mut pending = vec![match config.source.kind {
+            SourceKind::Files => format!(
+                "objects: first read of {}",
+                config
+                    .source
+                    .paths
+                    .iter()
+                    .map(|p| p.display().to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+            SourceKind::Kubernetes => "objects: connecting to the Kubernetes API".to_string(),
+        }];
         if let Some(dir) = &config.policies.dir {
             pending.push(format!("policies: first load of {}", dir.display()));
         }
@@ -102,7 +108,6 @@ impl App {
             connect_timeout: config.proxy.connect_timeout.0,
             connect_attempts: config.proxy.connect_attempts,
             drop_timeout: config.proxy.drop_timeout.0,
-            local_sources: config.local_cidrs(),
         }));
         let spawn = {
             let shared = shared.clone();
@@ -132,8 +137,23 @@ impl App {
             stop_listeners.clone(),
         );
         let grace = config.proxy.shutdown_grace_period.0;
+        let (signal, signals) = std::sync::mpsc::channel();
+        let source = match config.source.kind {
+            SourceKind::Files => Source::Files(FileSource::new(config.source.paths.clone())),
+            SourceKind::Kubernetes => {
+                let wake = signal.clone();
+                let wake = Arc::new(move || {
+                    let _ = wake.send(Signal::Wake);
+                });
+                Source::Kubernetes(Box::new(KubeSource::start(
+                    kubernetes::Settings::from_config(&config),
+                    wake,
+                )?))
+            }
+        };
         let control = ControlPlane::new(
             config,
+            source,
             registry,
             listeners,
             shared.clone(),
@@ -142,17 +162,16 @@ impl App {
             readiness.clone(),
             metrics.clone(),
         );
-        let (stop_control, stop) = std::sync::mpsc::channel();
         let control = std::thread::Builder::new()
             .name("weir-control".into())
-            .spawn(move || control.run(stop))?;
+            .spawn(move || control.run(signals))?;
         Ok(App {
             admin_address,
             shared,
             metrics,
             health_checks,
             readiness,
-            stop_control: Some(stop_control),
+            stop_control: Some(signal),
             control: Some(control),
             stop_admin,
             stop_listeners,
@@ -238,7 +257,7 @@ impl App {
     /// Stops the control thread, which closes every listener on its way out.
     async fn stop_control_plane(&mut self) {
         if let Some(stop) = self.stop_control.take() {
-            let _ = stop.send(());
+            let _ = stop.send(Signal::Stop);
         }
         if let Some(control) = self.control.take() {
             let _ = tokio::task::spawn_blocking(move || control.join()).await;
@@ -250,7 +269,7 @@ impl Drop for App {
     fn drop(&mut self) {
         // Without a graceful shutdown: stop everything now.
         if let Some(stop) = self.stop_control.take() {
-            let _ = stop.send(());
+            let _ = stop.send(Signal::Stop);
         }
         self.shared.close.cancel();
         self.stop_admin.cancel();

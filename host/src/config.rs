@@ -35,15 +35,26 @@ pub struct Config {
 #[serde(deny_unknown_fields)]
 pub struct NodeConfig {
     /// The Node weir runs on: locality, topology hints and externalTrafficPolicy Local.
+    /// Default: the `NODE_NAME` environment variable (the DaemonSet sets it from
+    /// `spec.nodeName`).
+    #[serde(default = "default_node_name")]
     pub name: String,
-    /// Where NodePorts and healthCheckNodePorts listen.
-    #[serde(default = "default_node_addresses")]
-    pub addresses: Vec<IpAddr>,
+    /// Where NodePorts and healthCheckNodePorts listen. Default: with `kind = "files"`,
+    /// 127.0.0.1; with `kind = "kubernetes"`, the Node's InternalIP and ExternalIP
+    /// addresses from its status.
+    #[serde(default)]
+    pub addresses: Option<Vec<IpAddr>>,
     /// Sources that count as this node or its pods. External traffic from them gets the
     /// Service's internal (Cluster) endpoints, as kube-proxy does for
     /// externalTrafficPolicy Local. Default: `addresses`, each as a single host.
     #[serde(default)]
     pub local_cidrs: Option<Vec<Cidr>>,
+    /// The interface that holds ClusterIPs, externalIPs and LoadBalancer IPs so they can
+    /// be listened on (a dummy interface, created if missing; addresses weir did not put
+    /// there are removed). Default: `weir0` with `kind = "kubernetes"`, none with
+    /// `kind = "files"`; `""` for none (the addresses must then be local already).
+    #[serde(default)]
+    pub capture_interface: Option<String>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
@@ -63,6 +74,16 @@ pub struct SourceConfig {
     /// How often the files are checked for changes.
     #[serde(default = "default_poll")]
     pub poll_interval: Humantime,
+    /// `kind = "kubernetes"`: the kubeconfig to use. Default: `KUBECONFIG`, then
+    /// `~/.kube/config`, then the in-cluster service account.
+    pub kubeconfig: Option<PathBuf>,
+    /// `kind = "kubernetes"`: weir's own namespace, where its policies ConfigMap lives.
+    /// Default: `POD_NAMESPACE`, then the service account's namespace.
+    pub namespace: Option<String>,
+    /// `kind = "kubernetes"`: unset, weir proxies every Service without the
+    /// `service.kubernetes.io/service-proxy-name` label (it replaces kube-proxy); set,
+    /// only the Services with that label and this value (beside kube-proxy).
+    pub service_proxy_name: Option<String>,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -79,6 +100,13 @@ pub struct PoliciesConfig {
     /// Where compiled modules are cached (default: `$XDG_CACHE_HOME/weir` or
     /// `~/.cache/weir`); `""` disables the cache.
     pub cache_dir: Option<PathBuf>,
+    /// `kind = "kubernetes"`: the ConfigMap in weir's namespace holding the modules
+    /// (`binaryData` `NAME.wasm`) and their settings (`data` `policies.toml`).
+    /// Default: `weir-policies`.
+    pub configmap: Option<String>,
+    /// `kind = "kubernetes"`: instead of `configmap`, every ConfigMap in weir's namespace
+    /// matching this label selector, e.g. "weir.dev/policies=true".
+    pub selector: Option<String>,
 }
 
 impl Default for PoliciesConfig {
@@ -88,6 +116,8 @@ impl Default for PoliciesConfig {
             poll_interval: default_poll(),
             failure_mode: FailureModeConfig::Open,
             cache_dir: None,
+            configmap: None,
+            selector: None,
         }
     }
 }
@@ -271,7 +301,7 @@ impl<'de> Deserialize<'de> for Cidr {
     }
 }
 
-fn parse_cidr(text: &str) -> Option<Cidr> {
+pub(crate) fn parse_cidr(text: &str) -> Option<Cidr> {
     let (address, prefix) = match text.split_once('/') {
         Some((a, p)) => (a.parse::<IpAddr>().ok()?, Some(p.parse::<u8>().ok()?)),
         None => (text.parse::<IpAddr>().ok()?, None),
@@ -308,8 +338,8 @@ fn readable(path: &Path) -> std::io::Result<()> {
     }
 }
 
-fn default_node_addresses() -> Vec<IpAddr> {
-    vec![IpAddr::from([127, 0, 0, 1])]
+fn default_node_name() -> String {
+    std::env::var("NODE_NAME").unwrap_or_default()
 }
 fn default_poll() -> Humantime {
     Humantime(Duration::from_millis(250))
@@ -382,6 +412,9 @@ impl Config {
         if let Some(dir) = config.policies.cache_dir.as_mut() {
             resolve(dir);
         }
+        if let Some(path) = config.source.kubeconfig.as_mut() {
+            resolve(path);
+        }
         Ok(config)
     }
 
@@ -391,7 +424,7 @@ impl Config {
         if self.node.name.trim().is_empty() {
             return fail(
                 "node.name",
-                "is empty: set it to the name of the Node weir runs on, e.g. name = \"node-a\"",
+                "is empty: set it to the name of the Node weir runs on, e.g. name = \"node-a\", or set the NODE_NAME environment variable",
             );
         }
         match self.source.kind {
@@ -401,15 +434,59 @@ impl Config {
                     "is empty: with kind = \"files\", list the files or directories of objects, e.g. paths = [\"objects\"]",
                 );
             }
-            SourceKind::Kubernetes => {
+            SourceKind::Kubernetes if !self.source.paths.is_empty() => {
                 return fail(
-                    "source.kind",
-                    "\"kubernetes\" is not available in this version: use kind = \"files\"",
+                    "source.paths",
+                    "is for kind = \"files\": with kind = \"kubernetes\" objects come from the API server; remove it",
                 );
             }
-            SourceKind::Files => {}
+            SourceKind::Kubernetes if self.policies.dir.is_some() => {
+                return fail(
+                    "policies.dir",
+                    "is for kind = \"files\": with kind = \"kubernetes\" policies come from a ConfigMap; use policies.configmap or policies.selector",
+                );
+            }
+            SourceKind::Kubernetes
+                if self.policies.configmap.is_some() && self.policies.selector.is_some() =>
+            {
+                return fail(
+                    "policies.selector",
+                    "is set with policies.configmap: name one ConfigMap, or select several by label, not both",
+                );
+            }
+            SourceKind::Files => {
+                for (key, set) in [
+                    ("source.kubeconfig", self.source.kubeconfig.is_some()),
+                    ("source.namespace", self.source.namespace.is_some()),
+                    (
+                        "source.service_proxy_name",
+                        self.source.service_proxy_name.is_some(),
+                    ),
+                    ("policies.configmap", self.policies.configmap.is_some()),
+                    ("policies.selector", self.policies.selector.is_some()),
+                ] {
+                    if set {
+                        return fail(
+                            key,
+                            "is for kind = \"kubernetes\": remove it, or set source.kind = \"kubernetes\"",
+                        );
+                    }
+                }
+            }
+            SourceKind::Kubernetes => {}
         }
-        if self.node.addresses.is_empty() {
+        if self
+            .source
+            .service_proxy_name
+            .as_ref()
+            .is_some_and(|n| n.trim().is_empty())
+        {
+            return fail(
+                "source.service_proxy_name",
+                "is empty: remove it to proxy every Service without the service.kubernetes.io/service-proxy-name label, or give the label's value, e.g. \"weir\"",
+            );
+        }
+        if self.node.addresses.as_ref().is_some_and(Vec::is_empty) {
             return fail(
                 "node.addresses",
                 "is empty: list the addresses NodePorts listen on, e.g. addresses = [\"127.0.0.1\"]",
@@ -455,6 +532,14 @@ impl Config {
                 )
             })?;
         }
+        if let Some(path) = &self.source.kubeconfig {
+            readable(path).map_err(|e| {
+                format!(
+                    "source.kubeconfig: cannot read {}: {e}; fix the path, or remove the key to use KUBECONFIG or the in-cluster service account",
+                    path.display()
+                )
+            })?;
+        }
         if let Some(dir) = &self.policies.dir {
             let metadata = std::fs::metadata(dir).map_err(|e| {
                 format!(
@@ -474,13 +559,32 @@ impl Config {
         Ok(())
     }
 
-    /// `node.local_cidrs`, or each node address as a single host.
+    /// `node.addresses` as configured; with `kind = "files"`, 127.0.0.1 by default.
+    /// `None`: they come from the Node object.
+    pub fn node_addresses(&self) -> Option<Vec<IpAddr>> {
+        match (&self.node.addresses, self.source.kind) {
+            (Some(addresses), _) => Some(addresses.clone()),
+            (None, SourceKind::Files) => Some(vec![IpAddr::from([127, 0, 0, 1])]),
+            (None, SourceKind::Kubernetes) => None,
+        }
+    }
+
+    /// The interface to put Service addresses on, if any.
+    pub fn capture_interface(&self) -> Option<String> {
+        match (&self.node.capture_interface, self.source.kind) {
+            (Some(name), _) if name.is_empty() => None,
+            (Some(name), _) => Some(name.clone()),
+            (None, SourceKind::Kubernetes) => Some("weir0".to_string()),
+            (None, SourceKind::Files) => None,
+        }
+    }
+
+    /// `node.local_cidrs`, or each configured node address as a single host.
     pub fn local_cidrs(&self) -> Vec<Cidr> {
         self.node.local_cidrs.clone().unwrap_or_else(|| {
-            self.node
-                .addresses
-                .iter()
-                .copied()
+            self.node_addresses()
+                .unwrap_or_default()
+                .into_iter()
                 .map(Cidr::host)
                 .collect()
         })
@@ -508,7 +612,10 @@ mod tests {
         let config = Config::parse(MINIMAL, Path::new("/etc/weir")).unwrap();
         assert_eq!(config.source.paths, [PathBuf::from("/etc/weir/objects")]);
         assert_eq!(config.admin.address, "127.0.0.1:10256".parse().unwrap());
-        assert_eq!(config.node.addresses, [IpAddr::from([127, 0, 0, 1])]);
+        assert_eq!(
+            config.node_addresses(),
+            Some(vec![IpAddr::from([127, 0, 0, 1])])
+        );
         assert_eq!(config.proxy.connect_attempts, 3);
         assert_eq!(
             config.local_cidrs(),
@@ -523,6 +630,35 @@ mod tests {
         assert!(error.contains("line 7"), "{error}");
         assert!(error.contains("unknown field `adress`"), "{error}");
         assert!(error.contains("`address`"), "{error}");
+    }
+
+    #[test]
+    fn kubernetes_mode() {
+        let text = "[node]\nname = \"node-a\"\n[source]\nkind = \"kubernetes\"\nservice_proxy_name = \"weir\"\n[policies]\nselector = \"weir.dev/policies=true\"\n";
+        let config = Config::parse(text, Path::new("/etc/weir")).unwrap();
+        assert_eq!(config.node_addresses(), None, "from the Node object");
+        assert_eq!(config.capture_interface().as_deref(), Some("weir0"));
+        assert_eq!(config.source.service_proxy_name.as_deref(), Some("weir"));
+        let text = format!("{text}configmap = \"weir-policies\"\n");
+        let error = Config::parse(&text, Path::new("")).unwrap_err();
+        assert!(error.contains("line 7: policies.selector"), "{error}");
+        let error = Config::parse(
+            &format!("{MINIMAL}[policies]\nconfigmap = \"weir-policies\"\n"),
+            Path::new(""),
+        )
+        .unwrap_err();
+        assert!(
+            error.contains("policies.configmap: is for kind = \"kubernetes\""),
+            "{error}"
+        );
+        let text = "[node]\nname = \"n\"\ncapture_interface = \"\"\n[source]\nkind = \"kubernetes\"\npaths = [\"x\"]\n";
+        let error = Config::parse(text, Path::new("")).unwrap_err();
+        assert!(
+            error.contains("source.paths: is for kind = \"files\""),
+            "{error}"
+        );
+        let config = Config::parse(&text.replace("paths = [\"x\"]\n", ""), Path::new("")).unwrap();
+        assert_eq!(config.capture_interface(), None);
     }
 
     #[test]

@@ -8,18 +8,26 @@ use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
+
+use k8s_openapi::api::core::v1::{ConfigMap, ObjectReference};
+use kube::{Resource, ResourceExt};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use weir_sdk::{Eligibility, EmptyAction, Scope, ServiceHandle};
 
 use crate::admin::{HealthChecks, Readiness};
+use crate::capture::Capture;
 use crate::config::Config;
+use crate::discovery::Source;
 use crate::discovery::files::{Diagnostic, Severity};
-use crate::discovery::watch::{Changed, FileSource, Fingerprint};
+use crate::discovery::kubernetes::{Announcement, POLICY_SETTINGS_KEY};
+use crate::discovery::watch::{Changed, Fingerprint};
 use crate::health::ProxyHealth;
 use crate::metrics::{Metrics, RejectionLabels, ReloadResult, TrafficPolicyLabels};
 use crate::model::{self, FamilyKey, ProtocolKey, ServiceKey, ServicePortKey, ServicePortSnapshot};
-use crate::policy::{Binding, FailureMode, PolicyRuntime, Registry, ServiceInput};
+use crate::policy::{
+    Binding, FailureMode, PolicyRuntime, PolicySettings, Registry, ServiceInput, settings,
+};
 use crate::proxy::{ListenerKind, Listeners, Route, RouteMetrics, Routes, Shared};
 use crate::state::Identities;
 
@@ -31,12 +39,35 @@ struct Bound {
     eligibility: Eligibility,
 }
 
+/// What the control thread is told.
+#[derive(Debug)]
+pub enum Signal {
+    /// Objects changed: look now rather than at the next poll.
+    Wake,
+    /// Close every listener and return.
+    Stop,
+}
+
+/// A policy module loaded from a ConfigMap.
+struct Shipped {
+    config: String,
+    /// The ConfigMap it came from, for Events.
+    from: ObjectReference,
+}
+
 pub struct ControlPlane {
     pub(crate) config: Config,
-    pub(crate) source: FileSource,
+    pub(crate) source: Source,
     pub(crate) registry: Registry,
     policy_files: BTreeMap<PathBuf, Fingerprint>,
     policy_dir_error: Option<String>,
+    /// Modules loaded from policies ConfigMaps, and the settings that came with them.
+    shipped: BTreeMap<String, Shipped>,
+    policy_settings: BTreeMap<String, PolicySettings>,
+    /// Where NodePorts and health checks listen.
+    node_addresses: Vec<IpAddr>,
+    capture: Option<Capture>,
+    capture_error: Option<String>,
     identities: Identities,
     bound: HashMap<ServiceHandle, Bound>,
     /// Warnings logged at the last sync: each is logged once while it lasts, and again if
@@ -81,6 +112,7 @@ impl ControlPlane {
     #[allow(clippy::too_many_arguments)]
     pub fn new(
         config: Config,
+        source: Source,
         registry: Registry,
         listeners: Listeners,
         shared: Arc<Shared>,
@@ -90,7 +122,12 @@ impl ControlPlane {
         metrics: Arc<Metrics>,
     ) -> Self {
         ControlPlane {
-            source: FileSource::new(config.source.paths.clone()),
+            source,
+            capture: config.capture_interface().map(Capture::new),
+            capture_error: None,
+            node_addresses: config.node_addresses().unwrap_or_default(),
+            shipped: BTreeMap::new(),
+            policy_settings: BTreeMap::new(),
             config,
             registry,
             policy_files: BTreeMap::new(),
@@ -141,9 +178,25 @@ impl ControlPlane {
         });
     }
 
-    /// Syncs once, then follows changes until `stop` says so (or is dropped); closes every
-    /// listener on the way out.
-    pub fn run(mut self, stop: Receiver<()>) {
+    /// Syncs once, then follows changes until told to stop (or the sender is dropped);
+    /// closes every listener on the way out. In Kubernetes mode the first sync waits for
+    /// every watch to list in full, saying in `/readyz` what it waits for.
+    pub fn run(mut self, signals: Receiver<Signal>) {
+        let interval = self
+            .config
+            .source
+            .poll_interval
+            .0
+            .min(self.config.policies.poll_interval.0);
+        if let Some(kube) = self.source.kubernetes() {
+            while !kube.synced() {
+                self.readiness.set_pending(kube.pending());
+                match signals.recv_timeout(interval) {
+                    Ok(Signal::Wake) | Err(RecvTimeoutError::Timeout) => {}
+                    Ok(Signal::Stop) | Err(RecvTimeoutError::Disconnected) => return,
+                }
+            }
+        }
         self.poll_policies();
         self.poll_objects();
         self.sync(Changed::Everything);
@@ -152,13 +205,19 @@ impl ControlPlane {
             listeners = self.listeners.addresses().len(),
             "first sync done: ready"
         );
-        let interval = self
-            .config
-            .source
-            .poll_interval
-            .0
-            .min(self.config.policies.poll_interval.0);
-        while let Err(RecvTimeoutError::Timeout) = stop.recv_timeout(interval) {
+        loop {
+            match signals.recv_timeout(interval) {
+                Ok(Signal::Stop) | Err(RecvTimeoutError::Disconnected) => break,
+                Ok(Signal::Wake) | Err(RecvTimeoutError::Timeout) => {}
+            }
+            // Changes come in bursts (a rollout, a relist): take them together.
+            let mut stop = false;
+            while let Ok(signal) = signals.try_recv() {
+                stop |= matches!(signal, Signal::Stop);
+            }
+            if stop {
+                break;
+            }
             if self.poll_policies() {
                 // Which Services a policy serves can change with it: all are checked
                 // (unchanged ports cost a comparison, not a call).
@@ -169,11 +228,9 @@ impl ControlPlane {
             if !self.pending.is_nothing() {
                 let changed = std::mem::take(&mut self.pending);
                 self.sync(changed);
-            } else if self.listeners.has_failed() {
-                // Only the failed binds are tried again; nothing else has changed.
-                for error in self.listeners.reconcile(&self.wanted) {
-                    tracing::warn!("{error}; retrying");
-                }
+            } else if self.listeners.has_failed() || self.capture_error.is_some() {
+                // Only what failed is tried again; nothing else has changed.
+                self.reconcile_listeners();
             }
             self.remove_retired();
         }
@@ -208,6 +265,12 @@ impl ControlPlane {
     /// Loads new and changed modules of the policies directory, each through the
     /// transactional swap, and unloads deleted ones. Returns whether any policy changed.
     fn poll_policies(&mut self) -> bool {
+        if let Source::Kubernetes(kube) = &mut self.source {
+            return match kube.policies() {
+                Some(maps) => self.load_shipped(&maps),
+                None => false,
+            };
+        }
         let Some(dir) = self.config.policies.dir.clone() else {
             return false;
         };
@@ -275,7 +338,8 @@ impl ControlPlane {
             }
             // A rejected module changes nothing: only an accepted one is a change to apply
             // (and to count against the health timeout until it is).
-            if self.swap(&name, path, &bytes, &sha256) {
+            let source = path.display().to_string();
+            if self.swap(&name, &source, &bytes, &sha256, "", None) {
                 self.queued();
                 changed = true;
             }
@@ -288,8 +352,144 @@ impl ControlPlane {
         changed
     }
 
-    /// One module through the transactional swap. Returns whether it was accepted.
-    fn swap(&mut self, name: &str, path: &Path, bytes: &[u8], sha256: &str) -> bool {
+    /// Loads the modules of the policies ConfigMaps (`binaryData` `NAME.wasm`) with their
+    /// settings (`data` `policies.toml`), each through the transactional swap, and unloads
+    /// those no longer shipped. Every outcome is an Event on the ConfigMap. Settings that
+    /// do not parse change nothing: the policies loaded keep serving. Returns whether a
+    /// policy or its settings changed.
+    fn load_shipped(&mut self, maps: &[Arc<ConfigMap>]) -> bool {
+        let mut settings = BTreeMap::new();
+        for map in maps {
+            let Some(text) = map.data.as_ref().and_then(|d| d.get(POLICY_SETTINGS_KEY)) else {
+                continue;
+            };
+            match settings::parse(text) {
+                Ok(parsed) => {
+                    for (name, policy) in parsed {
+                        settings.entry(name).or_insert(policy);
+                    }
+                }
+                Err(error) => {
+                    let message = format!(
+                        "{POLICY_SETTINGS_KEY}: {error}; nothing in this ConfigMap was applied: the policies and settings loaded keep serving"
+                    );
+                    tracing::error!(configmap = %map.name_any(), "{message}");
+                    self.metrics
+                        .proxy
+                        .reload(POLICY_SETTINGS_KEY, ReloadResult::rejected);
+                    self.announce(map.object_ref(&()), true, "PolicyRejected", message);
+                    return false;
+                }
+            }
+        }
+        let mut modules: BTreeMap<String, (&[u8], &ConfigMap)> = BTreeMap::new();
+        for map in maps {
+            for (key, bytes) in map.binary_data.iter().flatten() {
+                let Some(name) = key.strip_suffix(".wasm") else {
+                    tracing::warn!(configmap = %map.name_any(), "binaryData key {key} is not NAME.wasm: ignored");
+                    continue;
+                };
+                match modules.get(name) {
+                    Some((_, first)) => tracing::warn!(
+                        policy = %name,
+                        "{key} is in ConfigMaps {} and {}: the first serves",
+                        first.name_any(),
+                        map.name_any()
+                    ),
+                    None => {
+                        modules.insert(name.to_string(), (&bytes.0, map));
+                    }
+                }
+            }
+        }
+        let mut changed = false;
+        let gone: Vec<String> = self
+            .shipped
+            .keys()
+            .filter(|name| !modules.contains_key(*name))
+            .cloned()
+            .collect();
+        for name in gone {
+            let Some(shipped) = self.shipped.remove(&name) else {
+                continue;
+            };
+            changed = true;
+            self.queued();
+            let message = format!(
+                "{name}.wasm was removed from the policies ConfigMap: its Services fall back to the built-in kube-default"
+            );
+            tracing::warn!(policy = %name, "{message}");
+            if let Err(error) = self.registry.unload(&name) {
+                tracing::error!(policy = %name, "{error:#}");
+            }
+            self.announce(shipped.from, false, "PolicyRemoved", message);
+        }
+        for (name, (bytes, map)) in modules {
+            let policy = settings.get(&name).cloned().unwrap_or_default();
+            let config = policy.config.clone().unwrap_or_default();
+            let sha256 = crate::policy::sha256_hex(bytes);
+            let from = map.object_ref(&());
+            if let Some(pin) = &policy.sha256
+                && !pin.eq_ignore_ascii_case(&sha256)
+            {
+                let error = format!(
+                    "its sha256 is not the one {POLICY_SETTINGS_KEY} pins ({pin}): ship the pinned module or change the pin"
+                );
+                self.rejected(&name, &sha256, "pinned", &error, Some(&from));
+                continue;
+            }
+            let loaded = self.registry.sha256(&name) == Some(sha256.as_str());
+            if loaded && self.shipped.get(&name).is_some_and(|s| s.config == config) {
+                continue;
+            }
+            let source = format!(
+                "configmap {}/{} key {name}.wasm",
+                map.namespace().unwrap_or_default(),
+                map.name_any()
+            );
+            if self.swap(&name, &source, bytes, &sha256, &config, Some(&from)) {
+                self.shipped.insert(name, Shipped { config, from });
+                self.queued();
+                changed = true;
+            }
+        }
+        if settings != self.policy_settings {
+            self.policy_settings = settings;
+            changed = true;
+        }
+        changed
+    }
+
+    /// Publishes an Event (Kubernetes mode only).
+    fn announce(
+        &self,
+        regarding: ObjectReference,
+        warning: bool,
+        reason: &'static str,
+        note: String,
+    ) {
+        if let Some(kube) = self.source.kubernetes() {
+            kube.announce(Announcement {
+                regarding,
+                warning,
+                reason,
+                action: "Load",
+                note,
+            });
+        }
+    }
+
+    /// One module through the transactional swap, with the policy's configuration.
+    /// Returns whether it was accepted. `regarding`: the object its Events are about.
+    fn swap(
+        &mut self,
+        name: &str,
+        source: &str,
+        bytes: &[u8],
+        sha256: &str,
+        config: &str,
+        regarding: Option<&ObjectReference>,
+    ) -> bool {
         let started = Instant::now();
         let mut replay: Vec<(ServiceHandle, ServiceInput)> = self
             .bound
@@ -298,8 +498,7 @@ impl ControlPlane {
             .map(|(handle, b)| (*handle, b.input.clone()))
             .collect();
         replay.sort_by_key(|(handle, _)| *handle);
-        let source = path.display().to_string();
-        match self.registry.swap(name, &source, bytes, "", &replay) {
+        match self.registry.swap(name, source, bytes, config, &replay) {
             Ok((runtime, answers)) => {
                 for (handle, eligibility) in answers {
                     if let Some(bound) = self.bound.get_mut(&handle) {
@@ -322,32 +521,61 @@ impl ControlPlane {
                     "policy loaded from {source} in {:?}",
                     started.elapsed()
                 );
+                if let Some(regarding) = regarding {
+                    self.announce(
+                        regarding.clone(),
+                        false,
+                        "PolicyLoaded",
+                        format!(
+                            "policy {name} ({name}.wasm, sha256 {sha256}) loaded: serving {} service ports",
+                            replay.len()
+                        ),
+                    );
+                }
                 true
             }
             Err(error) => {
-                self.metrics.proxy.reload(name, ReloadResult::rejected);
-                self.metrics
-                    .proxy
-                    .policy_rejections
-                    .get_or_create(&RejectionLabels {
-                        policy: name.to_string(),
-                        reason: error.reason(),
-                    })
-                    .inc();
-                self.registry.refuse(name, error.to_string());
-                let serving = match self.registry.sha256(name) {
-                    Some(previous) => {
-                        format!("the previous version (sha256 {previous}) keeps serving")
-                    }
-                    None => "its Services follow their failure mode".to_string(),
-                };
-                tracing::error!(
-                    policy = %name,
-                    sha256 = %sha256,
-                    "policy rejected: {error}; {serving}"
-                );
+                let reason = error.reason();
+                self.rejected(name, sha256, reason, &error.to_string(), regarding);
                 false
             }
+        }
+    }
+
+    /// Records, logs, counts and announces a module refused; the previous version (if
+    /// any) keeps serving.
+    fn rejected(
+        &mut self,
+        name: &str,
+        sha256: &str,
+        reason: &'static str,
+        error: &str,
+        regarding: Option<&ObjectReference>,
+    ) {
+        self.metrics.proxy.reload(name, ReloadResult::rejected);
+        self.metrics
+            .proxy
+            .policy_rejections
+            .get_or_create(&RejectionLabels {
+                policy: name.to_string(),
+                reason,
+            })
+            .inc();
+        self.registry.refuse(name, error.to_string());
+        let serving = match self.registry.sha256(name) {
+            Some(previous) => format!("the previous version (sha256 {previous}) keeps serving"),
+            None => "its Services follow their failure mode".to_string(),
+        };
+        tracing::error!(policy = %name, sha256 = %sha256, "policy rejected: {error}; {serving}");
+        if let Some(regarding) = regarding {
+            self.announce(
+                regarding.clone(),
+                true,
+                "PolicyRejected",
+                format!(
+                    "policy {name} ({name}.wasm, sha256 {sha256}) rejected: {error}; {serving}"
+                ),
+            );
         }
     }
 
@@ -370,8 +598,32 @@ impl ControlPlane {
         let default_mode = FailureMode::from(self.config.policies.failure_mode);
         for port in &mut model.ports {
             if !port.failure_mode_annotated {
-                port.failure_mode = default_mode;
+                port.failure_mode = self
+                    .policy_settings
+                    .get(&port.policy)
+                    .and_then(PolicySettings::failure_mode)
+                    .unwrap_or(default_mode);
             }
+        }
+        self.node_addresses = self
+            .config
+            .node_addresses()
+            .unwrap_or_else(|| model::node_addresses(&objects, &node_name));
+        let local_sources = match &self.config.node.local_cidrs {
+            Some(cidrs) => cidrs.clone(),
+            None => {
+                let mut cidrs: Vec<_> = self
+                    .node_addresses
+                    .iter()
+                    .copied()
+                    .map(crate::config::Cidr::host)
+                    .collect();
+                cidrs.extend(model::node_pod_cidrs(&objects, &node_name));
+                cidrs
+            }
+        };
+        if **self.shared.local_sources.load() != local_sources {
+            self.shared.local_sources.store(Arc::new(local_sources));
         }
         self.health
             .set_node_eligible(model::node_eligible(&objects, &node_name));
@@ -426,9 +678,7 @@ impl ControlPlane {
         }
         self.health_checks
             .store(Arc::new(self.health_counts.clone()));
-        for error in self.listeners.reconcile(&self.wanted) {
-            tracing::warn!("{error}; retrying");
-        }
+        self.reconcile_listeners();
         let proxy = &self.metrics.proxy;
         for (i, policy) in ["internal", "external"].into_iter().enumerate() {
             proxy
@@ -446,6 +696,48 @@ impl ControlPlane {
         );
         proxy.last_sync.set(unix_now());
         self.health.updated();
+    }
+
+    /// Opens and closes listeners for what is wanted. With a capture interface, the
+    /// Service addresses are put on it first and the stale ones taken off after.
+    fn reconcile_listeners(&mut self) {
+        let virtual_ips: Option<BTreeSet<IpAddr>> = self.capture.is_some().then(|| {
+            self.wanted
+                .iter()
+                .filter(|(_, kind)| **kind == ListenerKind::Service)
+                .map(|(address, _)| address.ip())
+                .filter(|ip| !self.node_addresses.contains(ip))
+                .collect()
+        });
+        if let (Some(capture), Some(ips)) = (self.capture.as_mut(), &virtual_ips) {
+            let result = capture.reconcile(ips, false);
+            self.report_capture(result);
+        }
+        for error in self.listeners.reconcile(&self.wanted) {
+            tracing::warn!("{error}; retrying");
+        }
+        if let (Some(capture), Some(ips)) = (self.capture.as_mut(), &virtual_ips) {
+            let result = capture.reconcile(ips, true);
+            self.report_capture(result);
+        }
+    }
+
+    fn report_capture(&mut self, result: Result<(), String>) {
+        match result {
+            Ok(()) => {
+                if self.capture_error.take().is_some() {
+                    tracing::info!("the capture interface holds every Service address again");
+                }
+            }
+            Err(error) => {
+                if self.capture_error.as_ref() != Some(&error) {
+                    tracing::error!(
+                        "cannot put Service addresses on the capture interface: {error}; retrying"
+                    );
+                }
+                self.capture_error = Some(error);
+            }
+        }
     }
 
     /// Keeps the routes of addresses that just went away, for the connections their
@@ -613,7 +905,7 @@ impl ControlPlane {
             }
             if serves(&eligibility, Scope::External) || serves(&eligibility, Scope::Internal) {
                 if service.node_port != 0 {
-                    for address in &self.config.node.addresses {
+                    for address in &self.node_addresses {
                         if address.is_ipv4() == service.cluster_ip.is_ipv4() {
                             routes.push((
                                 SocketAddr::new(*address, service.node_port),
@@ -669,7 +961,7 @@ impl ControlPlane {
             // kube-proxy's single health check server does.
             let count = ready_ips.values().next().map_or(0, BTreeSet::len);
             self.health_counts.insert(key.clone(), count);
-            for address in self.config.node.addresses.clone() {
+            for address in self.node_addresses.clone() {
                 let kind = ListenerKind::HealthCheck {
                     namespace: key.0.clone(),
                     name: key.1.clone(),
@@ -749,6 +1041,15 @@ impl ControlPlane {
                 let key = (snapshot.key.namespace.clone(), snapshot.key.name.clone());
                 if once(&self.reported, &mut self.seen, message.clone(), Some(&key)) {
                     tracing::warn!("{message}");
+                    if let Some(kube) = self.source.kubernetes() {
+                        kube.announce(Announcement {
+                            regarding: kube.service_reference(&key),
+                            warning: true,
+                            reason: "PolicyFallback",
+                            action: "Route",
+                            note: message,
+                        });
+                    }
                 }
                 (runtime, crate::policy::DEFAULT_POLICY.to_string())
             }

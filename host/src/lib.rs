@@ -4,6 +4,7 @@
 
 pub mod admin;
 pub mod app;
+pub mod capture;
 pub mod check;
 pub mod config;
 pub mod control;

@@ -296,6 +296,51 @@ pub fn node_eligible(objects: &Objects, node_name: &str) -> bool {
     node.object.metadata.deletion_timestamp.is_none() && !tainted
 }
 
+fn find_node<'a>(
+    objects: &'a Objects,
+    node_name: &str,
+) -> Option<&'a k8s_openapi::api::core::v1::Node> {
+    objects
+        .nodes
+        .iter()
+        .rev()
+        .map(|n| &n.object)
+        .find(|n| n.metadata.name.as_deref() == Some(node_name))
+}
+
+/// Where NodePorts listen when the config does not say: the Node's InternalIP and
+/// ExternalIP addresses, from its status.
+pub fn node_addresses(objects: &Objects, node_name: &str) -> Vec<IpAddr> {
+    let mut addresses = Vec::new();
+    let status = find_node(objects, node_name).and_then(|n| n.status.as_ref());
+    for address in status
+        .and_then(|s| s.addresses.as_ref())
+        .into_iter()
+        .flatten()
+    {
+        if (address.type_ == "InternalIP" || address.type_ == "ExternalIP")
+            && let Ok(ip) = address.address.parse::<IpAddr>()
+            && !addresses.contains(&ip)
+        {
+            addresses.push(ip);
+        }
+    }
+    addresses
+}
+
+/// The Node's pod ranges (`spec.podCIDRs`): traffic from them is this node's pods.
+pub fn node_pod_cidrs(objects: &Objects, node_name: &str) -> Vec<crate::config::Cidr> {
+    let spec = find_node(objects, node_name).and_then(|n| n.spec.as_ref());
+    let mut cidrs: Vec<String> = spec.and_then(|s| s.pod_cidrs.clone()).unwrap_or_default();
+    if cidrs.is_empty() {
+        cidrs.extend(spec.and_then(|s| s.pod_cidr.clone()));
+    }
+    cidrs
+        .iter()
+        .filter_map(|c| crate::config::parse_cidr(c))
+        .collect()
+}
+
 fn node_of(objects: &Objects, node_name: &str) -> Node {
     let labels = objects
         .nodes

@@ -11,11 +11,13 @@ mod instance;
 mod limits;
 mod registry;
 mod runtime;
+pub mod settings;
 
 pub use engine::{CompiledPolicy, LoadError, PolicyEngine, sha256_hex};
 pub use instance::{CallError, CallKind, FailureKind};
 pub use limits::Limits;
 pub use registry::{Binding, Registry, RegistryError};
+pub use settings::PolicySettings;
 pub use runtime::{FailureMode, HostDecision, PolicyRuntime, ServiceInput, UpdateAnswer};
 
 /// The name of the policy every Service gets unless its `weir.dev/policy` annotation

@@ -172,8 +172,6 @@ pub struct Settings {
     pub connect_timeout: Duration,
     pub connect_attempts: u32,
     pub drop_timeout: Duration,
-    /// Sources that are this node or its pods: their external traffic is internal.
-    pub local_sources: Vec<Cidr>,
 }
 
 /// What the data plane's tasks share.
@@ -183,6 +181,9 @@ pub struct Shared {
     /// listener accepted, or had in its backlog, before it closed.
     pub retired: ArcSwap<HashMap<SocketAddr, Arc<Route>>>,
     pub settings: Settings,
+    /// Sources that are this node or its pods: their external traffic is internal. Set by
+    /// the control plane (in Kubernetes mode they follow the Node object).
+    pub local_sources: ArcSwap<Vec<Cidr>>,
     /// Every connection task, for the drain on shutdown.
     pub connections: TaskTracker,
     /// Cancelled at the end of the shutdown grace period: closes established connections.
@@ -195,13 +196,14 @@ impl Shared {
             routes: ArcSwap::from_pointee(Routes::default()),
             retired: ArcSwap::from_pointee(HashMap::new()),
             settings,
+            local_sources: ArcSwap::from_pointee(Vec::new()),
             connections: TaskTracker::new(),
             close: CancellationToken::new(),
         }
     }
 
     fn is_local_source(&self, ip: IpAddr) -> bool {
-        self.settings.local_sources.iter().any(|c| c.contains(ip))
+        self.local_sources.load().iter().any(|c| c.contains(ip))
     }
 }
 

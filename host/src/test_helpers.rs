@@ -1,5 +1,8 @@
 //! Fixtures shared by weir's integration tests and benches (feature `testing`).
 
+pub mod apiserver;
+pub mod kube_objects;
+
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::Arc;

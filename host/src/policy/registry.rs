@@ -241,11 +241,11 @@ impl Registry {
                 Some(reason) => format!("policy `{name}` was rejected: {reason}"),
                 None if self.deleted.contains(name) => {
                     format!(
-                        "policy `{name}` was deleted ({name}.wasm is gone from the policies directory)"
+                        "policy `{name}` was deleted ({name}.wasm is gone from the policies directory or ConfigMap)"
                     )
                 }
                 None => format!(
-                    "policy `{name}` is not loaded (no {name}.wasm in the policies directory)"
+                    "policy `{name}` is not loaded (no {name}.wasm in the policies directory or ConfigMap)"
                 ),
             }),
         }

@@ -1,0 +1,167 @@
+//! Node capture: the Service addresses weir listens on (ClusterIPs, externalIPs,
+//! LoadBalancer ingress IPs) are put on a dummy interface, as kube-proxy's IPVS mode does
+//! with `kube-ipvs0`, which makes them local addresses of the node: packets to them are
+//! delivered to weir's listeners. NodePorts need nothing: they listen on the node's own
+//! addresses.
+//!
+//! The interface holds exactly the addresses weir wants: at start-up, what a previous run
+//! left is read back and the stale ones are removed. Changes go through one `ip -batch`
+//! per sync, and only when the set differs.
+
+use std::collections::BTreeSet;
+use std::io::Write;
+use std::net::IpAddr;
+use std::process::{Command, Stdio};
+
+#[derive(Debug)]
+pub struct Capture {
+    interface: String,
+    /// What the interface holds, as far as weir knows; `None` until it has been set up.
+    present: Option<BTreeSet<IpAddr>>,
+}
+
+impl Capture {
+    pub fn new(interface: String) -> Capture {
+        Capture {
+            interface,
+            present: None,
+        }
+    }
+
+    pub fn interface(&self) -> &str {
+        &self.interface
+    }
+
+    /// Adds what is missing of `wanted`; with `remove`, also removes every other address.
+    /// Call it without `remove` before listeners are opened, and with it once they are.
+    pub fn reconcile(&mut self, wanted: &BTreeSet<IpAddr>, remove: bool) -> Result<(), String> {
+        let present = match self.present.take() {
+            Some(present) => present,
+            None => {
+                self.set_up()?;
+                self.read()?
+            }
+        };
+        let mut batch = String::new();
+        for ip in wanted.difference(&present) {
+            batch.push_str(&self.command("add", ip));
+        }
+        if remove {
+            for ip in present.difference(wanted) {
+                batch.push_str(&self.command("del", ip));
+            }
+        }
+        if batch.is_empty() {
+            self.present = Some(present);
+            return Ok(());
+        }
+        let result = ip_batch(&batch);
+        // Whatever happened, what is there now is what the kernel says.
+        self.present = match (&result, remove) {
+            (Ok(()), true) => Some(wanted.clone()),
+            (Ok(()), false) => Some(present.union(wanted).copied().collect()),
+            (Err(_), _) => self.read().ok(),
+        };
+        result.map_err(|e| format!("{}: {e}", self.interface))
+    }
+
+    fn command(&self, verb: &str, ip: &IpAddr) -> String {
+        match ip {
+            IpAddr::V4(_) => format!("address {verb} {ip}/32 dev {}\n", self.interface),
+            // No duplicate address detection: the address must be usable at once.
+            IpAddr::V6(_) => format!("address {verb} {ip}/128 dev {} nodad\n", self.interface),
+        }
+    }
+
+    /// Creates the interface if it is missing, and brings it up.
+    fn set_up(&self) -> Result<(), String> {
+        let name = &self.interface;
+        if ip(&["link", "show", "dev", name]).is_err() {
+            if let Err(error) = ip(&["link", "add", name, "type", "dummy"]) {
+                // Some kernels are built without the dummy driver: a bridge without ports
+                // holds addresses just as well.
+                ip(&["link", "add", name, "type", "bridge"])
+                    .map_err(|_| format!("cannot create the dummy interface {name}: {error}"))?;
+                tracing::warn!(
+                    interface = %name,
+                    "this kernel has no dummy interfaces ({error}); using a bridge without ports instead"
+                );
+            }
+            tracing::info!(interface = %name, "created the capture interface");
+        }
+        ip(&["link", "set", name, "up"])
+            .map(|_| ())
+            .map_err(|e| format!("cannot bring {name} up: {e}"))
+    }
+
+    /// The addresses the interface holds now (link-local ones excepted).
+    fn read(&self) -> Result<BTreeSet<IpAddr>, String> {
+        let output = ip(&["-j", "address", "show", "dev", &self.interface])?;
+        let links: serde_json::Value = serde_json::from_str(&output)
+            .map_err(|e| format!("cannot read `ip -j address show`: {e}"))?;
+        let mut present = BTreeSet::new();
+        for link in links.as_array().into_iter().flatten() {
+            for info in link["addr_info"].as_array().into_iter().flatten() {
+                if let Some(ip) = info["local"]
+                    .as_str()
+                    .and_then(|s| s.parse::<IpAddr>().ok())
+                    && !matches!(ip, IpAddr::V6(v6) if v6.is_unicast_link_local())
+                {
+                    present.insert(ip);
+                }
+            }
+        }
+        Ok(present)
+    }
+}
+
+/// Runs `ip` with `args`; returns its output, or what it said on failure.
+fn ip(args: &[&str]) -> Result<String, String> {
+    let output = Command::new("ip")
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .map_err(not_found)?;
+    if output.status.success() {
+        Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+    } else {
+        Err(format!(
+            "`ip {}` failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&output.stderr).trim()
+        ))
+    }
+}
+
+/// Runs `ip -force -batch -` on `commands` (one per line; -force goes on past a failure).
+fn ip_batch(commands: &str) -> Result<(), String> {
+    let mut child = Command::new("ip")
+        .args(["-force", "-batch", "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(not_found)?;
+    if let Some(mut stdin) = child.stdin.take() {
+        stdin
+            .write_all(commands.as_bytes())
+            .map_err(|e| format!("cannot write to `ip -batch`: {e}"))?;
+    }
+    let output = child
+        .wait_with_output()
+        .map_err(|e| format!("`ip -batch` failed: {e}"))?;
+    if output.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "`ip -batch` failed: {}",
+            String::from_utf8_lossy(&output.stderr).trim()
+        ))
+    }
+}
+
+fn not_found(error: std::io::Error) -> String {
+    format!(
+        "cannot run `ip` (iproute2): {error}; install iproute2, or set node.capture_interface = \"\" if the Service addresses are local already"
+    )
+}

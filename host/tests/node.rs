@@ -1,0 +1,505 @@
+//! weir on a node built from network namespaces: the real binary in a "node" namespace
+//! against the test API server, pods on a bridge behind it, a "remote node" with a pod of
+//! its own, and an external client. Addresses come from 198.18.0.0/15 only: pods
+//! 198.18.1.0/24, the remote pod 198.18.2.13, the remote node link 198.18.3.0/24, the
+//! client link 198.18.4.0/24 (the node is 198.18.4.1), ClusterIPs 198.19.0.0/24.
+//!
+//! Needs root and `ip netns`; skipped with a message where they are unavailable.
+
+use std::net::SocketAddr;
+use std::os::fd::AsFd;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use weir::test_helpers::apiserver::ApiServer;
+use weir::test_helpers::kube_objects::{node_json, policies_json, service_json, slice_json};
+use weir::test_helpers::{Backend, connect, guest_bytes, http_get, who};
+
+const WAIT: Duration = Duration::from_secs(30);
+const NODE_IP: &str = "198.18.4.1";
+
+/// Network namespaces that are deleted when dropped.
+struct Namespaces {
+    prefix: String,
+    names: Vec<String>,
+}
+
+impl Namespaces {
+    fn name(&self, short: &str) -> String {
+        format!("{}-{short}", self.prefix)
+    }
+
+    fn add(&mut self, short: &str) -> std::io::Result<String> {
+        let name = self.name(short);
+        run(&["netns", "add", &name])?;
+        self.names.push(name.clone());
+        run(&["-n", &name, "link", "set", "lo", "up"])?;
+        Ok(name)
+    }
+}
+
+impl Drop for Namespaces {
+    fn drop(&mut self) {
+        for name in &self.names {
+            let _ = run(&["netns", "del", name]);
+        }
+    }
+}
+
+fn run(args: &[&str]) -> std::io::Result<()> {
+    let output = Command::new("ip").args(args).output()?;
+    if output.status.success() {
+        Ok(())
+    } else {
+        Err(std::io::Error::other(format!(
+            "ip {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&output.stderr).trim()
+        )))
+    }
+}
+
+fn ip_batch(ns: &str, commands: &[String]) {
+    for command in commands {
+        let mut args = vec!["-n", ns];
+        args.extend(command.split(' '));
+        run(&args).unwrap_or_else(|e| panic!("{e}"));
+    }
+}
+
+/// Moves the calling thread into network namespace `ns`.
+fn enter(ns: &str) {
+    let file = std::fs::File::open(format!("/var/run/netns/{ns}")).expect("the namespace");
+    rustix::thread::move_into_link_name_space(
+        file.as_fd(),
+        Some(rustix::thread::LinkNameSpaceType::Network),
+    )
+    .expect("setns");
+}
+
+/// Runs `f` on a runtime of its own, on a thread inside `ns`.
+fn in_ns<T: Send + 'static>(
+    ns: &str,
+    f: impl FnOnce() -> std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send>> + Send + 'static,
+) -> std::thread::JoinHandle<T> {
+    let ns = ns.to_string();
+    std::thread::spawn(move || {
+        enter(&ns);
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+            .block_on(f())
+    })
+}
+
+/// Builds the namespaces, or says why it cannot.
+fn topology() -> Result<Namespaces, String> {
+    if !rustix::process::geteuid().is_root() {
+        return Err("not root".into());
+    }
+    let mut namespaces = Namespaces {
+        prefix: format!("weirt{}", std::process::id()),
+        names: Vec::new(),
+    };
+    let node = namespaces
+        .add("node")
+        .map_err(|e| format!("`ip netns` is unavailable: {e}"))?;
+    let (pod1, pod2) = (
+        namespaces.add("pod1").unwrap(),
+        namespaces.add("pod2").unwrap(),
+    );
+    let remote = namespaces.add("remote").unwrap();
+    let client = namespaces.add("client").unwrap();
+    // Pods on a bridge; the node is their gateway.
+    ip_batch(
+        &node,
+        &[
+            "link add br0 type bridge".into(),
+            "address add 198.18.1.1/24 dev br0".into(),
+            "link set br0 up".into(),
+        ],
+    );
+    for (pod, n) in [(&pod1, 11), (&pod2, 12)] {
+        let veth = format!("vp{n}");
+        ip_batch(
+            &node,
+            &[
+                format!("link add {veth} type veth peer name eth0 netns {pod}"),
+                format!("link set {veth} master br0"),
+                format!("link set {veth} up"),
+            ],
+        );
+        ip_batch(
+            pod,
+            &[
+                format!("address add 198.18.1.{n}/24 dev eth0"),
+                "link set eth0 up".into(),
+                "route add default via 198.18.1.1".into(),
+            ],
+        );
+    }
+    // The remote node, with its pod 198.18.2.13.
+    ip_batch(
+        &node,
+        &[
+            format!("link add vremote type veth peer name eth0 netns {remote}"),
+            "address add 198.18.3.1/24 dev vremote".into(),
+            "link set vremote up".into(),
+        ],
+    );
+    ip_batch(
+        &remote,
+        &[
+            "address add 198.18.3.2/24 dev eth0".into(),
+            "address add 198.18.2.13/32 dev eth0".into(),
+            "link set eth0 up".into(),
+            "route add default via 198.18.3.1".into(),
+        ],
+    );
+    ip_batch(&node, &["route add 198.18.2.0/24 via 198.18.3.2".into()]);
+    // The external client.
+    ip_batch(
+        &node,
+        &[
+            format!("link add vclient type veth peer name eth0 netns {client}"),
+            format!("address add {NODE_IP}/24 dev vclient"),
+            "link set vclient up".into(),
+        ],
+    );
+    ip_batch(
+        &client,
+        &[
+            "address add 198.18.4.2/24 dev eth0".into(),
+            "link set eth0 up".into(),
+            "route add default via 198.18.4.1".into(),
+        ],
+    );
+    Ok(namespaces)
+}
+
+fn addr(text: &str, port: u16) -> SocketAddr {
+    SocketAddr::new(text.parse().unwrap(), port)
+}
+
+/// Starts backends (echo servers answering with their address) on port 8080 in `ns`,
+/// until `stop`.
+fn backend(ns: &str, ip: &'static str, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<()> {
+    in_ns(ns, move || {
+        Box::pin(async move {
+            let _backend = Backend::start(addr(ip, 8080), "").await.expect("backend");
+            while !stop.load(Ordering::Relaxed) {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+    })
+}
+
+/// Who answers `count` connections to `target` from `ns` (errors as "error: …").
+fn answers(ns: &str, target: SocketAddr, count: usize) -> Vec<String> {
+    in_ns(ns, move || {
+        Box::pin(async move {
+            let mut seen = Vec::new();
+            for _ in 0..count {
+                seen.push(match who(target, None).await {
+                    Ok(name) => name,
+                    Err(e) => format!("error: {e}"),
+                });
+            }
+            seen
+        })
+    })
+    .join()
+    .unwrap()
+}
+
+fn wait_for(what: &str, mut condition: impl FnMut() -> bool) {
+    let end = Instant::now() + WAIT;
+    while !condition() {
+        assert!(Instant::now() < end, "timed out waiting until {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// `GET path` on `target` from `ns`: status code and body.
+fn get(ns: &str, target: SocketAddr, path: &'static str) -> Option<(u16, String)> {
+    in_ns(ns, move || {
+        Box::pin(async move {
+            let response = http_get(target, path).await.ok()?;
+            let status = response.get(9..12)?.parse().ok()?;
+            let body = response.split_once("\r\n\r\n")?.1.to_string();
+            Some((status, body))
+        })
+    })
+    .join()
+    .unwrap()
+}
+
+fn distinct(answers: &[String]) -> std::collections::BTreeSet<&str> {
+    answers.iter().map(String::as_str).collect()
+}
+
+struct Weir(Child, std::path::PathBuf);
+
+impl Weir {
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.1).unwrap_or_default()
+    }
+}
+
+impl Drop for Weir {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn node_in_network_namespaces() {
+    let namespaces = match topology() {
+        Ok(namespaces) => namespaces,
+        Err(why) => {
+            eprintln!("skipped: node tests need root and `ip netns` ({why})");
+            return;
+        }
+    };
+    let node = namespaces.name("node");
+    let (pod1, pod2, remote, client) = (
+        namespaces.name("pod1"),
+        namespaces.name("pod2"),
+        namespaces.name("remote"),
+        namespaces.name("client"),
+    );
+    let stop = Arc::new(AtomicBool::new(false));
+    let _backends = [
+        backend(&pod1, "198.18.1.11", stop.clone()),
+        backend(&pod2, "198.18.1.12", stop.clone()),
+        backend(&remote, "198.18.2.13", stop.clone()),
+    ];
+    let (local, other, far) = ("198.18.1.11:8080", "198.18.1.12:8080", "198.18.2.13:8080");
+
+    // The API server and weir live in the node namespace: this thread moves there.
+    enter(&node);
+    let api = ApiServer::start();
+    let mut node_object = node_json("node-a", NODE_IP);
+    node_object["spec"] = json!({"podCIDRs": ["198.18.1.0/24"]});
+    api.apply(node_object);
+    let endpoints = [("198.18.1.11", "node-a"), ("198.18.2.13", "node-b")];
+    let cluster_ip = |n: u8| format!("198.19.0.{n}");
+    let mut local_only = service_json("local-only", &cluster_ip(10), 80, None);
+    local_only["spec"]["internalTrafficPolicy"] = json!("Local");
+    api.apply(local_only);
+    api.apply(slice_json("local-only", &endpoints));
+    api.apply(service_json("cluster", &cluster_ip(11), 80, Some("rr")));
+    api.apply(slice_json(
+        "cluster",
+        &[endpoints[0], endpoints[1], ("198.18.1.12", "node-a")],
+    ));
+    let mut web = service_json("web", &cluster_ip(12), 80, None);
+    // healthCheckNodePort: LoadBalancer Services with externalTrafficPolicy Local only.
+    web["spec"]["type"] = json!("LoadBalancer");
+    web["spec"]["externalTrafficPolicy"] = json!("Local");
+    web["spec"]["healthCheckNodePort"] = json!(30256);
+    web["spec"]["ports"][0]["nodePort"] = json!(30080);
+    api.apply(web.clone());
+    api.apply(slice_json("web", &endpoints));
+    let mut away = web.clone();
+    away["metadata"]["name"] = json!("away");
+    away["spec"]["clusterIP"] = json!(cluster_ip(13));
+    away["spec"]["clusterIPs"] = json!([cluster_ip(13)]);
+    away["spec"]["healthCheckNodePort"] = json!(30257);
+    away["spec"]["ports"][0]["nodePort"] = json!(30081);
+    api.apply(away);
+    api.apply(slice_json("away", &[endpoints[1]]));
+    let round_robin = guest_bytes("round-robin");
+    let maglev = guest_bytes("maglev");
+    api.apply(policies_json(&[("rr", round_robin.clone())], None));
+
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = api.kubeconfig(dir.path());
+    let config = dir.path().join("weir.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[node]\nname = \"node-a\"\n\
+             [source]\nkind = \"kubernetes\"\nkubeconfig = \"{}\"\nnamespace = \"weir\"\n\
+             [policies]\ncache_dir = \"{}\"\n\
+             [admin]\naddress = \"127.0.0.1:10256\"\n\
+             [proxy]\nshutdown_grace_period = \"10s\"\ndrop_timeout = \"1s\"\n",
+            kubeconfig.display(),
+            dir.path().join("cache").display()
+        ),
+    )
+    .unwrap();
+    let log = dir.path().join("weir.log");
+    let child = Command::new(env!("CARGO_BIN_EXE_weir"))
+        .args(["run", "--config"])
+        .arg(&config)
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(std::fs::File::create(&log).unwrap())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .expect("weir runs");
+    let mut weir = Weir(child, log);
+    let admin = addr("127.0.0.1", 10256);
+    let ready = || get(&node, admin, "/readyz").is_some_and(|(status, _)| status == 200);
+    let end = Instant::now() + WAIT;
+    while !ready() {
+        assert!(
+            Instant::now() < end,
+            "weir never got ready:\n{}",
+            weir.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
+    // The ClusterIPs are on weir0, and a pod reaches them per internalTrafficPolicy.
+    let addresses = Command::new("ip")
+        .args(["-o", "address", "show", "dev", "weir0"])
+        .output()
+        .unwrap();
+    let addresses = String::from_utf8_lossy(&addresses.stdout);
+    for n in 10..=13 {
+        assert!(
+            addresses.contains(&format!("198.19.0.{n}/32")),
+            "{addresses}"
+        );
+    }
+    let seen = answers(&pod2, addr(&cluster_ip(10), 80), 20);
+    assert_eq!(
+        distinct(&seen),
+        [local].into(),
+        "iTP Local: this node's endpoint only"
+    );
+    let seen = answers(&pod2, addr(&cluster_ip(11), 80), 30);
+    assert_eq!(
+        distinct(&seen),
+        [local, other, far].into(),
+        "iTP Cluster: every endpoint"
+    );
+
+    // NodePort from outside per externalTrafficPolicy Local, and its health check.
+    let seen = answers(&client, addr(NODE_IP, 30080), 20);
+    assert_eq!(
+        distinct(&seen),
+        [local].into(),
+        "eTP Local: the local endpoint only"
+    );
+    let (status, body) = get(&client, addr(NODE_IP, 30256), "/")
+        .unwrap_or_else(|| panic!("no health check answer:\n{}", weir.log()));
+    assert_eq!(status, 200);
+    assert!(body.contains("\"localEndpoints\": 1"), "{body}");
+    let (status, body) = get(&client, addr(NODE_IP, 30257), "/")
+        .unwrap_or_else(|| panic!("no health check answer:\n{}", weir.log()));
+    assert_eq!(status, 503, "no local endpoint: {body}");
+    assert!(body.contains("\"localEndpoints\": 0"), "{body}");
+    let seen = answers(&client, addr(NODE_IP, 30081), 2);
+    assert!(
+        seen.iter().all(|s| s.starts_with("error")),
+        "dropped: {seen:?}"
+    );
+
+    // The policies ConfigMap updated 10 times under a client loop: no failed connection.
+    let (failures, served, looping) = (
+        Arc::new(AtomicUsize::new(0)),
+        Arc::new(AtomicUsize::new(0)),
+        Arc::new(AtomicBool::new(true)),
+    );
+    let client_loop = in_ns(&pod2, {
+        let (failures, served, looping) = (failures.clone(), served.clone(), looping.clone());
+        let target = addr(&cluster_ip(11), 80);
+        move || {
+            Box::pin(async move {
+                while looping.load(Ordering::Relaxed) {
+                    match who(target, None).await {
+                        Ok(_) => served.fetch_add(1, Ordering::Relaxed),
+                        Err(_) => failures.fetch_add(1, Ordering::Relaxed),
+                    };
+                }
+            })
+        }
+    });
+    for swap in 0..10 {
+        let module = if swap % 2 == 0 { &maglev } else { &round_robin };
+        let before = api.events().len();
+        api.apply(policies_json(&[("rr", module.clone())], None));
+        let sha = weir::policy::sha256_hex(module);
+        let end = Instant::now() + WAIT;
+        while !api.events()[before..].iter().any(|e| {
+            e["reason"] == "PolicyLoaded" && e["note"].as_str().is_some_and(|n| n.contains(&sha))
+        }) {
+            assert!(
+                Instant::now() < end,
+                "swap {swap} was not announced:\n{}",
+                weir.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let count = served.load(Ordering::Relaxed);
+        wait_for("traffic after a swap", || {
+            served.load(Ordering::Relaxed) > count + 5
+        });
+    }
+    looping.store(false, Ordering::Relaxed);
+    client_loop.join().unwrap();
+    assert_eq!(
+        failures.load(Ordering::Relaxed),
+        0,
+        "failed connections across swaps"
+    );
+
+    // SIGTERM: an open connection is drained, then weir exits 0.
+    let (go, mut wait_go) = tokio::sync::mpsc::unbounded_channel::<()>();
+    let (established, is_established) = std::sync::mpsc::channel::<()>();
+    let transfer = in_ns(&pod2, {
+        let target = addr(&cluster_ip(10), 80);
+        move || {
+            Box::pin(async move {
+                let mut stream = connect(target, None).await.expect("connects");
+                stream.write_all(b"before ").await.unwrap();
+                let mut first = vec![0u8; 64];
+                let n = stream.read(&mut first).await.unwrap();
+                assert!(n > 0);
+                established.send(()).unwrap();
+                wait_go.recv().await;
+                stream.write_all(b"after").await.unwrap();
+                stream.shutdown().await.unwrap();
+                let mut rest = Vec::new();
+                stream.read_to_end(&mut rest).await.unwrap();
+                String::from_utf8_lossy(&first[..n]).into_owned() + &String::from_utf8_lossy(&rest)
+            })
+        }
+    });
+    is_established
+        .recv_timeout(WAIT)
+        .expect("a connection through weir");
+    rustix::process::kill_process(
+        rustix::process::Pid::from_child(&weir.0),
+        rustix::process::Signal::TERM,
+    )
+    .unwrap();
+    wait_for("weir stops being ready", || {
+        get(&node, admin, "/readyz").is_none_or(|(status, _)| status != 200)
+    });
+    go.send(()).unwrap();
+    let echoed = transfer.join().expect("the drained connection completes");
+    assert!(
+        echoed.contains("before") && echoed.contains("after"),
+        "{echoed}"
+    );
+    let end = Instant::now() + WAIT;
+    let status = loop {
+        if let Some(status) = weir.0.try_wait().unwrap() {
+            break status;
+        }
+        assert!(Instant::now() < end, "weir did not exit:\n{}", weir.log());
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(status.success(), "{status}:\n{}", weir.log());
+    stop.store(true, Ordering::Relaxed);
+}
