@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# Builds the policy modules the weir-policies ConfigMap ships and copies them into
+# deploy/policies/ as NAME.wasm, where kustomization.yaml picks them up:
+#
+#   deploy/build-policies.sh              # the modules kustomization.yaml lists
+#   deploy/build-policies.sh random ...   # others (add them to kustomization.yaml too)
+#
+# Needs Rust and its wasm32-wasip2 target (`rustup target add wasm32-wasip2`). kube-default
+# is built into weir and never shipped.
+set -euo pipefail
+
+# What kustomization.yaml puts into weir-policies (host/tests/deploy.rs checks the two
+# agree). A ConfigMap holds at most 1 MiB, three or four modules: for more, ship several
+# ConfigMaps and select them with policies.selector in weir.toml.
+SHIPPED=(round-robin least-connections maglev)
+
+LIMIT=1048576
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+out="$root/deploy/policies"
+target_dir="$root/target/guests"
+artifacts="$target_dir/wasm32-wasip2/policy"
+
+if [ $# -gt 0 ]; then
+    policies=("$@")
+else
+    policies=("${SHIPPED[@]}")
+fi
+
+sysroot="$(rustc --print sysroot)"
+if [ ! -d "$sysroot/lib/rustlib/wasm32-wasip2/lib" ]; then
+    echo "the wasm32-wasip2 target is missing: rustup target add wasm32-wasip2" >&2
+    exit 1
+fi
+
+packages=()
+for policy in "${policies[@]}"; do
+    if [ "$policy" = kube-default ] || [ "$policy" = sdk ]; then
+        echo "$policy is not shipped: kube-default is built into weir, sdk is a library" >&2
+        exit 1
+    fi
+    if [ ! -f "$root/policies/$policy/Cargo.toml" ]; then
+        echo "no policy crate policies/$policy: the library is listed in policies/README.md" >&2
+        exit 1
+    fi
+    packages+=(-p "$policy")
+done
+
+# The build host/build.rs runs (profile `policy`, target dir target/guests): the two share
+# their artifacts, so after a `cargo build` of weir this only copies.
+cd "$root"
+cargo build --target wasm32-wasip2 --profile policy --target-dir "$target_dir" "${packages[@]}"
+
+total=$(stat -c %s "$out/policies.toml")
+for policy in "${policies[@]}"; do
+    cp "$artifacts/${policy//-/_}.wasm" "$out/$policy.wasm"
+    size=$(stat -c %s "$out/$policy.wasm")
+    total=$((total + size))
+    printf '%8d  deploy/policies/%s.wasm\n' "$size" "$policy"
+done
+printf '%8d  in all, with policies.toml (a ConfigMap holds at most %d)\n' "$total" "$LIMIT"
+if [ "$total" -gt "$LIMIT" ]; then
+    echo "too large for one ConfigMap: ship fewer modules in it" >&2
+    exit 1
+fi
