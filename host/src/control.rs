@@ -526,10 +526,12 @@ impl ControlPlane {
                         regarding.clone(),
                         false,
                         "PolicyLoaded",
-                        format!(
-                            "policy {name} ({name}.wasm, sha256 {sha256}) loaded: serving {} service ports",
-                            replay.len()
-                        ),
+                        match replay.len() {
+                            0 => format!("policy {name} ({name}.wasm, sha256 {sha256}) loaded"),
+                            ports => format!(
+                                "policy {name} ({name}.wasm, sha256 {sha256}) loaded: serving {ports} service ports"
+                            ),
+                        },
                     );
                 }
                 true

@@ -304,7 +304,7 @@ fn find_node<'a>(
         .nodes
         .iter()
         .rev()
-        .map(|n| &n.object)
+        .map(|n| &*n.object)
         .find(|n| n.metadata.name.as_deref() == Some(node_name))
 }
 

@@ -17,8 +17,8 @@ pub use engine::{CompiledPolicy, LoadError, PolicyEngine, sha256_hex};
 pub use instance::{CallError, CallKind, FailureKind};
 pub use limits::Limits;
 pub use registry::{Binding, Registry, RegistryError};
-pub use settings::PolicySettings;
 pub use runtime::{FailureMode, HostDecision, PolicyRuntime, ServiceInput, UpdateAnswer};
+pub use settings::PolicySettings;
 
 /// The name of the policy every Service gets unless its `weir.dev/policy` annotation
 /// names another one.

@@ -668,7 +668,7 @@ fn slice_for<'a>(
     let found = objects
         .endpoint_slices
         .iter_mut()
-        .map(|s| &mut s.object)
+        .map(|s| std::sync::Arc::make_mut(&mut s.object))
         .find(|slice| {
             slice.metadata.namespace.as_deref() == Some(namespace)
                 && slice
@@ -705,7 +705,7 @@ fn set_node_zone(objects: &mut Objects, node: &str, zone: &str) {
         .iter_mut()
         .find(|n| n.object.metadata.name.as_deref() == Some(node));
     let target = match existing {
-        Some(n) => &mut n.object,
+        Some(n) => std::sync::Arc::make_mut(&mut n.object),
         None => {
             let mut object = k8s_openapi::api::core::v1::Node::default();
             object.metadata.name = Some(node.to_string());
@@ -715,9 +715,9 @@ fn set_node_zone(objects: &mut Objects, node: &str, zone: &str) {
                     document: None,
                     item: None,
                 },
-                object,
+                object: object.into(),
             });
-            &mut objects.nodes.last_mut().expect("just pushed").object
+            std::sync::Arc::make_mut(&mut objects.nodes.last_mut().expect("just pushed").object)
         }
     };
     target

@@ -191,6 +191,28 @@ async fn services_and_slices_appear_change_and_disappear() {
             .any(|(address, _, _)| *address == api_address)
     })
     .await;
+    // kube-proxy's node eligibility: a Node tainted for deletion fails /healthz.
+    let admin = weir.app().admin_address();
+    let healthz = || async move {
+        let response = weir::test_helpers::http_get(admin, "/healthz")
+            .await
+            .unwrap();
+        response[9..12].to_string()
+    };
+    assert_eq!(healthz().await, "200");
+    let mut tainted = node(T);
+    tainted["spec"] = json!({"taints": [{"key": "ToBeDeletedByClusterAutoscaler", "value": "1", "effect": "NoSchedule"}]});
+    api.apply(tainted);
+    let end = std::time::Instant::now() + WAIT;
+    while healthz().await != "503" {
+        assert!(
+            std::time::Instant::now() < end,
+            "/healthz stays 200 on a tainted Node"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    api.apply(node(T));
+
     assert!(api.delete("Service", Some("default"), "web"));
     wait_until("a deleted Service is let go", WAIT, || {
         !weir

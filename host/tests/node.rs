@@ -335,6 +335,11 @@ fn node_in_network_namespaces() {
         ),
     )
     .unwrap();
+    // What a previous run left on weir0 goes: 198.19.0.99 is no Service's.
+    if run(&["link", "add", "weir0", "type", "dummy"]).is_err() {
+        run(&["link", "add", "weir0", "type", "bridge"]).unwrap();
+    }
+    run(&["address", "add", "198.19.0.99/32", "dev", "weir0"]).unwrap();
     let log = dir.path().join("weir.log");
     let child = Command::new(env!("CARGO_BIN_EXE_weir"))
         .args(["run", "--config"])
@@ -370,6 +375,7 @@ fn node_in_network_namespaces() {
             "{addresses}"
         );
     }
+    assert!(!addresses.contains("198.19.0.99"), "stale: {addresses}");
     let seen = answers(&pod2, addr(&cluster_ip(10), 80), 20);
     assert_eq!(
         distinct(&seen),
@@ -403,6 +409,16 @@ fn node_in_network_namespaces() {
         seen.iter().all(|s| s.starts_with("error")),
         "dropped: {seen:?}"
     );
+
+    // A Service deleted takes its address off weir0.
+    assert!(api.delete("Service", Some("default"), "away"));
+    wait_for("198.19.0.13 leaves weir0", || {
+        let output = Command::new("ip")
+            .args(["-o", "address", "show", "dev", "weir0"])
+            .output()
+            .unwrap();
+        !String::from_utf8_lossy(&output.stdout).contains("198.19.0.13/")
+    });
 
     // The policies ConfigMap updated 10 times under a client loop: no failed connection.
     let (failures, served, looping) = (

@@ -37,7 +37,8 @@ impl fmt::Display for Origin {
 #[derive(Clone, Debug)]
 pub struct Sourced<T> {
     pub origin: Origin,
-    pub object: T,
+    /// Shared: a sync copies the objects it builds from, and only the pointers are copied.
+    pub object: std::sync::Arc<T>,
 }
 
 /// The objects weir uses, in the order they were read.
@@ -317,17 +318,26 @@ fn load_value(
     match (api_version, kind) {
         ("v1", "Service") => {
             if let Some(object) = decode::<Service>(&origin, &name, value, diagnostics) {
-                objects.services.push(Sourced { origin, object });
+                objects.services.push(Sourced {
+                    origin,
+                    object: object.into(),
+                });
             }
         }
         ("discovery.k8s.io/v1", "EndpointSlice") => {
             if let Some(object) = decode::<EndpointSlice>(&origin, &name, value, diagnostics) {
-                objects.endpoint_slices.push(Sourced { origin, object });
+                objects.endpoint_slices.push(Sourced {
+                    origin,
+                    object: object.into(),
+                });
             }
         }
         ("v1", "Node") => {
             if let Some(object) = decode::<Node>(&origin, &name, value, diagnostics) {
-                objects.nodes.push(Sourced { origin, object });
+                objects.nodes.push(Sourced {
+                    origin,
+                    object: object.into(),
+                });
             }
         }
         (_, "Service" | "Node") if api_version != "v1" => diagnostics.push(Diagnostic::error(
