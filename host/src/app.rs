@@ -141,8 +141,11 @@ impl App {
         let source = match config.source.kind {
             SourceKind::Files => Source::Files(FileSource::new(config.source.paths.clone())),
             SourceKind::Kubernetes => {
-                let wake = signal.clone();
+                let (wake, health) = (signal.clone(), health.clone());
+                // As kube-proxy's event handlers do: a change is queued when it is seen,
+                // so `/healthz` fails if the control plane stops applying them.
                 let wake = Arc::new(move || {
+                    health.queued();
                     let _ = wake.send(Signal::Wake);
                 });
                 Source::Kubernetes(Box::new(KubeSource::start(

@@ -48,9 +48,14 @@ pub enum Signal {
     Stop,
 }
 
-/// A policy module loaded from a ConfigMap.
+/// A policy module shipped in a ConfigMap, loaded or refused.
 struct Shipped {
+    /// The last module tried under this name, with its settings.
+    sha256: String,
     config: String,
+    pin: Option<String>,
+    /// Whether a version of it is serving.
+    loaded: bool,
     /// The ConfigMap it came from, for Events.
     from: ObjectReference,
 }
@@ -68,6 +73,13 @@ pub struct ControlPlane {
     node_addresses: Vec<IpAddr>,
     capture: Option<Capture>,
     capture_error: Option<String>,
+    /// When to try the capture interface again after a failure.
+    capture_retry: Option<Instant>,
+    /// Every address of the Services proxied (ClusterIPs, externalIPs, LB IPs), with the
+    /// number of Services that have it: what the capture interface holds, listened on or
+    /// not (a Service with no endpoints has no listener, and its address must still be
+    /// local, so that connections are refused rather than routed off the node).
+    service_ips: HashMap<IpAddr, usize>,
     identities: Identities,
     bound: HashMap<ServiceHandle, Bound>,
     /// Warnings logged at the last sync: each is logged once while it lasts, and again if
@@ -125,6 +137,8 @@ impl ControlPlane {
             source,
             capture: config.capture_interface().map(Capture::new),
             capture_error: None,
+            capture_retry: None,
+            service_ips: HashMap::new(),
             node_addresses: config.node_addresses().unwrap_or_default(),
             shipped: BTreeMap::new(),
             policy_settings: BTreeMap::new(),
@@ -178,8 +192,9 @@ impl ControlPlane {
         });
     }
 
-    /// Syncs once, then follows changes until told to stop (or the sender is dropped);
-    /// closes every listener on the way out. In Kubernetes mode the first sync waits for
+    /// Syncs once, then follows changes until told to stop (App sends `Stop`; in
+    /// Kubernetes mode the watchers hold a sender too, so only `Stop` ends it); closes
+    /// every listener on the way out. In Kubernetes mode the first sync waits for
     /// every watch to list in full, saying in `/readyz` what it waits for.
     pub fn run(mut self, signals: Receiver<Signal>) {
         let interval = self
@@ -228,9 +243,15 @@ impl ControlPlane {
             if !self.pending.is_nothing() {
                 let changed = std::mem::take(&mut self.pending);
                 self.sync(changed);
-            } else if self.listeners.has_failed() || self.capture_error.is_some() {
-                // Only what failed is tried again; nothing else has changed.
-                self.reconcile_listeners();
+            } else {
+                // Whatever woke us (a watch event that changed nothing weir uses) is
+                // handled: `/healthz` must not count it as waiting.
+                self.health.updated();
+                let capture_due = self.capture_retry.is_some_and(|at| Instant::now() >= at);
+                if self.listeners.has_failed() || capture_due {
+                    // Only what failed is tried again; nothing else has changed.
+                    self.reconcile_listeners();
+                }
             }
             self.remove_retired();
         }
@@ -354,11 +375,13 @@ impl ControlPlane {
 
     /// Loads the modules of the policies ConfigMaps (`binaryData` `NAME.wasm`) with their
     /// settings (`data` `policies.toml`), each through the transactional swap, and unloads
-    /// those no longer shipped. Every outcome is an Event on the ConfigMap. Settings that
-    /// do not parse change nothing: the policies loaded keep serving. Returns whether a
-    /// policy or its settings changed.
+    /// those no longer shipped. Every outcome is an Event on the ConfigMap. A ConfigMap
+    /// whose settings do not parse is held as it was: its modules and settings keep
+    /// serving, the other ConfigMaps are applied. Returns whether a policy or its settings
+    /// changed.
     fn load_shipped(&mut self, maps: &[Arc<ConfigMap>]) -> bool {
         let mut settings = BTreeMap::new();
+        let mut held = BTreeSet::new();
         for map in maps {
             let Some(text) = map.data.as_ref().and_then(|d| d.get(POLICY_SETTINGS_KEY)) else {
                 continue;
@@ -371,19 +394,32 @@ impl ControlPlane {
                 }
                 Err(error) => {
                     let message = format!(
-                        "{POLICY_SETTINGS_KEY}: {error}; nothing in this ConfigMap was applied: the policies and settings loaded keep serving"
+                        "{POLICY_SETTINGS_KEY}: {error}; nothing in this ConfigMap was applied: its policies and settings as they were keep serving"
                     );
                     tracing::error!(configmap = %map.name_any(), "{message}");
                     self.metrics
                         .proxy
                         .reload(POLICY_SETTINGS_KEY, ReloadResult::rejected);
                     self.announce(map.object_ref(&()), true, "PolicyRejected", message);
-                    return false;
+                    held.insert(map.name_any());
                 }
             }
         }
+        // The modules of a held ConfigMap stay as they are, with their settings.
+        let is_held = |from: &ObjectReference| {
+            from.name
+                .as_ref()
+                .is_some_and(|name| held.contains(name.as_str()))
+        };
+        for (name, shipped) in &self.shipped {
+            if is_held(&shipped.from)
+                && let Some(previous) = self.policy_settings.get(name)
+            {
+                settings.insert(name.clone(), previous.clone());
+            }
+        }
         let mut modules: BTreeMap<String, (&[u8], &ConfigMap)> = BTreeMap::new();
-        for map in maps {
+        for map in maps.iter().filter(|m| !held.contains(&m.name_any())) {
             for (key, bytes) in map.binary_data.iter().flatten() {
                 let Some(name) = key.strip_suffix(".wasm") else {
                     tracing::warn!(configmap = %map.name_any(), "binaryData key {key} is not NAME.wasm: ignored");
@@ -405,23 +441,26 @@ impl ControlPlane {
         let mut changed = false;
         let gone: Vec<String> = self
             .shipped
-            .keys()
-            .filter(|name| !modules.contains_key(*name))
-            .cloned()
+            .iter()
+            .filter(|(name, shipped)| !modules.contains_key(*name) && !is_held(&shipped.from))
+            .map(|(name, _)| name.clone())
             .collect();
         for name in gone {
             let Some(shipped) = self.shipped.remove(&name) else {
                 continue;
             };
-            changed = true;
-            self.queued();
+            // A refused module is forgotten too: its Services stop saying it was refused.
+            if let Err(error) = self.registry.unload(&name) {
+                tracing::error!(policy = %name, "{error:#}");
+            }
+            if shipped.loaded {
+                changed = true;
+                self.queued();
+            }
             let message = format!(
                 "{name}.wasm was removed from the policies ConfigMap: its Services fall back to the built-in kube-default"
             );
             tracing::warn!(policy = %name, "{message}");
-            if let Err(error) = self.registry.unload(&name) {
-                tracing::error!(policy = %name, "{error:#}");
-            }
             self.announce(shipped.from, false, "PolicyRemoved", message);
         }
         for (name, (bytes, map)) in modules {
@@ -429,29 +468,47 @@ impl ControlPlane {
             let config = policy.config.clone().unwrap_or_default();
             let sha256 = crate::policy::sha256_hex(bytes);
             let from = map.object_ref(&());
-            if let Some(pin) = &policy.sha256
+            // Already loaded, or already refused: nothing to do, nothing to announce.
+            if self
+                .shipped
+                .get(&name)
+                .is_some_and(|s| s.sha256 == sha256 && s.config == config && s.pin == policy.sha256)
+            {
+                continue;
+            }
+            let loaded = if let Some(pin) = &policy.sha256
                 && !pin.eq_ignore_ascii_case(&sha256)
             {
                 let error = format!(
                     "its sha256 is not the one {POLICY_SETTINGS_KEY} pins ({pin}): ship the pinned module or change the pin"
                 );
                 self.rejected(&name, &sha256, "pinned", &error, Some(&from));
-                continue;
-            }
-            let loaded = self.registry.sha256(&name) == Some(sha256.as_str());
-            if loaded && self.shipped.get(&name).is_some_and(|s| s.config == config) {
-                continue;
-            }
-            let source = format!(
-                "configmap {}/{} key {name}.wasm",
-                map.namespace().unwrap_or_default(),
-                map.name_any()
-            );
-            if self.swap(&name, &source, bytes, &sha256, &config, Some(&from)) {
-                self.shipped.insert(name, Shipped { config, from });
+                false
+            } else {
+                let source = format!(
+                    "configmap {}/{} key {name}.wasm",
+                    map.namespace().unwrap_or_default(),
+                    map.name_any()
+                );
+                self.swap(&name, &source, bytes, &sha256, &config, Some(&from))
+            };
+            if loaded {
                 self.queued();
                 changed = true;
             }
+            // The digest and config tried are remembered, so the same module is not tried
+            // (and announced) again; a refused one leaves a loaded version serving.
+            let was_loaded = self.shipped.get(&name).is_some_and(|s| s.loaded);
+            self.shipped.insert(
+                name,
+                Shipped {
+                    sha256,
+                    config,
+                    pin: policy.sha256,
+                    loaded: loaded || was_loaded,
+                    from,
+                },
+            );
         }
         if settings != self.policy_settings {
             self.policy_settings = settings;
@@ -611,6 +668,18 @@ impl ControlPlane {
             .config
             .node_addresses()
             .unwrap_or_else(|| model::node_addresses(&objects, &node_name));
+        if self.node_addresses.is_empty()
+            && once(
+                &self.reported,
+                &mut self.seen,
+                format!("Node {node_name} has no InternalIP or ExternalIP address"),
+                None,
+            )
+        {
+            tracing::warn!(
+                "Node {node_name} has no InternalIP or ExternalIP address in its status: NodePorts and health checks are not served until it has; set node.addresses to choose them"
+            );
+        }
         let local_sources = match &self.config.node.local_cidrs {
             Some(cidrs) => cidrs.clone(),
             None => {
@@ -704,11 +773,10 @@ impl ControlPlane {
     /// Service addresses are put on it first and the stale ones taken off after.
     fn reconcile_listeners(&mut self) {
         let virtual_ips: Option<BTreeSet<IpAddr>> = self.capture.is_some().then(|| {
-            self.wanted
-                .iter()
-                .filter(|(_, kind)| **kind == ListenerKind::Service)
-                .map(|(address, _)| address.ip())
-                .filter(|ip| !self.node_addresses.contains(ip))
+            self.service_ips
+                .keys()
+                .filter(|ip| !self.node_addresses.contains(ip) && !ip.is_unspecified())
+                .copied()
                 .collect()
         });
         if let (Some(capture), Some(ips)) = (self.capture.as_mut(), &virtual_ips) {
@@ -727,6 +795,7 @@ impl ControlPlane {
     fn report_capture(&mut self, result: Result<(), String>) {
         match result {
             Ok(()) => {
+                self.capture_retry = None;
                 if self.capture_error.take().is_some() {
                     tracing::info!("the capture interface holds every Service address again");
                 }
@@ -738,6 +807,7 @@ impl ControlPlane {
                     );
                 }
                 self.capture_error = Some(error);
+                self.capture_retry = Some(Instant::now() + std::time::Duration::from_secs(2));
             }
         }
     }
@@ -788,6 +858,14 @@ impl ControlPlane {
             }
         }
         self.health_counts.remove(key);
+        for ip in &old.service_ips {
+            if let Some(count) = self.service_ips.get_mut(ip) {
+                *count -= 1;
+                if *count == 0 {
+                    self.service_ips.remove(ip);
+                }
+            }
+        }
         self.no_local[0] -= old.no_local[0];
         self.no_local[1] -= old.no_local[1];
         let kept: HashSet<&ServicePortKey> = ports
@@ -819,6 +897,14 @@ impl ControlPlane {
         let mut health_port = None;
         for snapshot in ports {
             health_port = health_port.or(snapshot.health_check.map(|c| c.node_port));
+            let service = &snapshot.service;
+            contribution.service_ips.insert(service.cluster_ip);
+            contribution.service_ips.extend(
+                service
+                    .external_ips
+                    .iter()
+                    .chain(&service.load_balancer_ips),
+            );
             if snapshot.key.protocol != ProtocolKey::Tcp {
                 let message = format!(
                     "{}: {} is not proxied (weir proxies TCP; UDP comes later)",
@@ -958,6 +1044,9 @@ impl ControlPlane {
         }
         self.no_local[0] += contribution.no_local[0];
         self.no_local[1] += contribution.no_local[1];
+        for ip in &contribution.service_ips {
+            *self.service_ips.entry(*ip).or_default() += 1;
+        }
         if let Some(port) = health_port {
             // One server per Service, counting one family (IPv4 when it has it), as
             // kube-proxy's single health check server does.
@@ -1129,6 +1218,8 @@ struct Contribution {
     ports: Vec<(ServicePortKey, ServiceHandle)>,
     /// The listening addresses it owns (service and health check).
     addresses: Vec<SocketAddr>,
+    /// Its addresses: ClusterIPs, externalIPs, LoadBalancer IPs.
+    service_ips: BTreeSet<IpAddr>,
     /// Its ports with a Local traffic policy and no local endpoints: internal, external.
     no_local: [i64; 2],
     metrics: HashMap<(String, String), Arc<RouteMetrics>>,

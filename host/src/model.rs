@@ -217,7 +217,8 @@ impl HasName for EndpointSlice {
     }
 }
 
-fn namespaced_name(
+/// An object's namespace (`default` when it has none, as kubectl assumes) and name.
+pub fn namespaced_name(
     meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
 ) -> (String, String) {
     (
@@ -308,21 +309,38 @@ fn find_node<'a>(
         .find(|n| n.metadata.name.as_deref() == Some(node_name))
 }
 
-/// Where NodePorts listen when the config does not say: the Node's InternalIP and
-/// ExternalIP addresses, from its status.
+/// Where NodePorts listen when the config does not say: per address family, the Node's
+/// InternalIP addresses, or its ExternalIP addresses when it has no InternalIP of that
+/// family (as kube-proxy picks node IPs). An ExternalIP is often NAT'd and not on the
+/// node at all.
 pub fn node_addresses(objects: &Objects, node_name: &str) -> Vec<IpAddr> {
-    let mut addresses = Vec::new();
     let status = find_node(objects, node_name).and_then(|n| n.status.as_ref());
-    for address in status
-        .and_then(|s| s.addresses.as_ref())
-        .into_iter()
-        .flatten()
-    {
-        if (address.type_ == "InternalIP" || address.type_ == "ExternalIP")
-            && let Ok(ip) = address.address.parse::<IpAddr>()
-            && !addresses.contains(&ip)
-        {
-            addresses.push(ip);
+    let listed = status.and_then(|s| s.addresses.as_ref());
+    let of_type = |type_: &str| -> Vec<IpAddr> {
+        listed
+            .into_iter()
+            .flatten()
+            .filter(|a| a.type_ == type_)
+            .filter_map(|a| a.address.parse::<IpAddr>().ok())
+            .collect()
+    };
+    let (internal, external) = (of_type("InternalIP"), of_type("ExternalIP"));
+    let mut addresses = Vec::new();
+    for v4 in [true, false] {
+        let family = |ips: &Vec<IpAddr>| -> Vec<IpAddr> {
+            ips.iter()
+                .copied()
+                .filter(|ip| ip.is_ipv4() == v4)
+                .collect()
+        };
+        let chosen = match family(&internal) {
+            ips if ips.is_empty() => family(&external),
+            ips => ips,
+        };
+        for ip in chosen {
+            if !addresses.contains(&ip) {
+                addresses.push(ip);
+            }
         }
     }
     addresses

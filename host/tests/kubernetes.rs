@@ -408,3 +408,106 @@ async fn service_proxy_name_selects_the_labelled_services() {
         "only the labelled Service"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn policies_from_configmaps_selected_by_label() {
+    const T: u8 = 35;
+    let _backends = backends(T, 1).await;
+    let api = ApiServer::start();
+    api.apply(node(T));
+    let named = |name: &str, module: &str, labelled: bool| {
+        let mut map = policies(&[(module, guest_bytes("round-robin"))], None);
+        map["metadata"]["name"] = json!(name);
+        if labelled {
+            map["metadata"]["labels"] = json!({"weir.dev/policies": "true"});
+        }
+        map
+    };
+    api.apply(named("policies-a", "first", true));
+    api.apply(named("policies-b", "second", true));
+    api.apply(named("elsewhere", "third", false));
+    api.apply(service("web", ip(T, 0, 10), Some("second")));
+    api.apply(slice("web", &[ip(T, 1, 1)]));
+    api.apply(service("api", ip(T, 0, 11), Some("third")));
+    api.apply(slice("api", &[ip(T, 1, 1)]));
+    let _weir = KubeWeir::ready(&api, "[policies]\nselector = \"weir.dev/policies=true\"").await;
+    for (map, module) in [("policies-a", "first"), ("policies-b", "second")] {
+        let loaded = event_with(&api, "PolicyLoaded", &format!("{module}.wasm"))
+            .unwrap_or_else(|| panic!("{module} loaded: {:#?}", api.events()));
+        assert_eq!(loaded["regarding"]["name"], map);
+    }
+    // An unlabelled ConfigMap is not weir's: its module is not loaded.
+    let fallback = event_with(&api, "PolicyFallback", "third").expect("PolicyFallback");
+    assert_eq!(fallback["regarding"]["name"], "api");
+    wait_for_backends(SocketAddr::new(ip(T, 0, 10), 8000), 3, &names(T, &[1])).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_module_follows_its_settings_until_removed() {
+    const T: u8 = 36;
+    let _backends = backends(T, 1).await;
+    let api = ApiServer::start();
+    api.apply(node(T));
+    api.apply(service("web", ip(T, 0, 10), Some("solo")));
+    api.apply(slice("web", &[ip(T, 1, 1)]));
+    // Only a broken module, and settings that close its Services when it is unavailable.
+    let broken = b"not a component".to_vec();
+    api.apply(policies(
+        &[("solo", broken.clone())],
+        Some("[solo]\nfailure_mode = \"closed\"\n"),
+    ));
+    let weir = KubeWeir::ready(&api, "").await;
+    event_with(&api, "PolicyRejected", &weir::policy::sha256_hex(&broken)).expect("rejected");
+    let fallback = event_with(&api, "PolicyFallback", "solo").expect("PolicyFallback");
+    let note = fallback["note"].as_str().unwrap();
+    assert!(note.contains("rejects its traffic"), "{note}");
+    let web = SocketAddr::new(ip(T, 0, 10), 8000);
+    assert!(who(web, None).await.is_err(), "failure mode closed");
+
+    // The same module again, beside a new one: the new one is loaded, the refused one
+    // is not tried again (nothing about it changed).
+    let rejections = weir.metric("weir_policy_rejections_total{policy=\"solo\"");
+    api.apply(policies(
+        &[("solo", broken), ("other", guest_bytes("round-robin"))],
+        Some("[solo]\nfailure_mode = \"closed\"\n"),
+    ));
+    event_with(&api, "PolicyLoaded", "other.wasm").expect("the new module loaded");
+    assert_eq!(
+        weir.metric("weir_policy_rejections_total{policy=\"solo\""),
+        rejections,
+        "an unchanged module is not tried again"
+    );
+    assert_eq!(
+        api.events()
+            .iter()
+            .filter(|e| e["reason"] == "PolicyRejected")
+            .count(),
+        1,
+        "one PolicyRejected for one refused module"
+    );
+    // Removed: forgotten, announced, and its Services are back on kube-default.
+    api.apply(policies(&[], None));
+    event_with(&api, "PolicyRemoved", "solo.wasm").expect("PolicyRemoved");
+    wait_for_backends(web, 3, &names(T, &[1])).await;
+}
+
+#[test]
+fn an_unusable_kubeconfig_is_an_error_not_a_panic() {
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = dir.path().join("kubeconfig");
+    std::fs::write(&kubeconfig, "apiVersion: v1\nclusters: [oops\n").unwrap();
+    let text = format!(
+        "[node]\nname = \"node-a\"\ncapture_interface = \"\"\n[source]\nkind = \"kubernetes\"\nkubeconfig = \"{}\"\n[admin]\naddress = \"127.0.0.1:0\"\n",
+        kubeconfig.display()
+    );
+    let config = weir::config::Config::parse(&text, dir.path()).unwrap();
+    let error = runtime
+        .block_on(async { App::start(config).err() })
+        .expect("an error");
+    let message = format!("{error:#}");
+    assert!(
+        message.contains("source.kubeconfig: cannot use") && message.contains("kubeconfig"),
+        "{message}"
+    );
+}

@@ -315,6 +315,10 @@ fn node_in_network_namespaces() {
     away["spec"]["ports"][0]["nodePort"] = json!(30081);
     api.apply(away);
     api.apply(slice_json("away", &[endpoints[1]]));
+    // No endpoints: no listener, but the address stays local, so connections are refused
+    // at once (kube-proxy's REJECT) rather than routed off the node.
+    api.apply(service_json("empty", &cluster_ip(14), 80, None));
+    api.apply(slice_json("empty", &[]));
     let round_robin = guest_bytes("round-robin");
     let maglev = guest_bytes("maglev");
     api.apply(policies_json(&[("rr", round_robin.clone())], None));
@@ -369,13 +373,32 @@ fn node_in_network_namespaces() {
         .output()
         .unwrap();
     let addresses = String::from_utf8_lossy(&addresses.stdout);
-    for n in 10..=13 {
+    for n in 10..=14 {
         assert!(
             addresses.contains(&format!("198.19.0.{n}/32")),
             "{addresses}"
         );
     }
     assert!(!addresses.contains("198.19.0.99"), "stale: {addresses}");
+    assert!(addresses.contains("198.19.0.14/32"), "{addresses}");
+    let refused = in_ns(&pod2, || {
+        Box::pin(async {
+            let started = Instant::now();
+            let error = who(addr("198.19.0.14", 80), None).await.unwrap_err();
+            (error.kind(), started.elapsed())
+        })
+    })
+    .join()
+    .unwrap();
+    assert_eq!(
+        refused.0,
+        std::io::ErrorKind::ConnectionRefused,
+        "{refused:?}"
+    );
+    assert!(
+        refused.1 < Duration::from_secs(1),
+        "refused at once: {refused:?}"
+    );
     let seen = answers(&pod2, addr(&cluster_ip(10), 80), 20);
     assert_eq!(
         distinct(&seen),

@@ -196,12 +196,7 @@ type Pair<K> = (Option<Arc<K>>, Option<Arc<K>>);
 impl<K: Resource> Table<K> {
     /// Applies one watcher event. Returns what changed, as (before, after) pairs.
     fn apply(&mut self, event: watcher::Event<K>) -> Vec<Pair<K>> {
-        let key = |object: &K| {
-            (
-                object.meta().namespace.clone().unwrap_or_default(),
-                object.meta().name.clone().unwrap_or_default(),
-            )
-        };
+        let key = |object: &K| model::namespaced_name(object.meta());
         match event {
             watcher::Event::Init => {
                 self.relisting = Some(HashMap::new());
@@ -278,10 +273,7 @@ impl Store {
         let Some(service) = slice_service(slice) else {
             return;
         };
-        let key = (
-            slice.metadata.namespace.clone().unwrap_or_default(),
-            slice.metadata.name.clone().unwrap_or_default(),
-        );
+        let key = model::namespaced_name(&slice.metadata);
         if add {
             self.slices_of.entry(service).or_default().insert(key);
         } else if let Some(slices) = self.slices_of.get_mut(&service) {
@@ -299,10 +291,7 @@ fn slice_service(slice: &EndpointSlice) -> Option<ServiceKey> {
         .labels
         .as_ref()?
         .get(model::SERVICE_NAME_LABEL)?;
-    Some((
-        slice.metadata.namespace.clone().unwrap_or_default(),
-        name.clone(),
-    ))
+    Some((model::namespaced_name(&slice.metadata).0, name.clone()))
 }
 
 /// An Event to publish about an object.
@@ -322,7 +311,28 @@ pub struct KubeSource {
     store: Arc<Mutex<Store>>,
     announce: tokio::sync::mpsc::UnboundedSender<Announcement>,
     /// Dropped last: stops the watchers.
-    _runtime: tokio::runtime::Runtime,
+    _runtime: Background,
+}
+
+/// The watchers' runtime, shut down without waiting when dropped: weir may be dropping it
+/// from inside another runtime (an error while starting), where waiting panics, and a
+/// watch stuck in a DNS lookup must not hold up shutdown.
+struct Background(Option<tokio::runtime::Runtime>);
+
+impl std::ops::Deref for Background {
+    type Target = tokio::runtime::Runtime;
+
+    fn deref(&self) -> &Self::Target {
+        self.0.as_ref().expect("present until dropped")
+    }
+}
+
+impl Drop for Background {
+    fn drop(&mut self) {
+        if let Some(runtime) = self.0.take() {
+            runtime.shutdown_background();
+        }
+    }
 }
 
 impl std::fmt::Debug for KubeSource {
@@ -341,11 +351,13 @@ impl KubeSource {
         settings: Settings,
         wake: Arc<dyn Fn() + Send + Sync>,
     ) -> anyhow::Result<KubeSource> {
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .thread_name("weir-kube")
-            .enable_all()
-            .build()?;
+        let runtime = Background(Some(
+            tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .thread_name("weir-kube")
+                .enable_all()
+                .build()?,
+        ));
         // Called from async code too (weir starts inside a runtime): the config is read
         // on a thread of its own.
         let config = std::thread::scope(|scope| {
@@ -378,7 +390,7 @@ impl KubeSource {
                     };
                     for (before, after) in store.services.apply(event) {
                         for service in before.iter().chain(after.iter()) {
-                            let key = (service.namespace().unwrap_or_default(), service.name_any());
+                            let key = model::namespaced_name(&service.metadata);
                             store.touched.merge(Changed::Services([key].into()));
                         }
                     }
@@ -436,7 +448,13 @@ impl KubeSource {
             store.clone(),
             wake.clone(),
             |store: &mut Store, event| {
-                if !store.node.apply(event).is_empty() {
+                // The kubelet updates its Node's status regularly; only what weir reads
+                // (labels, taints, deletion, addresses, pod ranges) is worth a rebuild of
+                // every Service.
+                let pairs = store.node.apply(event);
+                if pairs.iter().any(|(before, after)| {
+                    before.as_deref().map(node_relevant) != after.as_deref().map(node_relevant)
+                }) {
                     store.touched = Changed::Everything;
                 }
             },
@@ -682,6 +700,18 @@ async fn follow<K, F>(
             }
         }
     }
+}
+
+/// What weir reads of a Node.
+fn node_relevant(node: &Node) -> impl PartialEq + '_ {
+    (
+        &node.metadata.labels,
+        &node.metadata.deletion_timestamp,
+        node.spec
+            .as_ref()
+            .map(|s| (&s.taints, &s.pod_cidrs, &s.pod_cidr)),
+        node.status.as_ref().map(|s| &s.addresses),
+    )
 }
 
 /// Drops what weir never reads and can be large: managedFields, and kubectl's copy of
