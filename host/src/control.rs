@@ -9,8 +9,6 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
 
-use k8s_openapi::api::core::v1::{ConfigMap, ObjectReference};
-use kube::{Resource, ResourceExt};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use weir_sdk::{Eligibility, EmptyAction, Scope, ServiceHandle};
@@ -20,7 +18,7 @@ use crate::capture::Capture;
 use crate::config::Config;
 use crate::discovery::Source;
 use crate::discovery::files::{Diagnostic, Severity};
-use crate::discovery::kubernetes::{Announcement, POLICY_SETTINGS_KEY};
+use crate::discovery::kubernetes::{Announcement, POLICY_SETTINGS_KEY, PolicyMap, Subject};
 use crate::discovery::watch::{Changed, Fingerprint};
 use crate::health::ProxyHealth;
 use crate::metrics::{Metrics, RejectionLabels, ReloadResult, TrafficPolicyLabels};
@@ -56,8 +54,9 @@ struct Shipped {
     pin: Option<String>,
     /// Whether a version of it is serving.
     loaded: bool,
-    /// The ConfigMap it came from, for Events.
-    from: ObjectReference,
+    /// The ConfigMap it came from (`namespace/name`), and what its Events are about.
+    map: String,
+    from: Subject,
 }
 
 pub struct ControlPlane {
@@ -379,11 +378,11 @@ impl ControlPlane {
     /// whose settings do not parse is held as it was: its modules and settings keep
     /// serving, the other ConfigMaps are applied. Returns whether a policy or its settings
     /// changed.
-    fn load_shipped(&mut self, maps: &[Arc<ConfigMap>]) -> bool {
+    fn load_shipped(&mut self, maps: &[PolicyMap]) -> bool {
         let mut settings = BTreeMap::new();
         let mut held = BTreeSet::new();
         for map in maps {
-            let Some(text) = map.data.as_ref().and_then(|d| d.get(POLICY_SETTINGS_KEY)) else {
+            let Some(text) = &map.settings else {
                 continue;
             };
             match settings::parse(text) {
@@ -396,44 +395,38 @@ impl ControlPlane {
                     let message = format!(
                         "{POLICY_SETTINGS_KEY}: {error}; nothing in this ConfigMap was applied: its policies and settings as they were keep serving"
                     );
-                    tracing::error!(configmap = %map.name_any(), "{message}");
+                    tracing::error!(configmap = %map.name, "{message}");
                     self.metrics
                         .proxy
                         .reload(POLICY_SETTINGS_KEY, ReloadResult::rejected);
-                    self.announce(map.object_ref(&()), true, "PolicyRejected", message);
-                    held.insert(map.name_any());
+                    self.announce(map.subject.clone(), true, "PolicyRejected", message);
+                    held.insert(map.name.as_str());
                 }
             }
         }
         // The modules of a held ConfigMap stay as they are, with their settings.
-        let is_held = |from: &ObjectReference| {
-            from.name
-                .as_ref()
-                .is_some_and(|name| held.contains(name.as_str()))
-        };
         for (name, shipped) in &self.shipped {
-            if is_held(&shipped.from)
+            if held.contains(shipped.map.as_str())
                 && let Some(previous) = self.policy_settings.get(name)
             {
                 settings.insert(name.clone(), previous.clone());
             }
         }
-        let mut modules: BTreeMap<String, (&[u8], &ConfigMap)> = BTreeMap::new();
-        for map in maps.iter().filter(|m| !held.contains(&m.name_any())) {
-            for (key, bytes) in map.binary_data.iter().flatten() {
-                let Some(name) = key.strip_suffix(".wasm") else {
-                    tracing::warn!(configmap = %map.name_any(), "binaryData key {key} is not NAME.wasm: ignored");
-                    continue;
-                };
-                match modules.get(name) {
+        let mut modules: BTreeMap<&str, (&[u8], &PolicyMap)> = BTreeMap::new();
+        for map in maps.iter().filter(|m| !held.contains(m.name.as_str())) {
+            for key in &map.ignored {
+                tracing::warn!(configmap = %map.name, "binaryData key {key} is not NAME.wasm: ignored");
+            }
+            for (name, bytes) in &map.modules {
+                match modules.get(name.as_str()) {
                     Some((_, first)) => tracing::warn!(
                         policy = %name,
-                        "{key} is in ConfigMaps {} and {}: the first serves",
-                        first.name_any(),
-                        map.name_any()
+                        "{name}.wasm is in ConfigMaps {} and {}: the first serves",
+                        first.name,
+                        map.name
                     ),
                     None => {
-                        modules.insert(name.to_string(), (&bytes.0, map));
+                        modules.insert(name, (bytes, map));
                     }
                 }
             }
@@ -442,7 +435,9 @@ impl ControlPlane {
         let gone: Vec<String> = self
             .shipped
             .iter()
-            .filter(|(name, shipped)| !modules.contains_key(*name) && !is_held(&shipped.from))
+            .filter(|(name, shipped)| {
+                !modules.contains_key(name.as_str()) && !held.contains(shipped.map.as_str())
+            })
             .map(|(name, _)| name.clone())
             .collect();
         for name in gone {
@@ -464,10 +459,11 @@ impl ControlPlane {
             self.announce(shipped.from, false, "PolicyRemoved", message);
         }
         for (name, (bytes, map)) in modules {
+            let name = name.to_string();
             let policy = settings.get(&name).cloned().unwrap_or_default();
             let config = policy.config.clone().unwrap_or_default();
             let sha256 = crate::policy::sha256_hex(bytes);
-            let from = map.object_ref(&());
+            let from = map.subject.clone();
             // Already loaded, or already refused: nothing to do, nothing to announce.
             if self
                 .shipped
@@ -485,11 +481,7 @@ impl ControlPlane {
                 self.rejected(&name, &sha256, "pinned", &error, Some(&from));
                 false
             } else {
-                let source = format!(
-                    "configmap {}/{} key {name}.wasm",
-                    map.namespace().unwrap_or_default(),
-                    map.name_any()
-                );
+                let source = format!("configmap {} key {name}.wasm", map.name);
                 self.swap(&name, &source, bytes, &sha256, &config, Some(&from))
             };
             if loaded {
@@ -506,6 +498,7 @@ impl ControlPlane {
                     config,
                     pin: policy.sha256,
                     loaded: loaded || was_loaded,
+                    map: map.name.clone(),
                     from,
                 },
             );
@@ -518,16 +511,10 @@ impl ControlPlane {
     }
 
     /// Publishes an Event (Kubernetes mode only).
-    fn announce(
-        &self,
-        regarding: ObjectReference,
-        warning: bool,
-        reason: &'static str,
-        note: String,
-    ) {
+    fn announce(&self, subject: Subject, warning: bool, reason: &'static str, note: String) {
         if let Some(kube) = self.source.kubernetes() {
             kube.announce(Announcement {
-                regarding,
+                subject,
                 warning,
                 reason,
                 action: "Load",
@@ -545,7 +532,7 @@ impl ControlPlane {
         bytes: &[u8],
         sha256: &str,
         config: &str,
-        regarding: Option<&ObjectReference>,
+        regarding: Option<&Subject>,
     ) -> bool {
         let started = Instant::now();
         let mut replay: Vec<(ServiceHandle, ServiceInput)> = self
@@ -609,7 +596,7 @@ impl ControlPlane {
         sha256: &str,
         reason: &'static str,
         error: &str,
-        regarding: Option<&ObjectReference>,
+        regarding: Option<&Subject>,
     ) {
         self.metrics.proxy.reload(name, ReloadResult::rejected);
         self.metrics
@@ -1134,7 +1121,7 @@ impl ControlPlane {
                     tracing::warn!("{message}");
                     if let Some(kube) = self.source.kubernetes() {
                         kube.announce(Announcement {
-                            regarding: kube.service_reference(&key),
+                            subject: kube.service_subject(&key),
                             warning: true,
                             reason: "PolicyFallback",
                             action: "Route",

@@ -294,10 +294,52 @@ fn slice_service(slice: &EndpointSlice) -> Option<ServiceKey> {
     Some((model::namespaced_name(&slice.metadata).0, name.clone()))
 }
 
+/// What an Event is about (a policies ConfigMap, a Service); opaque to the control plane.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Subject(ObjectReference);
+
+/// One policies ConfigMap as the control plane reads it.
+#[derive(Debug)]
+pub struct PolicyMap {
+    /// `namespace/name`, for logs.
+    pub name: String,
+    pub subject: Subject,
+    /// `binaryData` `NAME.wasm`: the policy name and the module.
+    pub modules: Vec<(String, Vec<u8>)>,
+    /// `data` `policies.toml`.
+    pub settings: Option<String>,
+    /// `binaryData` keys that are not `NAME.wasm`.
+    pub ignored: Vec<String>,
+}
+
+impl PolicyMap {
+    fn of(map: &ConfigMap) -> PolicyMap {
+        let mut modules = Vec::new();
+        let mut ignored = Vec::new();
+        for (key, bytes) in map.binary_data.iter().flatten() {
+            match key.strip_suffix(".wasm") {
+                Some(name) if !name.is_empty() => modules.push((name.to_string(), bytes.0.clone())),
+                _ => ignored.push(key.clone()),
+            }
+        }
+        PolicyMap {
+            name: format!("{}/{}", map.namespace().unwrap_or_default(), map.name_any()),
+            subject: Subject(map.object_ref(&())),
+            modules,
+            settings: map
+                .data
+                .as_ref()
+                .and_then(|d| d.get(POLICY_SETTINGS_KEY))
+                .cloned(),
+            ignored,
+        }
+    }
+}
+
 /// An Event to publish about an object.
 #[derive(Debug)]
 pub struct Announcement {
-    pub regarding: ObjectReference,
+    pub subject: Subject,
     pub warning: bool,
     pub reason: &'static str,
     pub action: &'static str,
@@ -532,14 +574,19 @@ impl KubeSource {
         }
     }
 
-    /// The policies ConfigMaps, if they changed since the last look.
-    pub fn policies(&mut self) -> Option<Vec<Arc<ConfigMap>>> {
+    /// The policies ConfigMaps in name order, if they changed since the last look.
+    pub fn policies(&mut self) -> Option<Vec<PolicyMap>> {
         let mut store = lock(&self.store);
         if !std::mem::take(&mut store.policies_changed) {
             return None;
         }
-        let mut maps: Vec<_> = store.configmaps.objects.values().cloned().collect();
-        maps.sort_by_key(|m| m.name_any());
+        let mut maps: Vec<_> = store
+            .configmaps
+            .objects
+            .values()
+            .map(|map| PolicyMap::of(map))
+            .collect();
+        maps.sort_by(|a, b| a.name.cmp(&b.name));
         Some(maps)
     }
 
@@ -581,10 +628,10 @@ impl KubeSource {
         objects
     }
 
-    /// A reference to a Service, for an Event about it.
-    pub fn service_reference(&self, key: &ServiceKey) -> ObjectReference {
+    /// A Service, for an Event about it.
+    pub fn service_subject(&self, key: &ServiceKey) -> Subject {
         let store = lock(&self.store);
-        match store.services.objects.get(key) {
+        Subject(match store.services.objects.get(key) {
             Some(service) => service.object_ref(&()),
             None => ObjectReference {
                 api_version: Some("v1".into()),
@@ -593,7 +640,7 @@ impl KubeSource {
                 name: Some(key.1.clone()),
                 ..ObjectReference::default()
             },
-        }
+        })
     }
 
     /// Publishes an Event (in the background; a failure is logged, never retried).
@@ -737,7 +784,7 @@ async fn publish(
     let mut failing = false;
     let mut sequence = 0u64;
     while let Some(announcement) = announcements.recv().await {
-        let regarding = announcement.regarding;
+        let regarding = announcement.subject.0;
         let namespace = regarding
             .namespace
             .clone()
