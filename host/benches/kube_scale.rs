@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 use weir::test_helpers::apiserver::ApiServer;
-use weir::test_helpers::kube_objects::{node_json, service_json};
+use weir::test_helpers::kube_objects::{kubernetes_config, node_json, service_json};
 use weir::test_helpers::{Backend, http_get, who};
 
 const ENDPOINTS_PER_SERVICE: usize = 10;
@@ -100,19 +100,12 @@ fn main() {
         api.apply(slice(i, a));
     }
     let dir = tempfile::tempdir().unwrap();
-    let kubeconfig = api.kubeconfig(dir.path());
-    let config = dir.path().join("weir.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[node]\nname = \"node-a\"\ncapture_interface = \"\"\n\
-             [source]\nkind = \"kubernetes\"\nkubeconfig = \"{}\"\nnamespace = \"weir\"\n\
-             [policies]\ncache_dir = \"\"\n\
-             [admin]\naddress = \"127.0.0.1:10299\"\n",
-            kubeconfig.display()
-        ),
-    )
-    .unwrap();
+    let config = kubernetes_config(
+        &api,
+        dir.path(),
+        "capture_interface = \"\"",
+        "[policies]\ncache_dir = \"\"\n[admin]\naddress = \"127.0.0.1:10299\"\n",
+    );
     println!(
         "kube_scale: {services} Services, {} endpoints ({} ready), {changes} changes",
         services * ENDPOINTS_PER_SERVICE,

@@ -33,7 +33,8 @@ use crate::state::Identities;
 struct Bound {
     policy: String,
     runtime: Option<Arc<PolicyRuntime>>,
-    input: ServiceInput,
+    /// Shared with the policy's runtime, which keeps the same copy.
+    input: Arc<ServiceInput>,
     eligibility: Eligibility,
 }
 
@@ -214,7 +215,12 @@ impl ControlPlane {
         self.poll_policies();
         self.poll_objects();
         self.sync(Changed::Everything);
-        self.readiness.set_pending(Vec::new());
+        self.readiness.set_pending(
+            self.capture_error
+                .iter()
+                .map(|error| format!("capture interface: {error}"))
+                .collect(),
+        );
         tracing::info!(
             listeners = self.listeners.addresses().len(),
             "first sync done: ready"
@@ -535,7 +541,7 @@ impl ControlPlane {
         regarding: Option<&Subject>,
     ) -> bool {
         let started = Instant::now();
-        let mut replay: Vec<(ServiceHandle, ServiceInput)> = self
+        let mut replay: Vec<(ServiceHandle, Arc<ServiceInput>)> = self
             .bound
             .iter()
             .filter(|(_, b)| b.policy == name && b.runtime.is_some())
@@ -784,6 +790,7 @@ impl ControlPlane {
             Ok(()) => {
                 self.capture_retry = None;
                 if self.capture_error.take().is_some() {
+                    self.readiness.set_pending(Vec::new());
                     tracing::info!("the capture interface holds every Service address again");
                 }
             }
@@ -793,6 +800,9 @@ impl ControlPlane {
                         "cannot put Service addresses on the capture interface: {error}; retrying"
                     );
                 }
+                // Not ready: the Service addresses this node should hold are not local.
+                self.readiness
+                    .set_pending(vec![format!("capture interface: {error}")]);
                 self.capture_error = Some(error);
                 self.capture_retry = Some(Instant::now() + std::time::Duration::from_secs(2));
             }
@@ -1141,15 +1151,18 @@ impl ControlPlane {
         handle: ServiceHandle,
         snapshot: &ServicePortSnapshot,
         runtime: Option<Arc<PolicyRuntime>>,
-        input: ServiceInput,
+        mut input: ServiceInput,
     ) -> Eligibility {
+        // In id order, as the runtime keeps it: then it shares this copy.
+        input.endpoints.sort_by_key(|e| e.id);
+        input.endpoints.dedup_by_key(|e| e.id);
         if let Some(bound) = self.bound.get(&handle) {
             let same_runtime = match (&bound.runtime, &runtime) {
                 (Some(a), Some(b)) => Arc::ptr_eq(a, b),
                 (None, None) => true,
                 _ => false,
             };
-            if same_runtime && bound.input == input && bound.policy == snapshot.policy {
+            if same_runtime && *bound.input == input && bound.policy == snapshot.policy {
                 return bound.eligibility.clone();
             }
         }
@@ -1172,6 +1185,7 @@ impl ControlPlane {
         {
             self.retire(previous, handle);
         }
+        let input = Arc::new(input);
         let eligibility = match &runtime {
             Some(runtime) => runtime.update(handle, input.clone()).eligibility,
             None => Eligibility::reject_all(),

@@ -190,6 +190,20 @@ async fn answer(mut stream: tokio::net::TcpStream, who: &str) -> std::io::Result
     }
 }
 
+/// `count` backends on 127.`test`.1.n:8080 (n = 1..=count), each answering with its
+/// address.
+pub async fn backends(test: u8, count: u8) -> Vec<Backend> {
+    let mut out = Vec::new();
+    for n in 1..=count {
+        out.push(
+            Backend::start(SocketAddr::new(IpAddr::from([127, test, 1, n]), 8080), "")
+                .await
+                .expect("backend"),
+        );
+    }
+    out
+}
+
 /// weir running in process on files in a temporary directory, for proxy tests.
 pub struct Weir {
     pub app: Option<crate::app::App>,

@@ -12,8 +12,10 @@ use std::time::Duration;
 use serde_json::{Value, json};
 use weir::app::App;
 use weir::test_helpers::apiserver::ApiServer;
-use weir::test_helpers::kube_objects::{node_json, policies_json, service_json, slice_json};
-use weir::test_helpers::{Backend, guest_bytes, wait_until, who};
+use weir::test_helpers::kube_objects::{
+    kubernetes_config, node_json, policies_json, service_json, slice_json,
+};
+use weir::test_helpers::{backends, guest_bytes, wait_until, who};
 
 const WAIT: Duration = Duration::from_secs(30);
 
@@ -52,16 +54,15 @@ impl KubeWeir {
     /// Starts weir; returns at once (not waiting for it to be ready).
     fn start(api: &ApiServer, extra: &str) -> KubeWeir {
         let dir = tempfile::tempdir().unwrap();
-        let kubeconfig = api.kubeconfig(dir.path());
-        let text = format!(
-            "[node]\nname = \"node-a\"\ncapture_interface = \"\"\n\
-             [source]\nkind = \"kubernetes\"\nkubeconfig = \"{}\"\nnamespace = \"weir\"\n{extra}\n\
-             [admin]\naddress = \"127.0.0.1:0\"\n\
-             [limits]\nselect_deadline = \"50ms\"\nupdate_deadline = \"500ms\"\n",
-            kubeconfig.display()
+        let path = kubernetes_config(
+            api,
+            dir.path(),
+            "capture_interface = \"\"",
+            &format!(
+                "{extra}\n[admin]\naddress = \"127.0.0.1:0\"\n\
+                 [limits]\nselect_deadline = \"50ms\"\nupdate_deadline = \"500ms\"\n"
+            ),
         );
-        let path = dir.path().join("weir.toml");
-        std::fs::write(&path, text).unwrap();
         let config = weir::config::Config::load(&path).expect("valid test config");
         let app = App::start(config).expect("weir starts");
         KubeWeir {
@@ -100,18 +101,6 @@ impl Drop for KubeWeir {
             let _ = std::thread::scope(|s| s.spawn(|| handle.block_on(app.shutdown())).join());
         }
     }
-}
-
-async fn backends(test: u8, count: u8) -> Vec<Backend> {
-    let mut out = Vec::new();
-    for n in 1..=count {
-        out.push(
-            Backend::start(SocketAddr::new(ip(test, 1, n), 8080), "")
-                .await
-                .expect("backend"),
-        );
-    }
-    out
 }
 
 fn names(test: u8, hosts: &[u8]) -> BTreeSet<String> {

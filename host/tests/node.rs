@@ -16,7 +16,9 @@ use std::time::{Duration, Instant};
 use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use weir::test_helpers::apiserver::ApiServer;
-use weir::test_helpers::kube_objects::{node_json, policies_json, service_json, slice_json};
+use weir::test_helpers::kube_objects::{
+    kubernetes_config, node_json, policies_json, service_json, slice_json,
+};
 use weir::test_helpers::{Backend, connect, guest_bytes, http_get, who};
 
 const WAIT: Duration = Duration::from_secs(30);
@@ -324,21 +326,17 @@ fn node_in_network_namespaces() {
     api.apply(policies_json(&[("rr", round_robin.clone())], None));
 
     let dir = tempfile::tempdir().unwrap();
-    let kubeconfig = api.kubeconfig(dir.path());
-    let config = dir.path().join("weir.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[node]\nname = \"node-a\"\n\
-             [source]\nkind = \"kubernetes\"\nkubeconfig = \"{}\"\nnamespace = \"weir\"\n\
-             [policies]\ncache_dir = \"{}\"\n\
+    let config = kubernetes_config(
+        &api,
+        dir.path(),
+        "",
+        &format!(
+            "[policies]\ncache_dir = \"{}\"\n\
              [admin]\naddress = \"127.0.0.1:10256\"\n\
              [proxy]\nshutdown_grace_period = \"10s\"\ndrop_timeout = \"1s\"\n",
-            kubeconfig.display(),
             dir.path().join("cache").display()
         ),
-    )
-    .unwrap();
+    );
     // What a previous run left on weir0 goes: 198.19.0.99 is no Service's.
     if run(&["link", "add", "weir0", "type", "dummy"]).is_err() {
         run(&["link", "add", "weir0", "type", "bridge"]).unwrap();

@@ -11,8 +11,8 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use weir::metrics::ReloadResult;
 use weir::test_helpers::{
-    Backend, Ep, Weir, connect, greet, guest_bytes, http_get, service_yaml, slice_yaml, wait_until,
-    who,
+    Ep, Weir, backends, connect, greet, guest_bytes, http_get, service_yaml, slice_yaml,
+    wait_until, who,
 };
 
 /// Where [`service_yaml`]'s port takes a `nodePort`: `.replace(NODE_PORT_AT, &node_port(N))`.
@@ -40,18 +40,6 @@ fn service_file(
 
 fn ip(test: u8, host: u8, n: u8) -> IpAddr {
     IpAddr::from([127, test, host, n])
-}
-
-async fn backends(test: u8, count: u8) -> Vec<Backend> {
-    let mut out = Vec::new();
-    for n in 1..=count {
-        out.push(
-            Backend::start(SocketAddr::new(ip(test, 1, n), 8080), "")
-                .await
-                .expect("backend"),
-        );
-    }
-    out
 }
 
 /// The backends answering `count` connections to `address`.

@@ -175,7 +175,7 @@ impl Registry {
         source_name: &str,
         bytes: &[u8],
         config: &str,
-        replay: &[(u32, ServiceInput)],
+        replay: &[(u32, Arc<ServiceInput>)],
     ) -> Result<Swapped, RegistryError> {
         let compiled = self.engine.load(name, source_name, bytes)?;
         let runtime = PolicyRuntime::new(self.engine.clone(), compiled, config, self.workers)

@@ -256,11 +256,16 @@ impl PolicyRuntime {
 
     /// Pushes a service port's current state to every instance. Returns the first
     /// worker's answer (all instances of a policy are expected to agree).
-    pub fn update(&self, handle: u32, mut input: ServiceInput) -> UpdateAnswer {
-        // Lookups by id binary-search this list; ids are the host's and unique.
-        input.endpoints.sort_by_key(|e| e.id);
-        input.endpoints.dedup_by_key(|e| e.id);
-        let input = Arc::new(input);
+    /// `input` may be shared with the caller: the control plane keeps the same copy.
+    pub fn update(&self, handle: u32, input: impl Into<Arc<ServiceInput>>) -> UpdateAnswer {
+        let mut input = input.into();
+        // Lookups by id binary-search this list; ids are the host's and unique. A sorted
+        // list (the control plane's) is used as it is, without a copy.
+        if !input.endpoints.is_sorted_by(|a, b| a.id < b.id) {
+            let owned = Arc::make_mut(&mut input);
+            owned.endpoints.sort_by_key(|e| e.id);
+            owned.endpoints.dedup_by_key(|e| e.id);
+        }
         let mut services = write(&self.services);
         let fallback =
             self.fallback()

@@ -1,9 +1,28 @@
 //! Kubernetes objects as the API server serves them (JSON), for the Kubernetes-mode tests
 //! and the scale benchmark. Services listen on their port and target 8080.
 
+use std::path::{Path, PathBuf};
+
 use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::ConfigMap;
 use serde_json::{Value, json};
+
+use super::apiserver::ApiServer;
+
+/// Writes `dir/weir.toml` for Kubernetes mode against `api` (node `node-a`, namespace
+/// `weir`) and returns its path. `node` adds lines to `[node]`; `rest` follows the
+/// `[source]` table's lines (more of them, then other tables).
+pub fn kubernetes_config(api: &ApiServer, dir: &Path, node: &str, rest: &str) -> PathBuf {
+    let kubeconfig = api.kubeconfig(dir);
+    let path = dir.join("weir.toml");
+    let text = format!(
+        "[node]\nname = \"node-a\"\n{node}\n\
+         [source]\nkind = \"kubernetes\"\nkubeconfig = \"{}\"\nnamespace = \"weir\"\n{rest}\n",
+        kubeconfig.display()
+    );
+    std::fs::write(&path, text).expect("weir.toml written");
+    path
+}
 
 /// Node `name` with `internal_ip` as its InternalIP, in zone z1.
 pub fn node_json(name: &str, internal_ip: &str) -> Value {
