@@ -307,9 +307,11 @@ fn node_in_network_namespaces() {
     web["spec"]["externalTrafficPolicy"] = json!("Local");
     web["spec"]["healthCheckNodePort"] = json!(30256);
     web["spec"]["ports"][0]["nodePort"] = json!(30080);
-    api.apply(web.clone());
-    api.apply(slice_json("web", &endpoints));
     let mut away = web.clone();
+    web["spec"]["externalIPs"] = json!(["198.19.1.2"]);
+    web["status"] = json!({"loadBalancer": {"ingress": [{"ip": "198.19.1.1"}]}});
+    api.apply(web);
+    api.apply(slice_json("web", &endpoints));
     away["metadata"]["name"] = json!("away");
     away["spec"]["clusterIP"] = json!(cluster_ip(13));
     away["spec"]["clusterIPs"] = json!([cluster_ip(13)]);
@@ -417,6 +419,12 @@ fn node_in_network_namespaces() {
         [local].into(),
         "eTP Local: the local endpoint only"
     );
+    // The LoadBalancer IP and the externalIP are on weir0 too, and serve the same way.
+    for ip in ["198.19.1.1", "198.19.1.2"] {
+        assert!(addresses.contains(&format!("{ip}/32")), "{addresses}");
+        let seen = answers(&client, addr(ip, 80), 10);
+        assert_eq!(distinct(&seen), [local].into(), "{ip}: eTP Local");
+    }
     let (status, body) = get(&client, addr(NODE_IP, 30256), "/")
         .unwrap_or_else(|| panic!("no health check answer:\n{}", weir.log()));
     assert_eq!(status, 200);
