@@ -28,25 +28,55 @@ pub const LIVEZ_PATH: &str = "/livez";
 /// The readiness path: the DaemonSet's readinessProbe asks it.
 pub const READYZ_PATH: &str = "/readyz";
 
-/// What `/readyz` waits for: the first full sync of objects and policies.
+/// What `/readyz` waits for: the first full sync of objects and policies, a capture
+/// interface that holds the Service addresses, and not shutting down. Each has its own
+/// slot, so the control plane clearing its own never hides a shutdown.
 #[derive(Debug)]
 pub struct Readiness {
-    pending: Mutex<Vec<String>>,
+    pending: Mutex<ReadinessState>,
+}
+
+#[derive(Debug, Default)]
+struct ReadinessState {
+    sync: Vec<String>,
+    capture: Option<String>,
+    shutdown: Option<String>,
 }
 
 impl Readiness {
     pub fn new(pending: Vec<String>) -> Self {
         Readiness {
-            pending: Mutex::new(pending),
+            pending: Mutex::new(ReadinessState {
+                sync: pending,
+                ..ReadinessState::default()
+            }),
         }
     }
 
+    /// What the first sync still waits for (empty once it is done).
     pub fn set_pending(&self, pending: Vec<String>) {
-        *lock(&self.pending) = pending;
+        lock(&self.pending).sync = pending;
+    }
+
+    /// Why Service addresses are not on the capture interface, if they are not.
+    pub fn set_capture(&self, problem: Option<String>) {
+        lock(&self.pending).capture = problem;
+    }
+
+    /// Not ready from now on, whatever else is set.
+    pub fn set_shutting_down(&self, reason: String) {
+        lock(&self.pending).shutdown = Some(reason);
     }
 
     pub fn pending(&self) -> Vec<String> {
-        lock(&self.pending).clone()
+        let state = lock(&self.pending);
+        state
+            .shutdown
+            .iter()
+            .chain(&state.sync)
+            .chain(&state.capture)
+            .cloned()
+            .collect()
     }
 }
 
@@ -203,4 +233,21 @@ pub fn bind(address: SocketAddr) -> std::io::Result<std::net::TcpListener> {
     let listener = std::net::TcpListener::bind(address)?;
     listener.set_nonblocking(true)?;
     Ok(listener)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nothing_the_control_plane_clears_hides_a_shutdown() {
+        let readiness = Readiness::new(vec!["objects: first read".into()]);
+        readiness.set_capture(Some("capture interface: no ip".into()));
+        assert_eq!(readiness.pending().len(), 2);
+        readiness.set_shutting_down("shutting down".into());
+        // A first sync that ends, or a capture interface that recovers, during the drain.
+        readiness.set_pending(Vec::new());
+        readiness.set_capture(None);
+        assert_eq!(readiness.pending(), ["shutting down"]);
+    }
 }

@@ -229,7 +229,7 @@ impl App {
     /// then closes those left.
     pub async fn shutdown(mut self) -> Drained {
         self.readiness
-            .set_pending(vec!["shutting down: not accepting connections".to_string()]);
+            .set_shutting_down("shutting down: not accepting connections".to_string());
         self.stop_listeners.cancel();
         self.stop_control_plane().await;
         let connections = &self.shared.connections;

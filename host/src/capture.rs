@@ -73,10 +73,30 @@ impl Capture {
         }
     }
 
-    /// Creates the interface if it is missing, and brings it up.
+    /// Creates the interface if it is missing, and brings it up. One that exists must be
+    /// of the kind weir creates: weir removes every address on it that it did not put
+    /// there, which on `lo`, `eth0` or a bridge with ports would cut the node off.
     fn set_up(&self) -> Result<(), String> {
         let name = &self.interface;
-        if ip(&["link", "show", "dev", name]).is_err() {
+        if let Ok(output) = ip(&["-d", "-j", "link", "show", "dev", name]) {
+            let links: serde_json::Value = serde_json::from_str(&output).unwrap_or_default();
+            let kind = links[0]["linkinfo"]["info_kind"].as_str().unwrap_or("");
+            let ports = ip(&["-j", "link", "show", "master", name])
+                .ok()
+                .and_then(|o| serde_json::from_str::<serde_json::Value>(&o).ok())
+                .and_then(|v| v.as_array().map(Vec::len))
+                .unwrap_or(0);
+            if !(kind == "dummy" || (kind == "bridge" && ports == 0)) {
+                let what = match kind {
+                    "" => "a physical or loopback interface".to_string(),
+                    "bridge" => "a bridge with ports".to_string(),
+                    other => format!("a {other} interface"),
+                };
+                return Err(format!(
+                    "node.capture_interface: {name} is {what}, not an interface weir may own: weir removes every address on it that it did not add; name one of weir's own, e.g. \"weir0\""
+                ));
+            }
+        } else {
             if let Err(error) = ip(&["link", "add", name, "type", "dummy"]) {
                 // Some kernels are built without the dummy driver: a bridge without ports
                 // holds addresses just as well.

@@ -69,6 +69,14 @@ pub struct ControlPlane {
     /// Modules loaded from policies ConfigMaps, and the settings that came with them.
     shipped: BTreeMap<String, Shipped>,
     policy_settings: BTreeMap<String, PolicySettings>,
+    /// The policies ConfigMaps as last read, for a retry of what failed for a reason
+    /// that may pass (`policies_retry`: when).
+    shipped_maps: Vec<PolicyMap>,
+    policies_retry: Option<Instant>,
+    /// Each policies ConfigMap's last good settings, and the text of settings that did
+    /// not parse (announced once).
+    map_settings: BTreeMap<String, BTreeMap<String, PolicySettings>>,
+    bad_settings: BTreeMap<String, String>,
     /// Where NodePorts and health checks listen.
     node_addresses: Vec<IpAddr>,
     capture: Option<Capture>,
@@ -142,6 +150,10 @@ impl ControlPlane {
             node_addresses: config.node_addresses().unwrap_or_default(),
             shipped: BTreeMap::new(),
             policy_settings: BTreeMap::new(),
+            shipped_maps: Vec::new(),
+            policies_retry: None,
+            map_settings: BTreeMap::new(),
+            bad_settings: BTreeMap::new(),
             config,
             registry,
             policy_files: BTreeMap::new(),
@@ -215,12 +227,7 @@ impl ControlPlane {
         self.poll_policies();
         self.poll_objects();
         self.sync(Changed::Everything);
-        self.readiness.set_pending(
-            self.capture_error
-                .iter()
-                .map(|error| format!("capture interface: {error}"))
-                .collect(),
-        );
+        self.readiness.set_pending(Vec::new());
         tracing::info!(
             listeners = self.listeners.addresses().len(),
             "first sync done: ready"
@@ -292,10 +299,15 @@ impl ControlPlane {
     /// transactional swap, and unloads deleted ones. Returns whether any policy changed.
     fn poll_policies(&mut self) -> bool {
         if let Source::Kubernetes(kube) = &mut self.source {
-            return match kube.policies() {
-                Some(maps) => self.load_shipped(&maps),
-                None => false,
+            let retry_due = self.policies_retry.is_some_and(|at| Instant::now() >= at);
+            let maps = match kube.policies() {
+                Some(maps) => maps,
+                None if retry_due => std::mem::take(&mut self.shipped_maps),
+                None => return false,
             };
+            let changed = self.load_shipped(&maps);
+            self.shipped_maps = maps;
+            return changed;
         }
         let Some(dir) = self.config.policies.dir.clone() else {
             return false;
@@ -365,7 +377,7 @@ impl ControlPlane {
             // A rejected module changes nothing: only an accepted one is a change to apply
             // (and to count against the health timeout until it is).
             let source = path.display().to_string();
-            if self.swap(&name, &source, &bytes, &sha256, "", None) {
+            if self.swap(&name, &source, &bytes, &sha256, "", None).is_ok() {
                 self.queued();
                 changed = true;
             }
@@ -381,41 +393,51 @@ impl ControlPlane {
     /// Loads the modules of the policies ConfigMaps (`binaryData` `NAME.wasm`) with their
     /// settings (`data` `policies.toml`), each through the transactional swap, and unloads
     /// those no longer shipped. Every outcome is an Event on the ConfigMap. A ConfigMap
-    /// whose settings do not parse is held as it was: its modules and settings keep
-    /// serving, the other ConfigMaps are applied. Returns whether a policy or its settings
-    /// changed.
+    /// whose settings do not parse is held as it was (its modules, and its last good
+    /// settings); the other ConfigMaps are applied. Returns whether a policy or its
+    /// settings changed.
     fn load_shipped(&mut self, maps: &[PolicyMap]) -> bool {
-        let mut settings = BTreeMap::new();
         let mut held = BTreeSet::new();
         for map in maps {
             let Some(text) = &map.settings else {
+                self.map_settings.remove(&map.name);
+                self.bad_settings.remove(&map.name);
                 continue;
             };
             match settings::parse(text) {
                 Ok(parsed) => {
-                    for (name, policy) in parsed {
-                        settings.entry(name).or_insert(policy);
-                    }
+                    self.map_settings.insert(map.name.clone(), parsed);
+                    self.bad_settings.remove(&map.name);
                 }
                 Err(error) => {
+                    held.insert(map.name.as_str());
+                    if self.bad_settings.get(&map.name) == Some(text) {
+                        continue; // announced already
+                    }
+                    self.bad_settings.insert(map.name.clone(), text.clone());
                     let message = format!(
-                        "{POLICY_SETTINGS_KEY}: {error}; nothing in this ConfigMap was applied: its policies and settings as they were keep serving"
+                        "{POLICY_SETTINGS_KEY}: {error}; nothing in this ConfigMap was applied: its policies and last good settings keep serving"
                     );
                     tracing::error!(configmap = %map.name, "{message}");
                     self.metrics
                         .proxy
                         .reload(POLICY_SETTINGS_KEY, ReloadResult::rejected);
                     self.announce(map.subject.clone(), true, "PolicyRejected", message);
-                    held.insert(map.name.as_str());
                 }
             }
         }
-        // The modules of a held ConfigMap stay as they are, with their settings.
-        for (name, shipped) in &self.shipped {
-            if held.contains(shipped.map.as_str())
-                && let Some(previous) = self.policy_settings.get(name)
-            {
-                settings.insert(name.clone(), previous.clone());
+        let present: BTreeSet<&str> = maps.iter().map(|m| m.name.as_str()).collect();
+        self.map_settings
+            .retain(|name, _| present.contains(name.as_str()));
+        self.bad_settings
+            .retain(|name, _| present.contains(name.as_str()));
+        // Merged in ConfigMap name order, the first one naming a policy wins.
+        let mut settings = BTreeMap::new();
+        for map in maps {
+            for (name, policy) in self.map_settings.get(&map.name).into_iter().flatten() {
+                settings
+                    .entry(name.clone())
+                    .or_insert_with(|| policy.clone());
             }
         }
         let mut modules: BTreeMap<&str, (&[u8], &PolicyMap)> = BTreeMap::new();
@@ -438,11 +460,17 @@ impl ControlPlane {
             }
         }
         let mut changed = false;
+        // Gone: shipped by no ConfigMap (a held one's modules still count), and not last
+        // seen in a held one.
+        let shipped_anywhere: BTreeSet<&str> = maps
+            .iter()
+            .flat_map(|m| m.modules.iter().map(|(name, _)| name.as_str()))
+            .collect();
         let gone: Vec<String> = self
             .shipped
             .iter()
             .filter(|(name, shipped)| {
-                !modules.contains_key(name.as_str()) && !held.contains(shipped.map.as_str())
+                !shipped_anywhere.contains(name.as_str()) && !held.contains(shipped.map.as_str())
             })
             .map(|(name, _)| name.clone())
             .collect();
@@ -454,61 +482,69 @@ impl ControlPlane {
             if let Err(error) = self.registry.unload(&name) {
                 tracing::error!(policy = %name, "{error:#}");
             }
-            if shipped.loaded {
-                changed = true;
-                self.queued();
-            }
+            changed = true;
+            self.queued();
             let message = format!(
                 "{name}.wasm was removed from the policies ConfigMap: its Services fall back to the built-in kube-default"
             );
             tracing::warn!(policy = %name, "{message}");
             self.announce(shipped.from, false, "PolicyRemoved", message);
         }
+        let mut retry = false;
         for (name, (bytes, map)) in modules {
             let name = name.to_string();
             let policy = settings.get(&name).cloned().unwrap_or_default();
             let config = policy.config.clone().unwrap_or_default();
             let sha256 = crate::policy::sha256_hex(bytes);
-            let from = map.subject.clone();
-            // Already loaded, or already refused: nothing to do, nothing to announce.
-            if self
-                .shipped
-                .get(&name)
-                .is_some_and(|s| s.sha256 == sha256 && s.config == config && s.pin == policy.sha256)
-            {
-                continue;
+            if let Some(shipped) = self.shipped.get_mut(&name) {
+                // It may have moved to another ConfigMap: Events go where it is now.
+                shipped.map.clone_from(&map.name);
+                shipped.from = map.subject.clone();
+                // Already loaded, or refused for good: nothing to do or announce.
+                if shipped.sha256 == sha256
+                    && shipped.config == config
+                    && shipped.pin == policy.sha256
+                {
+                    continue;
+                }
             }
-            let loaded = if let Some(pin) = &policy.sha256
+            let from = map.subject.clone();
+            let outcome = if let Some(pin) = &policy.sha256
                 && !pin.eq_ignore_ascii_case(&sha256)
             {
                 let error = format!(
                     "its sha256 is not the one {POLICY_SETTINGS_KEY} pins ({pin}): ship the pinned module or change the pin"
                 );
                 self.rejected(&name, &sha256, "pinned", &error, Some(&from));
-                false
+                Err("pinned")
             } else {
                 let source = format!("configmap {} key {name}.wasm", map.name);
                 self.swap(&name, &source, bytes, &sha256, &config, Some(&from))
             };
-            if loaded {
-                self.queued();
-                changed = true;
-            }
-            // The digest and config tried are remembered, so the same module is not tried
-            // (and announced) again; a refused one leaves a loaded version serving.
             let was_loaded = self.shipped.get(&name).is_some_and(|s| s.loaded);
+            // Either way what its Services resolve to changed, unless a loaded version
+            // keeps serving.
+            changed |= outcome.is_ok() || !was_loaded;
+            if outcome.is_ok() {
+                self.queued();
+            }
+            // A deadline missed on a busy machine is worth another try; a module that
+            // does not compile or fits no contract is not, until it changes.
+            let transient = matches!(outcome, Err("instantiate" | "configure" | "replay"));
+            retry |= transient;
             self.shipped.insert(
                 name,
                 Shipped {
-                    sha256,
+                    sha256: if transient { String::new() } else { sha256 },
                     config,
                     pin: policy.sha256,
-                    loaded: loaded || was_loaded,
+                    loaded: outcome.is_ok() || was_loaded,
                     map: map.name.clone(),
                     from,
                 },
             );
         }
+        self.policies_retry = retry.then(|| Instant::now() + std::time::Duration::from_secs(5));
         if settings != self.policy_settings {
             self.policy_settings = settings;
             changed = true;
@@ -539,7 +575,7 @@ impl ControlPlane {
         sha256: &str,
         config: &str,
         regarding: Option<&Subject>,
-    ) -> bool {
+    ) -> Result<(), &'static str> {
         let started = Instant::now();
         let mut replay: Vec<(ServiceHandle, Arc<ServiceInput>)> = self
             .bound
@@ -584,12 +620,12 @@ impl ControlPlane {
                         },
                     );
                 }
-                true
+                Ok(())
             }
             Err(error) => {
                 let reason = error.reason();
                 self.rejected(name, sha256, reason, &error.to_string(), regarding);
-                false
+                Err(reason)
             }
         }
     }
@@ -772,26 +808,31 @@ impl ControlPlane {
                 .copied()
                 .collect()
         });
-        if let (Some(capture), Some(ips)) = (self.capture.as_mut(), &virtual_ips) {
-            let result = capture.reconcile(ips, false);
-            self.report_capture(result);
-        }
+        let Some(ips) = virtual_ips else {
+            for error in self.listeners.reconcile(&self.wanted) {
+                tracing::warn!("{error}; retrying");
+            }
+            return;
+        };
+        let capture = self.capture.as_mut().expect("checked above");
+        let added = capture.reconcile(&ips, false);
         for error in self.listeners.reconcile(&self.wanted) {
             tracing::warn!("{error}; retrying");
         }
-        if let (Some(capture), Some(ips)) = (self.capture.as_mut(), &virtual_ips) {
-            let result = capture.reconcile(ips, true);
-            self.report_capture(result);
-        }
+        // Stale addresses are taken off only once everything wanted is there.
+        let result = added.and_then(|()| capture.reconcile(&ips, true));
+        self.report_capture(result);
     }
 
+    /// One report per reconcile: logged when the problem changes, and `/readyz` lists it
+    /// while it lasts (the node cannot take its Services' traffic).
     fn report_capture(&mut self, result: Result<(), String>) {
         match result {
             Ok(()) => {
                 self.capture_retry = None;
                 if self.capture_error.take().is_some() {
-                    self.readiness.set_pending(Vec::new());
                     tracing::info!("the capture interface holds every Service address again");
+                    self.readiness.set_capture(None);
                 }
             }
             Err(error) => {
@@ -799,10 +840,9 @@ impl ControlPlane {
                     tracing::error!(
                         "cannot put Service addresses on the capture interface: {error}; retrying"
                     );
+                    self.readiness
+                        .set_capture(Some(format!("capture interface: {error}")));
                 }
-                // Not ready: the Service addresses this node should hold are not local.
-                self.readiness
-                    .set_pending(vec![format!("capture interface: {error}")]);
                 self.capture_error = Some(error);
                 self.capture_retry = Some(Instant::now() + std::time::Duration::from_secs(2));
             }
@@ -1241,7 +1281,7 @@ fn once(
     message: String,
     service: Option<&ServiceKey>,
 ) -> bool {
-    let new = !reported.contains_key(&message);
+    let new = !reported.contains_key(&message) && !seen.contains_key(&message);
     seen.insert(message, service.cloned());
     new
 }

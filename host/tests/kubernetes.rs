@@ -429,6 +429,31 @@ async fn policies_from_configmaps_selected_by_label() {
     let fallback = event_with(&api, "PolicyFallback", "third").expect("PolicyFallback");
     assert_eq!(fallback["regarding"]["name"], "api");
     wait_for_backends(SocketAddr::new(ip(T, 0, 10), 8000), 3, &names(T, &[1])).await;
+
+    // "second" moves from policies-b to policies-a, unchanged: nothing to load, nothing
+    // removed. Then policies-a's settings break: it is held as it was, and the module
+    // it now ships keeps serving.
+    let mut moved = policies(
+        &[
+            ("first", guest_bytes("round-robin")),
+            ("second", guest_bytes("round-robin")),
+        ],
+        None,
+    );
+    moved["metadata"]["name"] = json!("policies-a");
+    moved["metadata"]["labels"] = json!({"weir.dev/policies": "true"});
+    api.apply(moved.clone());
+    assert!(api.delete("ConfigMap", Some("weir"), "policies-b"));
+    moved["data"] = json!({"policies.toml": "[second\n"});
+    api.apply(moved);
+    let held = event_with(&api, "PolicyRejected", "policies.toml").expect("bad settings");
+    assert_eq!(held["regarding"]["name"], "policies-a");
+    assert!(
+        !api.events().iter().any(|e| e["reason"] == "PolicyRemoved"),
+        "nothing was removed: {:#?}",
+        api.events()
+    );
+    wait_for_backends(SocketAddr::new(ip(T, 0, 10), 8000), 3, &names(T, &[1])).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

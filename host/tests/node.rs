@@ -99,15 +99,20 @@ fn in_ns<T: Send + 'static>(
     })
 }
 
-/// Builds the namespaces, or says why it cannot.
-fn topology() -> Result<Namespaces, String> {
+/// Namespaces for this test process, where root and `ip netns` are available.
+fn topology_root() -> Result<Namespaces, String> {
     if !rustix::process::geteuid().is_root() {
         return Err("not root".into());
     }
-    let mut namespaces = Namespaces {
+    Ok(Namespaces {
         prefix: format!("weirt{}", std::process::id()),
         names: Vec::new(),
-    };
+    })
+}
+
+/// Builds the namespaces, or says why it cannot.
+fn topology() -> Result<Namespaces, String> {
+    let mut namespaces = topology_root()?;
     let node = namespaces
         .add("node")
         .map_err(|e| format!("`ip netns` is unavailable: {e}"))?;
@@ -547,4 +552,47 @@ fn node_in_network_namespaces() {
     };
     assert!(status.success(), "{status}:\n{}", weir.log());
     stop.store(true, Ordering::Relaxed);
+}
+
+#[test]
+fn the_capture_interface_is_weirs_own() {
+    let mut namespaces = match topology_root() {
+        Ok(namespaces) => namespaces,
+        Err(why) => {
+            eprintln!("skipped: node tests need root and `ip netns` ({why})");
+            return;
+        }
+    };
+    let ns = namespaces.add("capture").expect("a namespace");
+    std::thread::spawn(move || {
+        enter(&ns);
+        let wanted: std::collections::BTreeSet<std::net::IpAddr> =
+            ["198.19.9.9".parse().unwrap()].into();
+        // lo (or eth0) is refused: weir would remove the addresses it did not add.
+        let error = weir::capture::Capture::new("lo".into())
+            .reconcile(&wanted, true)
+            .unwrap_err();
+        assert!(error.contains("not an interface weir may own"), "{error}");
+        let lo = Command::new("ip")
+            .args(["-o", "address", "show", "dev", "lo"])
+            .output()
+            .unwrap();
+        assert!(String::from_utf8_lossy(&lo.stdout).contains("127.0.0.1/8"));
+        assert!(!String::from_utf8_lossy(&lo.stdout).contains("198.19.9.9"));
+        // Its own is created, filled and emptied.
+        let mut capture = weir::capture::Capture::new("weir0".into());
+        capture.reconcile(&wanted, true).unwrap();
+        let show = || {
+            let output = Command::new("ip")
+                .args(["-o", "address", "show", "dev", "weir0"])
+                .output()
+                .unwrap();
+            String::from_utf8_lossy(&output.stdout).into_owned()
+        };
+        assert!(show().contains("198.19.9.9/32"), "{}", show());
+        capture.reconcile(&Default::default(), true).unwrap();
+        assert!(!show().contains("198.19.9.9"), "{}", show());
+    })
+    .join()
+    .unwrap();
 }

@@ -204,6 +204,8 @@ impl Registry {
 
     /// Records a module that was refused, so services naming it say why.
     pub fn refuse(&mut self, name: &str, reason: String) {
+        // Refused is what it is now, whatever happened to it before.
+        self.deleted.remove(name);
         if !self.policies.contains_key(name) {
             self.rejected.insert(name.to_string(), reason);
         }
