@@ -543,13 +543,14 @@ fn rbac_grants_exactly_the_access_the_code_declares() {
     };
     let mut granted = BTreeSet::new();
     let mut bound = BTreeSet::new();
-    for binding in &manifests.cluster_role_bindings {
-        if !binding
-            .subjects
+    let binds_weir = |subjects: &Option<Vec<Subject>>| {
+        subjects
             .iter()
             .flatten()
             .any(|s| is_weir(s, &account, &namespace))
-        {
+    };
+    for binding in &manifests.cluster_role_bindings {
+        if !binds_weir(&binding.subjects) {
             continue;
         }
         assert_eq!(binding.role_ref.kind, "ClusterRole");
@@ -560,12 +561,7 @@ fn rbac_grants_exactly_the_access_the_code_declares() {
         }
     }
     for binding in &manifests.role_bindings {
-        if !binding
-            .subjects
-            .iter()
-            .flatten()
-            .any(|s| is_weir(s, &account, &namespace))
-        {
+        if !binds_weir(&binding.subjects) {
             continue;
         }
         let at = namespace_of(&binding.metadata);
