@@ -182,8 +182,12 @@ impl ControlPlane {
     }
 
     /// Removes a service port from a policy it left, after [`retire_after`].
+    /// A port that left the same policy before (and came back meanwhile) is due only
+    /// from now: the earlier entry would remove it while the latest routes still name it.
     fn retire(&mut self, runtime: Arc<PolicyRuntime>, handle: ServiceHandle) {
         let due = Instant::now() + retire_after(&self.config);
+        self.retired
+            .retain(|(_, r, h)| !(*h == handle && Arc::ptr_eq(r, &runtime)));
         self.retired.push((due, runtime, handle));
     }
 
@@ -590,13 +594,13 @@ impl ControlPlane {
                     if let Some(bound) = self.bound.get_mut(&handle) {
                         // A service that was on a fallback leaves it; the previous
                         // version of this policy goes away as a whole.
-                        if let Some(previous) = bound.runtime.replace(runtime.clone())
+                        let previous = bound.runtime.replace(runtime.clone());
+                        bound.eligibility = eligibility;
+                        if let Some(previous) = previous
                             && previous.name() != name
                         {
-                            let due = Instant::now() + retire_after(&self.config);
-                            self.retired.push((due, previous, handle));
+                            self.retire(previous, handle);
                         }
-                        bound.eligibility = eligibility;
                     }
                 }
                 self.metrics.proxy.reload(name, ReloadResult::accepted);
