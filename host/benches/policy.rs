@@ -66,7 +66,7 @@ fn runtime(module: &str) -> (PolicyRuntime, std::sync::Arc<weir::metrics::Policy
     let compiled = engine
         .load(module, module, &guest_bytes(module))
         .expect("load");
-    let runtime = PolicyRuntime::new(engine, compiled, "", 1).expect("configure");
+    let runtime = PolicyRuntime::new(engine, compiled, "").expect("configure");
     (runtime, metrics)
 }
 
@@ -90,7 +90,7 @@ fn wasm_select(c: &mut Criterion, group: &str, module: &str, n: u32) {
     let conn = connection(7);
     c.benchmark_group(group)
         .bench_with_input(BenchmarkId::new("wasm", n), &n, |b, _| {
-            b.iter(|| black_box(runtime.select(0, 1, black_box(&conn))))
+            b.iter(|| black_box(runtime.select(1, black_box(&conn))))
         });
     warn_on_failures(&metrics, module, "select", n);
 }

@@ -101,7 +101,7 @@ impl App {
             metrics.policy.clone(),
         )
         .context("cannot start the policy engine")?;
-        let registry = Registry::new(engine, workers)?;
+        let registry = Registry::new(engine);
 
         let shared = Arc::new(Shared::new(Settings {
             workers,

@@ -35,7 +35,7 @@ pub fn check(path: &Path, config: &str) -> Result<CheckReport, String> {
     let _ = writeln!(text, "exports:      {}", compiled.exports.join(", "));
     let _ = writeln!(text, "imports:      {}", compiled.imports.join(", "));
 
-    let runtime = PolicyRuntime::new(engine.clone(), compiled.clone(), config, 1)
+    let runtime = PolicyRuntime::new(engine.clone(), compiled.clone(), config)
         .map_err(|e| format!("{}: {e}", path.display()))?;
     let _ = writeln!(text, "configure:    ok");
 
@@ -68,7 +68,7 @@ pub fn check(path: &Path, config: &str) -> Result<CheckReport, String> {
             destination: "127.0.0.10:80".parse().expect("literal"),
             scope,
         };
-        let decision = runtime.select(0, 1, &connection);
+        let decision = runtime.select(1, &connection);
         if metrics.failures_total(&compiled.name) > 0 {
             return Err(format!(
                 "{}: select for {scope:?} traffic failed; see the log above",
@@ -127,5 +127,6 @@ fn synthetic_service() -> ServiceInput {
             endpoint(3, "198.18.0.3:8080", false, false),
         ],
         failure_mode: FailureMode::Closed,
+        memory_mib: None,
     }
 }

@@ -97,6 +97,14 @@ pub struct PoliciesConfig {
     /// What a Service gets when its policy fails and it has no `weir.dev/failure-mode`.
     #[serde(default)]
     pub failure_mode: FailureModeConfig,
+    /// The policy of every Service without a `weir.dev/policy` annotation, as Cilium's
+    /// `loadBalancer.algorithm` (default: the built-in kube-default). A Service opts out
+    /// with `weir.dev/policy: kube-default`. In Kubernetes mode `policies.toml` may set it
+    /// too, and wins.
+    pub default: Option<String>,
+    /// The configuration those Services give the default policy, as their
+    /// `weir.dev/policy-config` annotation would (which, when present, wins).
+    pub default_config: Option<String>,
     /// Where compiled modules are cached (default: `$XDG_CACHE_HOME/weir` or
     /// `~/.cache/weir`); `""` disables the cache.
     pub cache_dir: Option<PathBuf>,
@@ -115,6 +123,8 @@ impl Default for PoliciesConfig {
             dir: None,
             poll_interval: default_poll(),
             failure_mode: FailureModeConfig::Open,
+            default: None,
+            default_config: None,
             cache_dir: None,
             configmap: None,
             selector: None,
@@ -210,8 +220,11 @@ pub struct LimitsConfig {
     pub select_deadline: Option<Humantime>,
     /// Deadline of `configure`, `update` and `remove`.
     pub update_deadline: Option<Humantime>,
-    /// Linear memory cap per policy instance, in MiB.
+    /// Each service port's memory budget for its policy, in MiB, unless its policy
+    /// (`policies.toml`) or its Service (`weir.dev/policy-memory-mib`) sets another.
     pub memory_mib: Option<u32>,
+    /// The most a policy or Service may set a port's budget to, in MiB.
+    pub max_memory_mib: Option<u32>,
     /// How long a service follows its failure mode after a failed `select`.
     pub quarantine: Option<Humantime>,
 }
@@ -224,6 +237,9 @@ impl LimitsConfig {
         }
         if let Some(d) = self.update_deadline {
             limits.update_deadline = d.0;
+        }
+        if let Some(mib) = self.max_memory_mib {
+            limits.memory_ceiling_bytes = (mib as usize) << 20;
         }
         if let Some(mib) = self.memory_mib {
             limits.memory_bytes = (mib as usize) << 20;
@@ -505,6 +521,23 @@ impl Config {
             return fail(
                 "limits.memory_mib",
                 "is 0: give policy instances at least 1 MiB",
+            );
+        }
+        let ceiling = self.limits.max_memory_mib.unwrap_or(256);
+        if ceiling == 0 || ceiling > 4096 {
+            return fail(
+                "limits.max_memory_mib",
+                "must be between 1 and 4096 (a policy's memory is 32-bit)",
+            );
+        }
+        if let Some(mib) = self.limits.memory_mib
+            && mib > ceiling
+        {
+            return fail(
+                "limits.memory_mib",
+                &format!(
+                    "is above limits.max_memory_mib ({ceiling}): raise the ceiling or lower the budget"
+                ),
             );
         }
         if self.source.poll_interval.0.is_zero() {

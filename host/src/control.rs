@@ -75,7 +75,10 @@ pub struct ControlPlane {
     policies_retry: Option<Instant>,
     /// Each policies ConfigMap's last good settings, and the text of settings that did
     /// not parse (announced once).
-    map_settings: BTreeMap<String, BTreeMap<String, PolicySettings>>,
+    map_settings: BTreeMap<String, settings::Shipped>,
+    /// The `[default]` of the first policies ConfigMap that has one: wins over
+    /// `policies.default` in weir.toml.
+    shipped_default: Option<settings::DefaultPolicy>,
     bad_settings: BTreeMap<String, String>,
     /// Where NodePorts and health checks listen.
     node_addresses: Vec<IpAddr>,
@@ -153,6 +156,7 @@ impl ControlPlane {
             shipped_maps: Vec::new(),
             policies_retry: None,
             map_settings: BTreeMap::new(),
+            shipped_default: None,
             bad_settings: BTreeMap::new(),
             config,
             registry,
@@ -249,6 +253,8 @@ impl ControlPlane {
             if stop {
                 break;
             }
+            // Instances that data-plane calls poisoned are rebuilt here, never there.
+            self.registry.repair();
             if self.poll_policies() {
                 // Which Services a policy serves can change with it: all are checked
                 // (unchanged ports cost a comparison, not a call).
@@ -356,9 +362,7 @@ impl ControlPlane {
                 "{} was deleted: its Services fall back to the built-in kube-default",
                 path.display()
             );
-            if let Err(error) = self.registry.unload(&name) {
-                tracing::error!(policy = %name, "{error:#}");
-            }
+            self.registry.unload(&name);
         }
         let mut unreadable = Vec::new();
         for (path, fingerprint) in &found {
@@ -438,7 +442,8 @@ impl ControlPlane {
         // Merged in ConfigMap name order, the first one naming a policy wins.
         let mut settings = BTreeMap::new();
         for map in maps {
-            for (name, policy) in self.map_settings.get(&map.name).into_iter().flatten() {
+            let shipped = self.map_settings.get(&map.name);
+            for (name, policy) in shipped.map(|s| &s.policies).into_iter().flatten() {
                 settings
                     .entry(name.clone())
                     .or_insert_with(|| policy.clone());
@@ -483,9 +488,7 @@ impl ControlPlane {
                 continue;
             };
             // A refused module is forgotten too: its Services stop saying it was refused.
-            if let Err(error) = self.registry.unload(&name) {
-                tracing::error!(policy = %name, "{error:#}");
-            }
+            self.registry.unload(&name);
             changed = true;
             self.queued();
             let message = format!(
@@ -551,6 +554,13 @@ impl ControlPlane {
         self.policies_retry = retry.then(|| Instant::now() + std::time::Duration::from_secs(5));
         if settings != self.policy_settings {
             self.policy_settings = settings;
+            changed = true;
+        }
+        let default = maps
+            .iter()
+            .find_map(|map| self.map_settings.get(&map.name)?.default.clone());
+        if default != self.shipped_default {
+            self.shipped_default = default;
             changed = true;
         }
         changed
@@ -688,14 +698,28 @@ impl ControlPlane {
         };
         let mut model = model::build(&objects, &node_name);
         let default_mode = FailureMode::from(self.config.policies.failure_mode);
+        // The node's default policy, for Services that name none.
+        let default = match &self.shipped_default {
+            Some(shipped) => Some((&shipped.policy, &shipped.config)),
+            None => (self.config.policies.default.as_ref())
+                .map(|policy| (policy, &self.config.policies.default_config)),
+        };
         for port in &mut model.ports {
+            if !port.policy_annotated
+                && let Some((policy, config)) = default
+            {
+                port.policy = policy.clone();
+                if port.service.config.is_none() {
+                    port.service.config = config.clone();
+                }
+            }
+            let settings = self.policy_settings.get(&port.policy);
             if !port.failure_mode_annotated {
-                port.failure_mode = self
-                    .policy_settings
-                    .get(&port.policy)
+                port.failure_mode = settings
                     .and_then(PolicySettings::failure_mode)
                     .unwrap_or(default_mode);
             }
+            port.memory_mib = port.memory_mib.or(settings.and_then(|s| s.memory_mib));
         }
         self.node_addresses = self
             .config
@@ -972,6 +996,7 @@ impl ControlPlane {
                 node: node.clone(),
                 endpoints,
                 failure_mode: snapshot.failure_mode,
+                memory_mib: snapshot.memory_mib,
             };
             let has_any = input.endpoints.iter().any(|e| e.ready || e.serving);
             let (runtime, policy_label) = self.resolve(snapshot);
@@ -1231,7 +1256,13 @@ impl ControlPlane {
         }
         let input = Arc::new(input);
         let eligibility = match &runtime {
-            Some(runtime) => runtime.update(handle, input.clone()).eligibility,
+            Some(runtime) => {
+                let answer = runtime.update(handle, input.clone());
+                if let Some(error) = answer.failure {
+                    self.policy_failed(snapshot, runtime.name(), &error);
+                }
+                answer.eligibility
+            }
             None => Eligibility::reject_all(),
         };
         self.bound.insert(
@@ -1244,6 +1275,36 @@ impl ControlPlane {
             },
         );
         eligibility
+    }
+
+    /// A port's policy failed its update: the port alone follows its failure mode until
+    /// its next update. Said once while it lasts, with a `PolicyFallback` Event.
+    fn policy_failed(
+        &mut self,
+        snapshot: &ServicePortSnapshot,
+        policy: &str,
+        error: &crate::policy::CallError,
+    ) {
+        let outcome = match snapshot.failure_mode {
+            FailureMode::Open => "falls back to the built-in kube-default",
+            FailureMode::Closed => "rejects its traffic (failure mode closed)",
+        };
+        let message = format!(
+            "{}: policy `{policy}` failed ({error}); it {outcome} until its next change",
+            snapshot.service.display_name()
+        );
+        let key = (snapshot.key.namespace.clone(), snapshot.key.name.clone());
+        if once(&self.reported, &mut self.seen, message.clone(), Some(&key))
+            && let Some(kube) = self.source.kubernetes()
+        {
+            kube.announce(Announcement {
+                subject: kube.service_subject(&key),
+                warning: true,
+                reason: "PolicyFallback",
+                action: "Route",
+                note: message,
+            });
+        }
     }
 
     fn forget(&mut self, handle: ServiceHandle) {

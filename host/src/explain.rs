@@ -82,6 +82,7 @@ pub fn decide<'a>(model: &'a Model, registry: &Registry) -> Vec<PortDecision<'a>
             node: model.node.clone(),
             endpoints,
             failure_mode: snapshot.failure_mode,
+            memory_mib: snapshot.memory_mib,
         };
         let (eligibility, failure) = match registry.resolve(&snapshot.policy) {
             Binding::Policy(runtime) => {

@@ -206,13 +206,7 @@ fn explain(
             return ExitCode::FAILURE;
         }
     };
-    let mut registry = match Registry::new(engine, 1) {
-        Ok(registry) => registry,
-        Err(e) => {
-            eprintln!("error: {e:#}");
-            return ExitCode::FAILURE;
-        }
-    };
+    let mut registry = Registry::new(engine);
     if let Some(dir) = policies {
         match registry.load_dir(dir) {
             Ok(refused) => {

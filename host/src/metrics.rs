@@ -147,6 +147,14 @@ impl PolicyMetrics {
             .inc();
     }
 
+    pub fn replacements(&self, policy: &str) -> u64 {
+        self.replacements
+            .get_or_create(&PolicyLabels {
+                policy: policy.to_string(),
+            })
+            .get()
+    }
+
     pub(crate) fn fallback(&self, policy: &str, mode: FailureMode) {
         self.fallbacks
             .get_or_create(&FallbackLabels {

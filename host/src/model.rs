@@ -21,6 +21,8 @@ pub const POLICY_ANNOTATION: &str = "weir.dev/policy";
 pub const POLICY_CONFIG_ANNOTATION: &str = "weir.dev/policy-config";
 /// `open` or `closed`: what the Service gets when its policy fails.
 pub const FAILURE_MODE_ANNOTATION: &str = "weir.dev/failure-mode";
+/// Each port's memory budget for its policy, in MiB (within `limits.max_memory_mib`).
+pub const MEMORY_ANNOTATION: &str = "weir.dev/policy-memory-mib";
 /// `spec.sessionAffinityConfig.clientIP.timeoutSeconds` when unset (the API default).
 pub const DEFAULT_AFFINITY_TIMEOUT_SECONDS: u32 = 10_800;
 /// The largest timeout the API server accepts.
@@ -111,6 +113,11 @@ pub struct ServicePortSnapshot {
     pub endpoints: Vec<Endpoint>,
     /// The policy bound by the `weir.dev/policy` annotation, or kube-default.
     pub policy: String,
+    /// Whether `policy` comes from the annotation (otherwise it is the default, which
+    /// `policies.default` may change).
+    pub policy_annotated: bool,
+    /// The `weir.dev/policy-memory-mib` annotation: the port's memory budget.
+    pub memory_mib: Option<u32>,
     pub failure_mode: FailureMode,
     /// Whether `failure_mode` comes from the Service's annotation (otherwise it is the
     /// default, which weir.toml may change).
@@ -585,6 +592,24 @@ fn service_ports(
         }
     };
     let failure_mode_annotated = annotations.contains_key(FAILURE_MODE_ANNOTATION);
+    let policy_annotated = annotations
+        .get(POLICY_ANNOTATION)
+        .is_some_and(|p| !p.trim().is_empty());
+    let memory_mib = match annotations.get(MEMORY_ANNOTATION).map(|s| s.trim()) {
+        None => None,
+        Some(text) => match text.parse::<u32>() {
+            Ok(mib) if mib > 0 => Some(mib),
+            _ => {
+                warn(
+                    diagnostics,
+                    format!(
+                        "annotation {MEMORY_ANNOTATION}: `{text}` is not a whole number of MiB above 0; using the policy's budget"
+                    ),
+                );
+                None
+            }
+        },
+    };
     let config = annotations.get(POLICY_CONFIG_ANNOTATION).cloned();
 
     let externally_accessible_type = service_type == "LoadBalancer"
@@ -803,6 +828,8 @@ fn service_ports(
                 },
                 endpoints: Vec::new(),
                 policy: policy.clone(),
+                policy_annotated,
+                memory_mib,
                 failure_mode,
                 failure_mode_annotated,
                 health_check,

@@ -245,7 +245,7 @@ fn run_inner(options: &Options) -> Result<Report, String> {
         .load_file(&options.module)
         .map_err(|e| e.to_string())?;
     let policy = compiled.name.clone();
-    let runtime = PolicyRuntime::new(engine.clone(), compiled, &options.config, 1)
+    let runtime = PolicyRuntime::new(engine.clone(), compiled, &options.config)
         .map_err(|e| format!("{}: {e}", options.module.display()))?;
 
     let mut world = World {
@@ -360,6 +360,7 @@ impl World {
                     node: model.node.clone(),
                     endpoints,
                     failure_mode: snapshot.failure_mode,
+                    memory_mib: snapshot.memory_mib,
                 };
                 let answer = self.runtime.update(handle, input.clone());
                 Port {
@@ -434,8 +435,10 @@ impl World {
                 destination,
                 scope,
             };
+            // As the control plane does between connections: rebuild what failed.
+            self.runtime.repair();
             let started = Instant::now();
-            let decision = self.runtime.select(0, port.handle, &connection);
+            let decision = self.runtime.select(port.handle, &connection);
             latency.push(started.elapsed().as_nanos() as u64);
             results.push(match decision {
                 HostDecision::Forward { address, endpoint } => {
@@ -448,7 +451,7 @@ impl World {
                             kind,
                             micros,
                         };
-                        self.runtime.observe(0, port.handle, &outcome);
+                        self.runtime.observe(port.handle, &outcome);
                     }
                     Ok(address)
                 }

@@ -80,6 +80,7 @@ pub fn input(
         node: node("node-a"),
         endpoints,
         failure_mode,
+        memory_mib: None,
     }
 }
 
@@ -287,7 +288,8 @@ impl Weir {
     /// Writes `objects` (file name, YAML) and `policies` (policy name, module bytes) and
     /// starts weir on them as node `node-a` with NodePorts on `node_address`; returns once
     /// it is ready. `config` is appended to the generated weir.toml, right after its
-    /// `[admin]` table (so it may start with admin keys).
+    /// `[admin]` table (so it may start with admin keys); a `[policies]` table in it is
+    /// merged into the generated one.
     pub async fn start(
         node_address: IpAddr,
         objects: &[(&str, String)],
@@ -304,10 +306,11 @@ impl Weir {
         for (name, bytes) in policies {
             weir.write_policy(name, bytes);
         }
+        let (policies, config) = take_table(config, "[policies]");
         let text = format!(
             "[node]\nname = \"node-a\"\naddresses = [\"{node_address}\"]\n\
              [source]\nkind = \"files\"\npaths = [\"objects\"]\npoll_interval = \"50ms\"\n\
-             [policies]\ndir = \"policies\"\npoll_interval = \"50ms\"\n\
+             [policies]\ndir = \"policies\"\npoll_interval = \"50ms\"\n{policies}\
              [admin]\naddress = \"127.0.0.1:0\"\n\
              {config}\n"
         );
@@ -382,6 +385,24 @@ impl Weir {
     pub async fn shutdown(mut self) -> crate::app::Drained {
         self.app.take().expect("running").shutdown().await
     }
+}
+
+/// Splits the lines of TOML table `header` (without the header) out of `text`.
+fn take_table(text: &str, header: &str) -> (String, String) {
+    let (mut table, mut rest) = (String::new(), String::new());
+    let mut inside = false;
+    for line in text.lines() {
+        if line.trim_start().starts_with('[') {
+            inside = line.trim() == header;
+            if inside {
+                continue;
+            }
+        }
+        let out = if inside { &mut table } else { &mut rest };
+        out.push_str(line);
+        out.push('\n');
+    }
+    (table, rest)
 }
 
 fn atomic_write(path: &std::path::Path, bytes: &[u8]) {

@@ -35,13 +35,13 @@ fn compiled_components_are_cached_by_sha256() {
     let second = engine.load("round-robin", "rr.wasm", &bytes).unwrap();
     assert!(second.from_cache);
     assert_eq!(second.sha256, first.sha256);
-    let runtime = PolicyRuntime::new(engine, second, "", 1).unwrap();
+    let runtime = PolicyRuntime::new(engine, second, "").unwrap();
     runtime.update(
         1,
         input(service("web", None), endpoints(1, 2), FailureMode::Closed),
     );
     assert!(matches!(
-        runtime.select(0, 1, &connection(1)),
+        runtime.select(1, &connection(1)),
         HostDecision::Forward { .. }
     ));
 }
@@ -70,39 +70,46 @@ fn a_corrupt_cache_entry_is_discarded_and_recompiled() {
 }
 
 #[test]
-fn every_worker_instance_receives_every_update() {
+fn a_service_port_has_one_instance_whatever_the_workers() {
     let (engine, _) = engine();
     let compiled = engine
         .load("round-robin", "rr.wasm", &guest_bytes("round-robin"))
         .unwrap();
-    let runtime = PolicyRuntime::new(engine, compiled, "", 3).unwrap();
+    let runtime = PolicyRuntime::new(engine, compiled, "").unwrap();
     runtime.update(
         1,
         input(service("web", None), endpoints(1, 2), FailureMode::Closed),
     );
-    for worker in 0..3 {
-        let HostDecision::Forward { endpoint, .. } = runtime.select(worker, 1, &connection(1))
-        else {
-            panic!("worker {worker} does not know the service");
-        };
-        // Each worker's instance has its own round-robin position.
-        assert_eq!(endpoint, 1, "worker {worker}");
-    }
-    // An update that removes endpoint 1 reaches them all.
+    // Every connection meets the same round-robin position, from whichever thread.
+    let picks: Vec<u32> = std::thread::scope(|scope| {
+        (0..4)
+            .map(|client| {
+                let runtime = &runtime;
+                scope.spawn(move || match runtime.select(1, &connection(client)) {
+                    HostDecision::Forward { endpoint, .. } => endpoint,
+                    other => panic!("{other:?}"),
+                })
+            })
+            .collect::<Vec<_>>()
+            .into_iter()
+            .map(|t| t.join().unwrap())
+            .collect()
+    });
+    assert_eq!(picks.iter().filter(|&&e| e == 1).count(), 2, "{picks:?}");
+    assert_eq!(picks.iter().filter(|&&e| e == 2).count(), 2, "{picks:?}");
+    // An update that removes endpoint 1 is what every later connection sees.
     let mut only_two = endpoints(1, 2);
     only_two.remove(0);
     runtime.update(
         1,
         input(service("web", None), only_two, FailureMode::Closed),
     );
-    for worker in 0..3 {
-        for client in 0..4 {
-            let decision = runtime.select(worker, 1, &connection(client));
-            assert!(
-                matches!(decision, HostDecision::Forward { endpoint: 2, .. }),
-                "{decision:?}"
-            );
-        }
+    for client in 0..4 {
+        let decision = runtime.select(1, &connection(client));
+        assert!(
+            matches!(decision, HostDecision::Forward { endpoint: 2, .. }),
+            "{decision:?}"
+        );
     }
 }
 
@@ -110,17 +117,17 @@ fn every_worker_instance_receives_every_update() {
 fn removed_services_are_rejected() {
     let (engine, _) = engine();
     let compiled = engine.load_kube_default().unwrap();
-    let runtime = PolicyRuntime::new(engine, compiled, "", 2).unwrap();
+    let runtime = PolicyRuntime::new(engine, compiled, "").unwrap();
     runtime.update(
         1,
         input(service("web", None), endpoints(1, 2), FailureMode::Open),
     );
     assert!(matches!(
-        runtime.select(1, 1, &connection(1)),
+        runtime.select(1, &connection(1)),
         HostDecision::Forward { .. }
     ));
     runtime.remove(1);
-    assert_eq!(runtime.select(1, 1, &connection(1)), HostDecision::Reject);
+    assert_eq!(runtime.select(1, &connection(1)), HostDecision::Reject);
     assert!(runtime.eligibility(1).is_none());
 }
 
@@ -137,7 +144,7 @@ fn hostile(
     let compiled = engine
         .load("hostile", "hostile.wasm", &guest_bytes("hostile"))
         .unwrap();
-    let runtime = PolicyRuntime::new(engine, compiled, "", 1).unwrap();
+    let runtime = PolicyRuntime::new(engine, compiled, "").unwrap();
     let answer = runtime.update(
         1,
         input(
@@ -155,7 +162,7 @@ fn select_deadline_is_the_configured_one() {
     // (Wide margins: deadlines are wall-clock ticks, and a loaded machine delays both the
     // ticker and the policy.)
     let (runtime, metrics, _) = hostile(Limits::default(), "spin-select:100");
-    assert_eq!(runtime.select(0, 1, &connection(1)), HostDecision::Reject);
+    assert_eq!(runtime.select(1, &connection(1)), HostDecision::Reject);
     assert_eq!(
         metrics.failures_of("hostile", Call::select, Reason::timeout),
         1
@@ -167,7 +174,7 @@ fn select_deadline_is_the_configured_one() {
     };
     let (runtime, metrics, _) = hostile(limits, "spin-select:100");
     assert!(matches!(
-        runtime.select(0, 1, &connection(1)),
+        runtime.select(1, &connection(1)),
         HostDecision::Forward { .. }
     ));
     assert_eq!(metrics.failures_total("hostile"), 0);
@@ -200,7 +207,7 @@ fn kube_default_is_embedded_and_answers_like_kube_proxy() {
     let (engine, metrics) = engine();
     let compiled = engine.load_kube_default().unwrap();
     assert_eq!(compiled.name, "kube-default");
-    let runtime = PolicyRuntime::new(engine, compiled, "", 1).unwrap();
+    let runtime = PolicyRuntime::new(engine, compiled, "").unwrap();
     let mut eps = endpoints(1, 3);
     eps[2].ready = false;
     let answer = runtime.update(1, input(service("web", None), eps, FailureMode::Closed));
@@ -208,7 +215,7 @@ fn kube_default_is_embedded_and_answers_like_kube_proxy() {
     assert_eq!(answer.eligibility.internal.endpoints, vec![1, 2]);
     let mut seen = std::collections::BTreeSet::new();
     for client in 0..64 {
-        if let HostDecision::Forward { endpoint, .. } = runtime.select(0, 1, &connection(client)) {
+        if let HostDecision::Forward { endpoint, .. } = runtime.select(1, &connection(client)) {
             seen.insert(endpoint);
         }
     }
@@ -216,6 +223,33 @@ fn kube_default_is_embedded_and_answers_like_kube_proxy() {
         seen.into_iter().collect::<Vec<_>>(),
         vec![1, 2],
         "random over the ready ones"
+    );
+    assert_eq!(metrics.failures_total("kube-default"), 0);
+}
+
+#[test]
+fn the_built_in_kube_default_runs_natively_with_the_components_answers() {
+    let (engine, metrics) = engine();
+    let component =
+        PolicyRuntime::new(engine.clone(), engine.load_kube_default().unwrap(), "").unwrap();
+    let native = PolicyRuntime::native(engine);
+    assert_eq!(native.sha256(), "built-in");
+    assert!(native.compiled().is_none(), "no module, no instance");
+    let mut eps = endpoints(1, 4);
+    eps[2].ready = false;
+    eps[3].is_local = true;
+    let mut svc = service("web", None);
+    svc.internal_traffic_local = true;
+    let wasm = component.update(1, input(svc.clone(), eps.clone(), FailureMode::Closed));
+    let own = native.update(1, input(svc, eps, FailureMode::Closed));
+    assert_eq!(own.eligibility, wasm.eligibility);
+    assert_eq!(own.eligibility.internal.endpoints, vec![4]);
+    assert_eq!(
+        native.select(1, &connection(1)),
+        HostDecision::Forward {
+            endpoint: 4,
+            address: "198.18.1.4:8080".parse().unwrap()
+        }
     );
     assert_eq!(metrics.failures_total("kube-default"), 0);
 }

@@ -11,8 +11,8 @@ use weir::test_helpers::{connection, endpoints, engine, guest_bytes, input, serv
 const HEALTHY: u32 = 1;
 const HOSTILE: u32 = 2;
 
-/// A runtime of the hostile guest (2 workers) serving a healthy service on 198.18.1.0/24
-/// and a hostile one on 198.18.2.0/24.
+/// A runtime of the hostile guest serving a healthy service on 198.18.1.0/24 and a
+/// hostile one on 198.18.2.0/24, each port with its own instance.
 struct Fixture {
     runtime: PolicyRuntime,
     metrics: std::sync::Arc<weir::metrics::PolicyMetrics>,
@@ -23,7 +23,7 @@ fn fixture(behaviour: &str, mode: FailureMode) -> (Fixture, weir::policy::Update
     let compiled = engine
         .load("hostile", "hostile.wasm", &guest_bytes("hostile"))
         .expect("hostile guest loads");
-    let runtime = PolicyRuntime::new(engine, compiled, "", 2).expect("configure");
+    let runtime = PolicyRuntime::new(engine, compiled, "").expect("configure");
     let healthy = runtime.update(
         HEALTHY,
         input(service("healthy", None), endpoints(1, 3), mode),
@@ -45,24 +45,22 @@ impl Fixture {
         self.metrics.failures_of("hostile", call, reason)
     }
 
-    /// The healthy service still gets the policy's own round-robin answers on every worker.
+    /// The healthy service still gets the policy's own round-robin answers, from the
+    /// instance it had: its position went on, nothing was replayed into a new one.
     fn healthy_service_unaffected(&self) {
         let fallbacks_before = self.metrics.fallbacks_of("hostile", Mode::open);
-        for worker in 0..2 {
-            let mut seen = std::collections::BTreeSet::new();
-            for client in 0..6 {
-                let decision = self.runtime.select(worker, HEALTHY, &connection(client));
-                assert!(in_subnet(decision, 1), "healthy service got {decision:?}");
-                if let HostDecision::Forward { endpoint, .. } = decision {
-                    seen.insert(endpoint);
-                }
+        let mut seen = Vec::new();
+        for client in 0..6 {
+            let decision = self.runtime.select(HEALTHY, &connection(client));
+            assert!(in_subnet(decision, 1), "healthy service got {decision:?}");
+            if let HostDecision::Forward { endpoint, .. } = decision {
+                seen.push(endpoint);
             }
-            assert_eq!(
-                seen.len(),
-                3,
-                "round robin over all 3 endpoints on worker {worker}"
-            );
         }
+        assert!(
+            seen.len() == 6 && seen.windows(2).all(|w| w[1] == w[0] % 3 + 1),
+            "round robin over all 3 endpoints, in turn: {seen:?}"
+        );
         assert_eq!(
             self.metrics.fallbacks_of("hostile", Mode::open),
             fallbacks_before,
@@ -77,7 +75,7 @@ impl Fixture {
 #[test]
 fn infinite_loop_in_select_times_out_and_fails_open() {
     let (f, _) = fixture("loop-select", FailureMode::Open);
-    let decision = f.runtime.select(0, HOSTILE, &connection(1));
+    let decision = f.runtime.select(HOSTILE, &connection(1));
     assert!(
         in_subnet(decision, 2),
         "open failure mode forwards with kube-default: {decision:?}"
@@ -97,7 +95,7 @@ fn a_failing_select_is_quarantined_then_tried_again() {
     let compiled = engine
         .load("hostile", "hostile.wasm", &guest_bytes("hostile"))
         .unwrap();
-    let runtime = PolicyRuntime::new(engine, compiled, "", 2).unwrap();
+    let runtime = PolicyRuntime::new(engine, compiled, "").unwrap();
     let hostile = || {
         input(
             service("hostile", Some("panic-select")),
@@ -108,40 +106,39 @@ fn a_failing_select_is_quarantined_then_tried_again() {
     runtime.update(HOSTILE, hostile());
     let traps = || metrics.failures_of("hostile", Call::select, Reason::trap);
 
-    runtime.select(0, HOSTILE, &connection(1));
+    runtime.select(HOSTILE, &connection(1));
     assert_eq!(traps(), 1);
-    // Quarantined on worker 0: the failure mode answers without calling the policy.
+    // The poisoned instance is not rebuilt by the data plane's call...
+    assert_eq!(metrics.replacements("hostile"), 0);
+    // ...but by the control plane's repair, for this port alone.
+    assert_eq!(runtime.repair(), 1);
+    assert_eq!(metrics.replacements("hostile"), 1);
+    // Quarantined: the failure mode answers without calling the policy.
     let started = std::time::Instant::now();
     for client in 0..5 {
-        assert!(in_subnet(
-            runtime.select(0, HOSTILE, &connection(client)),
-            2
-        ));
+        assert!(in_subnet(runtime.select(HOSTILE, &connection(client)), 2));
     }
     if started.elapsed() < std::time::Duration::from_millis(200) {
         assert_eq!(traps(), 1, "no call during the quarantine");
     }
-    // Worker 1 has its own instance: tried, and contained, once.
-    runtime.select(1, HOSTILE, &connection(1));
-    assert_eq!(traps(), 2);
     // After the backoff the policy is tried again (and, still hostile, contained again).
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    while traps() < 3 {
+    while traps() < 2 {
         assert!(std::time::Instant::now() < deadline, "never retried");
-        runtime.select(0, HOSTILE, &connection(1));
+        runtime.select(HOSTILE, &connection(1));
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
-    // A new update lifts the quarantine at once.
+    // A new update builds a fresh instance and lifts the quarantine at once.
     runtime.update(HOSTILE, hostile());
-    runtime.select(0, HOSTILE, &connection(1));
-    assert_eq!(traps(), 4);
+    runtime.select(HOSTILE, &connection(1));
+    assert_eq!(traps(), 3);
 }
 
 #[test]
 fn infinite_loop_in_select_fails_closed_with_reject() {
     let (f, _) = fixture("loop-select", FailureMode::Closed);
     assert_eq!(
-        f.runtime.select(0, HOSTILE, &connection(1)),
+        f.runtime.select(HOSTILE, &connection(1)),
         HostDecision::Reject
     );
     assert_eq!(f.failures(Call::select, Reason::timeout), 1);
@@ -155,9 +152,9 @@ fn infinite_loop_in_update_times_out_and_uses_kube_default_eligibility() {
     let failure = answer.failure.expect("update failed");
     assert_eq!(failure.kind, FailureKind::Timeout, "{failure}");
     assert_eq!(answer.eligibility.internal.endpoints, vec![1, 2, 3]);
-    // Two workers, each timed out once.
-    assert_eq!(f.failures(Call::update, Reason::timeout), 2);
-    assert!(in_subnet(f.runtime.select(0, HOSTILE, &connection(1)), 2));
+    // One port, one instance: timed out once.
+    assert_eq!(f.failures(Call::update, Reason::timeout), 1);
+    assert!(in_subnet(f.runtime.select(HOSTILE, &connection(1)), 2));
     f.healthy_service_unaffected();
 }
 
@@ -168,7 +165,7 @@ fn infinite_loop_in_update_fails_closed_with_nothing_eligible() {
     assert!(answer.eligibility.internal.endpoints.is_empty());
     assert!(answer.eligibility.external.endpoints.is_empty());
     assert_eq!(
-        f.runtime.select(0, HOSTILE, &connection(1)),
+        f.runtime.select(HOSTILE, &connection(1)),
         HostDecision::Reject
     );
     f.healthy_service_unaffected();
@@ -177,7 +174,7 @@ fn infinite_loop_in_update_fails_closed_with_nothing_eligible() {
 #[test]
 fn memory_bomb_in_select_hits_the_cap() {
     let (f, _) = fixture("memory-select", FailureMode::Open);
-    let decision = f.runtime.select(0, HOSTILE, &connection(1));
+    let decision = f.runtime.select(HOSTILE, &connection(1));
     assert!(in_subnet(decision, 2), "{decision:?}");
     assert_eq!(f.failures(Call::select, Reason::memory), 1);
     f.healthy_service_unaffected();
@@ -187,14 +184,14 @@ fn memory_bomb_in_select_hits_the_cap() {
 fn memory_bomb_in_update_hits_the_cap() {
     let (f, answer) = fixture("memory-update", FailureMode::Open);
     assert_eq!(answer.failure.expect("failed").kind, FailureKind::Memory);
-    assert_eq!(f.failures(Call::update, Reason::memory), 2);
+    assert_eq!(f.failures(Call::update, Reason::memory), 1);
     f.healthy_service_unaffected();
 }
 
 #[test]
 fn panic_in_select_is_a_trap() {
     let (f, _) = fixture("panic-select", FailureMode::Open);
-    assert!(in_subnet(f.runtime.select(0, HOSTILE, &connection(1)), 2));
+    assert!(in_subnet(f.runtime.select(HOSTILE, &connection(1)), 2));
     assert_eq!(f.failures(Call::select, Reason::trap), 1);
     f.healthy_service_unaffected();
 }
@@ -206,7 +203,7 @@ fn panic_in_update_is_a_trap() {
     assert_eq!(failure.kind, FailureKind::Trap);
     assert!(failure.message.contains("update"), "{failure}");
     assert_eq!(
-        f.runtime.select(1, HOSTILE, &connection(1)),
+        f.runtime.select(HOSTILE, &connection(1)),
         HostDecision::Reject
     );
     f.healthy_service_unaffected();
@@ -215,7 +212,7 @@ fn panic_in_update_is_a_trap() {
 #[test]
 fn unknown_endpoint_id_from_select_is_invalid() {
     let (f, _) = fixture("unknown-id-select", FailureMode::Open);
-    let decision = f.runtime.select(0, HOSTILE, &connection(1));
+    let decision = f.runtime.select(HOSTILE, &connection(1));
     assert!(in_subnet(decision, 2), "{decision:?}");
     assert_eq!(f.failures(Call::select, Reason::invalid_answer), 1);
     f.healthy_service_unaffected();
@@ -245,10 +242,10 @@ fn log_flood_is_capped_and_counted() {
         "the policy's own answer stands"
     );
     assert_eq!(f.metrics.failures_total("hostile"), 0);
-    // Per worker: 1024 log lines and 1024 stdout lines of 4 KiB, against a 64 KiB budget.
+    // 1024 log lines and 1024 stdout lines of 4 KiB, against a 64 KiB budget.
     let dropped = f.metrics.log_dropped_of("hostile");
     assert!(
-        dropped > 2 * (8 << 20) - 2 * (64 << 10) - 4096,
+        dropped > (8 << 20) - (64 << 10) - 4096,
         "dropped {dropped} bytes"
     );
     f.healthy_service_unaffected();
@@ -258,7 +255,7 @@ fn log_flood_is_capped_and_counted() {
 fn sleeping_in_select_is_refused_not_waited_for() {
     let (f, _) = fixture("sleep-select", FailureMode::Closed);
     assert_eq!(
-        f.runtime.select(0, HOSTILE, &connection(1)),
+        f.runtime.select(HOSTILE, &connection(1)),
         HostDecision::Reject
     );
     assert_eq!(f.failures(Call::select, Reason::trap), 1);
@@ -285,7 +282,7 @@ fn forwarding_to_a_known_but_ineligible_endpoint_is_invalid() {
         vec![1, 2],
         "update left 3 out"
     );
-    let decision = f.runtime.select(0, HOSTILE, &connection(1));
+    let decision = f.runtime.select(HOSTILE, &connection(1));
     assert_eq!(f.failures(Call::select, Reason::invalid_answer), 1);
     assert!(
         matches!(
@@ -306,7 +303,7 @@ fn addresses_cross_the_host_guest_boundary_intact() {
     let compiled = engine
         .load("hostile", "hostile.wasm", &guest_bytes("hostile"))
         .unwrap();
-    let runtime = PolicyRuntime::new(engine, compiled, "", 1).unwrap();
+    let runtime = PolicyRuntime::new(engine, compiled, "").unwrap();
 
     runtime.update(
         1,
@@ -316,7 +313,7 @@ fn addresses_cross_the_host_guest_boundary_intact() {
             FailureMode::Closed,
         ),
     );
-    let v4 = runtime.select(0, 1, &connection(2));
+    let v4 = runtime.select(1, &connection(2));
     assert_eq!(
         v4,
         HostDecision::Forward {
@@ -338,7 +335,7 @@ fn addresses_cross_the_host_guest_boundary_intact() {
         scope: weir_sdk::Scope::Internal,
     };
     assert_eq!(
-        runtime.select(0, 2, &client),
+        runtime.select(2, &client),
         HostDecision::Forward {
             endpoint: 3,
             address: "[fd00:1::3]:8080".parse().unwrap()
@@ -353,7 +350,7 @@ fn configure_refusal_is_reported() {
     let compiled = engine
         .load("hostile", "hostile.wasm", &guest_bytes("hostile"))
         .unwrap();
-    let error = PolicyRuntime::new(engine, compiled, "refuse", 1)
+    let error = PolicyRuntime::new(engine, compiled, "refuse")
         .err()
         .expect("refused");
     assert_eq!(error.kind, FailureKind::Refused);
@@ -366,7 +363,7 @@ fn configure_panic_is_a_trap() {
     let compiled = engine
         .load("hostile", "hostile.wasm", &guest_bytes("hostile"))
         .unwrap();
-    let error = PolicyRuntime::new(engine, compiled, "panic", 1)
+    let error = PolicyRuntime::new(engine, compiled, "panic")
         .err()
         .expect("trapped");
     assert_eq!(error.kind, FailureKind::Trap);
@@ -385,8 +382,8 @@ fn failures_racing_with_updates_never_blame_a_healthy_update() {
         let f = f.clone();
         std::thread::spawn(move || {
             for round in 0..200u32 {
-                f.runtime.select(0, HOSTILE, &connection(round as u8));
-                f.runtime.select(0, HEALTHY, &connection(round as u8));
+                f.runtime.select(HOSTILE, &connection(round as u8));
+                f.runtime.select(HEALTHY, &connection(round as u8));
             }
         })
     };
@@ -439,18 +436,19 @@ fn failures_racing_with_updates_never_blame_a_healthy_update() {
 }
 
 #[test]
-fn a_service_failing_during_a_replay_goes_onto_its_failure_mode_and_the_replay_restarts() {
+fn a_failing_port_replays_nothing_for_the_policys_other_ports() {
     let (engine, metrics) = engine();
     let compiled = engine
         .load("hostile", "hostile.wasm", &guest_bytes("hostile"))
         .unwrap();
-    let runtime = PolicyRuntime::new(engine, compiled, "", 1).unwrap();
-    const FRAGILE: u32 = 0; // replayed first
+    let runtime = PolicyRuntime::new(engine, compiled, "").unwrap();
+    const FRAGILE: u32 = 3;
     const TRIGGER: u32 = 5;
     runtime.update(
         HEALTHY,
         input(service("healthy", None), endpoints(1, 3), FailureMode::Open),
     );
+    // Its own instance's first update traps: only this port goes onto its failure mode.
     let answer = runtime.update(
         FRAGILE,
         input(
@@ -459,10 +457,12 @@ fn a_service_failing_during_a_replay_goes_onto_its_failure_mode_and_the_replay_r
             FailureMode::Closed,
         ),
     );
-    assert!(
-        answer.failure.is_none(),
-        "fine while not first: {:?}",
-        answer.failure
+    let failure = answer.failure.expect("its update trapped");
+    assert_eq!(failure.kind, FailureKind::Trap);
+    assert_eq!(
+        runtime.select(FRAGILE, &connection(1)),
+        HostDecision::Reject,
+        "closed: nothing eligible"
     );
     runtime.update(
         TRIGGER,
@@ -472,34 +472,62 @@ fn a_service_failing_during_a_replay_goes_onto_its_failure_mode_and_the_replay_r
             FailureMode::Open,
         ),
     );
-
-    // The trigger's select traps; the rebuild replays FRAGILE first, which traps too.
-    runtime.select(0, TRIGGER, &connection(1));
+    runtime.select(TRIGGER, &connection(1));
+    assert_eq!(
+        runtime.repair(),
+        1,
+        "the trigger's instance alone is rebuilt"
+    );
     assert_eq!(
         metrics.failures_of("hostile", Call::select, Reason::trap),
         1
     );
     assert_eq!(
         metrics.failures_of("hostile", Call::update, Reason::trap),
-        1
+        1,
+        "the fragile port's own update; nothing was replayed into it"
     );
-    let (eligibility, failure) = runtime.eligibility(FRAGILE).expect("known");
-    assert!(failure.is_some(), "fragile is on its failure mode");
-    assert!(
-        eligibility.internal.endpoints.is_empty(),
-        "closed: nothing eligible"
-    );
-    assert_eq!(
-        runtime.select(0, FRAGILE, &connection(1)),
-        HostDecision::Reject
-    );
-    // The replay started over without it, so the healthy service is served by the policy.
+    assert_eq!(metrics.replacements("hostile"), 1);
     let (_, failure) = runtime.eligibility(HEALTHY).expect("known");
     assert!(failure.is_none());
-    assert!(in_subnet(runtime.select(0, HEALTHY, &connection(1)), 1));
     assert_eq!(
         metrics.fallbacks_of("hostile", Mode::open),
         1,
         "only the trigger's own connection"
     );
+}
+
+#[test]
+fn one_port_whose_update_traps_among_500_is_the_only_one_on_its_failure_mode() {
+    let (engine, metrics) = engine();
+    let compiled = engine
+        .load("hostile", "hostile.wasm", &guest_bytes("hostile"))
+        .unwrap();
+    let runtime = PolicyRuntime::new(engine, compiled, "").unwrap();
+    const BROKEN: u32 = 250;
+    let started = std::time::Instant::now();
+    for handle in 1..=500u32 {
+        let config = (handle == BROKEN).then_some("panic-update");
+        let name = format!("svc-{handle}");
+        let answer = runtime.update(
+            handle,
+            input(service(&name, config), endpoints(1, 3), FailureMode::Closed),
+        );
+        assert_eq!(answer.failure.is_some(), handle == BROKEN, "{name}");
+    }
+    eprintln!(
+        "500 ports, each with its instance, in {:?}",
+        started.elapsed()
+    );
+    assert_eq!(runtime.ports(), 500);
+    for handle in 1..=500u32 {
+        let decision = runtime.select(handle, &connection(1));
+        if handle == BROKEN {
+            assert_eq!(decision, HostDecision::Reject);
+        } else {
+            assert!(in_subnet(decision, 1), "svc-{handle}: {decision:?}");
+        }
+    }
+    assert_eq!(metrics.failures_total("hostile"), 1);
+    assert_eq!(metrics.replacements("hostile"), 0);
 }

@@ -180,7 +180,7 @@ fn least_connections_is_fair_under_uneven_connection_lengths() {
             &guest_bytes("least-connections"),
         )
         .unwrap();
-    let runtime = PolicyRuntime::new(engine, compiled, "", 1).unwrap();
+    let runtime = PolicyRuntime::new(engine, compiled, "").unwrap();
     runtime.update(
         1,
         input(service("web", None), endpoints(1, 4), FailureMode::Closed),
@@ -189,15 +189,13 @@ fn least_connections_is_fair_under_uneven_connection_lengths() {
     // end up with one connection, the rest shared evenly.
     let mut counts = [0u32; 5];
     for client in 0..400u32 {
-        let HostDecision::Forward { endpoint, .. } =
-            runtime.select(0, 1, &connection(client as u8))
+        let HostDecision::Forward { endpoint, .. } = runtime.select(1, &connection(client as u8))
         else {
             panic!("forward");
         };
         counts[endpoint as usize] += 1;
         if endpoint != 1 {
             runtime.observe(
-                0,
                 1,
                 &ConnectionOutcome {
                     endpoint,
@@ -222,22 +220,20 @@ fn p2c_ewma_avoids_a_slow_endpoint_through_the_host() {
     let compiled = engine
         .load("p2c-ewma", "p2c.wasm", &guest_bytes("p2c-ewma"))
         .unwrap();
-    let runtime = PolicyRuntime::new(engine, compiled, "", 1).unwrap();
+    let runtime = PolicyRuntime::new(engine, compiled, "").unwrap();
     runtime.update(
         1,
         input(service("web", None), endpoints(1, 4), FailureMode::Closed),
     );
     let mut counts = [0u32; 5];
     for client in 0..2000u32 {
-        let HostDecision::Forward { endpoint, .. } =
-            runtime.select(0, 1, &connection(client as u8))
+        let HostDecision::Forward { endpoint, .. } = runtime.select(1, &connection(client as u8))
         else {
             panic!("forward");
         };
         counts[endpoint as usize] += 1;
         let micros = if endpoint == 4 { 200_000 } else { 2_000 };
         runtime.observe(
-            0,
             1,
             &ConnectionOutcome {
                 endpoint,
@@ -246,7 +242,6 @@ fn p2c_ewma_avoids_a_slow_endpoint_through_the_host() {
             },
         );
         runtime.observe(
-            0,
             1,
             &ConnectionOutcome {
                 endpoint,
@@ -285,7 +280,7 @@ fn every_library_policy_serves_a_thousand_endpoints() {
         };
         let (engine, metrics) = weir::test_helpers::engine_with(limits);
         let compiled = engine.load(module, module, &guest_bytes(module)).unwrap();
-        let runtime = PolicyRuntime::new(engine, compiled, "", 1).unwrap();
+        let runtime = PolicyRuntime::new(engine, compiled, "").unwrap();
         let answer = runtime.update(
             1,
             input(service("web", None), eps.clone(), FailureMode::Closed),
@@ -297,7 +292,7 @@ fn every_library_policy_serves_a_thousand_endpoints() {
             "{module}"
         );
         for client in 0..200u32 {
-            let decision = runtime.select(0, 1, &connection(client as u8));
+            let decision = runtime.select(1, &connection(client as u8));
             assert!(
                 matches!(decision, HostDecision::Forward { .. }),
                 "{module}: {decision:?}"

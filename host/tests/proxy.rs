@@ -1127,3 +1127,41 @@ async fn changes_applied_one_by_one_equal_a_fresh_start() {
     );
     fresh.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn services_without_a_policy_get_the_nodes_default_and_kube_default_opts_out() {
+    const T: u8 = 37;
+    let _backends = backends(T, 3).await;
+    let node = ip(T, 0, 1);
+    let eps = [
+        Ep::ready(ip(T, 1, 1), "node-a"),
+        Ep::ready(ip(T, 1, 2), "node-a"),
+        Ep::ready(ip(T, 1, 3), "node-a"),
+    ];
+    let plain = service_yaml("plain", ip(T, 0, 10), 8000, "", "")
+        + "---\n"
+        + &slice_yaml("plain", 8080, &eps);
+    let opted_out = service_yaml(
+        "opted-out",
+        ip(T, 0, 11),
+        8000,
+        "",
+        "weir.dev/policy: kube-default",
+    ) + "---\n"
+        + &slice_yaml("opted-out", 8080, &eps);
+    // The default policy is the test guest; with this config it always answers the first
+    // eligible endpoint.
+    let weir = Weir::start(
+        node,
+        &[("plain.yaml", plain), ("opted-out.yaml", opted_out)],
+        &[("echo", guest_bytes("hostile"))],
+        "[policies]\ndefault = \"echo\"\ndefault_config = \"spin-select:0\"\n",
+    )
+    .await;
+    let plain = answers(SocketAddr::new(ip(T, 0, 10), 8000), None, 20).await;
+    assert_eq!(plain.len(), 1, "the default policy decides: {plain:?}");
+    let opted_out = answers(SocketAddr::new(ip(T, 0, 11), 8000), None, 30).await;
+    assert!(opted_out.len() > 1, "kube-default spreads: {opted_out:?}");
+    assert_eq!(weir.metric("weir_policy_failures_total"), 0);
+    weir.shutdown().await;
+}

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
 use wasmtime::component::{Component, Linker};
-use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig};
+use wasmtime::{Config, Engine, InstanceAllocationStrategy};
 
 use super::bindings::PolicyWorldPre;
 use super::cache::ArtifactCache;
@@ -99,19 +99,7 @@ impl PolicyEngine {
         cache_dir: Option<&Path>,
         metrics: Arc<PolicyMetrics>,
     ) -> anyhow::Result<Arc<Self>> {
-        let mut pool = PoolingAllocationConfig::default();
-        pool.total_component_instances(limits.max_instances)
-            .total_core_instances(limits.max_instances * 8)
-            .total_memories(limits.max_instances * 2)
-            .total_tables(limits.max_instances * 8)
-            .total_stacks(limits.max_instances)
-            .max_memory_size(limits.memory_bytes);
-        let mut config = Config::new();
-        config
-            .wasm_component_model(true)
-            .epoch_interruption(true)
-            .allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
-        let engine = Engine::new(&config)?;
+        let engine = Engine::new(&engine_config(&limits))?;
 
         let mut linker = Linker::new(&engine);
         wasmtime_wasi::p2::add_to_linker_sync(&mut linker)?;
@@ -120,6 +108,7 @@ impl PolicyEngine {
             &mut linker,
             |state| state,
         )?;
+        super::imports::link_log(&mut linker)?;
 
         let ticker_stop = Arc::new(AtomicBool::new(false));
         spawn_ticker(engine.clone(), limits.epoch_tick, ticker_stop.clone());
@@ -203,17 +192,10 @@ impl PolicyEngine {
         let from_cache = cached.is_some();
         let component = match cached {
             Some(component) => component,
-            None => {
-                let component =
-                    Component::new(&self.engine, bytes).map_err(|e| LoadError::Compile {
-                        source_name: source_name.to_string(),
-                        reason: format!("{e:#}"),
-                    })?;
-                if let Some(cache) = &self.cache {
-                    cache.store(&sha256, &component);
-                }
-                component
-            }
+            None => Component::new(&self.engine, bytes).map_err(|e| LoadError::Compile {
+                source_name: source_name.to_string(),
+                reason: format!("{e:#}"),
+            })?,
         };
         let compile_time = started.elapsed();
 
@@ -260,6 +242,10 @@ impl PolicyEngine {
             .instantiate_pre(&component)
             .map_err(link_error)?;
         let pre = PolicyWorldPre::new(instance_pre).map_err(link_error)?;
+        // Only a module that fits the contract is worth keeping.
+        if !from_cache && let Some(cache) = &self.cache {
+            cache.store(&sha256, &component);
+        }
         Ok(Arc::new(CompiledPolicy {
             name: name.to_string(),
             sha256,
@@ -280,6 +266,24 @@ impl PolicyEngine {
             super::KUBE_DEFAULT_WASM,
         )
     }
+}
+
+/// How every policy is compiled and run. Instances are allocated on demand, not from a
+/// pool: there is one per service port, so their number follows the Services, and a
+/// pool would have to be sized (and its address space reserved) for the most there could
+/// ever be. A memory reserves only its port's budget of address space, so ten thousand
+/// ports fit in any address space; what they use is what they touch.
+pub(crate) fn engine_config(limits: &Limits) -> Config {
+    let mut config = Config::new();
+    config
+        .wasm_component_model(true)
+        .epoch_interruption(true)
+        .allocation_strategy(InstanceAllocationStrategy::OnDemand)
+        .memory_reservation(limits.memory_bytes as u64)
+        .memory_reservation_for_growth(0)
+        .memory_guard_size(64 << 10)
+        .memory_may_move(true);
+    config
 }
 
 /// The WASI version wasmtime-wasi links; its blocking functions are replaced below.

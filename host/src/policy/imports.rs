@@ -21,7 +21,14 @@ pub struct StoreState {
     /// Why the last memory or table growth was refused, so a following trap is reported as
     /// the memory cap rather than as the guest's own abort.
     pub(crate) memory_denied: bool,
-    memory_bytes: usize,
+    /// The service port's memory budget, over all the instance's memories together, and
+    /// what they use now.
+    pub(crate) memory_budget: usize,
+    memory_used: usize,
+    max_core_instances: usize,
+    max_memories: usize,
+    max_tables: usize,
+    max_table_elements: usize,
     pub(crate) log: LogBuffer,
     rng: u64,
     clock: Arc<PolicyClock>,
@@ -63,20 +70,35 @@ impl PolicyClock {
 }
 
 impl StoreState {
-    /// `seed` makes the instance's randomness repeatable (`None`: from the time).
-    pub fn new(policy: &str, limits: &Limits, clock: Arc<PolicyClock>, seed: Option<u64>) -> Self {
+    /// `seed` makes the instance's randomness repeatable (`None`: from the time);
+    /// `memory_budget` caps all of the instance's linear memory together.
+    pub fn new(
+        policy: &str,
+        limits: &Limits,
+        clock: Arc<PolicyClock>,
+        seed: Option<u64>,
+        memory_budget: usize,
+    ) -> Self {
         let log = LogBuffer::new(policy, limits);
         let mut wasi = WasiCtx::builder();
         wasi.stdout(log.clone())
             .stderr(log.clone())
             .allow_tcp(false)
             .allow_udp(false)
-            .allow_ip_name_lookup(false);
+            .allow_ip_name_lookup(false)
+            .max_random_size(limits.random_bytes_per_call);
+        let mut table = ResourceTable::new();
+        table.set_max_capacity(limits.max_resources);
         StoreState {
             wasi: wasi.build(),
-            table: ResourceTable::new(),
+            table,
             memory_denied: false,
-            memory_bytes: limits.memory_bytes,
+            memory_budget,
+            memory_used: 0,
+            max_core_instances: limits.max_core_instances,
+            max_memories: limits.max_memories,
+            max_tables: limits.max_tables,
+            max_table_elements: limits.max_table_elements,
             log,
             rng: seed.unwrap_or_else(time_seed),
             clock,
@@ -107,13 +129,19 @@ impl WasiView for StoreState {
 }
 
 impl wasmtime::ResourceLimiter for StoreState {
+    /// Counts every memory of the instance against one budget (a memory's creation is a
+    /// growth from 0), so extra memories cannot multiply it.
     fn memory_growing(
         &mut self,
-        _current: usize,
+        current: usize,
         desired: usize,
         _maximum: Option<usize>,
     ) -> wasmtime::Result<bool> {
-        let allowed = desired <= self.memory_bytes;
+        let used = self.memory_used + desired.saturating_sub(current);
+        let allowed = used <= self.memory_budget;
+        if allowed {
+            self.memory_used = used;
+        }
         self.memory_denied |= !allowed;
         Ok(allowed)
     }
@@ -124,19 +152,54 @@ impl wasmtime::ResourceLimiter for StoreState {
         desired: usize,
         _maximum: Option<usize>,
     ) -> wasmtime::Result<bool> {
-        let allowed = desired <= 100_000;
+        let allowed = desired <= self.max_table_elements;
         self.memory_denied |= !allowed;
         Ok(allowed)
+    }
+
+    fn instances(&self) -> usize {
+        self.max_core_instances
+    }
+
+    fn memories(&self) -> usize {
+        self.max_memories
+    }
+
+    fn tables(&self) -> usize {
+        self.max_tables
     }
 }
 
 impl types::Host for StoreState {}
 
 impl log::Host for StoreState {
+    // Shadowed by [`link_log`], which copies no more of the message than the cap.
     fn log(&mut self, level: types::LogLevel, message: String) {
         self.log.message(level, &message);
     }
 }
+
+/// The log import, reading the message in place in the guest's memory and copying at
+/// most the per-message cap out of it (the generated binding would copy it all first).
+pub(crate) fn link_log(linker: &mut wasmtime::component::Linker<StoreState>) -> anyhow::Result<()> {
+    use wasmtime::component::WasmStr;
+    linker.allow_shadowing(true);
+    let mut log = linker.instance(LOG_INTERFACE)?;
+    log.func_wrap(
+        "log",
+        |store: wasmtime::StoreContextMut<'_, StoreState>,
+         (level, message): (types::LogLevel, WasmStr)| {
+            let text = message.to_str(&store)?;
+            store.data().log.message(level, &text);
+            Ok(())
+        },
+    )?;
+    linker.allow_shadowing(false);
+    Ok(())
+}
+
+/// The log interface's name as the component model links it.
+const LOG_INTERFACE: &str = "weir:policy/log@0.1.0";
 
 impl clock::Host for StoreState {
     fn now(&mut self) -> u64 {

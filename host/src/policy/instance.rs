@@ -94,11 +94,13 @@ pub struct PolicyInstance {
 }
 
 impl PolicyInstance {
-    /// Instantiates the policy and runs `configure`.
+    /// Instantiates the policy with `memory_budget` bytes of linear memory (all its
+    /// memories together) and runs `configure`.
     pub fn new(
         engine: &PolicyEngine,
         policy: &Arc<CompiledPolicy>,
         config: &str,
+        memory_budget: usize,
     ) -> Result<Self, CallError> {
         let limits = &engine.limits;
         let mut store = Store::new(
@@ -108,6 +110,7 @@ impl PolicyInstance {
                 limits,
                 engine.clock.clone(),
                 engine.instance_seed(),
+                memory_budget,
             ),
         );
         store.limiter(|state| state);
@@ -158,12 +161,6 @@ impl PolicyInstance {
             bindings
                 .weir_policy_policy()
                 .call_update(store, handle, service, node, endpoints)
-        })
-    }
-
-    pub fn remove(&mut self, handle: u32) -> Result<(), CallError> {
-        self.call(CallKind::Remove, |bindings, store| {
-            bindings.weir_policy_policy().call_remove(store, handle)
         })
     }
 
@@ -258,12 +255,24 @@ fn classify(store: &Store<StoreState>, error: wasmtime::Error, kind: CallKind) -
     if store.data().memory_denied {
         return CallError {
             kind: FailureKind::Memory,
-            message: format!("{call} tried to grow memory past the instance's cap and trapped"),
+            message: format!(
+                "{call} tried to grow memory past the service port's budget of {} and trapped",
+                mib(store.data().memory_budget)
+            ),
         };
     }
     CallError {
         kind: FailureKind::Trap,
         message: format!("{call} trapped: {}", error.root_cause()),
+    }
+}
+
+/// A byte count as operators write budgets: `16 MiB`, or `1536 KiB` when not whole.
+pub(crate) fn mib(bytes: usize) -> String {
+    if bytes.is_multiple_of(1 << 20) {
+        format!("{} MiB", bytes >> 20)
+    } else {
+        format!("{} KiB", bytes >> 10)
     }
 }
 
@@ -274,7 +283,7 @@ mod tests {
 
     fn state(deadline: Duration) -> StoreState {
         let limits = Limits::default();
-        let mut state = StoreState::new("test", &limits, Arc::default(), Some(1));
+        let mut state = StoreState::new("test", &limits, Arc::default(), Some(1), 1 << 20);
         state.deadline = deadline;
         state.deadline_ticks = 2;
         state

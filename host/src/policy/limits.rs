@@ -9,8 +9,11 @@ pub struct Limits {
     pub select_deadline: Duration,
     /// Deadline for `configure`, `update` and `remove`, which run on the control plane.
     pub update_deadline: Duration,
-    /// Cap on each linear memory of an instance.
+    /// A service port's memory budget unless its policy or its Service says otherwise:
+    /// the linear memory of the port's instance, all memories together.
     pub memory_bytes: usize,
+    /// The most any policy or Service may raise a port's budget to.
+    pub memory_ceiling_bytes: usize,
     /// How often the engine's epoch advances; deadlines are enforced to this resolution.
     pub epoch_tick: Duration,
     /// Log bytes an instance may write (log import, stdout, stderr) in one call; the rest
@@ -18,8 +21,18 @@ pub struct Limits {
     pub log_bytes_per_call: usize,
     /// Longest single log message; longer ones are cut.
     pub log_message_bytes: usize,
-    /// Live instances the engine's pooling allocator has room for, over all policies.
-    pub max_instances: u32,
+    /// Core instances, memories and tables one component may create: a component made of
+    /// many small modules must not multiply its budget (the bytes are capped across all
+    /// its memories together, these cap the count).
+    pub max_core_instances: usize,
+    pub max_memories: usize,
+    pub max_tables: usize,
+    /// Elements one table may grow to.
+    pub max_table_elements: usize,
+    /// Host resources (WASI pollables, streams) one instance may hold at once.
+    pub max_resources: usize,
+    /// Random bytes one WASI `get-random-bytes` call may ask for.
+    pub random_bytes_per_call: u64,
     /// How long a service follows its failure mode after its first `select` failure before
     /// its policy is tried again; doubles per consecutive failure, up to a minute.
     pub quarantine: Duration,
@@ -31,10 +44,16 @@ impl Default for Limits {
             select_deadline: Duration::from_millis(1),
             update_deadline: Duration::from_millis(100),
             memory_bytes: 16 << 20,
+            memory_ceiling_bytes: 256 << 20,
             epoch_tick: Duration::from_micros(500),
             log_bytes_per_call: 64 << 10,
             log_message_bytes: 1 << 10,
-            max_instances: 128,
+            max_core_instances: 16,
+            max_memories: 2,
+            max_tables: 16,
+            max_table_elements: 100_000,
+            max_resources: 1_000,
+            random_bytes_per_call: 4 << 10,
             quarantine: Duration::from_secs(1),
         }
     }
@@ -49,6 +68,15 @@ impl Limits {
             select_deadline: Duration::from_millis(100),
             update_deadline: Duration::from_secs(1),
             ..Limits::default()
+        }
+    }
+
+    /// The budget of a port whose policy or Service asks for `mib` (or nothing): within
+    /// the ceiling.
+    pub fn memory_budget(&self, mib: Option<u32>) -> usize {
+        match mib {
+            Some(mib) => ((mib as usize) << 20).min(self.memory_ceiling_bytes),
+            None => self.memory_bytes,
         }
     }
 

@@ -23,7 +23,6 @@ pub enum Binding {
 
 pub struct Registry {
     engine: Arc<PolicyEngine>,
-    workers: usize,
     policies: BTreeMap<String, Arc<PolicyRuntime>>,
     rejected: BTreeMap<String, String>,
     deleted: BTreeSet<String>,
@@ -72,22 +71,20 @@ impl RegistryError {
 }
 
 impl Registry {
-    /// A registry with the built-in kube-default loaded, `workers` instances per policy.
-    pub fn new(engine: Arc<PolicyEngine>, workers: usize) -> anyhow::Result<Self> {
-        let mut registry = Registry {
+    /// A registry with the built-in kube-default (native) loaded.
+    pub fn new(engine: Arc<PolicyEngine>) -> Self {
+        let builtin = Arc::new(PolicyRuntime::native(engine.clone()));
+        Registry {
             engine,
-            workers,
-            policies: BTreeMap::new(),
+            policies: BTreeMap::from([(DEFAULT_POLICY.to_string(), builtin)]),
             rejected: BTreeMap::new(),
             deleted: BTreeSet::new(),
-        };
-        let compiled = registry.engine.load_kube_default()?;
-        let runtime = PolicyRuntime::new(registry.engine.clone(), compiled, "", workers)
-            .map_err(|e| anyhow::anyhow!("the built-in kube-default policy failed: {e}"))?;
-        registry
-            .policies
-            .insert(DEFAULT_POLICY.to_string(), Arc::new(runtime));
-        Ok(registry)
+        }
+    }
+
+    /// Rebuilds the instances that data-plane failures poisoned, in every policy.
+    pub fn repair(&self) -> usize {
+        self.policies.values().map(|p| p.repair()).sum()
     }
 
     pub fn engine(&self) -> &Arc<PolicyEngine> {
@@ -141,12 +138,12 @@ impl Registry {
             .load(name, source_name, bytes)
             .map_err(RegistryError::from)
             .and_then(|compiled| {
-                PolicyRuntime::new(self.engine.clone(), compiled, config, self.workers).map_err(
-                    |error| RegistryError::Instantiate {
+                PolicyRuntime::new(self.engine.clone(), compiled, config).map_err(|error| {
+                    RegistryError::Instantiate {
                         source_name: source_name.to_string(),
                         error,
-                    },
-                )
+                    }
+                })
             });
         match result {
             Ok(runtime) => {
@@ -178,10 +175,12 @@ impl Registry {
         replay: &[(u32, Arc<ServiceInput>)],
     ) -> Result<Swapped, RegistryError> {
         let compiled = self.engine.load(name, source_name, bytes)?;
-        let runtime = PolicyRuntime::new(self.engine.clone(), compiled, config, self.workers)
-            .map_err(|error| RegistryError::Instantiate {
-                source_name: source_name.to_string(),
-                error,
+        let runtime =
+            PolicyRuntime::new(self.engine.clone(), compiled, config).map_err(|error| {
+                RegistryError::Instantiate {
+                    source_name: source_name.to_string(),
+                    error,
+                }
             })?;
         let mut answers = Vec::with_capacity(replay.len());
         for (handle, input) in replay {
@@ -212,17 +211,14 @@ impl Registry {
     }
 
     /// Forgets a policy whose module was deleted. kube-default goes back to the built-in.
-    pub fn unload(&mut self, name: &str) -> anyhow::Result<()> {
+    pub fn unload(&mut self, name: &str) {
         self.rejected.remove(name);
         if name == DEFAULT_POLICY {
-            let compiled = self.engine.load_kube_default()?;
-            let runtime = PolicyRuntime::new(self.engine.clone(), compiled, "", self.workers)
-                .map_err(|e| anyhow::anyhow!("the built-in kube-default policy failed: {e}"))?;
-            self.policies.insert(name.to_string(), Arc::new(runtime));
+            let builtin = PolicyRuntime::native(self.engine.clone());
+            self.policies.insert(name.to_string(), Arc::new(builtin));
         } else if self.policies.remove(name).is_some() {
             self.deleted.insert(name.to_string());
         }
-        Ok(())
     }
 
     /// Whether `name`'s module was deleted (and nothing has replaced it).
@@ -232,7 +228,7 @@ impl Registry {
 
     /// The sha256 of the module serving `name`.
     pub fn sha256(&self, name: &str) -> Option<&str> {
-        self.policies.get(name).map(|p| p.policy().sha256.as_str())
+        self.policies.get(name).map(|p| p.sha256())
     }
 
     /// The runtime serving `name`.

@@ -1,21 +1,33 @@
-//! One policy in service: an instance per data-plane worker, every `update` pushed to
-//! each of them, and every failure contained by the service's failure mode.
+//! One policy in service: an instance of its own for every service port, so a port's
+//! state, memory budget and failures are its own, and every failure is contained by that
+//! port's failure mode.
 //!
-//! Locks, always in this order: the service table (`services`), a worker's mutex, the
-//! native fallback's mutex. On the normal path the data plane takes only its own worker's
-//! mutex, which the control plane holds just long enough to push an update, so workers
-//! never contend with each other; a failure also takes the service table (to replay it
-//! into a fresh instance) and the fallback (to answer with the failure mode).
+//! The Service port is what a user reasons about, so it is the unit of isolation. Each
+//! port bound to a Wasm policy has one instance (its own `Store`), configured and told only
+//! that port's `update`s; every data-plane worker asks the same instance, so memory
+//! follows the ports and their tables, never the number of workers, and all of a
+//! Service's connections meet the same state (affinity, counters). A trap, a missed
+//! deadline or a memory overrun poisons only that port's instance: the port follows its
+//! failure mode, nothing is replayed for any other port, and the instance is rebuilt by
+//! the control plane (`repair`, or the port's next `update`), never on a data-plane
+//! thread.
 //!
-//! A service whose `update` fails follows its failure mode on that worker until its next
-//! update gives the policy another chance. A service whose `select` fails is quarantined
-//! for a backoff (`Limits::quarantine`, doubling per consecutive failure up to a minute),
-//! then tried again: a call descheduled past its deadline costs a moment, and a policy
-//! that always fails costs a rebuild now and then, not one per connection.
+//! The built-in kube-default is weir's own code and runs natively: a port on it costs no
+//! instance at all. Every port also keeps kube-default's answer natively, as its `open`
+//! failure mode.
+//!
+//! Locks, always in this order: the port table (`ports`), one port's mutex. The data
+//! plane takes the table for reading and one port's mutex; the control plane takes the
+//! table for writing only to add or remove a port.
+//!
+//! A port whose `update` fails follows its failure mode until its next update gives the
+//! policy another chance. A port whose `select` fails is quarantined for a backoff
+//! (`Limits::quarantine`, doubling per consecutive failure up to a minute), then tried
+//! again: a call descheduled past its deadline costs a moment, and a policy that always
+//! fails costs a rebuild now and then, not one per connection.
 
-use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use kube_default::KubeDefault;
@@ -27,13 +39,8 @@ use weir_sdk::{
 use super::bindings::types as wit;
 use super::convert;
 use super::engine::{CompiledPolicy, PolicyEngine};
-use super::instance::{CallError, CallKind, FailureKind, PolicyInstance};
+use super::instance::{CallError, CallKind, PolicyInstance};
 use crate::locks::{lock, read, write};
-
-/// Rebuilding an instance replays every service; a policy that keeps failing during the
-/// replay is given up on (all its services on their failure mode) after this many tries,
-/// until its next update.
-const MAX_REBUILD_ATTEMPTS: usize = 4;
 
 /// What a service gets when its policy fails.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -54,7 +61,7 @@ impl FailureMode {
     }
 }
 
-/// Everything a policy is told about one service port, kept to replay into new instances.
+/// Everything a policy is told about one service port, kept to rebuild its instance.
 #[derive(Clone, Debug, PartialEq)]
 pub struct ServiceInput {
     pub service: Service,
@@ -62,6 +69,9 @@ pub struct ServiceInput {
     /// The endpoints with their host-assigned ids, sorted by id.
     pub endpoints: Vec<Endpoint>,
     pub failure_mode: FailureMode,
+    /// The port's memory budget in MiB, when its Service or policy sets one (else
+    /// `limits.memory_mib`); never more than the node's ceiling.
+    pub memory_mib: Option<u32>,
 }
 
 impl ServiceInput {
@@ -106,21 +116,7 @@ pub struct UpdateAnswer {
     pub failure: Option<CallError>,
 }
 
-struct WorkerService {
-    input: Arc<ServiceInput>,
-    eligibility: Eligibility,
-    /// Every endpoint by id, with the scopes it is eligible for: checks and resolves a
-    /// `select` answer in one lookup, whatever the number of endpoints.
-    targets: IdMap<Target>,
-    /// Set when this service's last update failed on this worker: its traffic follows the
-    /// failure mode until its next successful update.
-    failure: Option<CallError>,
-    /// Set when a `select` or `observe` for this service failed: its traffic follows the
-    /// failure mode until then, and the policy is tried again after.
-    quarantine: Option<Quarantine>,
-}
-
-/// A service's backoff after data-plane failures: one failure (a descheduled call can miss
+/// A port's backoff after data-plane failures: one failure (a descheduled call can miss
 /// a 1 ms deadline) costs a moment on the failure mode; repeated failures back off to
 /// [`MAX_QUARANTINE`], so a policy that always fails costs a rebuild now and then, not one
 /// per connection.
@@ -149,10 +145,45 @@ impl Target {
     }
 }
 
-impl WorkerService {
-    fn new(input: Arc<ServiceInput>, eligibility: Eligibility, failure: Option<CallError>) -> Self {
+/// How a policy's decisions are made.
+enum Backend {
+    /// weir's own kube-default, in process: the port's native driver is the policy.
+    Native,
+    /// A component: one instance per port.
+    Wasm(Arc<CompiledPolicy>),
+}
+
+/// One service port of a policy.
+struct Port {
+    state: Mutex<PortState>,
+}
+
+struct PortState {
+    /// What the port was last told: replayed into a rebuilt instance.
+    input: Arc<ServiceInput>,
+    /// kube-default in process, told every update: the policy itself on the native
+    /// backend, the `open` failure mode's answer on a Wasm one.
+    native: Driver<KubeDefault>,
+    /// What serves the port now.
+    eligibility: Eligibility,
+    /// Every endpoint by id, with the scopes it is eligible for: checks and resolves a
+    /// `select` answer in one lookup, whatever the number of endpoints.
+    targets: IdMap<Target>,
+    /// Set when the port's last update failed: its traffic follows the failure mode until
+    /// its next successful update.
+    failure: Option<CallError>,
+    /// Set when a `select` or `observe` failed: its traffic follows the failure mode until
+    /// then, and the policy is tried again after.
+    quarantine: Option<Quarantine>,
+    /// The port's instance (Wasm backend). `None` after a failure, until the control
+    /// plane rebuilds it.
+    instance: Option<PolicyInstance>,
+}
+
+impl PortState {
+    fn serve(&mut self, eligibility: Eligibility, failure: Option<CallError>) {
         let mut targets = IdMap::default();
-        for e in &input.endpoints {
+        for e in &self.input.endpoints {
             targets.insert(
                 e.id,
                 Target {
@@ -172,91 +203,103 @@ impl WorkerService {
                 t.external = true;
             }
         }
-        WorkerService {
-            input,
-            eligibility,
-            targets,
-            failure,
-            quarantine: None,
+        self.targets = targets;
+        self.eligibility = eligibility;
+        self.failure = failure;
+    }
+
+    fn answer(&self) -> UpdateAnswer {
+        UpdateAnswer {
+            eligibility: self.eligibility.clone(),
+            failure: self.failure.clone(),
         }
     }
 }
 
-struct Worker {
-    instance: Option<PolicyInstance>,
-    services: IdMap<WorkerService>,
-}
+/// The handle a port's native driver keys it by: each driver holds that one port.
+const NATIVE_HANDLE: u32 = 0;
 
 /// A policy serving a set of service ports.
 pub struct PolicyRuntime {
     engine: Arc<PolicyEngine>,
-    policy: Arc<CompiledPolicy>,
+    name: String,
+    backend: Backend,
     config: String,
-    services: RwLock<BTreeMap<u32, Arc<ServiceInput>>>,
-    workers: Vec<Mutex<Worker>>,
-    /// Native kube-default, told every update: the `open` failure mode's answer.
-    fallback: Mutex<Driver<KubeDefault>>,
+    ports: RwLock<IdMap<Arc<Port>>>,
+    /// Ports whose instance a data-plane call poisoned, for [`PolicyRuntime::repair`].
+    poisoned: Mutex<Vec<u32>>,
     /// The policy asked for outcomes (`configure`'s capabilities): lets the data plane
     /// skip `observe` without taking a lock.
     observes: bool,
 }
 
 impl PolicyRuntime {
-    /// Instantiates and configures one instance per worker. Fails if the policy cannot be
-    /// instantiated or refuses its configuration.
+    /// A Wasm policy. Instantiates and configures it once, to check that it can be and
+    /// that it accepts `config`, and to learn what it asks of the host; each port gets an
+    /// instance of its own when it is first updated.
     pub fn new(
         engine: Arc<PolicyEngine>,
         policy: Arc<CompiledPolicy>,
         config: &str,
-        workers: usize,
     ) -> Result<Self, CallError> {
-        let mut instances = Vec::with_capacity(workers.max(1));
-        for _ in 0..workers.max(1) {
-            let instance = PolicyInstance::new(&engine, &policy, config).inspect_err(|e| {
+        let probe = PolicyInstance::new(&engine, &policy, config, engine.limits.memory_bytes)
+            .inspect_err(|e| {
                 engine
                     .metrics
                     .failure(&policy.name, CallKind::Configure, e.kind);
             })?;
-            instances.push(Mutex::new(Worker {
-                instance: Some(instance),
-                services: IdMap::default(),
-            }));
-        }
-        let observes = instances
-            .first()
-            .and_then(|w: &Mutex<Worker>| {
-                lock(w)
-                    .instance
-                    .as_ref()
-                    .map(|i| i.capabilities.observe_outcomes)
-            })
-            .unwrap_or(false);
         Ok(PolicyRuntime {
-            observes,
+            observes: probe.capabilities.observe_outcomes,
+            name: policy.name.clone(),
             engine,
-            policy,
+            backend: Backend::Wasm(policy),
             config: config.to_string(),
-            services: RwLock::new(BTreeMap::new()),
-            workers: instances,
-            fallback: Mutex::new(Driver::configure("").expect("kube-default takes no config")),
+            ports: RwLock::default(),
+            poisoned: Mutex::default(),
         })
     }
 
-    pub fn policy(&self) -> &Arc<CompiledPolicy> {
-        &self.policy
+    /// weir's built-in kube-default, run natively.
+    pub fn native(engine: Arc<PolicyEngine>) -> Self {
+        PolicyRuntime {
+            engine,
+            name: super::DEFAULT_POLICY.to_string(),
+            backend: Backend::Native,
+            config: String::new(),
+            ports: RwLock::default(),
+            poisoned: Mutex::default(),
+            observes: false,
+        }
     }
 
     pub fn name(&self) -> &str {
-        &self.policy.name
+        &self.name
     }
 
-    pub fn workers(&self) -> usize {
-        self.workers.len()
+    /// The sha256 of the module serving, or `built-in` for weir's own kube-default.
+    pub fn sha256(&self) -> &str {
+        match &self.backend {
+            Backend::Native => "built-in",
+            Backend::Wasm(policy) => &policy.sha256,
+        }
     }
 
-    /// Pushes a service port's current state to every instance. Returns the first
-    /// worker's answer (all instances of a policy are expected to agree).
-    /// `input` may be shared with the caller: the control plane keeps the same copy.
+    /// The compiled module, for a Wasm policy.
+    pub fn compiled(&self) -> Option<&Arc<CompiledPolicy>> {
+        match &self.backend {
+            Backend::Native => None,
+            Backend::Wasm(policy) => Some(policy),
+        }
+    }
+
+    /// Service ports this policy serves.
+    pub fn ports(&self) -> usize {
+        read(&self.ports).len()
+    }
+
+    /// Tells a service port its current state, building its instance first if it has
+    /// none. Returns what serves the port now. `input` may be shared with the caller: the
+    /// control plane keeps the same copy.
     pub fn update(&self, handle: u32, input: impl Into<Arc<ServiceInput>>) -> UpdateAnswer {
         let mut input = input.into();
         // Lookups by id binary-search this list; ids are the host's and unique. A sorted
@@ -266,100 +309,117 @@ impl PolicyRuntime {
             owned.endpoints.sort_by_key(|e| e.id);
             owned.endpoints.dedup_by_key(|e| e.id);
         }
-        let mut services = write(&self.services);
-        let fallback =
-            self.fallback()
-                .update(handle, input.service.clone(), &input.node, &input.endpoints);
-        services.insert(handle, input.clone());
-        let mut first = None;
-        for worker in &self.workers {
-            let mut worker = lock(worker);
-            let answer = self.update_worker(&mut worker, &services, handle, &input, &fallback);
-            first.get_or_insert(answer);
-        }
-        first.expect("at least one worker")
-    }
-
-    /// Forgets a service port on every instance.
-    pub fn remove(&self, handle: u32) {
-        let mut services = write(&self.services);
-        self.fallback().remove(handle);
-        services.remove(&handle);
-        for worker in &self.workers {
-            let mut worker = lock(worker);
-            worker.services.remove(&handle);
-            if let Some(instance) = worker.instance.as_mut()
-                && let Err(error) = instance.remove(handle)
-            {
-                self.failed(CallKind::Remove, &error);
-                self.rebuild(&mut worker, &services);
-            }
-        }
-    }
-
-    /// The eligibility currently serving a service port (worker 0's view).
-    pub fn eligibility(&self, handle: u32) -> Option<(Eligibility, Option<CallError>)> {
-        let worker = lock(&self.workers[0]);
-        worker
-            .services
-            .get(&handle)
-            .map(|s| (s.eligibility.clone(), s.failure.clone()))
-    }
-
-    /// The decision for one new connection, on data-plane worker `worker`.
-    pub fn select(&self, worker: usize, handle: u32, connection: &Connection) -> HostDecision {
-        let slot = &self.workers[worker % self.workers.len()];
-        let failed = {
-            let mut guard = lock(slot);
-            let w = &mut *guard;
-            let Some(service) = w.services.get(&handle) else {
-                return HostDecision::Reject;
-            };
-            let set = service.eligibility.for_scope(connection.scope);
-            if set.endpoints.is_empty() {
-                return host_decision(set.empty_decision(), &service.input);
-            }
-            if service.failure.is_some()
-                || service.quarantine.is_some_and(|q| Instant::now() < q.until)
-            {
-                return self.failure_mode(handle, &service.input, connection);
-            }
-            let Some(instance) = w.instance.as_mut() else {
-                return self.failure_mode(handle, &service.input, connection);
-            };
-            let answer = instance.select(handle, convert::connection(connection));
-            let error = match answer {
-                Ok(wit::Decision::Forward(id)) => match service.targets.get(&id) {
-                    Some(target) if target.allows(connection.scope) => {
-                        let address = target.address;
-                        if service.quarantine.is_some() {
-                            w.services.get_mut(&handle).expect("present").quarantine = None;
-                        }
-                        return HostDecision::Forward {
-                            endpoint: id,
-                            address,
-                        };
-                    }
-                    Some(_) => CallError::invalid(format!(
-                        "select chose endpoint id {id}, which is not eligible for {:?} traffic to {}",
-                        connection.scope,
-                        service.input.service.display_name()
-                    )),
-                    None => CallError::invalid(format!(
-                        "select chose endpoint id {id}, which {} does not have",
-                        service.input.service.display_name()
-                    )),
-                },
-                Ok(wit::Decision::Reject) => return HostDecision::Reject,
-                Ok(wit::Decision::Drop) => return HostDecision::Drop,
-                Err(error) => error,
-            };
-            self.quarantine(w, handle, CallKind::Select, &error);
-            let input = w.services[&handle].input.clone();
-            (input, error)
+        let existing = read(&self.ports).get(&handle).cloned();
+        let port = existing.unwrap_or_else(|| {
+            let port = Arc::new(Port {
+                state: Mutex::new(PortState {
+                    input: input.clone(),
+                    native: Driver::configure("").expect("kube-default takes no config"),
+                    eligibility: Eligibility::reject_all(),
+                    targets: IdMap::default(),
+                    failure: None,
+                    quarantine: None,
+                    instance: None,
+                }),
+            });
+            write(&self.ports).entry(handle).or_insert(port).clone()
+        });
+        let mut guard = lock(&port.state);
+        let state = &mut *guard;
+        let native = state.native.update(
+            NATIVE_HANDLE,
+            input.service.clone(),
+            &input.node,
+            &input.endpoints,
+        );
+        state.input = input.clone();
+        // A new input gives a port that failed before another chance.
+        state.quarantine = None;
+        let Backend::Wasm(policy) = &self.backend else {
+            state.serve(native, None);
+            return state.answer();
         };
-        self.replace_poisoned(slot);
-        self.failure_mode(handle, &failed.0, connection)
+        let result = match state.instance.as_mut() {
+            Some(instance) => call_update(instance, handle, &input),
+            None => self.instantiate(policy, &input).and_then(|mut instance| {
+                let answer = call_update(&mut instance, handle, &input);
+                state.instance = Some(instance);
+                answer
+            }),
+        };
+        match result {
+            Ok(eligibility) => state.serve(eligibility, None),
+            Err(error) => {
+                self.failed(CallKind::Update, &input, &error);
+                state.instance = None;
+                let eligibility = fallback(&input, &native);
+                state.serve(eligibility, Some(error));
+            }
+        }
+        state.answer()
+    }
+
+    /// Forgets a service port: its instance, state and memory go with it.
+    pub fn remove(&self, handle: u32) {
+        write(&self.ports).remove(&handle);
+    }
+
+    /// The eligibility currently serving a service port, and why it is the failure
+    /// mode's, when it is.
+    pub fn eligibility(&self, handle: u32) -> Option<(Eligibility, Option<CallError>)> {
+        let port = read(&self.ports).get(&handle).cloned()?;
+        let state = lock(&port.state);
+        Some((state.eligibility.clone(), state.failure.clone()))
+    }
+
+    /// The decision for one new connection.
+    pub fn select(&self, handle: u32, connection: &Connection) -> HostDecision {
+        let ports = read(&self.ports);
+        let Some(port) = ports.get(&handle) else {
+            return HostDecision::Reject;
+        };
+        let mut guard = lock(&port.state);
+        let state = &mut *guard;
+        let set = state.eligibility.for_scope(connection.scope);
+        if set.endpoints.is_empty() {
+            return host_decision(set.empty_decision(), &state.input);
+        }
+        if let Backend::Native = self.backend {
+            let decision = state.native.select(NATIVE_HANDLE, connection);
+            return host_decision(decision, &state.input);
+        }
+        if state.failure.is_some() || state.quarantine.is_some_and(|q| Instant::now() < q.until) {
+            return self.failure_mode(state, connection);
+        }
+        let Some(instance) = state.instance.as_mut() else {
+            return self.failure_mode(state, connection);
+        };
+        let error = match instance.select(handle, convert::connection(connection)) {
+            Ok(wit::Decision::Forward(id)) => match state.targets.get(&id) {
+                Some(target) if target.allows(connection.scope) => {
+                    let address = target.address;
+                    state.quarantine = None;
+                    return HostDecision::Forward {
+                        endpoint: id,
+                        address,
+                    };
+                }
+                Some(_) => CallError::invalid(format!(
+                    "select chose endpoint id {id}, which is not eligible for {:?} traffic to {}",
+                    connection.scope,
+                    state.input.service.display_name()
+                )),
+                None => CallError::invalid(format!(
+                    "select chose endpoint id {id}, which {} does not have",
+                    state.input.service.display_name()
+                )),
+            },
+            Ok(wit::Decision::Reject) => return HostDecision::Reject,
+            Ok(wit::Decision::Drop) => return HostDecision::Drop,
+            Err(error) => error,
+        };
+        self.quarantine(state, handle, CallKind::Select, &error);
+        self.failure_mode(state, connection)
     }
 
     /// Another endpoint for a connection whose connect to each of `tried` failed: the
@@ -368,15 +428,13 @@ impl PolicyRuntime {
     /// will, for the same client).
     pub fn alternative(
         &self,
-        worker: usize,
         handle: u32,
         scope: Scope,
         tried: &[EndpointId],
     ) -> Option<HostDecision> {
-        let slot = &self.workers[worker % self.workers.len()];
-        let guard = lock(slot);
-        let service = guard.services.get(&handle)?;
-        let set = &service.eligibility.for_scope(scope).endpoints;
+        let port = read(&self.ports).get(&handle).cloned()?;
+        let state = lock(&port.state);
+        let set = &state.eligibility.for_scope(scope).endpoints;
         let last = tried.last().copied().unwrap_or(0);
         let start = set.partition_point(|&id| id <= last);
         let id = set[start..]
@@ -384,254 +442,137 @@ impl PolicyRuntime {
             .chain(&set[..start])
             .copied()
             .find(|id| !tried.contains(id))?;
-        let address = service.targets.get(&id)?.address;
+        let address = state.input.address(id)?;
         Some(HostDecision::Forward {
             endpoint: id,
             address,
         })
     }
 
-    /// Tells the instance of `worker` what happened to a connection it forwarded, if the
-    /// policy asked for outcomes.
-    pub fn observe(&self, worker: usize, handle: u32, outcome: &weir_sdk::Outcome) {
+    /// Tells a port's instance what happened to a connection it forwarded, if the policy
+    /// asked for outcomes.
+    pub fn observe(&self, handle: u32, outcome: &weir_sdk::Outcome) {
         if !self.observes {
             return;
         }
-        let slot = &self.workers[worker % self.workers.len()];
-        {
-            let mut guard = lock(slot);
-            let w = &mut *guard;
-            let Some(instance) = w.instance.as_mut() else {
-                return;
+        let ports = read(&self.ports);
+        let Some(port) = ports.get(&handle) else {
+            return;
+        };
+        let mut guard = lock(&port.state);
+        let state = &mut *guard;
+        let Some(instance) = state.instance.as_mut() else {
+            return;
+        };
+        if let Err(error) = instance.observe(handle, convert::outcome(outcome)) {
+            self.quarantine(state, handle, CallKind::Observe, &error);
+        }
+    }
+
+    /// Rebuilds the instances that data-plane calls poisoned: instantiate, configure and
+    /// replay the port's own `update`, for those ports only. Runs on the control plane
+    /// (and in the tools between their calls); the data plane never builds an instance.
+    /// Returns the number of ports repaired.
+    pub fn repair(&self) -> usize {
+        let Backend::Wasm(policy) = &self.backend else {
+            return 0;
+        };
+        let poisoned = std::mem::take(&mut *lock(&self.poisoned));
+        let mut repaired = 0;
+        for handle in poisoned {
+            let Some(port) = read(&self.ports).get(&handle).cloned() else {
+                continue;
             };
-            if !instance.capabilities.observe_outcomes {
-                return;
+            let input = lock(&port.state).input.clone();
+            // Built without the port's lock: its connections meanwhile get its failure mode.
+            let rebuilt = self.instantiate(policy, &input).and_then(|mut instance| {
+                call_update(&mut instance, handle, &input).map(|answer| (instance, answer))
+            });
+            let mut state = lock(&port.state);
+            if !Arc::ptr_eq(&state.input, &input) || state.instance.is_some() {
+                // An update came first and built what it needed.
+                continue;
             }
-            match instance.observe(handle, convert::outcome(outcome)) {
-                Ok(()) => return,
-                Err(error) => self.quarantine(w, handle, CallKind::Observe, &error),
+            self.engine.metrics.replacement(&self.name);
+            match rebuilt {
+                Ok((instance, eligibility)) => {
+                    // A replay is not news: a quarantine stands until it runs out.
+                    state.instance = Some(instance);
+                    state.serve(eligibility, None);
+                    repaired += 1;
+                }
+                Err(error) => {
+                    self.failed(CallKind::Update, &input, &error);
+                    let eligibility = fallback(&input, state.native.eligibility(NATIVE_HANDLE));
+                    state.serve(eligibility, Some(error));
+                }
             }
         }
-        self.replace_poisoned(slot);
+        repaired
+    }
+
+    /// A fresh instance for a port, under the port's memory budget.
+    fn instantiate(
+        &self,
+        policy: &Arc<CompiledPolicy>,
+        input: &ServiceInput,
+    ) -> Result<PolicyInstance, CallError> {
+        let budget = self.engine.limits.memory_budget(input.memory_mib);
+        PolicyInstance::new(&self.engine, policy, &self.config, budget).inspect_err(|error| {
+            self.failed(CallKind::Configure, input, error);
+        })
     }
 
     /// After a data-plane call failed: counts it, drops the poisoned instance at once (so
-    /// nothing else calls into it) and puts the service on its failure mode on this worker.
-    fn quarantine(&self, worker: &mut Worker, handle: u32, call: CallKind, error: &CallError) {
-        self.failed(call, error);
-        worker.instance = None;
-        if let Some(service) = worker.services.get_mut(&handle) {
-            let strikes = service.quarantine.map_or(0, |q| q.strikes) + 1;
-            let backoff = self
-                .engine
-                .limits
-                .quarantine
-                .saturating_mul(1 << (strikes - 1).min(16))
-                .min(MAX_QUARANTINE);
-            service.quarantine = Some(Quarantine {
-                until: Instant::now() + backoff,
-                strikes,
-            });
-        }
+    /// nothing else calls into it), puts the port on its failure mode for a backoff and
+    /// queues the instance for the control plane to rebuild.
+    fn quarantine(&self, state: &mut PortState, handle: u32, call: CallKind, error: &CallError) {
+        self.failed(call, &state.input, error);
+        state.instance = None;
+        let strikes = state.quarantine.map_or(0, |q| q.strikes) + 1;
+        let backoff = self
+            .engine
+            .limits
+            .quarantine
+            .saturating_mul(1 << (strikes - 1).min(16))
+            .min(MAX_QUARANTINE);
+        state.quarantine = Some(Quarantine {
+            until: Instant::now() + backoff,
+            strikes,
+        });
+        lock(&self.poisoned).push(handle);
     }
 
-    /// Builds a fresh instance for a worker whose instance was dropped, unless another
-    /// thread already did (service table first, then the worker, as everywhere).
-    fn replace_poisoned(&self, slot: &Mutex<Worker>) {
-        let services = read(&self.services);
-        let mut guard = lock(slot);
-        if guard.instance.is_none() {
-            self.rebuild(&mut guard, &services);
-        }
-    }
-
-    fn update_worker(
-        &self,
-        worker: &mut Worker,
-        services: &BTreeMap<u32, Arc<ServiceInput>>,
-        handle: u32,
-        input: &Arc<ServiceInput>,
-        fallback: &Eligibility,
-    ) -> UpdateAnswer {
-        // A new input gives a service that failed before another chance.
-        worker.services.remove(&handle);
-        if worker.instance.is_none() {
-            // The rebuild replays `services`, which already holds this input.
-            self.rebuild(worker, services);
-            if let Some(service) = worker.services.get(&handle) {
-                return UpdateAnswer {
-                    eligibility: service.eligibility.clone(),
-                    failure: service.failure.clone(),
-                };
-            }
-        }
-        let result = match worker.instance.as_mut() {
-            Some(instance) => call_update(instance, handle, input),
-            None => Err(CallError {
-                kind: FailureKind::Instantiate,
-                message: "no live instance of the policy".to_string(),
-            }),
-        };
-        match result {
-            Ok(eligibility) => {
-                worker.services.insert(
-                    handle,
-                    WorkerService::new(input.clone(), eligibility.clone(), None),
-                );
-                UpdateAnswer {
-                    eligibility,
-                    failure: None,
-                }
-            }
-            Err(error) => {
-                self.failed(CallKind::Update, &error);
-                let eligibility = self.degrade(worker, handle, input, fallback, &error);
-                if worker.instance.is_some() && error.kind != FailureKind::Instantiate {
-                    self.rebuild(worker, services);
-                }
-                UpdateAnswer {
-                    eligibility,
-                    failure: Some(error),
-                }
-            }
-        }
-    }
-
-    /// Puts a service on its failure mode on this worker and returns its eligibility.
-    fn degrade(
-        &self,
-        worker: &mut Worker,
-        handle: u32,
-        input: &Arc<ServiceInput>,
-        fallback: &Eligibility,
-        error: &CallError,
-    ) -> Eligibility {
-        let eligibility = match input.failure_mode {
-            FailureMode::Open => fallback.clone(),
-            FailureMode::Closed => Eligibility::reject_all(),
-        };
-        worker.services.insert(
-            handle,
-            WorkerService::new(input.clone(), eligibility.clone(), Some(error.clone())),
-        );
-        eligibility
-    }
-
-    /// Replaces a worker's instance: instantiate, configure, replay every service that is
-    /// not already on its failure mode. A service that fails during the replay goes onto
-    /// its failure mode and the replay starts over on a fresh instance.
-    fn rebuild(&self, worker: &mut Worker, services: &BTreeMap<u32, Arc<ServiceInput>>) {
-        self.engine.metrics.replacement(&self.policy.name);
-        worker.instance = None;
-        for _ in 0..MAX_REBUILD_ATTEMPTS {
-            let mut instance = match PolicyInstance::new(&self.engine, &self.policy, &self.config) {
-                Ok(instance) => instance,
-                Err(error) => {
-                    self.failed(CallKind::Configure, &error);
-                    self.degrade_all(worker, services, &error);
-                    return;
-                }
-            };
-            let mut replay_failed = false;
-            for (&handle, input) in services {
-                if worker
-                    .services
-                    .get(&handle)
-                    .is_some_and(|s| s.failure.is_some())
-                {
-                    continue;
-                }
-                match call_update(&mut instance, handle, input) {
-                    Ok(eligibility) => {
-                        // A replay is not news: a quarantine stands until it runs out.
-                        let quarantine = worker.services.get(&handle).and_then(|s| s.quarantine);
-                        let mut service = WorkerService::new(input.clone(), eligibility, None);
-                        service.quarantine = quarantine;
-                        worker.services.insert(handle, service);
-                    }
-                    Err(error) => {
-                        self.failed(CallKind::Update, &error);
-                        let fallback = self.fallback_eligibility(handle);
-                        self.degrade(worker, handle, input, &fallback, &error);
-                        replay_failed = true;
-                        break;
-                    }
-                }
-            }
-            if !replay_failed {
-                worker.instance = Some(instance);
-                return;
-            }
-        }
-        let error = CallError {
-            kind: FailureKind::Trap,
-            message: format!(
-                "policy kept failing while its services were replayed ({MAX_REBUILD_ATTEMPTS} fresh instances)"
-            ),
-        };
-        self.degrade_all(worker, services, &error);
-    }
-
-    fn degrade_all(
-        &self,
-        worker: &mut Worker,
-        services: &BTreeMap<u32, Arc<ServiceInput>>,
-        error: &CallError,
-    ) {
-        worker.instance = None;
-        for (&handle, input) in services {
-            if worker
-                .services
-                .get(&handle)
-                .is_some_and(|s| s.failure.is_some())
-            {
-                continue;
-            }
-            let fallback = self.fallback_eligibility(handle);
-            self.degrade(worker, handle, input, &fallback, error);
-        }
-    }
-
-    fn fallback_eligibility(&self, handle: u32) -> Eligibility {
-        self.fallback()
-            .eligibility(handle)
-            .cloned()
-            .unwrap_or_else(Eligibility::reject_all)
-    }
-
-    fn failure_mode(
-        &self,
-        handle: u32,
-        input: &ServiceInput,
-        connection: &Connection,
-    ) -> HostDecision {
-        self.engine
-            .metrics
-            .fallback(&self.policy.name, input.failure_mode);
-        match input.failure_mode {
+    fn failure_mode(&self, state: &mut PortState, connection: &Connection) -> HostDecision {
+        let mode = state.input.failure_mode;
+        self.engine.metrics.fallback(&self.name, mode);
+        match mode {
             FailureMode::Open => {
-                let decision = self.fallback().select(handle, connection);
-                host_decision(decision, input)
+                let decision = state.native.select(NATIVE_HANDLE, connection);
+                host_decision(decision, &state.input)
             }
             FailureMode::Closed => HostDecision::Reject,
         }
     }
 
-    fn failed(&self, call: CallKind, error: &CallError) {
-        self.engine
-            .metrics
-            .failure(&self.policy.name, call, error.kind);
+    fn failed(&self, call: CallKind, input: &ServiceInput, error: &CallError) {
+        self.engine.metrics.failure(&self.name, call, error.kind);
         tracing::warn!(
-            policy = %self.policy.name,
+            policy = %self.name,
+            service = %input.service.display_name(),
             call = call.as_str(),
             reason = error.kind.as_str(),
             "{}",
             error.message
         );
     }
+}
 
-    fn fallback(&self) -> MutexGuard<'_, Driver<KubeDefault>> {
-        lock(&self.fallback)
+/// The failure mode's eligibility for a port: kube-default's (`open`) or nothing.
+fn fallback<'a>(input: &ServiceInput, native: impl Into<Option<&'a Eligibility>>) -> Eligibility {
+    match (input.failure_mode, native.into()) {
+        (FailureMode::Open, Some(native)) => native.clone(),
+        _ => Eligibility::reject_all(),
     }
 }
 

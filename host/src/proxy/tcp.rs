@@ -91,19 +91,6 @@ fn route_of(shared: &Shared, address: SocketAddr) -> Option<Arc<Route>> {
         .or_else(|| shared.retired.load().get(&address).cloned())
 }
 
-/// Which policy instance serves a client: the same one for all of a client's
-/// connections, so per-client state (affinity, counts) stays in one place.
-fn worker_for(ip: IpAddr, workers: usize) -> usize {
-    let key = match ip {
-        IpAddr::V4(v4) => u64::from(u32::from(v4)),
-        IpAddr::V6(v6) => {
-            let bits = u128::from(v6);
-            (bits as u64) ^ ((bits >> 64) as u64)
-        }
-    };
-    (key.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 32) as usize % workers.max(1)
-}
-
 async fn connection(
     client: TcpStream,
     peer: SocketAddr,
@@ -143,7 +130,6 @@ async fn connection(
         reset(client);
         return;
     };
-    let worker = worker_for(ip, shared.settings.workers);
     let request = Connection {
         client: SocketAddr::new(ip, peer.port()),
         destination: address,
@@ -152,11 +138,11 @@ async fn connection(
     let mut tried: Vec<EndpointId> = Vec::new();
     for _ in 0..shared.settings.connect_attempts {
         let started = Instant::now();
-        let mut decision = policy.select(worker, route.handle, &request);
+        let mut decision = policy.select(route.handle, &request);
         if let HostDecision::Forward { endpoint, .. } = decision
             && tried.contains(&endpoint)
         {
-            match policy.alternative(worker, route.handle, scope, &tried) {
+            match policy.alternative(route.handle, scope, &tried) {
                 Some(other) => decision = other,
                 None => break,
             }
@@ -187,25 +173,11 @@ async fn connection(
         let micros = connecting.elapsed().as_micros() as u64;
         match connected {
             Ok(Ok(upstream)) => {
-                outcome(
-                    &policy,
-                    worker,
-                    &route,
-                    endpoint,
-                    OutcomeKind::Connected,
-                    micros,
-                );
+                outcome(&policy, &route, endpoint, OutcomeKind::Connected, micros);
                 let lifetime = Instant::now();
                 splice(client, upstream, target, &route, &shared).await;
                 let micros = lifetime.elapsed().as_micros() as u64;
-                outcome(
-                    &policy,
-                    worker,
-                    &route,
-                    endpoint,
-                    OutcomeKind::Closed,
-                    micros,
-                );
+                outcome(&policy, &route, endpoint, OutcomeKind::Closed, micros);
                 return;
             }
             Ok(Err(error)) => {
@@ -216,7 +188,6 @@ async fn connection(
         route.metrics.endpoint(target).unreachable.inc();
         outcome(
             &policy,
-            worker,
             &route,
             endpoint,
             OutcomeKind::ConnectFailed,
@@ -230,14 +201,12 @@ async fn connection(
 
 fn outcome(
     policy: &crate::policy::PolicyRuntime,
-    worker: usize,
     route: &Route,
     endpoint: EndpointId,
     kind: OutcomeKind,
     micros: u64,
 ) {
     policy.observe(
-        worker,
         route.handle,
         &Outcome {
             endpoint,
@@ -305,20 +274,5 @@ fn canonical(ip: IpAddr) -> IpAddr {
     match ip {
         IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
         v4 => v4,
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_client_always_gets_the_same_worker() {
-        let a: IpAddr = "198.18.0.7".parse().unwrap();
-        assert_eq!(worker_for(a, 4), worker_for(a, 4));
-        let spread: std::collections::BTreeSet<usize> = (0..64u8)
-            .map(|i| worker_for(IpAddr::from([198, 18, 0, i]), 4))
-            .collect();
-        assert_eq!(spread.len(), 4, "clients spread over workers");
     }
 }
