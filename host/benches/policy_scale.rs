@@ -64,7 +64,7 @@ fn metric_sum(page: &str, family: &str) -> f64 {
     page.lines()
         .filter(|l| l.starts_with(family) && !l.starts_with('#'))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
+        .fold(0.0, |sum, v| sum + v)
 }
 
 fn list<T: std::str::FromStr + Clone>(name: &str, default: &[T]) -> Vec<T> {

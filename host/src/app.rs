@@ -95,11 +95,16 @@ impl App {
         }
 
         let workers = config.proxy.worker_count();
-        let engine = PolicyEngine::new(
-            config.limits.limits(),
-            config.cache_dir().as_deref(),
-            metrics.policy.clone(),
-        )
+        let (limits, cache_dir) = (config.limits.limits(), config.cache_dir());
+        let engine = match &config.compiler {
+            Some(exe) => PolicyEngine::new_isolated(
+                limits,
+                cache_dir.as_deref(),
+                metrics.policy.clone(),
+                exe.clone(),
+            ),
+            None => PolicyEngine::new(limits, cache_dir.as_deref(), metrics.policy.clone()),
+        }
         .context("cannot start the policy engine")?;
         let registry = Registry::new(engine);
 

@@ -29,6 +29,10 @@ pub struct Config {
     pub proxy: ProxyConfig,
     #[serde(default)]
     pub limits: LimitsConfig,
+    /// The `weir` executable that compiles policy modules in a child process under the
+    /// compile budget (`weir run` sets it to itself); `None` compiles in this process.
+    #[serde(skip)]
+    pub compiler: Option<PathBuf>,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -227,6 +231,12 @@ pub struct LimitsConfig {
     pub max_memory_mib: Option<u32>,
     /// How long a service follows its failure mode after a failed `select`.
     pub quarantine: Option<Humantime>,
+    /// How long compiling one policy module may take, and the memory the compiler may
+    /// use (MiB); a module past either is refused (`compile_budget`).
+    pub compile_timeout: Option<Humantime>,
+    pub compile_memory_mib: Option<u32>,
+    /// The largest policy module accepted, in KiB.
+    pub max_module_kib: Option<u32>,
 }
 
 impl LimitsConfig {
@@ -246,6 +256,15 @@ impl LimitsConfig {
         }
         if let Some(d) = self.quarantine {
             limits.quarantine = d.0;
+        }
+        if let Some(d) = self.compile_timeout {
+            limits.compile_timeout = d.0;
+        }
+        if let Some(mib) = self.compile_memory_mib {
+            limits.compile_memory_bytes = u64::from(mib) << 20;
+        }
+        if let Some(kib) = self.max_module_kib {
+            limits.max_module_bytes = (kib as usize) << 10;
         }
         limits
     }
@@ -522,6 +541,21 @@ impl Config {
                 "limits.memory_mib",
                 "is 0: give policy instances at least 1 MiB",
             );
+        }
+        if self.limits.compile_timeout.is_some_and(|d| d.0.is_zero()) {
+            return fail(
+                "limits.compile_timeout",
+                "is 0: give the compiler time, e.g. \"10s\"",
+            );
+        }
+        if self.limits.compile_memory_mib.is_some_and(|mib| mib < 64) {
+            return fail(
+                "limits.compile_memory_mib",
+                "is under 64: the compiler needs at least 64 MiB",
+            );
+        }
+        if self.limits.max_module_kib == Some(0) {
+            return fail("limits.max_module_kib", "is 0: modules need some room");
         }
         let ceiling = self.limits.max_memory_mib.unwrap_or(256);
         if ceiling == 0 || ceiling > 4096 {

@@ -32,6 +32,9 @@ use crate::state::Identities;
 /// What a service port's policy was last told, and answered.
 struct Bound {
     policy: String,
+    /// Set while the port is on its failure mode because its policy failed its update:
+    /// the series of `weir_policy_service_failed` it holds.
+    failed: Option<crate::metrics::PortFailureLabels>,
     runtime: Option<Arc<PolicyRuntime>>,
     /// Shared with the policy's runtime, which keeps the same copy.
     input: Arc<ServiceInput>,
@@ -233,6 +236,16 @@ impl ControlPlane {
             }
         }
         self.poll_policies();
+        // The first routes wait for the modules compiling (each within its budget), so
+        // that no Service starts on a fallback only because its policy is compiling.
+        if self.registry.engine().compiling() {
+            self.readiness
+                .set_pending(vec!["policies: compiling".to_string()]);
+            while self.registry.engine().compiling() {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            self.poll_policies();
+        }
         self.poll_objects();
         self.sync(Changed::Everything);
         self.readiness.set_pending(Vec::new());
@@ -385,9 +398,14 @@ impl ControlPlane {
             // A rejected module changes nothing: only an accepted one is a change to apply
             // (and to count against the health timeout until it is).
             let source = path.display().to_string();
-            if self.swap(&name, &source, &bytes, &sha256, "", None).is_ok() {
-                self.queued();
-                changed = true;
+            match self.swap(&name, &source, &bytes, &sha256, "", None) {
+                Ok(()) => {
+                    self.queued();
+                    changed = true;
+                }
+                // Not recorded: looked at again once it has compiled.
+                Err("pending") => unreadable.push(path.clone()),
+                Err(_) => {}
             }
         }
         for path in unreadable {
@@ -498,6 +516,7 @@ impl ControlPlane {
             self.announce(shipped.from, false, "PolicyRemoved", message);
         }
         let mut retry = false;
+        let mut compiling = false;
         for (name, (bytes, map)) in modules {
             let name = name.to_string();
             let policy = settings.get(&name).cloned().unwrap_or_default();
@@ -528,6 +547,11 @@ impl ControlPlane {
                 let source = format!("configmap {} key {name}.wasm", map.name);
                 self.swap(&name, &source, bytes, &sha256, &config, Some(&from))
             };
+            if outcome == Err("pending") {
+                // Not recorded: looked at again at the next look, once it has compiled.
+                compiling = true;
+                continue;
+            }
             let was_loaded = self.shipped.get(&name).is_some_and(|s| s.loaded);
             // Either way what its Services resolve to changed, unless a loaded version
             // keeps serving.
@@ -551,7 +575,11 @@ impl ControlPlane {
                 },
             );
         }
-        self.policies_retry = retry.then(|| Instant::now() + std::time::Duration::from_secs(5));
+        self.policies_retry = if compiling {
+            Some(Instant::now())
+        } else {
+            retry.then(|| Instant::now() + std::time::Duration::from_secs(5))
+        };
         if settings != self.policy_settings {
             self.policy_settings = settings;
             changed = true;
@@ -599,6 +627,8 @@ impl ControlPlane {
             .collect();
         replay.sort_by_key(|(handle, _)| *handle);
         match self.registry.swap(name, source, bytes, config, &replay) {
+            // Compiling in the background: nothing to apply or refuse yet.
+            Err(error) if error.is_pending() => Err("pending"),
             Ok((runtime, answers)) => {
                 for (handle, eligibility) in answers {
                     if let Some(bound) = self.bound.get_mut(&handle) {
@@ -606,6 +636,10 @@ impl ControlPlane {
                         // version of this policy goes away as a whole.
                         let previous = bound.runtime.replace(runtime.clone());
                         bound.eligibility = eligibility;
+                        // The new version answered it: off its failure mode.
+                        if let Some(labels) = bound.failed.take() {
+                            self.metrics.proxy.ports_failed.remove(&labels);
+                        }
                         if let Some(previous) = previous
                             && previous.name() != name
                         {
@@ -1255,20 +1289,26 @@ impl ControlPlane {
             self.retire(previous, handle);
         }
         let input = Arc::new(input);
+        let mut failed = None;
         let eligibility = match &runtime {
             Some(runtime) => {
                 let answer = runtime.update(handle, input.clone());
                 if let Some(error) = answer.failure {
-                    self.policy_failed(snapshot, runtime.name(), &error);
+                    failed = Some(self.policy_failed(snapshot, runtime.name(), &error));
                 }
                 answer.eligibility
             }
             None => Eligibility::reject_all(),
         };
+        let before = self.bound.get_mut(&handle).and_then(|b| b.failed.take());
+        if let Some(labels) = before.filter(|b| Some(b) != failed.as_ref()) {
+            self.metrics.proxy.ports_failed.remove(&labels);
+        }
         self.bound.insert(
             handle,
             Bound {
                 policy: snapshot.policy.clone(),
+                failed,
                 runtime,
                 input,
                 eligibility: eligibility.clone(),
@@ -1278,13 +1318,24 @@ impl ControlPlane {
     }
 
     /// A port's policy failed its update: the port alone follows its failure mode until
-    /// its next update. Said once while it lasts, with a `PolicyFallback` Event.
+    /// its next update. Said once while it lasts, with a `PolicyFallback` Event, and
+    /// shown by `weir_policy_service_failed` (the series returned).
     fn policy_failed(
         &mut self,
         snapshot: &ServicePortSnapshot,
         policy: &str,
         error: &crate::policy::CallError,
-    ) {
+    ) -> crate::metrics::PortFailureLabels {
+        let labels = crate::metrics::PortFailureLabels {
+            service: snapshot.service.display_name(),
+            policy: policy.to_string(),
+            reason: error.kind.into(),
+        };
+        self.metrics
+            .proxy
+            .ports_failed
+            .get_or_create(&labels)
+            .set(1);
         let outcome = match snapshot.failure_mode {
             FailureMode::Open => "falls back to the built-in kube-default",
             FailureMode::Closed => "rejects its traffic (failure mode closed)",
@@ -1305,10 +1356,14 @@ impl ControlPlane {
                 note: message,
             });
         }
+        labels
     }
 
     fn forget(&mut self, handle: ServiceHandle) {
         if let Some(bound) = self.bound.remove(&handle) {
+            if let Some(labels) = &bound.failed {
+                self.metrics.proxy.ports_failed.remove(labels);
+            }
             self.metrics.proxy.service_changes.inc();
             if let Some(runtime) = bound.runtime {
                 self.retire(runtime, handle);

@@ -88,6 +88,11 @@ enum Format {
 }
 
 fn main() -> ExitCode {
+    // The child `weir run` compiles policy modules in, under a budget; not a user command.
+    let args: Vec<String> = std::env::args().collect();
+    if args.get(1).map(String::as_str) == Some(weir::policy::compile::SUBCOMMAND) {
+        return weir::policy::compile::child_main(&args[2..]);
+    }
     let cli = Cli::parse();
     // The proxy reports what it does; the tools only what goes wrong.
     let level = match cli.command {
@@ -240,13 +245,15 @@ fn explain(
 
 /// `weir run`: the proxy, until SIGTERM or SIGINT (a second one exits at once).
 fn run(path: &std::path::Path) -> ExitCode {
-    let config = match weir::config::Config::load(path) {
+    let mut config = match weir::config::Config::load(path) {
         Ok(config) => config,
         Err(error) => {
             eprintln!("error: {error}");
             return ExitCode::from(weir::config::EXIT_CONFIG);
         }
     };
+    // Policy modules are compiled by this same binary, in a child under a budget.
+    config.compiler = std::env::current_exe().ok();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(config.proxy.worker_count())
         .thread_name("weir-worker")

@@ -274,6 +274,14 @@ pub struct RejectionLabels {
     pub reason: &'static str,
 }
 
+/// A service port whose policy failed its update, and why.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PortFailureLabels {
+    pub service: String,
+    pub policy: String,
+    pub reason: Reason,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct TrafficPolicyLabels {
     pub traffic_policy: &'static str,
@@ -317,6 +325,8 @@ pub struct ProxyMetrics {
     pub service_changes: Counter,
     pub endpoint_changes: Counter,
     pub no_local_endpoints: Family<TrafficPolicyLabels, Gauge>,
+    /// 1 for each service port on its failure mode because its policy failed its update.
+    pub ports_failed: Family<PortFailureLabels, Gauge>,
     pub healthz: Family<CodeLabels, Counter>,
     pub livez: Family<CodeLabels, Counter>,
     pub listeners: Family<ListenerLabels, Gauge>,
@@ -340,6 +350,7 @@ impl Default for ProxyMetrics {
             service_changes: Counter::default(),
             endpoint_changes: Counter::default(),
             no_local_endpoints: Family::default(),
+            ports_failed: Family::default(),
             healthz: Family::default(),
             livez: Family::default(),
             listeners: Family::default(),
@@ -420,6 +431,11 @@ impl ProxyMetrics {
             "weir_sync_proxy_rules_no_local_endpoints_total",
             "Service ports with a Local traffic policy and no local endpoints",
             self.no_local_endpoints.clone(),
+        );
+        r.register(
+            "weir_policy_service_failed",
+            "Service ports on their failure mode because their policy failed its update (1 each, with the reason)",
+            self.ports_failed.clone(),
         );
         r.register(
             "weir_proxy_healthz",

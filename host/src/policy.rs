@@ -4,6 +4,7 @@
 
 mod bindings;
 mod cache;
+pub mod compile;
 mod convert;
 mod engine;
 mod imports;

@@ -321,7 +321,9 @@ impl Weir {
         };
         let path = weir.dir.path().join("weir.toml");
         std::fs::write(&path, text).unwrap();
-        let config = crate::config::Config::load(&path).expect("valid test config");
+        let mut config = crate::config::Config::load(&path).expect("valid test config");
+        // Policy modules compile in a child `weir`, as `weir run` does.
+        config.compiler = weir_binary();
         let app = crate::app::App::start(config).expect("weir starts");
         let mut weir = weir;
         weir.app = Some(app);
@@ -385,6 +387,19 @@ impl Weir {
     pub async fn shutdown(mut self) -> crate::app::Drained {
         self.app.take().expect("running").shutdown().await
     }
+}
+
+/// The `weir` binary cargo built beside the test executable (`target/<profile>/weir`),
+/// which compiles policy modules for an in-process weir as it does for `weir run`.
+pub fn weir_binary() -> Option<std::path::PathBuf> {
+    let exe = std::env::current_exe().ok()?;
+    let dir = exe.parent()?;
+    let dir = if dir.ends_with("deps") {
+        dir.parent()?
+    } else {
+        dir
+    };
+    Some(dir.join("weir")).filter(|p| p.is_file())
 }
 
 /// Splits the lines of TOML table `header` (without the header) out of `text`.

@@ -19,6 +19,12 @@ fn compiled_components_are_cached_by_sha256() {
     let engine = PolicyEngine::new(test_limits(), Some(cache.path()), metrics.clone()).unwrap();
     let first = engine.load("round-robin", "rr.wasm", &bytes).unwrap();
     assert!(!first.from_cache);
+    assert_eq!(
+        std::fs::read_dir(cache.path()).unwrap().count(),
+        0,
+        "nothing is cached before the module is accepted"
+    );
+    engine.keep(&first);
     let files: Vec<_> = std::fs::read_dir(cache.path())
         .unwrap()
         .map(|e| e.unwrap().file_name())
@@ -52,7 +58,8 @@ fn a_corrupt_cache_entry_is_discarded_and_recompiled() {
     let bytes = guest_bytes("round-robin");
     let metrics = Arc::new(PolicyMetrics::default());
     let engine = PolicyEngine::new(Limits::default(), Some(cache.path()), metrics).unwrap();
-    engine.load("round-robin", "rr.wasm", &bytes).unwrap();
+    let loaded = engine.load("round-robin", "rr.wasm", &bytes).unwrap();
+    engine.keep(&loaded);
     let entry = std::fs::read_dir(cache.path())
         .unwrap()
         .next()
@@ -62,6 +69,8 @@ fn a_corrupt_cache_entry_is_discarded_and_recompiled() {
     std::fs::write(&entry, b"garbage").unwrap();
     let again = engine.load("round-robin", "rr.wasm", &bytes).unwrap();
     assert!(!again.from_cache, "the garbage was not trusted");
+    assert!(!entry.exists(), "and was removed");
+    engine.keep(&again);
     assert_ne!(
         std::fs::read(&entry).unwrap(),
         b"garbage",
@@ -252,4 +261,39 @@ fn the_built_in_kube_default_runs_natively_with_the_components_answers() {
         }
     );
     assert_eq!(metrics.failures_total("kube-default"), 0);
+}
+
+#[test]
+fn each_service_port_has_its_own_memory_budget_within_the_ceiling() {
+    let (engine, metrics) = weir::test_helpers::engine_with(weir::test_helpers::test_limits());
+    let compiled = engine
+        .load("hostile", "hostile.wasm", &guest_bytes("hostile"))
+        .unwrap();
+    let runtime = PolicyRuntime::new(engine, compiled, "").unwrap();
+    // Each update needs 8 MiB.
+    let port = |name: &str, memory_mib: Option<u32>| weir::policy::ServiceInput {
+        memory_mib,
+        ..input(
+            service(name, Some("allocate-8mib-update")),
+            endpoints(1, 2),
+            FailureMode::Closed,
+        )
+    };
+    let small = runtime.update(1, port("small", Some(4)));
+    let default = runtime.update(2, port("default", None));
+    let huge = runtime.update(3, port("huge", Some(100_000)));
+    let failure = small.failure.expect("4 MiB is too little");
+    assert_eq!(failure.kind, weir::policy::FailureKind::Memory);
+    assert!(failure.message.contains("budget of 4 MiB"), "{failure}");
+    assert!(default.failure.is_none(), "{:?}", default.failure);
+    assert!(
+        huge.failure.is_none(),
+        "held to the ceiling, which fits: {:?}",
+        huge.failure
+    );
+    assert_eq!(
+        metrics.failures_of("hostile", Call::update, Reason::memory),
+        1,
+        "only the small port failed"
+    );
 }

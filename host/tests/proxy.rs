@@ -1165,3 +1165,65 @@ async fn services_without_a_policy_get_the_nodes_default_and_kube_default_opts_o
     assert_eq!(weir.metric("weir_policy_failures_total"), 0);
     weir.shutdown().await;
 }
+
+/// A valid component of `functions` empty functions: cheap to ship, costly to compile.
+fn compile_bomb(functions: u32) -> Vec<u8> {
+    use wasm_encoder::{CodeSection, Function, FunctionSection, Instruction, Module, TypeSection};
+    let mut types = TypeSection::new();
+    types.ty().function([], []);
+    let mut declared = FunctionSection::new();
+    let mut code = CodeSection::new();
+    let mut body = Function::new([]);
+    body.instruction(&Instruction::End);
+    for _ in 0..functions {
+        declared.function(0);
+        code.function(&body);
+    }
+    let mut module = Module::new();
+    module.section(&types).section(&declared).section(&code);
+    let mut component = wasm_encoder::Component::new();
+    component.section(&wasm_encoder::ModuleSection(&module));
+    component.finish()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_compile_bomb_is_refused_while_object_changes_keep_applying() {
+    const T: u8 = 38;
+    let _backends = backends(T, 2).await;
+    let node = ip(T, 0, 1);
+    let web = |n: u8| {
+        service_yaml("web", ip(T, 0, 10), 8000, "", "")
+            + "---\n"
+            + &slice_yaml("web", 8080, &[Ep::ready(ip(T, 1, n), "node-a")])
+    };
+    let weir = Weir::start(
+        node,
+        &[("web.yaml", web(1))],
+        &[],
+        "[limits]\ncompile_timeout = \"4s\"\n",
+    )
+    .await;
+    let cluster = SocketAddr::new(ip(T, 0, 10), 8000);
+    assert_eq!(answers(cluster, None, 3).await, names(T, &[1]));
+
+    let refused = "weir_policy_rejections_total{policy=\"bomb\",reason=\"compile_budget\"}";
+    // The bomb and an object change arrive together: the change must not wait for it.
+    weir.write_policy("bomb", &compile_bomb(400_000));
+    weir.write_objects("web.yaml", &web(2));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while answers(cluster, None, 1).await != names(T, &[2]) {
+        assert!(Instant::now() < deadline, "the object change never applied");
+    }
+    assert_eq!(
+        weir.metric(refused),
+        0,
+        "the change applied while the bomb was still compiling, not after"
+    );
+    wait_until("the bomb is refused", Duration::from_secs(30), || {
+        weir.metric(refused) == 1
+    })
+    .await;
+    // Still serving, and nothing of it was cached or loaded.
+    assert_eq!(answers(cluster, None, 3).await, names(T, &[2]));
+    weir.shutdown().await;
+}

@@ -14,13 +14,27 @@ pub struct ArtifactCache {
 }
 
 impl ArtifactCache {
-    pub fn new(engine: &Engine, dir: &Path) -> Self {
+    /// A cache in `dir`, unless someone other than weir's user can write there: what it
+    /// holds is loaded as trusted machine code, so such a directory is refused.
+    pub fn new(engine: &Engine, dir: &Path) -> Result<Self, String> {
+        use std::os::unix::fs::MetadataExt;
+        if let Ok(meta) = std::fs::metadata(dir) {
+            let me = rustix::process::geteuid().as_raw();
+            if meta.mode() & 0o022 != 0 || meta.uid() != me {
+                return Err(format!(
+                    "{}: refused as the compiled-policy cache: other users can write to it (mode {:o}, owner uid {}); compiled modules are loaded as trusted code, so weir compiles without a cache until it is private (chmod go-w, owned by uid {me}) or policies.cache_dir names another",
+                    dir.display(),
+                    meta.mode() & 0o7777,
+                    meta.uid()
+                ));
+            }
+        }
         let mut hasher = DefaultHasher::new();
         engine.precompile_compatibility_hash().hash(&mut hasher);
-        ArtifactCache {
+        Ok(ArtifactCache {
             dir: dir.to_path_buf(),
             engine_tag: format!("{:016x}", hasher.finish()),
-        }
+        })
     }
 
     fn path(&self, sha256: &str) -> PathBuf {
@@ -65,5 +79,27 @@ impl ArtifactCache {
         if let Err(error) = result {
             tracing::warn!(dir = %self.dir.display(), %error, "could not cache a compiled policy");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn a_cache_directory_others_can_write_to_is_refused() {
+        let engine = Engine::default();
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
+        assert!(ArtifactCache::new(&engine, dir.path()).is_ok());
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
+        let error = ArtifactCache::new(&engine, dir.path())
+            .err()
+            .expect("refused");
+        assert!(
+            error.contains("other users can write") && error.contains("777"),
+            "{error}"
+        );
     }
 }

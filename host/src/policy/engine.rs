@@ -12,6 +12,7 @@ use wasmtime::{Config, Engine, InstanceAllocationStrategy};
 
 use super::bindings::PolicyWorldPre;
 use super::cache::ArtifactCache;
+use super::compile::{self, Compiler, Outcome};
 use super::imports::{PolicyClock, StoreState};
 use super::limits::Limits;
 use super::{EXPECTED_EXPORT, bindings};
@@ -54,6 +55,11 @@ pub enum LoadError {
     },
     #[error("{source_name}: could not read: {reason}")]
     Read { source_name: String, reason: String },
+    #[error("{source_name}: refused: {reason}")]
+    CompileBudget { source_name: String, reason: String },
+    /// Compiling in the background; ask again.
+    #[error("{source_name}: compiling")]
+    Pending { source_name: String },
 }
 
 /// A policy compiled and linked, ready to instantiate any number of times.
@@ -69,6 +75,7 @@ pub struct CompiledPolicy {
     pub exports: Vec<String>,
     pub imports: Vec<String>,
     pub(crate) pre: PolicyWorldPre<StoreState>,
+    component: Component,
 }
 
 /// The process's policy engine: one `Engine` (component model, pooling allocator, epoch
@@ -78,6 +85,9 @@ pub struct PolicyEngine {
     linker: Linker<StoreState>,
     pub(crate) limits: Limits,
     cache: Option<ArtifactCache>,
+    /// Compiles modules in a child process under a budget; `None`: in this process (the
+    /// command-line tools, which compile what their user hands them).
+    compiler: Option<Compiler>,
     pub(crate) metrics: Arc<PolicyMetrics>,
     pub(crate) clock: Arc<PolicyClock>,
     /// When set, every instance's randomness is derived from it, in creation order.
@@ -112,12 +122,17 @@ impl PolicyEngine {
 
         let ticker_stop = Arc::new(AtomicBool::new(false));
         spawn_ticker(engine.clone(), limits.epoch_tick, ticker_stop.clone());
-        let cache = cache_dir.map(|dir| ArtifactCache::new(&engine, dir));
+        let cache = cache_dir.and_then(|dir| {
+            ArtifactCache::new(&engine, dir)
+                .inspect_err(|error| tracing::error!("{error}"))
+                .ok()
+        });
         Ok(Arc::new(PolicyEngine {
             engine,
             linker,
             limits,
             cache,
+            compiler: None,
             metrics,
             clock: Arc::new(PolicyClock::default()),
             random_seed: None,
@@ -139,6 +154,38 @@ impl PolicyEngine {
             .expect("just built, not shared")
             .random_seed = Some(seed);
         Ok(engine)
+    }
+
+    /// An engine that compiles modules in `exe` (weir's own binary, `weir compile-policy`)
+    /// under the limits' compile budget, in the background: a module's first load answers
+    /// [`LoadError::Pending`] and a later one the outcome.
+    pub fn new_isolated(
+        limits: Limits,
+        cache_dir: Option<&Path>,
+        metrics: Arc<PolicyMetrics>,
+        exe: std::path::PathBuf,
+    ) -> anyhow::Result<Arc<Self>> {
+        let compiler = Compiler::new(exe, &limits);
+        let mut engine = Self::new(limits, cache_dir, metrics)?;
+        Arc::get_mut(&mut engine)
+            .expect("just built, not shared")
+            .compiler = Some(compiler);
+        Ok(engine)
+    }
+
+    /// Caches a module's compilation once it has been accepted (swapped in): a module
+    /// refused at any step is compiled again, never kept.
+    pub fn keep(&self, policy: &CompiledPolicy) {
+        if !policy.from_cache
+            && let Some(cache) = &self.cache
+        {
+            cache.store(&policy.sha256, &policy.component);
+        }
+    }
+
+    /// Whether a module is being compiled in the background now.
+    pub fn compiling(&self) -> bool {
+        self.compiler.as_ref().is_some_and(Compiler::busy)
     }
 
     /// Moves the policies' clock forward (session affinity expiry, EWMA decay...).
@@ -183,6 +230,16 @@ impl PolicyEngine {
         bytes: &[u8],
     ) -> Result<Arc<CompiledPolicy>, LoadError> {
         check_encoding(source_name, bytes)?;
+        if bytes.len() > self.limits.max_module_bytes {
+            return Err(LoadError::CompileBudget {
+                source_name: source_name.to_string(),
+                reason: format!(
+                    "{} KiB is over the {} KiB a module may be",
+                    bytes.len() >> 10,
+                    self.limits.max_module_bytes >> 10
+                ),
+            });
+        }
         let sha256 = sha256_hex(bytes);
         let started = Instant::now();
         let cached = self
@@ -190,12 +247,31 @@ impl PolicyEngine {
             .as_ref()
             .and_then(|c| c.load(&self.engine, &sha256));
         let from_cache = cached.is_some();
-        let component = match cached {
-            Some(component) => component,
-            None => Component::new(&self.engine, bytes).map_err(|e| LoadError::Compile {
-                source_name: source_name.to_string(),
-                reason: format!("{e:#}"),
-            })?,
+        let compile_error = |reason: String| LoadError::Compile {
+            source_name: source_name.to_string(),
+            reason,
+        };
+        let component = match (cached, &self.compiler) {
+            (Some(component), _) => component,
+            (None, None) => {
+                Component::new(&self.engine, bytes).map_err(|e| compile_error(format!("{e:#}")))?
+            }
+            (None, Some(compiler)) => match compiler.take(&sha256, bytes) {
+                None => {
+                    return Err(LoadError::Pending {
+                        source_name: source_name.to_string(),
+                    });
+                }
+                Some(Outcome::Compiled(artifact)) => compile::load(&self.engine, &artifact)
+                    .map_err(|e| compile_error(format!("{e:#}")))?,
+                Some(Outcome::Invalid(reason)) => return Err(compile_error(reason)),
+                Some(Outcome::OverBudget(reason)) => {
+                    return Err(LoadError::CompileBudget {
+                        source_name: source_name.to_string(),
+                        reason,
+                    });
+                }
+            },
         };
         let compile_time = started.elapsed();
 
@@ -242,10 +318,7 @@ impl PolicyEngine {
             .instantiate_pre(&component)
             .map_err(link_error)?;
         let pre = PolicyWorldPre::new(instance_pre).map_err(link_error)?;
-        // Only a module that fits the contract is worth keeping.
-        if !from_cache && let Some(cache) = &self.cache {
-            cache.store(&sha256, &component);
-        }
+
         Ok(Arc::new(CompiledPolicy {
             name: name.to_string(),
             sha256,
@@ -255,6 +328,7 @@ impl PolicyEngine {
             exports,
             imports,
             pre,
+            component,
         }))
     }
 

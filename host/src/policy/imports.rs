@@ -371,3 +371,40 @@ impl OutputStream for LogStream {
         Ok(64 << 10)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use wasmtime::ResourceLimiter;
+
+    fn state(budget: usize) -> StoreState {
+        StoreState::new("test", &Limits::default(), Arc::default(), Some(1), budget)
+    }
+
+    #[test]
+    fn every_memory_of_an_instance_counts_against_one_budget() {
+        let mut state = state(8 << 20);
+        // A first memory created at 4 MiB, then a second one: together past 8 MiB.
+        assert!(state.memory_growing(0, 4 << 20, None).unwrap());
+        assert!(state.memory_growing(0, 3 << 20, None).unwrap());
+        assert!(!state.memory_growing(0, 2 << 20, None).unwrap());
+        assert!(state.memory_denied);
+        // Growing the first by 1 MiB still fits.
+        assert!(state.memory_growing(4 << 20, 5 << 20, None).unwrap());
+    }
+
+    #[test]
+    fn components_may_not_multiply_instances_memories_or_tables() {
+        let state = state(16 << 20);
+        let limits = Limits::default();
+        assert_eq!(state.instances(), limits.max_core_instances);
+        assert_eq!(state.memories(), limits.max_memories);
+        assert_eq!(state.tables(), limits.max_tables);
+        let mut state = state;
+        assert!(
+            !state
+                .table_growing(0, limits.max_table_elements + 1, None)
+                .unwrap()
+        );
+    }
+}

@@ -33,6 +33,12 @@ pub struct Limits {
     pub max_resources: usize,
     /// Random bytes one WASI `get-random-bytes` call may ask for.
     pub random_bytes_per_call: u64,
+    /// The largest module accepted, before anything else is done with it.
+    pub max_module_bytes: usize,
+    /// How long compiling one module may take, and the memory the compiler may use
+    /// (its data segment), when modules are compiled in a child process.
+    pub compile_timeout: Duration,
+    pub compile_memory_bytes: u64,
     /// How long a service follows its failure mode after its first `select` failure before
     /// its policy is tried again; doubles per consecutive failure, up to a minute.
     pub quarantine: Duration,
@@ -54,6 +60,9 @@ impl Default for Limits {
             max_table_elements: 100_000,
             max_resources: 1_000,
             random_bytes_per_call: 4 << 10,
+            max_module_bytes: 8 << 20,
+            compile_timeout: Duration::from_secs(10),
+            compile_memory_bytes: 512 << 20,
             quarantine: Duration::from_secs(1),
         }
     }

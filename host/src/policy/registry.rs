@@ -49,8 +49,14 @@ pub enum RegistryError {
 }
 
 impl RegistryError {
+    /// The module is compiling in the background: ask again later; nothing was refused.
+    pub fn is_pending(&self) -> bool {
+        matches!(self, RegistryError::Load(LoadError::Pending { .. }))
+    }
+
     /// A short, bounded reason for metrics: `not_wasm`, `not_component`, `compile`,
-    /// `wrong_version`, `unsupported_import`, `read`, `instantiate`, `configure`, `replay`.
+    /// `compile_budget`, `wrong_version`, `unsupported_import`, `read`, `instantiate`,
+    /// `configure`, `replay`.
     pub fn reason(&self) -> &'static str {
         match self {
             RegistryError::Load(error) => match error {
@@ -60,6 +66,8 @@ impl RegistryError {
                 LoadError::WrongWorld { .. } | LoadError::Link { .. } => "wrong_version",
                 LoadError::UnsupportedImport { .. } => "unsupported_import",
                 LoadError::Read { .. } => "read",
+                LoadError::CompileBudget { .. } => "compile_budget",
+                LoadError::Pending { .. } => "pending",
             },
             RegistryError::Instantiate { error, .. } => match error.kind {
                 FailureKind::Refused => "configure",
@@ -148,6 +156,9 @@ impl Registry {
         match result {
             Ok(runtime) => {
                 let runtime = Arc::new(runtime);
+                if let Some(compiled) = runtime.compiled() {
+                    self.engine.keep(compiled);
+                }
                 self.rejected.remove(name);
                 self.policies.insert(name.to_string(), runtime.clone());
                 Ok(runtime)
@@ -195,6 +206,9 @@ impl Registry {
             answers.push((*handle, answer.eligibility));
         }
         let runtime = Arc::new(runtime);
+        if let Some(compiled) = runtime.compiled() {
+            self.engine.keep(compiled);
+        }
         self.rejected.remove(name);
         self.deleted.remove(name);
         self.policies.insert(name.to_string(), runtime.clone());
