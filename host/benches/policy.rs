@@ -3,7 +3,8 @@
 //! library policy at 4, 64 and 1024 endpoints, and `update` at 1024 and 10,000 endpoints.
 //!
 //! Run: `cargo bench -p weir --bench policy` (all) or with a filter, e.g.
-//! `cargo bench -p weir --bench policy -- select-maglev`. Prints criterion's numbers, then
+//! `POLICIES=maglev cargo bench -p weir --bench policy -- select-maglev` (POLICIES limits
+//! which policies are set up at all). Prints criterion's numbers, then
 //! tables of medians with the Wasm/native ratio.
 
 use std::hint::black_box;
@@ -156,7 +157,12 @@ fn main() {
         .configure_from_args()
         .warm_up_time(std::time::Duration::from_millis(300))
         .measurement_time(std::time::Duration::from_secs(1));
-    for s in &subjects {
+    // POLICIES=maglev,round-robin: set up (compile, instantiate) only those.
+    let only: Option<Vec<String>> = std::env::var("POLICIES")
+        .ok()
+        .map(|v| v.split(',').map(|p| p.trim().to_string()).collect());
+    let wanted = |s: &&Subject| only.as_ref().is_none_or(|o| o.iter().any(|p| p == s.module));
+    for s in subjects.iter().filter(wanted) {
         let group = format!("select-{}", s.module);
         for n in SELECT_SIZES {
             (s.native_select)(&mut c, &group, n);
