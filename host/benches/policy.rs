@@ -161,7 +161,10 @@ fn main() {
     let only: Option<Vec<String>> = std::env::var("POLICIES")
         .ok()
         .map(|v| v.split(',').map(|p| p.trim().to_string()).collect());
-    let wanted = |s: &&Subject| only.as_ref().is_none_or(|o| o.iter().any(|p| p == s.module));
+    let wanted = |s: &&Subject| {
+        only.as_ref()
+            .is_none_or(|o| o.iter().any(|p| p == s.module))
+    };
     for s in subjects.iter().filter(wanted) {
         let group = format!("select-{}", s.module);
         for n in SELECT_SIZES {

@@ -531,3 +531,26 @@ fn one_port_whose_update_traps_among_500_is_the_only_one_on_its_failure_mode() {
     assert_eq!(metrics.failures_total("hostile"), 1);
     assert_eq!(metrics.replacements("hostile"), 0);
 }
+
+#[test]
+fn hoarding_wasi_resources_hits_the_cap_and_fails_alone() {
+    let (f, answer) = fixture("resource-flood-update", FailureMode::Open);
+    let failure = answer.failure.expect("stopped");
+    assert_eq!(failure.kind, FailureKind::Trap, "{failure}");
+    assert_eq!(f.failures(Call::update, Reason::trap), 1);
+    f.healthy_service_unaffected();
+}
+
+#[test]
+fn asking_for_64_mib_of_randomness_is_refused_at_once() {
+    let started = std::time::Instant::now();
+    let (f, answer) = fixture("random-bomb-update", FailureMode::Open);
+    let failure = answer.failure.expect("refused");
+    assert_eq!(failure.kind, FailureKind::Trap, "{failure}");
+    assert!(
+        failure.message.contains("67108864") && failure.message.contains("limit 4096"),
+        "the refusal names what was asked and the limit: {failure}"
+    );
+    eprintln!("refused in {:?}", started.elapsed());
+    f.healthy_service_unaffected();
+}

@@ -525,3 +525,58 @@ fn an_unusable_kubeconfig_is_an_error_not_a_panic() {
         "{message}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shipped_default_policy_and_memory_budgets_fail_a_port_alone_with_an_event() {
+    const T: u8 = 39;
+    let _backends = backends(T, 2).await;
+    let api = ApiServer::start();
+    api.apply(node(T));
+    // The node's default policy comes from policies.toml; each of its updates needs 8 MiB
+    // and its ports get 4 MiB, unless their Service asks for more.
+    api.apply(policies(
+        &[("hostile", guest_bytes("hostile"))],
+        Some(
+            "[default]\npolicy = \"hostile\"\nconfig = \"allocate-8mib-update\"\n\
+             [hostile]\nmemory_mib = 4\n",
+        ),
+    ));
+    api.apply(service("small", ip(T, 0, 10), None));
+    api.apply(slice("small", &[ip(T, 1, 1), ip(T, 1, 2)]));
+    let mut roomy = service("roomy", ip(T, 0, 11), None);
+    roomy["metadata"]["annotations"]["weir.dev/policy-memory-mib"] = json!("16");
+    api.apply(roomy);
+    api.apply(slice("roomy", &[ip(T, 1, 1), ip(T, 1, 2)]));
+    let weir = KubeWeir::ready(&api, "").await;
+
+    let fallback = event_with(&api, "PolicyFallback", "budget of 4 MiB").expect("PolicyFallback");
+    assert_eq!(fallback["regarding"]["name"], "small");
+    let note = fallback["note"].as_str().unwrap();
+    assert!(
+        note.contains("hostile") && note.contains("default/small"),
+        "names the Service and the policy: {note}"
+    );
+    assert_eq!(
+        weir.metric(
+            "weir_policy_service_failed{service=\"default/small:http\",policy=\"hostile\",reason=\"memory\"}"
+        ),
+        1
+    );
+    // The failing port falls back to kube-default (open) and is still served; the other
+    // port of the same policy, with 16 MiB, is served by the policy itself.
+    wait_for_backends(SocketAddr::new(ip(T, 0, 10), 8000), 12, &names(T, &[1, 2])).await;
+    wait_for_backends(SocketAddr::new(ip(T, 0, 11), 8000), 6, &names(T, &[1, 2])).await;
+    assert!(
+        !api.events()
+            .iter()
+            .any(|e| e["reason"] == "PolicyFallback" && e["regarding"]["name"] == "roomy"),
+        "the roomy port did not fail"
+    );
+    assert_eq!(
+        weir.metric(
+            "weir_policy_failures_total{policy=\"hostile\",call=\"update\",reason=\"memory\"}"
+        ),
+        1,
+        "one port failed, once"
+    );
+}

@@ -136,11 +136,21 @@ impl Process {
 }
 
 /// Starts the binary on one Service at 127.31.0.10:8000 and waits until it is ready.
-async fn start(dir: &Path, backend: &Backend) -> (Process, SocketAddr) {
+async fn start(dir: &Path, backend: &Backend) -> (Process, SocketAddr, SocketAddr) {
+    start_with(dir, backend, "", "").await
+}
+
+/// As [`start`], with the Service's `annotations` and `config` appended to weir.toml.
+async fn start_with(
+    dir: &Path,
+    backend: &Backend,
+    annotations: &str,
+    config: &str,
+) -> (Process, SocketAddr, SocketAddr) {
     std::fs::create_dir_all(dir.join("objects")).unwrap();
     std::fs::write(
         dir.join("objects/web.yaml"),
-        service_yaml("web", IpAddr::from([127, 31, 0, 10]), 8000, "", "")
+        service_yaml("web", IpAddr::from([127, 31, 0, 10]), 8000, "", annotations)
             + "---\n"
             + &slice_yaml(
                 "web",
@@ -153,7 +163,7 @@ async fn start(dir: &Path, backend: &Backend) -> (Process, SocketAddr) {
     std::fs::write(
         dir.join("weir.toml"),
         format!(
-            "[node]\nname = \"node-a\"\naddresses = [\"127.31.0.1\"]\n[source]\nkind = \"files\"\npaths = [\"objects\"]\n[admin]\naddress = \"{admin}\"\n"
+            "[node]\nname = \"node-a\"\naddresses = [\"127.31.0.1\"]\n[source]\nkind = \"files\"\npaths = [\"objects\"]\n[admin]\naddress = \"{admin}\"\n{config}"
         ),
     )
     .unwrap();
@@ -176,7 +186,7 @@ async fn start(dir: &Path, backend: &Backend) -> (Process, SocketAddr) {
         assert!(Instant::now() < end, "weir never became ready");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    (process, SocketAddr::from(([127, 31, 0, 10], 8000)))
+    (process, SocketAddr::from(([127, 31, 0, 10], 8000)), admin)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -187,7 +197,7 @@ async fn sigterm_drains_and_a_second_signal_exits_at_once() {
     let dir = tempfile::tempdir().unwrap();
 
     // SIGTERM: no new connections, the open one finishes, then a clean exit.
-    let (mut weir, service) = start(dir.path(), &backend).await;
+    let (mut weir, service, _) = start(dir.path(), &backend).await;
     let mut stream = connect(service, None).await.unwrap();
     assert_eq!(greet(&mut stream).await.unwrap(), "b1");
     weir.signal(Signal::TERM);
@@ -210,7 +220,7 @@ async fn sigterm_drains_and_a_second_signal_exits_at_once() {
     assert_eq!(weir.exit_code(Duration::from_secs(10)).await, Some(0));
 
     // A second signal during the drain: out at once.
-    let (mut weir, service) = start(dir.path(), &backend).await;
+    let (mut weir, service, _) = start(dir.path(), &backend).await;
     let mut stream = connect(service, None).await.unwrap();
     greet(&mut stream).await.unwrap();
     weir.signal(Signal::TERM);
@@ -221,4 +231,48 @@ async fn sigterm_drains_and_a_second_signal_exits_at_once() {
     }
     weir.signal(Signal::INT);
     assert_eq!(weir.exit_code(Duration::from_secs(5)).await, Some(130));
+}
+
+/// The value of the first metric sample starting with `sample` on the admin port.
+async fn metric(admin: SocketAddr, sample: &str) -> f64 {
+    let page = http_get(admin, "/metrics").await.unwrap_or_default();
+    page.lines()
+        .find(|l| l.starts_with(sample))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+        .unwrap_or(0.0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_hundred_workers_start_and_policies_swap_through_the_child_compiler() {
+    let backend = Backend::start("127.31.2.1:0".parse().unwrap(), "b2")
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let policies = dir.path().join("policies");
+    std::fs::create_dir_all(&policies).unwrap();
+    let module = |name: &str| weir::test_helpers::guest_bytes(name);
+    std::fs::write(policies.join("web-policy.wasm"), module("round-robin")).unwrap();
+    // Instances are not pooled: no worker count or number of swaps can run out of slots.
+    let (_weir, service, admin) = start_with(
+        dir.path(),
+        &backend,
+        "weir.dev/policy: web-policy",
+        "[policies]\ndir = \"policies\"\npoll_interval = \"50ms\"\ncache_dir = \"\"\n[proxy]\nworkers = 200\n",
+    )
+    .await;
+    let accepted = "weir_reloads_total{what=\"web-policy\",result=\"accepted\"}";
+    assert_eq!(metric(admin, accepted).await, 1.0);
+    for (round, next) in ["maglev", "random"].into_iter().enumerate() {
+        let tmp = policies.join(".web-policy.tmp");
+        std::fs::write(&tmp, module(next)).unwrap();
+        std::fs::rename(&tmp, policies.join("web-policy.wasm")).unwrap();
+        let end = Instant::now() + Duration::from_secs(60);
+        while metric(admin, accepted).await < round as f64 + 2.0 {
+            assert!(Instant::now() < end, "{next} was never swapped in");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let mut stream = connect(service, None).await.unwrap();
+        assert_eq!(greet(&mut stream).await.unwrap(), "b2", "served by {next}");
+    }
+    assert_eq!(metric(admin, "weir_policy_failures_total").await, 0.0);
 }

@@ -6,6 +6,8 @@
 //! limit is the configured one, and `client-echo` forwards to the endpoint whose id is the
 //! last byte of the client's address, to check addresses cross the boundary intact. The policy's
 //! own configuration can make `configure` refuse (`refuse`) or panic (`panic`).
+//! `resource-flood-update` and `random-bomb-update` push the host's bounds on WASI
+//! resources held and random bytes per call.
 
 use std::cell::RefCell;
 
@@ -51,6 +53,24 @@ fn spin_for(millis: u64) {
     while weir_sdk::now_nanos() - start < millis * 1_000_000 {
         std::hint::black_box(());
     }
+}
+
+/// Host resources (WASI pollables) created and never dropped.
+fn hoard_resources() -> ! {
+    #[cfg(target_arch = "wasm32")]
+    loop {
+        std::mem::forget(wasip2::clocks::monotonic_clock::subscribe_duration(1));
+    }
+    #[cfg(not(target_arch = "wasm32"))]
+    unreachable!("only as a component")
+}
+
+/// 64 MiB of randomness in one call.
+fn random_bomb() -> usize {
+    #[cfg(target_arch = "wasm32")]
+    return wasip2::random::random::get_random_bytes(64 << 20).len();
+    #[cfg(not(target_arch = "wasm32"))]
+    unreachable!("only as a component")
 }
 
 fn flood_logs() {
@@ -101,6 +121,11 @@ impl Policy for Hostile {
             }
             Some("loop-update") => spin_forever(),
             Some("memory-update") => allocate_forever(),
+            Some("resource-flood-update") => hoard_resources(),
+            Some("random-bomb-update") => {
+                std::hint::black_box(random_bomb());
+                weir_sdk::kube::kube_proxy_eligibility(service, node, endpoints)
+            }
             Some("panic-update") => panic!("update panics on purpose"),
             Some("log-flood") => {
                 flood_logs();
