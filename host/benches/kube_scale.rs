@@ -12,53 +12,17 @@ use std::net::{IpAddr, SocketAddr};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use serde_json::{Value, json};
+use weir::test_helpers::Backend;
 use weir::test_helpers::apiserver::ApiServer;
 use weir::test_helpers::kube_objects::{kubernetes_config, node_json, service_json};
-use weir::test_helpers::{Backend, http_get, who};
+use weir::test_helpers::scale::{cluster_ip, rss_mib, slice, time_one_change, wait_ready};
 
 const ENDPOINTS_PER_SERVICE: usize = 10;
-
-fn cluster_ip(i: usize) -> IpAddr {
-    IpAddr::from([127, 40, (i / 250) as u8, (i % 250 + 1) as u8])
-}
-
-/// Service `i`'s slice: `ready` first and ready, then unready filler up to ten endpoints.
-fn slice(i: usize, ready: IpAddr) -> Value {
-    let mut endpoints = vec![json!({
-        "addresses": [ready.to_string()], "nodeName": "node-a",
-        "conditions": {"ready": true, "serving": true, "terminating": false}
-    })];
-    for n in 1..ENDPOINTS_PER_SERVICE {
-        let ip = IpAddr::from([127, 41, (i / 250) as u8, (n * 25 + i % 25) as u8]);
-        endpoints.push(json!({
-            "addresses": [ip.to_string()], "nodeName": "node-b",
-            "conditions": {"ready": false, "serving": false, "terminating": false}
-        }));
-    }
-    json!({
-        "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
-        "metadata": {"name": format!("svc-{i}-abcde"), "namespace": "default",
-                     "labels": {"kubernetes.io/service-name": format!("svc-{i}")}},
-        "addressType": "IPv4",
-        "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
-        "endpoints": endpoints
-    })
-}
 
 /// Resident set size in MiB and MB.
 fn rss(pid: u32) -> String {
     let mib = rss_mib(pid);
     format!("{mib:.0} MiB ({:.0} MB)", mib * 1.048_576)
-}
-
-fn rss_mib(pid: u32) -> f64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse::<f64>().ok())
-        .map_or(0.0, |kib| kib / 1024.0)
 }
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
@@ -97,7 +61,7 @@ fn main() {
             8000,
             None,
         ));
-        api.apply(slice(i, a));
+        api.apply(slice(i, a, ENDPOINTS_PER_SERVICE));
     }
     let dir = tempfile::tempdir().unwrap();
     let config = kubernetes_config(
@@ -120,43 +84,14 @@ fn main() {
         .spawn()
         .expect("weir runs");
     let admin = SocketAddr::from(([127, 0, 0, 1], 10299));
-    let ready = runtime.block_on(async {
-        loop {
-            if let Ok(response) = http_get(admin, "/readyz").await
-                && response.starts_with("HTTP/1.1 200")
-            {
-                return started.elapsed();
-            }
-            assert!(
-                started.elapsed() < Duration::from_secs(120),
-                "weir not ready after 2 min"
-            );
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-    });
+    let ready = runtime.block_on(wait_ready(admin, started, Duration::from_secs(120)));
     println!("ready after {ready:.2?}; RSS {}", rss(child.id()));
 
     // One EndpointSlice change at a time, each on another Service: A <-> B.
     let mut latencies = Vec::with_capacity(changes);
     for change in 0..changes {
         let i = (change * 7919) % services;
-        let address = SocketAddr::new(cluster_ip(i), 8000);
-        let (to, name) = if runtime.block_on(who(address, None)).ok().as_deref() == Some("a") {
-            (b, "b")
-        } else {
-            (a, "a")
-        };
-        let t0 = Instant::now();
-        api.apply(slice(i, to));
-        runtime.block_on(async {
-            while who(address, None).await.ok().as_deref() != Some(name) {
-                assert!(
-                    t0.elapsed() < Duration::from_secs(10),
-                    "change {change} not applied"
-                );
-            }
-        });
-        latencies.push(t0.elapsed());
+        latencies.push(runtime.block_on(time_one_change(&api, i, (a, b), ENDPOINTS_PER_SERVICE)));
     }
     latencies.sort();
     println!(

@@ -1229,18 +1229,8 @@ impl ControlPlane {
                     "{}: {reason}; it {outcome}",
                     snapshot.service.display_name()
                 );
-                let key = (snapshot.key.namespace.clone(), snapshot.key.name.clone());
-                if once(&self.reported, &mut self.seen, message.clone(), Some(&key)) {
+                if self.fallback_once(snapshot, message.clone()) {
                     tracing::warn!("{message}");
-                    if let Some(kube) = self.source.kubernetes() {
-                        kube.announce(Announcement {
-                            subject: kube.service_subject(&key),
-                            warning: true,
-                            reason: "PolicyFallback",
-                            action: "Route",
-                            note: message,
-                        });
-                    }
                 }
                 (runtime, crate::policy::DEFAULT_POLICY.to_string())
             }
@@ -1340,14 +1330,21 @@ impl ControlPlane {
             FailureMode::Open => "falls back to the built-in kube-default",
             FailureMode::Closed => "rejects its traffic (failure mode closed)",
         };
+        // The runtime has logged the failure itself.
         let message = format!(
             "{}: policy `{policy}` failed ({error}); it {outcome} until its next change",
             snapshot.service.display_name()
         );
+        self.fallback_once(snapshot, message);
+        labels
+    }
+
+    /// A `PolicyFallback` warning about a port's Service, announced (Kubernetes mode) the
+    /// first time it is seen while it lasts. Returns whether it is new.
+    fn fallback_once(&mut self, snapshot: &ServicePortSnapshot, message: String) -> bool {
         let key = (snapshot.key.namespace.clone(), snapshot.key.name.clone());
-        if once(&self.reported, &mut self.seen, message.clone(), Some(&key))
-            && let Some(kube) = self.source.kubernetes()
-        {
+        let new = once(&self.reported, &mut self.seen, message.clone(), Some(&key));
+        if new && let Some(kube) = self.source.kubernetes() {
             kube.announce(Announcement {
                 subject: kube.service_subject(&key),
                 warning: true,
@@ -1356,7 +1353,7 @@ impl ControlPlane {
                 note: message,
             });
         }
-        labels
+        new
     }
 
     fn forget(&mut self, handle: ServiceHandle) {

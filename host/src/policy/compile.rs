@@ -177,14 +177,21 @@ fn compile_in_child(
         // Exit status 2: wasmtime refused the module; anything else (an abort when an
         // allocation was refused, SIGXCPU) is the budget.
         Some(status) if status.code() == Some(2) => Outcome::Invalid(message),
-        Some(status) => Outcome::OverBudget(format!(
-            "compiling ran out of its budget ({budget}) and was stopped ({status}{})",
-            if message.is_empty() {
-                String::new()
-            } else {
-                format!(": {}", message.lines().last().unwrap_or_default())
-            }
-        )),
+        Some(status) => {
+            use std::os::unix::process::ExitStatusExt;
+            let how = match status.signal() {
+                Some(6) => "its memory".to_string(),
+                Some(24) => "its CPU time".to_string(),
+                _ if message.is_empty() => format!("its budget ({status})"),
+                _ => format!(
+                    "its budget ({status}: {})",
+                    message.lines().last().unwrap_or_default()
+                ),
+            };
+            Outcome::OverBudget(format!(
+                "compiling ran out of {how} (budget {budget}) and was stopped"
+            ))
+        }
     }
 }
 

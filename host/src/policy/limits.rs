@@ -62,7 +62,7 @@ impl Default for Limits {
             random_bytes_per_call: 4 << 10,
             max_module_bytes: 8 << 20,
             compile_timeout: Duration::from_secs(10),
-            compile_memory_bytes: 512 << 20,
+            compile_memory_bytes: 256 << 20,
             quarantine: Duration::from_secs(1),
         }
     }

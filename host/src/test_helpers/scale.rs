@@ -1,0 +1,91 @@
+//! What the scale benchmarks share: N Services' objects on 127.40.0.0/16, weir's resident
+//! memory, waiting for `/readyz`, and the end-to-end time of one EndpointSlice change.
+
+use std::net::{IpAddr, SocketAddr};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+use super::apiserver::ApiServer;
+use super::{http_get, who};
+
+/// Service `i`'s clusterIP.
+pub fn cluster_ip(i: usize) -> IpAddr {
+    IpAddr::from([127, 40, (i / 250) as u8, (i % 250 + 1) as u8])
+}
+
+/// Service `i`'s slice of `endpoints`: `ready` first and ready, then unready filler on
+/// 127.41.0.0/16.
+pub fn slice(i: usize, ready: IpAddr, endpoints: usize) -> Value {
+    let mut list = vec![json!({
+        "addresses": [ready.to_string()], "nodeName": "node-a",
+        "conditions": {"ready": true, "serving": true, "terminating": false}
+    })];
+    for n in 1..endpoints {
+        let ip = IpAddr::from([127, 41, (i / 250) as u8, (n * 25 + i % 25) as u8]);
+        list.push(json!({
+            "addresses": [ip.to_string()], "nodeName": "node-b",
+            "conditions": {"ready": false, "serving": false, "terminating": false}
+        }));
+    }
+    json!({
+        "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+        "metadata": {"name": format!("svc-{i}-abcde"), "namespace": "default",
+                     "labels": {"kubernetes.io/service-name": format!("svc-{i}")}},
+        "addressType": "IPv4",
+        "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
+        "endpoints": list
+    })
+}
+
+/// A process's resident set size in MiB.
+pub fn rss_mib(pid: u32) -> f64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse::<f64>().ok())
+        .map_or(0.0, |kib| kib / 1024.0)
+}
+
+/// Waits for `/readyz` to answer 200; returns the time since `started`.
+pub async fn wait_ready(admin: SocketAddr, started: Instant, within: Duration) -> Duration {
+    loop {
+        if let Ok(response) = http_get(admin, "/readyz").await
+            && response.starts_with("HTTP/1.1 200")
+        {
+            return started.elapsed();
+        }
+        assert!(
+            started.elapsed() < within,
+            "weir not ready after {within:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// Moves Service `i` between the backends `a` and `b` (named "a" and "b") and times the
+/// change end to end: from the write to the API server until a client connecting to the
+/// clusterIP (port 8000) reaches the other one.
+pub async fn time_one_change(
+    api: &ApiServer,
+    i: usize,
+    (a, b): (IpAddr, IpAddr),
+    endpoints: usize,
+) -> Duration {
+    let address = SocketAddr::new(cluster_ip(i), 8000);
+    let (to, name) = if who(address, None).await.ok().as_deref() == Some("a") {
+        (b, "b")
+    } else {
+        (a, "a")
+    };
+    let started = Instant::now();
+    api.apply(slice(i, to, endpoints));
+    while who(address, None).await.ok().as_deref() != Some(name) {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "the change to svc-{i} was not applied"
+        );
+    }
+    started.elapsed()
+}
