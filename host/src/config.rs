@@ -4,13 +4,13 @@
 //! Relative paths are resolved against the directory of the config file, as kubeconfig
 //! paths are, so a config works from any working directory.
 
-use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::net::Cidr;
 use crate::policy::{FailureMode, Limits};
 
 /// Exit status for a bad config (sysexits.h EX_USAGE).
@@ -299,51 +299,6 @@ fn parse_duration(text: &str) -> Option<Duration> {
         _ => return None,
     };
     Duration::try_from_secs_f64(seconds).ok()
-}
-
-/// An address range, `198.18.0.0/15` or a single address.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Cidr {
-    pub address: IpAddr,
-    pub prefix: u8,
-}
-
-impl Cidr {
-    pub fn host(address: IpAddr) -> Self {
-        let prefix = if address.is_ipv4() { 32 } else { 128 };
-        Cidr { address, prefix }
-    }
-
-    pub fn contains(&self, ip: IpAddr) -> bool {
-        crate::model::cidr_contains((self.address, self.prefix), ip)
-    }
-}
-
-impl fmt::Display for Cidr {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}/{}", self.address, self.prefix)
-    }
-}
-
-impl<'de> Deserialize<'de> for Cidr {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let text = String::deserialize(d)?;
-        parse_cidr(&text).ok_or_else(|| {
-            serde::de::Error::custom(format!(
-                "invalid address range `{text}`: write an address with an optional prefix length, e.g. \"127.0.0.0/8\" or \"fd00::/64\""
-            ))
-        })
-    }
-}
-
-pub(crate) fn parse_cidr(text: &str) -> Option<Cidr> {
-    let (address, prefix) = match text.split_once('/') {
-        Some((a, p)) => (a.parse::<IpAddr>().ok()?, Some(p.parse::<u8>().ok()?)),
-        None => (text.parse::<IpAddr>().ok()?, None),
-    };
-    let max = if address.is_ipv4() { 32 } else { 128 };
-    let prefix = prefix.unwrap_or(max);
-    (prefix <= max).then_some(Cidr { address, prefix })
 }
 
 /// The line (1-based) where a dotted key (`table.key`) is set in TOML text, if it is.
@@ -761,9 +716,5 @@ mod tests {
             None,
             "too long: an error, not a panic"
         );
-        let cidr = parse_cidr("198.18.0.0/15").unwrap();
-        assert!(cidr.contains("198.19.1.1".parse().unwrap()));
-        assert!(!cidr.contains("198.20.0.1".parse().unwrap()));
-        assert!(parse_cidr("10.0.0.0/33").is_none());
     }
 }

@@ -778,7 +778,7 @@ impl ControlPlane {
                     .node_addresses
                     .iter()
                     .copied()
-                    .map(crate::config::Cidr::host)
+                    .map(crate::net::Cidr::host)
                     .collect();
                 cidrs.extend(model::node_pod_cidrs(&objects, &node_name));
                 cidrs

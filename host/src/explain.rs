@@ -155,7 +155,7 @@ pub fn report(model: &Model, registry: &Registry) -> Report {
                     .snapshot
                     .load_balancer_source_ranges
                     .iter()
-                    .map(|(ip, bits)| format!("{ip}/{bits}"))
+                    .map(ToString::to_string)
                     .collect(),
                 policy_failure: d.failure.clone(),
             }

@@ -14,6 +14,7 @@ pub mod health;
 mod locks;
 pub mod metrics;
 pub mod model;
+pub mod net;
 pub mod policy;
 pub mod policy_test;
 pub mod proxy;

@@ -3,7 +3,7 @@
 //! (`pkg/proxy/serviceport.go`, `endpointslicecache.go`).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
 use k8s_openapi::api::core::v1::Service;
@@ -11,6 +11,7 @@ use k8s_openapi::api::discovery::v1::EndpointSlice;
 use weir_sdk::{Endpoint, IpFamily, Node, Protocol};
 
 use crate::discovery::files::{Diagnostic, Objects, Sourced};
+use crate::net::{Cidr, parse_ip_sloppy};
 use crate::policy::{DEFAULT_POLICY, FailureMode};
 
 /// The label that ties an EndpointSlice to its Service.
@@ -128,7 +129,7 @@ pub struct ServicePortSnapshot {
     /// `spec.loadBalancerSourceRanges` of this family: when set, only these sources may
     /// reach the port through its LoadBalancer IPs (not its nodePort). Enforced by the
     /// data plane, not by policies.
-    pub load_balancer_source_ranges: Vec<(IpAddr, u8)>,
+    pub load_balancer_source_ranges: Vec<Cidr>,
 }
 
 /// A Service's healthCheckNodePort and what it reports.
@@ -354,16 +355,13 @@ pub fn node_addresses(objects: &Objects, node_name: &str) -> Vec<IpAddr> {
 }
 
 /// The Node's pod ranges (`spec.podCIDRs`): traffic from them is this node's pods.
-pub fn node_pod_cidrs(objects: &Objects, node_name: &str) -> Vec<crate::config::Cidr> {
+pub fn node_pod_cidrs(objects: &Objects, node_name: &str) -> Vec<Cidr> {
     let spec = find_node(objects, node_name).and_then(|n| n.spec.as_ref());
     let mut cidrs: Vec<String> = spec.and_then(|s| s.pod_cidrs.clone()).unwrap_or_default();
     if cidrs.is_empty() {
         cidrs.extend(spec.and_then(|s| s.pod_cidr.clone()));
     }
-    cidrs
-        .iter()
-        .filter_map(|c| crate::config::parse_cidr(c))
-        .collect()
+    cidrs.iter().filter_map(|c| Cidr::parse_range(c)).collect()
 }
 
 fn node_of(objects: &Objects, node_name: &str) -> Node {
@@ -761,8 +759,8 @@ fn service_ports(
         let external = family_ips(&external_ips, "spec.externalIPs", family, diagnostics);
         let mut ranges = Vec::new();
         for text in &source_ranges {
-            match parse_cidr(text.trim()) {
-                Some((ip, bits)) if FamilyKey::of(ip) == family => ranges.push((ip, bits)),
+            match Cidr::parse_range(text.trim()) {
+                Some(range) if FamilyKey::of(range.address) == family => ranges.push(range),
                 Some(_) => {}
                 None => warn(
                     diagnostics,
@@ -838,69 +836,6 @@ fn service_ports(
         }
     }
     out
-}
-
-/// `ip/bits`, with the address normalised as by [`parse_ip_sloppy`].
-fn parse_cidr(text: &str) -> Option<(IpAddr, u8)> {
-    let (ip, bits) = text.split_once('/')?;
-    let ip = parse_ip_sloppy(ip)?;
-    let bits: u8 = bits.parse().ok()?;
-    let max = if ip.is_ipv4() { 32 } else { 128 };
-    (bits <= max).then_some((ip, bits))
-}
-
-/// Whether `ip` is in the range `address/prefix` (families must match).
-pub fn cidr_contains((address, prefix): (IpAddr, u8), ip: IpAddr) -> bool {
-    match (address, ip) {
-        (IpAddr::V4(a), IpAddr::V4(b)) => {
-            let mask = u32::MAX
-                .checked_shl(32 - u32::from(prefix.min(32)))
-                .unwrap_or(0);
-            u32::from(a) & mask == u32::from(b) & mask
-        }
-        (IpAddr::V6(a), IpAddr::V6(b)) => {
-            let mask = u128::MAX
-                .checked_shl(128 - u32::from(prefix.min(128)))
-                .unwrap_or(0);
-            u128::from(a) & mask == u128::from(b) & mask
-        }
-        _ => false,
-    }
-}
-
-/// Go's `netutils.ParseIPSloppy(...)` followed by `String()`: IPv4 octets may carry
-/// leading zeros (read as decimal), and IPv4-mapped IPv6 addresses are IPv4.
-pub fn parse_ip_sloppy(text: &str) -> Option<IpAddr> {
-    let ip = match text.parse::<IpAddr>() {
-        Ok(ip) => ip,
-        Err(_) => {
-            let parts: Vec<&str> = text.split('.').collect();
-            if parts.len() != 4 {
-                return None;
-            }
-            let mut octets = [0u8; 4];
-            for (octet, part) in octets.iter_mut().zip(&parts) {
-                if part.is_empty() || !part.bytes().all(|b| b.is_ascii_digit()) {
-                    return None;
-                }
-                // Any number of leading zeros, value at most 255, as Go's parser reads it.
-                let digits = part.trim_start_matches('0');
-                if digits.len() > 3 {
-                    return None;
-                }
-                *octet = if digits.is_empty() {
-                    0
-                } else {
-                    digits.parse().ok()?
-                };
-            }
-            IpAddr::V4(Ipv4Addr::from(octets))
-        }
-    };
-    Some(match ip {
-        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
-        v4 => v4,
-    })
 }
 
 #[cfg(test)]
@@ -1094,7 +1029,7 @@ mod tests {
         let m = model(&svc, "n");
         assert_eq!(
             m.ports[0].load_balancer_source_ranges,
-            vec![("198.18.4.0".parse().unwrap(), 24)]
+            vec![Cidr::parse("198.18.4.0/24").unwrap()]
         );
     }
 
@@ -1256,28 +1191,5 @@ mod tests {
             "spec: {type: ExternalName, externalName: example.com, ",
         );
         assert!(model(&external, "n").ports.is_empty());
-    }
-
-    #[test]
-    fn sloppy_parse_accepts_leading_zeros_and_unmaps_ipv4() {
-        assert_eq!(
-            parse_ip_sloppy("198.018.000.005"),
-            Some("198.18.0.5".parse().unwrap())
-        );
-        assert_eq!(
-            parse_ip_sloppy("::ffff:198.18.0.5"),
-            Some("198.18.0.5".parse().unwrap())
-        );
-        assert_eq!(
-            parse_ip_sloppy("2001:db8::1"),
-            Some("2001:db8::1".parse().unwrap())
-        );
-        assert_eq!(
-            parse_ip_sloppy("0000198.18.0.5"),
-            Some("198.18.0.5".parse().unwrap())
-        );
-        assert_eq!(parse_ip_sloppy("198.18.0.256"), None);
-        assert_eq!(parse_ip_sloppy("198.18.0"), None);
-        assert_eq!(parse_ip_sloppy("web"), None);
     }
 }

@@ -621,7 +621,10 @@ fn apply_change(
         Change::Remove(e) => {
             let (slice, ip) = slice_for(objects, e, false)?;
             slice.endpoints.retain(|ep| {
-                ep.addresses.first().and_then(|a| model::parse_ip_sloppy(a)) != Some(ip)
+                ep.addresses
+                    .first()
+                    .and_then(|a| crate::net::parse_ip_sloppy(a))
+                    != Some(ip)
             });
             Ok(format!("remove {} from {}", e.address, e.service))
         }
@@ -631,7 +634,7 @@ fn apply_change(
                 if endpoint
                     .addresses
                     .first()
-                    .and_then(|a| model::parse_ip_sloppy(a))
+                    .and_then(|a| crate::net::parse_ip_sloppy(a))
                     == Some(ip)
                 {
                     endpoint.conditions =
@@ -659,7 +662,7 @@ fn slice_for<'a>(
     ),
     String,
 > {
-    let ip = model::parse_ip_sloppy(&change.address)
+    let ip = crate::net::parse_ip_sloppy(&change.address)
         .ok_or_else(|| format!("script: `{}` is not an IP address", change.address))?;
     let (namespace, name) = change.service.split_once('/').ok_or_else(|| {
         format!(
@@ -684,7 +687,10 @@ fn slice_for<'a>(
                 && slice.address_type == family
                 && (adding
                     || slice.endpoints.iter().any(|e| {
-                        e.addresses.first().and_then(|a| model::parse_ip_sloppy(a)) == Some(ip)
+                        e.addresses
+                            .first()
+                            .and_then(|a| crate::net::parse_ip_sloppy(a))
+                            == Some(ip)
                     }))
         });
     found.map(|slice| (slice, ip)).ok_or_else(|| {

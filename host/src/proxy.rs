@@ -22,12 +22,12 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use weir_sdk::{Scope, ServiceHandle};
 
-use crate::config::Cidr;
 use crate::locks::{read, write};
 use crate::metrics::{
     Action, BytesLabels, ConnectFailure, DecisionLabels, Direction, EndpointLabels, FailedLabels,
     ListenerLabels, PolicyLabels, ProxyMetrics,
 };
+use crate::net::Cidr;
 use crate::policy::PolicyRuntime;
 
 /// Where one listening address sends its connections.
@@ -42,7 +42,7 @@ pub struct Route {
     /// endpoints; the two differ only when internalTrafficPolicy is Local too).
     pub local_sources_use_cluster: bool,
     /// For LoadBalancer IPs: the sources allowed (empty: all).
-    pub source_ranges: Vec<(IpAddr, u8)>,
+    pub source_ranges: Vec<crate::net::Cidr>,
     pub metrics: Arc<RouteMetrics>,
 }
 

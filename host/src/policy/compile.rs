@@ -14,10 +14,9 @@ use std::process::{Command, ExitCode, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use wasmtime::Engine;
 use wasmtime::component::Component;
+use wasmtime::{Config, Engine, InstanceAllocationStrategy};
 
-use super::engine::engine_config;
 use super::limits::Limits;
 use crate::locks::lock;
 
@@ -241,6 +240,24 @@ pub fn child_main(args: &[String]) -> ExitCode {
             ExitCode::from(2)
         }
     }
+}
+
+/// How every policy is compiled and run. Instances are allocated on demand, not from a
+/// pool: there is one per service port, so their number follows the Services, and a
+/// pool would have to be sized (and its address space reserved) for the most there could
+/// ever be. A memory reserves only its port's budget of address space, so ten thousand
+/// ports fit in any address space; what they use is what they touch.
+pub(crate) fn engine_config(limits: &Limits) -> Config {
+    let mut config = Config::new();
+    config
+        .wasm_component_model(true)
+        .epoch_interruption(true)
+        .allocation_strategy(InstanceAllocationStrategy::OnDemand)
+        .memory_reservation(limits.memory_bytes as u64)
+        .memory_reservation_for_growth(0)
+        .memory_guard_size(64 << 10)
+        .memory_may_move(true);
+    config
 }
 
 /// Loads an artifact a child compiled with this engine's configuration.

@@ -7,12 +7,12 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
+use wasmtime::Engine;
 use wasmtime::component::{Component, Linker};
-use wasmtime::{Config, Engine, InstanceAllocationStrategy};
 
 use super::bindings::PolicyWorldPre;
 use super::cache::ArtifactCache;
-use super::compile::{self, Compiler, Outcome};
+use super::compile::{self, Compiler, Outcome, engine_config};
 use super::imports::{PolicyClock, StoreState};
 use super::limits::Limits;
 use super::{EXPECTED_EXPORT, bindings};
@@ -340,24 +340,6 @@ impl PolicyEngine {
             super::KUBE_DEFAULT_WASM,
         )
     }
-}
-
-/// How every policy is compiled and run. Instances are allocated on demand, not from a
-/// pool: there is one per service port, so their number follows the Services, and a
-/// pool would have to be sized (and its address space reserved) for the most there could
-/// ever be. A memory reserves only its port's budget of address space, so ten thousand
-/// ports fit in any address space; what they use is what they touch.
-pub(crate) fn engine_config(limits: &Limits) -> Config {
-    let mut config = Config::new();
-    config
-        .wasm_component_model(true)
-        .epoch_interruption(true)
-        .allocation_strategy(InstanceAllocationStrategy::OnDemand)
-        .memory_reservation(limits.memory_bytes as u64)
-        .memory_reservation_for_growth(0)
-        .memory_guard_size(64 << 10)
-        .memory_may_move(true);
-    config
 }
 
 /// The WASI version wasmtime-wasi links; its blocking functions are replaced below.

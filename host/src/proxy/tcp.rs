@@ -10,7 +10,7 @@
 //!   after the client's first bytes or after `proxy.drop_timeout`.
 //! - Source addresses are not preserved towards endpoints: they see weir's address.
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -103,13 +103,8 @@ async fn connection(
         reset(client);
         return;
     };
-    let ip = canonical(peer.ip());
-    if !route.source_ranges.is_empty()
-        && !route
-            .source_ranges
-            .iter()
-            .any(|&range| crate::model::cidr_contains(range, ip))
-    {
+    let ip = crate::net::canonical(peer.ip());
+    if !route.source_ranges.is_empty() && !route.source_ranges.iter().any(|r| r.contains(ip)) {
         // kube-proxy drops what a LoadBalancer's source ranges do not allow.
         route.metrics.source_range.inc();
         drop_connection(client, &shared).await;
@@ -267,12 +262,4 @@ async fn drop_connection(mut client: TcpStream, shared: &Shared) {
         () = shared.close.cancelled() => {}
     }
     reset(client);
-}
-
-/// IPv4-mapped IPv6 addresses as IPv4, so ranges and hashing see one form.
-fn canonical(ip: IpAddr) -> IpAddr {
-    match ip {
-        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
-        v4 => v4,
-    }
 }
