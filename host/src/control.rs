@@ -17,12 +17,12 @@ use crate::admin::{HealthChecks, Readiness};
 use crate::capture::Capture;
 use crate::config::Config;
 use crate::discovery::Source;
-use crate::discovery::files::{Diagnostic, Severity};
 use crate::discovery::kubernetes::{Announcement, POLICY_SETTINGS_KEY, PolicyMap, Subject};
 use crate::discovery::watch::{Changed, Fingerprint};
 use crate::health::ProxyHealth;
 use crate::metrics::{Metrics, RejectionLabels, ReloadResult, TrafficPolicyLabels};
 use crate::model::{self, FamilyKey, ProtocolKey, ServiceKey, ServicePortKey, ServicePortSnapshot};
+use crate::objects::{Diagnostic, Severity};
 use crate::policy::{
     Binding, FailureMode, PolicyRuntime, PolicySettings, Registry, ServiceInput, settings,
 };
@@ -1025,13 +1025,7 @@ impl ControlPlane {
             }
             let (handle, endpoints) = self.identities.assign(snapshot);
             contribution.ports.push((snapshot.key.clone(), handle));
-            let input = ServiceInput {
-                service: snapshot.service.clone(),
-                node: node.clone(),
-                endpoints,
-                failure_mode: snapshot.failure_mode,
-                memory_mib: snapshot.memory_mib,
-            };
+            let input = snapshot.input(node.clone(), endpoints);
             let has_any = input.endpoints.iter().any(|e| e.ready || e.serving);
             let (runtime, policy_label) = self.resolve(snapshot);
             let eligibility = self.push(handle, snapshot, runtime.clone(), input);

@@ -77,13 +77,7 @@ pub fn decide<'a>(model: &'a Model, registry: &Registry) -> Vec<PortDecision<'a>
         for (id, endpoint) in endpoints.iter_mut().enumerate() {
             endpoint.id = id as u32 + 1;
         }
-        let input = ServiceInput {
-            service: snapshot.service.clone(),
-            node: model.node.clone(),
-            endpoints,
-            failure_mode: snapshot.failure_mode,
-            memory_mib: snapshot.memory_mib,
-        };
+        let input = snapshot.input(model.node.clone(), endpoints);
         let (eligibility, failure) = match registry.resolve(&snapshot.policy) {
             Binding::Policy(runtime) => {
                 let answer = runtime.update(handle, input.clone());

@@ -15,11 +15,13 @@ mod locks;
 pub mod metrics;
 pub mod model;
 pub mod net;
+pub mod objects;
 pub mod policy;
 pub mod policy_test;
 pub mod proxy;
 pub mod scaffold;
 pub mod state;
+pub mod units;
 
 #[cfg(feature = "testing")]
 pub mod test_helpers;

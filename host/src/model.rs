@@ -10,9 +10,9 @@ use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use weir_sdk::{Endpoint, IpFamily, Node, Protocol};
 
-use crate::discovery::files::{Diagnostic, Objects, Sourced};
 use crate::net::{Cidr, parse_ip_sloppy};
-use crate::policy::{DEFAULT_POLICY, FailureMode};
+use crate::objects::{Diagnostic, Objects, Sourced};
+use crate::policy::{DEFAULT_POLICY, FailureMode, ServiceInput};
 
 /// The label that ties an EndpointSlice to its Service.
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
@@ -99,6 +99,20 @@ impl FamilyKey {
         match self {
             FamilyKey::V4 => "IPv4",
             FamilyKey::V6 => "IPv6",
+        }
+    }
+}
+
+impl ServicePortSnapshot {
+    /// What the port's policy is told: the Service, the node, and `endpoints` (this
+    /// snapshot's, with the ids the caller assigned).
+    pub fn input(&self, node: Arc<Node>, endpoints: Vec<Endpoint>) -> ServiceInput {
+        ServiceInput {
+            service: self.service.clone(),
+            node,
+            endpoints,
+            failure_mode: self.failure_mode,
+            memory_mib: self.memory_mib,
         }
     }
 }

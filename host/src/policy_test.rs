@@ -14,9 +14,10 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 use weir_sdk::{Connection, EndpointSet, OutcomeKind, Scope};
 
-use crate::discovery::files::{Objects, load_paths};
+use crate::discovery::files::load_paths;
 use crate::metrics::PolicyMetrics;
 use crate::model::{self, ServicePortKey};
+use crate::objects::Objects;
 use crate::policy::{HostDecision, Limits, PolicyEngine, PolicyRuntime, ServiceInput};
 use crate::state::Identities;
 
@@ -355,13 +356,7 @@ impl World {
             .iter()
             .map(|snapshot| {
                 let (handle, endpoints) = self.identities.assign(snapshot);
-                let input = ServiceInput {
-                    service: snapshot.service.clone(),
-                    node: model.node.clone(),
-                    endpoints,
-                    failure_mode: snapshot.failure_mode,
-                    memory_mib: snapshot.memory_mib,
-                };
+                let input = snapshot.input(model.node.clone(), endpoints);
                 let answer = self.runtime.update(handle, input.clone());
                 Port {
                     key: snapshot.key.clone(),
@@ -718,8 +713,8 @@ fn set_node_zone(objects: &mut Objects, node: &str, zone: &str) {
         None => {
             let mut object = k8s_openapi::api::core::v1::Node::default();
             object.metadata.name = Some(node.to_string());
-            objects.nodes.push(crate::discovery::files::Sourced {
-                origin: crate::discovery::files::Origin {
+            objects.nodes.push(crate::objects::Sourced {
+                origin: crate::objects::Origin {
                     file: PathBuf::from("<script>"),
                     document: None,
                     item: None,
@@ -737,23 +732,9 @@ fn set_node_zone(objects: &mut Objects, node: &str, zone: &str) {
 }
 
 fn parse_duration(text: &str) -> Result<Duration, String> {
-    let text = text.trim();
-    let (number, unit) = text
-        .find(|c: char| !c.is_ascii_digit())
-        .map(|i| text.split_at(i))
-        .ok_or_else(|| format!("script: `wait: {text}` needs a unit (ms, s, m, h)"))?;
-    let n: u64 = number
-        .parse()
-        .map_err(|_| format!("script: `wait: {text}` is not a duration"))?;
-    match unit {
-        "ms" => Ok(Duration::from_millis(n)),
-        "s" => Ok(Duration::from_secs(n)),
-        "m" => Ok(Duration::from_secs(n * 60)),
-        "h" => Ok(Duration::from_secs(n * 3600)),
-        _ => Err(format!(
-            "script: `wait: {text}`: unit must be ms, s, m or h"
-        )),
-    }
+    crate::units::parse_duration(text).ok_or_else(|| {
+        format!("script: `wait: {}` is not a duration: write a number and a unit (ms, s, m, h), e.g. 30s", text.trim())
+    })
 }
 
 fn failure_counts(metrics: &PolicyMetrics, policy: &str) -> BTreeMap<String, u64> {

@@ -806,7 +806,7 @@ async fn publish(
             action: Some(announcement.action.to_string()),
             reason: Some(announcement.reason.to_string()),
             // The API server refuses notes over 1 kB.
-            note: Some(truncate(&announcement.note, 1000)),
+            note: Some(crate::units::shorten(&announcement.note, 1000)),
             type_: Some(
                 if announcement.warning {
                     "Warning"
@@ -835,17 +835,6 @@ async fn publish(
             }
         }
     }
-}
-
-fn truncate(text: &str, max: usize) -> String {
-    if text.len() <= max {
-        return text.to_string();
-    }
-    let mut end = max - 3;
-    while !text.is_char_boundary(end) {
-        end -= 1;
-    }
-    format!("{}...", &text[..end])
 }
 
 #[cfg(test)]

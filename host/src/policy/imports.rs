@@ -278,10 +278,10 @@ impl LogBuffer {
     }
 
     fn message(&self, level: types::LogLevel, message: &str) {
-        let cut = floor_char_boundary(message, self.inner.message_cap);
-        self.drop_bytes(message.len() - cut);
-        if self.take_all(cut) {
-            emit(&self.inner.policy, level, &message[..cut]);
+        let head = crate::units::head(message, self.inner.message_cap);
+        self.drop_bytes(message.len() - head.len());
+        if self.take_all(head.len()) {
+            emit(&self.inner.policy, level, head);
         }
     }
 
@@ -296,9 +296,9 @@ impl LogBuffer {
         while let Some(end) = partial.iter().position(|&b| b == b'\n') {
             let line: Vec<u8> = partial.drain(..=end).collect();
             let text = String::from_utf8_lossy(&line[..end]);
-            let cut = floor_char_boundary(&text, cap);
-            self.drop_bytes(text.len() - cut);
-            emit(&self.inner.policy, types::LogLevel::Info, &text[..cut]);
+            let head = crate::units::head(&text, cap);
+            self.drop_bytes(text.len() - head.len());
+            emit(&self.inner.policy, types::LogLevel::Info, head);
         }
         if partial.len() > cap {
             // A line longer than the cap: its head is written, the rest dropped.
@@ -311,16 +311,6 @@ impl LogBuffer {
             );
         }
     }
-}
-
-fn floor_char_boundary(text: &str, max: usize) -> usize {
-    if text.len() <= max {
-        return text.len();
-    }
-    (0..=max)
-        .rev()
-        .find(|&i| text.is_char_boundary(i))
-        .unwrap_or(0)
 }
 
 fn emit(policy: &str, level: types::LogLevel, text: &str) {
