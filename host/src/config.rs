@@ -101,7 +101,7 @@ pub struct PoliciesConfig {
     pub poll_interval: Humantime,
     /// What a Service gets when its policy fails and it has no `weir.dev/failure-mode`.
     #[serde(default)]
-    pub failure_mode: FailureModeConfig,
+    pub failure_mode: FailureMode,
     /// The policy of every Service without a `weir.dev/policy` annotation, as Cilium's
     /// `loadBalancer.algorithm` (default: the built-in kube-default). A Service opts out
     /// with `weir.dev/policy: kube-default`. In Kubernetes mode `policies.toml` may set it
@@ -127,29 +127,12 @@ impl Default for PoliciesConfig {
         PoliciesConfig {
             dir: None,
             poll_interval: default_poll(),
-            failure_mode: FailureModeConfig::Open,
+            failure_mode: FailureMode::Open,
             default: None,
             default_config: None,
             cache_dir: None,
             configmap: None,
             selector: None,
-        }
-    }
-}
-
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum FailureModeConfig {
-    #[default]
-    Open,
-    Closed,
-}
-
-impl From<FailureModeConfig> for FailureMode {
-    fn from(mode: FailureModeConfig) -> Self {
-        match mode {
-            FailureModeConfig::Open => FailureMode::Open,
-            FailureModeConfig::Closed => FailureMode::Closed,
         }
     }
 }

@@ -731,7 +731,7 @@ impl ControlPlane {
             None => self.source.objects(),
         };
         let mut model = model::build(&objects, &node_name);
-        let default_mode = FailureMode::from(self.config.policies.failure_mode);
+        let default_mode = self.config.policies.failure_mode;
         // The node's default policy, for Services that name none.
         let default = match &self.shipped_default {
             Some(shipped) => Some((&shipped.policy, &shipped.config)),

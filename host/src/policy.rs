@@ -10,6 +10,7 @@ mod engine;
 mod imports;
 mod instance;
 mod limits;
+pub mod metrics;
 mod registry;
 mod runtime;
 pub mod settings;

@@ -15,8 +15,8 @@ use super::cache::ArtifactCache;
 use super::compile::{self, Compiler, Outcome, engine_config};
 use super::imports::{PolicyClock, StoreState};
 use super::limits::Limits;
+use super::metrics::PolicyMetrics;
 use super::{EXPECTED_EXPORT, bindings};
-use crate::metrics::PolicyMetrics;
 
 /// Why a module was refused. Every message names the module and what to do about it.
 #[derive(Debug, thiserror::Error)]

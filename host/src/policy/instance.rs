@@ -10,7 +10,7 @@ use wasmtime::{Store, Trap, UpdateDeadline};
 use super::bindings::{PolicyWorld, types as wit};
 use super::engine::{CompiledPolicy, PolicyEngine};
 use super::imports::StoreState;
-use crate::metrics::PolicyMetrics;
+use super::metrics::PolicyMetrics;
 
 /// What went wrong in a call, for metrics labels.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]

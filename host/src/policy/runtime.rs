@@ -42,8 +42,10 @@ use super::engine::{CompiledPolicy, PolicyEngine};
 use super::instance::{CallError, CallKind, PolicyInstance};
 use crate::locks::{lock, read, write};
 
-/// What a service gets when its policy fails.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+/// What a service gets when its policy fails (`open` or `closed` in weir.toml and
+/// policies.toml).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum FailureMode {
     /// weir's built-in kube-default answer: kube-proxy's eligibility and random selection.
     #[default]

@@ -18,7 +18,6 @@ use std::collections::BTreeMap;
 use serde::Deserialize;
 
 use super::FailureMode;
-use crate::config::FailureModeConfig;
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -26,7 +25,7 @@ pub struct PolicySettings {
     /// The only module accepted under this name, by its sha256 (hex).
     pub sha256: Option<String>,
     /// The failure mode of the Services using it, unless annotated.
-    pub failure_mode: Option<FailureModeConfig>,
+    pub failure_mode: Option<FailureMode>,
     /// The policy's configuration, passed to its `configure`.
     pub config: Option<String>,
     /// Each of its service ports' memory budget in MiB, unless the Service's
@@ -81,7 +80,7 @@ impl<'de> Deserialize<'de> for Shipped {
 
 impl PolicySettings {
     pub fn failure_mode(&self) -> Option<FailureMode> {
-        self.failure_mode.map(FailureMode::from)
+        self.failure_mode
     }
 }
 
