@@ -7,6 +7,7 @@
 //! touches an established connection.
 
 mod copy;
+pub mod decide;
 pub mod tcp;
 
 use std::collections::{BTreeMap, HashMap};

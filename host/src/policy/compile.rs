@@ -222,7 +222,10 @@ pub fn child_main(args: &[String]) -> ExitCode {
         memory_bytes: reservation as usize,
         ..Limits::default()
     };
-    let engine = match Engine::new(&engine_config(&limits)) {
+    // One core: a compile must not take the node's cores from the data plane.
+    let mut config = engine_config(&limits);
+    config.parallel_compilation(false);
+    let engine = match Engine::new(&config) {
         Ok(engine) => engine,
         Err(error) => {
             eprintln!("cannot start the engine: {error:#}");

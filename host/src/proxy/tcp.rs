@@ -14,13 +14,11 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
+use super::decide::{self, Next, Refusal};
+use super::{Route, Shared};
 use tokio::io::AsyncReadExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
-use weir_sdk::{Connection, EndpointId, Outcome, OutcomeKind, Scope};
-
-use super::{Route, Shared};
-use crate::policy::HostDecision;
 
 /// Bytes buffered per direction of a connection: small requests and responses fit in
 /// one read, and a connection costs 32 KiB, not more.
@@ -103,112 +101,34 @@ async fn connection(
         reset(client);
         return;
     };
-    let ip = crate::net::canonical(peer.ip());
-    if !route.source_ranges.is_empty() && !route.source_ranges.iter().any(|r| r.contains(ip)) {
-        // kube-proxy drops what a LoadBalancer's source ranges do not allow.
-        route.metrics.source_range.inc();
-        drop_connection(client, &shared).await;
-        return;
-    }
-    // kube-proxy: traffic from the node itself or its pods to an external address gets
-    // the Service's Cluster endpoints, even with externalTrafficPolicy Local.
-    let scope = if route.scope == Scope::External
-        && route.local_sources_use_cluster
-        && shared.is_local_source(ip)
-    {
-        Scope::Internal
-    } else {
-        route.scope
+    let mut decision = match decide::admit(&route, &shared, peer, address) {
+        Ok(decision) => decision,
+        Err(Refusal::SourceRange) => return drop_connection(client, &shared).await,
+        Err(Refusal::NoPolicy) => return reset(client),
     };
-    let Some(policy) = route.policy.clone() else {
-        route.metrics.reject.inc();
-        reset(client);
-        return;
-    };
-    let request = Connection {
-        client: SocketAddr::new(ip, peer.port()),
-        destination: address,
-        scope,
-    };
-    let mut tried: Vec<EndpointId> = Vec::new();
-    for _ in 0..shared.settings.connect_attempts {
-        let started = Instant::now();
-        let mut decision = policy.select(route.handle, &request);
-        if let HostDecision::Forward { endpoint, .. } = decision
-            && tried.contains(&endpoint)
-        {
-            match policy.alternative(route.handle, scope, &tried) {
-                Some(other) => decision = other,
-                None => break,
-            }
-        }
-        route
-            .metrics
-            .select
-            .observe(started.elapsed().as_secs_f64());
-        let (endpoint, target) = match decision {
-            HostDecision::Forward { endpoint, address } => (endpoint, address),
-            HostDecision::Reject => {
-                route.metrics.reject.inc();
-                reset(client);
-                return;
-            }
-            HostDecision::Drop => {
-                route.metrics.drop.inc();
-                drop_connection(client, &shared).await;
-                return;
-            }
+    loop {
+        let (endpoint, target) = match decision.next_step() {
+            Next::Forward { endpoint, address } => (endpoint, address),
+            Next::Reject | Next::GiveUp => return reset(client),
+            Next::Drop => return drop_connection(client, &shared).await,
         };
-        if tried.is_empty() {
-            route.metrics.forward.inc();
-        }
         let connecting = Instant::now();
         let connected =
             tokio::time::timeout(shared.settings.connect_timeout, TcpStream::connect(target)).await;
-        let micros = connecting.elapsed().as_micros() as u64;
+        let took = connecting.elapsed();
         match connected {
             Ok(Ok(upstream)) => {
-                outcome(&policy, &route, endpoint, OutcomeKind::Connected, micros);
+                decision.connected(endpoint, took);
                 let lifetime = Instant::now();
                 splice(client, upstream, target, &route, &shared).await;
-                let micros = lifetime.elapsed().as_micros() as u64;
-                outcome(&policy, &route, endpoint, OutcomeKind::Closed, micros);
+                decision.closed(endpoint, lifetime.elapsed());
                 return;
             }
-            Ok(Err(error)) => {
-                tracing::debug!(%target, "connect failed: {error}");
-            }
+            Ok(Err(error)) => tracing::debug!(%target, "connect failed: {error}"),
             Err(_) => tracing::debug!(%target, "connect timed out"),
         }
-        route.metrics.endpoint(target).unreachable.inc();
-        outcome(
-            &policy,
-            &route,
-            endpoint,
-            OutcomeKind::ConnectFailed,
-            micros,
-        );
-        tried.push(endpoint);
+        decision.unreachable(endpoint, target, took);
     }
-    route.metrics.gave_up.inc();
-    reset(client);
-}
-
-fn outcome(
-    policy: &crate::policy::PolicyRuntime,
-    route: &Route,
-    endpoint: EndpointId,
-    kind: OutcomeKind,
-    micros: u64,
-) {
-    policy.observe(
-        route.handle,
-        &Outcome {
-            endpoint,
-            kind,
-            micros,
-        },
-    );
 }
 
 /// Copies both ways until both sides have closed; a half-close on one side is passed on
