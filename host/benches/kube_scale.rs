@@ -8,14 +8,15 @@
 //! sizes. Everything is on 127.0.0.0/8: ClusterIPs 127.40.0.0/16, endpoints 127.41.0.0/16,
 //! the measured backends 127.42.0.1 and .2.
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use weir::test_helpers::Backend;
 use weir::test_helpers::apiserver::ApiServer;
-use weir::test_helpers::kube_objects::{kubernetes_config, node_json, service_json};
-use weir::test_helpers::scale::{cluster_ip, rss_mib, slice, time_one_change, wait_ready};
+use weir::test_helpers::kube_objects::kubernetes_config;
+use weir::test_helpers::scale::{
+    BACKENDS, fill, rss_mib, start_backends, time_one_change, wait_ready,
+};
 
 const ENDPOINTS_PER_SERVICE: usize = 10;
 
@@ -43,26 +44,10 @@ fn main() {
         .enable_all()
         .build()
         .unwrap();
-    let a = IpAddr::from([127, 42, 0, 1]);
-    let b = IpAddr::from([127, 42, 0, 2]);
-    let _backends = runtime.block_on(async {
-        (
-            Backend::start(SocketAddr::new(a, 8080), "a").await.unwrap(),
-            Backend::start(SocketAddr::new(b, 8080), "b").await.unwrap(),
-        )
-    });
+    let _backends = runtime.block_on(start_backends());
 
     let api = ApiServer::start();
-    api.apply(node_json("node-a", "127.0.0.1"));
-    for i in 0..services {
-        api.apply(service_json(
-            &format!("svc-{i}"),
-            &cluster_ip(i).to_string(),
-            8000,
-            None,
-        ));
-        api.apply(slice(i, a, ENDPOINTS_PER_SERVICE));
-    }
+    fill(&api, services, None, ENDPOINTS_PER_SERVICE);
     let dir = tempfile::tempdir().unwrap();
     let config = kubernetes_config(
         &api,
@@ -91,7 +76,7 @@ fn main() {
     let mut latencies = Vec::with_capacity(changes);
     for change in 0..changes {
         let i = (change * 7919) % services;
-        latencies.push(runtime.block_on(time_one_change(&api, i, (a, b), ENDPOINTS_PER_SERVICE)));
+        latencies.push(runtime.block_on(time_one_change(&api, i, BACKENDS, ENDPOINTS_PER_SERVICE)));
     }
     latencies.sort();
     println!(

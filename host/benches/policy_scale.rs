@@ -11,14 +11,16 @@
 //! 127.40.0.0/16, unready endpoints 127.41.0.0/16, the measured backends 127.42.0.1 and .2.
 
 use std::collections::BTreeMap;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use weir::test_helpers::apiserver::ApiServer;
-use weir::test_helpers::kube_objects::{kubernetes_config, node_json, policies_json, service_json};
-use weir::test_helpers::scale::{cluster_ip, rss_mib, slice, time_one_change, wait_ready};
-use weir::test_helpers::{Backend, guest_bytes, http_get};
+use weir::test_helpers::kube_objects::{kubernetes_config, policies_json};
+use weir::test_helpers::scale::{
+    BACKENDS, fill, rss_mib, start_backends, time_one_change, wait_ready,
+};
+use weir::test_helpers::{guest_bytes, http_get};
 
 const ENDPOINTS_PER_SERVICE: usize = 4;
 const ADMIN: u16 = 10298;
@@ -52,31 +54,15 @@ fn run(policy: &str, services: usize, workers: usize, changes: usize) -> Run {
         .enable_all()
         .build()
         .unwrap();
-    let a = IpAddr::from([127, 42, 0, 1]);
-    let b = IpAddr::from([127, 42, 0, 2]);
-    let _backends = runtime.block_on(async {
-        (
-            Backend::start(SocketAddr::new(a, 8080), "a").await.unwrap(),
-            Backend::start(SocketAddr::new(b, 8080), "b").await.unwrap(),
-        )
-    });
+    let _backends = runtime.block_on(start_backends());
     let api = ApiServer::start();
-    api.apply(node_json("node-a", "127.0.0.1"));
     let modules: Vec<(&str, Vec<u8>)> = ["round-robin", "maglev"]
         .into_iter()
         .map(|name| (name, guest_bytes(name)))
         .collect();
     api.apply(policies_json(&modules, None));
     let annotation = (policy != "kube-default").then_some(policy);
-    for i in 0..services {
-        api.apply(service_json(
-            &format!("svc-{i}"),
-            &cluster_ip(i).to_string(),
-            8000,
-            annotation,
-        ));
-        api.apply(slice(i, a, ENDPOINTS_PER_SERVICE));
-    }
+    fill(&api, services, annotation, ENDPOINTS_PER_SERVICE);
     let dir = tempfile::tempdir().unwrap();
     let config = kubernetes_config(
         &api,
@@ -101,7 +87,7 @@ fn run(policy: &str, services: usize, workers: usize, changes: usize) -> Run {
     let mut latencies = Vec::with_capacity(changes);
     for change in 0..changes {
         let i = (change * 7919) % services;
-        latencies.push(runtime.block_on(time_one_change(&api, i, (a, b), ENDPOINTS_PER_SERVICE)));
+        latencies.push(runtime.block_on(time_one_change(&api, i, BACKENDS, ENDPOINTS_PER_SERVICE)));
     }
     latencies.sort();
     let page = runtime

@@ -7,7 +7,42 @@ use std::time::{Duration, Instant};
 use serde_json::{Value, json};
 
 use super::apiserver::ApiServer;
-use super::{http_get, who};
+use super::kube_objects::{node_json, service_json};
+use super::{Backend, http_get, who};
+
+/// The two backends the benches move Services between, answering "a" and "b".
+pub const BACKENDS: (IpAddr, IpAddr) = (
+    IpAddr::V4(std::net::Ipv4Addr::new(127, 42, 0, 1)),
+    IpAddr::V4(std::net::Ipv4Addr::new(127, 42, 0, 2)),
+);
+
+/// Starts [`BACKENDS`] on port 8080.
+pub async fn start_backends() -> (Backend, Backend) {
+    let (a, b) = BACKENDS;
+    (
+        Backend::start(SocketAddr::new(a, 8080), "a")
+            .await
+            .expect("backend a"),
+        Backend::start(SocketAddr::new(b, 8080), "b")
+            .await
+            .expect("backend b"),
+    )
+}
+
+/// Node `node-a` and `services` Services (`svc-N`, annotated with `policy` when given),
+/// each with a slice of `endpoints` whose ready one is backend "a".
+pub fn fill(api: &ApiServer, services: usize, policy: Option<&str>, endpoints: usize) {
+    api.apply(node_json("node-a", "127.0.0.1"));
+    for i in 0..services {
+        api.apply(service_json(
+            &format!("svc-{i}"),
+            &cluster_ip(i).to_string(),
+            8000,
+            policy,
+        ));
+        api.apply(slice(i, BACKENDS.0, endpoints));
+    }
+}
 
 /// Service `i`'s clusterIP.
 pub fn cluster_ip(i: usize) -> IpAddr {
