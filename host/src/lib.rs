@@ -5,11 +5,10 @@
 pub mod admin;
 pub mod app;
 pub mod capture;
-pub mod check;
+pub mod cli;
 pub mod config;
 pub mod control;
 pub mod discovery;
-pub mod explain;
 pub mod health;
 mod locks;
 pub mod metrics;
@@ -17,9 +16,7 @@ pub mod model;
 pub mod net;
 pub mod objects;
 pub mod policy;
-pub mod policy_test;
 pub mod proxy;
-pub mod scaffold;
 pub mod state;
 pub mod units;
 

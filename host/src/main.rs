@@ -68,7 +68,7 @@ enum PolicyCommand {
     /// went, decision latency, and misbehaviour (non-zero exit if any).
     Test {
         #[command(flatten)]
-        options: weir::policy_test::Options,
+        options: weir::cli::policy_test::Options,
         #[arg(short = 'o', long = "output", value_enum, default_value_t = Format::Table)]
         output: Format,
     },
@@ -123,13 +123,13 @@ fn main() -> ExitCode {
                     sdk,
                 },
         } => {
-            let new = weir::scaffold::NewPolicy {
+            let new = weir::cli::scaffold::NewPolicy {
                 dir: dir.unwrap_or_else(|| PathBuf::from(&name)),
                 name,
                 template,
-                sdk: sdk.unwrap_or_else(weir::scaffold::default_sdk),
+                sdk: sdk.unwrap_or_else(weir::cli::scaffold::default_sdk),
             };
-            match weir::scaffold::create(&new) {
+            match weir::cli::scaffold::create(&new) {
                 Ok(files) => {
                     for file in files {
                         println!("wrote {}", file.display());
@@ -148,18 +148,18 @@ fn main() -> ExitCode {
         }
         Command::Policy {
             command: PolicyCommand::Test { options, output },
-        } => match weir::policy_test::run(&options) {
-            weir::policy_test::Outcome::BadInput(message) => {
+        } => match weir::cli::policy_test::run(&options) {
+            weir::cli::policy_test::Outcome::BadInput(message) => {
                 eprintln!("error: {message}");
                 ExitCode::from(65)
             }
-            weir::policy_test::Outcome::Report(report) => {
+            weir::cli::policy_test::Outcome::Report(report) => {
                 match output {
                     Format::Json => println!(
                         "{}",
                         serde_json::to_string_pretty(&report).expect("the report serializes")
                     ),
-                    Format::Table => print!("{}", weir::policy_test::table(&report)),
+                    Format::Table => print!("{}", weir::cli::policy_test::table(&report)),
                 }
                 if report.ok {
                     ExitCode::SUCCESS
@@ -170,7 +170,7 @@ fn main() -> ExitCode {
         },
         Command::Policy {
             command: PolicyCommand::Check { file, config },
-        } => match weir::check::check(&file, &config) {
+        } => match weir::cli::check::check(&file, &config) {
             Ok(report) => {
                 print!("{}", report.text);
                 println!("ok");
@@ -232,13 +232,13 @@ fn explain(
     for diagnostic in &model.diagnostics {
         eprintln!("{diagnostic}");
     }
-    let report = weir::explain::report(&model, &registry);
+    let report = weir::cli::explain::report(&model, &registry);
     match output {
         Format::Json => println!(
             "{}",
             serde_json::to_string_pretty(&report).expect("the report serializes")
         ),
-        Format::Table => print!("{}", weir::explain::table(&report)),
+        Format::Table => print!("{}", weir::cli::explain::table(&report)),
     }
     ExitCode::SUCCESS
 }

@@ -5,8 +5,8 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
+use weir::cli::policy_test::{ClientSpec, Options, Outcome, Report, ScopeReport, run};
 use weir::policy::{FailureMode, HostDecision, PolicyRuntime};
-use weir::policy_test::{ClientSpec, Options, Outcome, Report, ScopeReport, run};
 use weir::test_helpers::{connection, endpoints, engine, guest_bytes, guest_path, input, service};
 use weir_sdk::{Outcome as ConnectionOutcome, OutcomeKind};
 

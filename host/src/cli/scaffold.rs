@@ -21,33 +21,39 @@ pub const TEMPLATES: &[(&str, &str)] = &[
     ("minimal", MINIMAL),
     (
         "kube-default",
-        include_str!("../../policies/kube-default/src/lib.rs"),
+        include_str!("../../../policies/kube-default/src/lib.rs"),
     ),
-    ("random", include_str!("../../policies/random/src/lib.rs")),
+    (
+        "random",
+        include_str!("../../../policies/random/src/lib.rs"),
+    ),
     (
         "round-robin",
-        include_str!("../../policies/round-robin/src/lib.rs"),
+        include_str!("../../../policies/round-robin/src/lib.rs"),
     ),
     (
         "least-connections",
-        include_str!("../../policies/least-connections/src/lib.rs"),
+        include_str!("../../../policies/least-connections/src/lib.rs"),
     ),
     (
         "p2c-ewma",
-        include_str!("../../policies/p2c-ewma/src/lib.rs"),
+        include_str!("../../../policies/p2c-ewma/src/lib.rs"),
     ),
-    ("maglev", include_str!("../../policies/maglev/src/lib.rs")),
+    (
+        "maglev",
+        include_str!("../../../policies/maglev/src/lib.rs"),
+    ),
     (
         "ring-hash",
-        include_str!("../../policies/ring-hash/src/lib.rs"),
+        include_str!("../../../policies/ring-hash/src/lib.rs"),
     ),
     (
         "locality",
-        include_str!("../../policies/locality/src/lib.rs"),
+        include_str!("../../../policies/locality/src/lib.rs"),
     ),
     (
         "client-ip-affinity",
-        include_str!("../../policies/client-ip-affinity/src/lib.rs"),
+        include_str!("../../../policies/client-ip-affinity/src/lib.rs"),
     ),
 ];
 

@@ -501,7 +501,7 @@ impl Port {
         }
         let forwarded = runs.len() - rejected - dropped;
         ScopeReport {
-            action: crate::explain::action(set),
+            action: super::explain::action(set),
             eligible,
             forwarded,
             rejected,
