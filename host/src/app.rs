@@ -333,3 +333,24 @@ pub async fn serve_until_signal(app: App) {
         tracing::info!("stopped; every connection finished");
     }
 }
+
+/// What weir takes from its environment, read once here (the only place besides `main`
+/// that reads it).
+pub fn environment() -> crate::config::Environment {
+    use std::path::PathBuf;
+    let var = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
+    let cache_dir = match std::env::var_os("WEIR_CACHE_DIR") {
+        Some(dir) if dir.is_empty() => None,
+        Some(dir) => Some(PathBuf::from(dir)),
+        None => std::env::var_os("XDG_CACHE_HOME")
+            .map(PathBuf::from)
+            .or_else(|| std::env::var_os("HOME").map(|home| PathBuf::from(home).join(".cache")))
+            .map(|base| base.join("weir/components")),
+    };
+    crate::config::Environment {
+        node_name: var("NODE_NAME"),
+        pod_namespace: var("POD_NAMESPACE"),
+        pod_name: var("POD_NAME"),
+        cache_dir,
+    }
+}

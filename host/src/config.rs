@@ -34,6 +34,24 @@ pub struct Config {
     /// compile budget (`weir run` sets it to itself); `None` compiles in this process.
     #[serde(skip)]
     pub compiler: Option<PathBuf>,
+    /// What the process's environment supplies where the file is silent.
+    #[serde(skip)]
+    pub environment: Environment,
+}
+
+/// What weir takes from its environment (read once, by `app::environment`): defaults
+/// for what weir.toml leaves unset. Empty in tests unless they set it.
+#[derive(Clone, Debug, Default)]
+pub struct Environment {
+    /// `NODE_NAME`: `node.name`'s default (the DaemonSet sets it from `spec.nodeName`).
+    pub node_name: Option<String>,
+    /// `POD_NAMESPACE`: weir's namespace in Kubernetes mode, unless `source.namespace`.
+    pub pod_namespace: Option<String>,
+    /// `POD_NAME`: the instance named in the Events weir posts.
+    pub pod_name: Option<String>,
+    /// `WEIR_CACHE_DIR`, else the user's cache directory: `policies.cache_dir`'s default
+    /// (`None`: no cache).
+    pub cache_dir: Option<PathBuf>,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -42,7 +60,7 @@ pub struct NodeConfig {
     /// The Node weir runs on: locality, topology hints and externalTrafficPolicy Local.
     /// Default: the `NODE_NAME` environment variable (the DaemonSet sets it from
     /// `spec.nodeName`).
-    #[serde(default = "default_node_name")]
+    #[serde(default)]
     pub name: String,
     /// Where NodePorts and healthCheckNodePorts listen. Default: with `kind = "files"`,
     /// 127.0.0.1; with `kind = "kubernetes"`, the Node's InternalIP and ExternalIP
@@ -296,9 +314,6 @@ fn readable(path: &Path) -> std::io::Result<()> {
     }
 }
 
-fn default_node_name() -> String {
-    std::env::var("NODE_NAME").unwrap_or_default()
-}
 fn default_poll() -> Humantime {
     Humantime(Duration::from_millis(250))
 }
@@ -330,8 +345,14 @@ pub struct ConfigError {
 }
 
 impl Config {
-    /// Reads and checks a config file; relative paths become relative to its directory.
+    /// Reads and checks a config file, with nothing from the environment; relative paths
+    /// become relative to its directory.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        Config::load_in(path, Environment::default())
+    }
+
+    /// As [`Config::load`], with `environment` filling what the file leaves unset.
+    pub fn load_in(path: &Path, environment: Environment) -> Result<Config, ConfigError> {
         let error = |message: String| ConfigError {
             file: path.display().to_string(),
             message,
@@ -339,19 +360,29 @@ impl Config {
         let text = std::fs::read_to_string(path)
             .map_err(|e| error(format!("cannot read the config file: {e}")))?;
         let base = path.parent().unwrap_or(Path::new(""));
-        let config = Config::parse(&text, base).map_err(error)?;
+        let config = Config::parse_in(&text, base, environment).map_err(error)?;
         config.check_paths().map_err(error)?;
         Ok(config)
     }
 
-    /// Parses config text; relative paths are joined to `base`.
+    /// Parses config text, with nothing from the environment; relative paths are joined
+    /// to `base`.
     pub fn parse(text: &str, base: &Path) -> Result<Config, String> {
+        Config::parse_in(text, base, Environment::default())
+    }
+
+    /// As [`Config::parse`], with `environment` filling what the text leaves unset.
+    pub fn parse_in(text: &str, base: &Path, environment: Environment) -> Result<Config, String> {
         let mut config: Config = toml::from_str(text).map_err(|e| {
             format!(
                 "{}\nThe keys and their meaning are listed in README.md, section \"Configuration\".",
                 e.to_string().trim_end()
             )
         })?;
+        if config.node.name.is_empty() {
+            config.node.name = environment.node_name.clone().unwrap_or_default();
+        }
+        config.environment = environment;
         config
             .check()
             .map_err(|(key, message)| match line_of(text, key) {
@@ -585,7 +616,7 @@ impl Config {
         match &self.policies.cache_dir {
             Some(dir) if dir.as_os_str().is_empty() => None,
             Some(dir) => Some(dir.clone()),
-            None => crate::policy::default_cache_dir(),
+            None => self.environment.cache_dir.clone(),
         }
     }
 }

@@ -202,7 +202,7 @@ fn explain(
     }
     let engine = match PolicyEngine::new(
         Limits::default(),
-        weir::policy::default_cache_dir().as_deref(),
+        weir::app::environment().cache_dir.as_deref(),
         Arc::new(PolicyMetrics::default()),
     ) {
         Ok(engine) => engine,
@@ -245,7 +245,7 @@ fn explain(
 
 /// `weir run`: the proxy, until SIGTERM or SIGINT (a second one exits at once).
 fn run(path: &std::path::Path) -> ExitCode {
-    let mut config = match weir::config::Config::load(path) {
+    let mut config = match weir::config::Config::load_in(path, weir::app::environment()) {
         Ok(config) => config,
         Err(error) => {
             eprintln!("error: {error}");

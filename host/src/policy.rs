@@ -32,17 +32,3 @@ pub const EXPECTED_EXPORT: &str = "weir:policy/policy@0.1.0";
 /// The kube-default component, built for wasm32-wasip2 by build.rs and embedded so weir
 /// works with no policy files at all.
 pub static KUBE_DEFAULT_WASM: &[u8] = include_bytes!(env!("WEIR_KUBE_DEFAULT_WASM"));
-
-/// Where compiled policies are cached: `WEIR_CACHE_DIR` (empty disables the cache), else
-/// `$XDG_CACHE_HOME/weir/components`, else `~/.cache/weir/components`.
-pub fn default_cache_dir() -> Option<std::path::PathBuf> {
-    use std::path::PathBuf;
-    match std::env::var_os("WEIR_CACHE_DIR") {
-        Some(dir) if dir.is_empty() => None,
-        Some(dir) => Some(PathBuf::from(dir)),
-        None => std::env::var_os("XDG_CACHE_HOME")
-            .map(PathBuf::from)
-            .or_else(|| std::env::var_os("HOME").map(|home| PathBuf::from(home).join(".cache")))
-            .map(|base| base.join("weir/components")),
-    }
-}

@@ -98,6 +98,8 @@ pub struct Settings {
     pub node: String,
     pub service_proxy_name: Option<String>,
     pub policies: PolicySource,
+    /// Who posts the Events: the pod's name, else the node's.
+    pub instance: String,
 }
 
 /// Which ConfigMaps in weir's namespace hold policies.
@@ -113,7 +115,7 @@ impl Settings {
             .source
             .namespace
             .clone()
-            .or_else(|| std::env::var("POD_NAMESPACE").ok())
+            .or_else(|| config.environment.pod_namespace.clone())
             .or_else(|| {
                 std::fs::read_to_string("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
                     .ok()
@@ -132,6 +134,9 @@ impl Settings {
             node: config.node.name.clone(),
             service_proxy_name: config.source.service_proxy_name.clone(),
             policies,
+            instance: (config.environment.pod_name.clone())
+                .filter(|n| !n.is_empty())
+                .unwrap_or_else(|| config.node.name.clone()),
         }
     }
 
@@ -520,7 +525,7 @@ impl KubeSource {
             },
         ));
         let (announce, announcements) = tokio::sync::mpsc::unbounded_channel();
-        runtime.spawn(publish(client, announcements));
+        runtime.spawn(publish(client, announcements, settings.instance.clone()));
         Ok(KubeSource {
             settings,
             server,
@@ -777,10 +782,8 @@ fn slim(meta: &mut ObjectMeta) {
 async fn publish(
     client: Client,
     mut announcements: tokio::sync::mpsc::UnboundedReceiver<Announcement>,
+    instance: String,
 ) {
-    let instance = std::env::var("POD_NAME")
-        .or_else(|_| std::env::var("NODE_NAME"))
-        .unwrap_or_else(|_| "weir".to_string());
     let mut failing = false;
     let mut sequence = 0u64;
     while let Some(announcement) = announcements.recv().await {
@@ -935,6 +938,7 @@ mod tests {
             node: "node-a".into(),
             service_proxy_name: None,
             policies: PolicySource::Named("weir-policies".into()),
+            instance: "weir-abcde".into(),
         };
         assert_eq!(
             settings.service_selector(),
