@@ -19,7 +19,7 @@ use crate::discovery::watch::FileSource;
 use crate::health::ProxyHealth;
 use crate::metrics::Metrics;
 use crate::policy::{PolicyEngine, Registry};
-use crate::proxy::{ListenerKind, Listeners, Settings, Shared, tcp};
+use crate::proxy::{Bound, Listen, ListenerKind, Listeners, Settings, Shared, tcp};
 
 /// A running weir.
 pub struct App {
@@ -118,18 +118,23 @@ impl App {
             let shared = shared.clone();
             let state = state.clone();
             Box::new(
-                move |listener: tokio::net::TcpListener,
-                      address: SocketAddr,
-                      kind: ListenerKind,
-                      stop: CancellationToken| match kind {
-                    ListenerKind::Service => {
-                        tokio::spawn(tcp::serve(listener, address, shared.clone(), stop));
-                    }
-                    ListenerKind::HealthCheck { namespace, name } => {
-                        let state = state.clone();
-                        tokio::spawn(admin::serve(listener, stop, move |_| {
-                            admin::health_check(&state, &namespace, &name)
-                        }));
+                move |bound: Bound, listen: Listen, kind: ListenerKind, stop: CancellationToken| {
+                    let Bound::Tcp(listener) = bound;
+                    match kind {
+                        ListenerKind::Service => {
+                            tokio::spawn(tcp::serve(
+                                listener,
+                                listen.address,
+                                shared.clone(),
+                                stop,
+                            ));
+                        }
+                        ListenerKind::HealthCheck { namespace, name } => {
+                            let state = state.clone();
+                            tokio::spawn(admin::serve(listener, stop, move |_| {
+                                admin::health_check(&state, &namespace, &name)
+                            }));
+                        }
                     }
                 },
             )
@@ -208,9 +213,15 @@ impl App {
             .shared
             .routes
             .load()
-            .by_address
+            .by_listen
             .iter()
-            .map(|(address, route)| (*address, route.scope, route.metrics.service().to_string()))
+            .map(|(listen, route)| {
+                (
+                    listen.address,
+                    route.scope,
+                    route.metrics.service().to_string(),
+                )
+            })
             .collect();
         routes.sort_by_key(|(address, _, _)| *address);
         routes

@@ -26,7 +26,9 @@ use crate::objects::{Diagnostic, Severity};
 use crate::policy::{
     Binding, FailureMode, PolicyRuntime, PolicySettings, Registry, ServiceInput, settings,
 };
-use crate::proxy::{ListenerKind, Listeners, Route, RouteMetrics, Routes, Shared};
+use crate::proxy::{
+    Listen, ListenerKind, Listeners, Route, RouteMetrics, Routes, Shared, Transport,
+};
 use crate::state::Identities;
 
 /// What a service port's policy was last told, and answered.
@@ -114,16 +116,16 @@ pub struct ControlPlane {
     pending: Changed,
     /// Each Service's part of what is published, and the published state itself.
     services: HashMap<ServiceKey, Contribution>,
-    routes: HashMap<SocketAddr, Arc<Route>>,
-    owners: HashMap<SocketAddr, ServiceKey>,
-    wanted: BTreeMap<SocketAddr, ListenerKind>,
+    routes: HashMap<Listen, Arc<Route>>,
+    owners: HashMap<Listen, ServiceKey>,
+    wanted: BTreeMap<Listen, ListenerKind>,
     health_counts: HashMap<ServiceKey, usize>,
     no_local: [i64; 2],
     /// Services that wanted an address another Service has: re-applied when it is freed,
     /// so the outcome does not depend on the order changes came in.
-    waiting: HashMap<SocketAddr, BTreeSet<ServiceKey>>,
+    waiting: HashMap<Listen, BTreeSet<ServiceKey>>,
     /// Routes of addresses that went away, until their ports leave their policies.
-    retired_routes: HashMap<SocketAddr, (Instant, Arc<Route>)>,
+    retired_routes: HashMap<Listen, (Instant, Arc<Route>)>,
 }
 
 /// How long a policy keeps a service port after the routes stop naming it: a connection
@@ -250,7 +252,7 @@ impl ControlPlane {
         self.sync(Changed::Everything);
         self.readiness.set_pending(Vec::new());
         tracing::info!(
-            listeners = self.listeners.addresses().len(),
+            listeners = self.listeners.listening().len(),
             "first sync done: ready"
         );
         loop {
@@ -825,7 +827,7 @@ impl ControlPlane {
         }
 
         let previous = self.shared.routes.swap(Arc::new(Routes {
-            by_address: self.routes.clone(),
+            by_listen: self.routes.clone(),
         }));
         self.retire_routes(&previous);
         let seen = std::mem::take(&mut self.seen);
@@ -916,7 +918,7 @@ impl ControlPlane {
     fn retire_routes(&mut self, previous: &Routes) {
         let now = Instant::now();
         let due = now + retire_after(&self.config);
-        for (address, route) in &previous.by_address {
+        for (address, route) in &previous.by_listen {
             if !self.routes.contains_key(address) {
                 self.retired_routes.insert(*address, (due, route.clone()));
             }
@@ -1077,10 +1079,15 @@ impl ControlPlane {
                 });
             contribution.metrics.insert(metrics_key, metrics.clone());
 
+            // UDP ports were set aside above, until they are served.
+            let listen = |ip: IpAddr, port: u16| Listen {
+                address: SocketAddr::new(ip, port),
+                transport: Transport::Tcp,
+            };
             let mut routes = Vec::new();
             if serves(&eligibility, Scope::Internal) {
                 routes.push((
-                    SocketAddr::new(service.cluster_ip, service.port),
+                    listen(service.cluster_ip, service.port),
                     Scope::Internal,
                     Vec::new(),
                 ));
@@ -1090,7 +1097,7 @@ impl ControlPlane {
                     for address in &self.node_addresses {
                         if address.is_ipv4() == service.cluster_ip.is_ipv4() {
                             routes.push((
-                                SocketAddr::new(*address, service.node_port),
+                                listen(*address, service.node_port),
                                 Scope::External,
                                 Vec::new(),
                             ));
@@ -1098,15 +1105,11 @@ impl ControlPlane {
                     }
                 }
                 for ip in &service.external_ips {
-                    routes.push((
-                        SocketAddr::new(*ip, service.port),
-                        Scope::External,
-                        Vec::new(),
-                    ));
+                    routes.push((listen(*ip, service.port), Scope::External, Vec::new()));
                 }
                 for ip in &service.load_balancer_ips {
                     routes.push((
-                        SocketAddr::new(*ip, service.port),
+                        listen(*ip, service.port),
                         Scope::External,
                         snapshot.load_balancer_source_ranges.clone(),
                     ));
@@ -1151,7 +1154,7 @@ impl ControlPlane {
                     namespace: key.0.clone(),
                     name: key.1.clone(),
                 };
-                let address = SocketAddr::new(address, port);
+                let address = Listen::tcp(SocketAddr::new(address, port));
                 if !self.claim(key, address, kind, &mut contribution) {
                     let message = format!(
                         "healthCheckNodePort {address} of {}/{} is taken by another Service",
@@ -1171,7 +1174,7 @@ impl ControlPlane {
     fn claim(
         &mut self,
         key: &ServiceKey,
-        address: SocketAddr,
+        address: Listen,
         kind: ListenerKind,
         contribution: &mut Contribution,
     ) -> bool {
@@ -1369,7 +1372,7 @@ struct Contribution {
     /// Its proxied ports and their handles.
     ports: Vec<(ServicePortKey, ServiceHandle)>,
     /// The listening addresses it owns (service and health check).
-    addresses: Vec<SocketAddr>,
+    addresses: Vec<Listen>,
     /// Its addresses: ClusterIPs, externalIPs, LoadBalancer IPs.
     service_ips: BTreeSet<IpAddr>,
     /// Its ports with a Local traffic policy and no local endpoints: internal, external.

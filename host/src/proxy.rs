@@ -160,10 +160,44 @@ pub struct EndpointMetrics {
     pub to_client: Counter,
 }
 
-/// The routing table: listening address to route.
+/// The transport a listener serves.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Transport {
+    Tcp,
+    Udp,
+}
+
+/// What one listener is: a transport on an address. 53/TCP and 53/UDP on one address are
+/// two listeners, with a route each.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Listen {
+    pub address: SocketAddr,
+    pub transport: Transport,
+}
+
+impl Listen {
+    pub fn tcp(address: SocketAddr) -> Self {
+        Listen {
+            address,
+            transport: Transport::Tcp,
+        }
+    }
+}
+
+impl std::fmt::Display for Listen {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let transport = match self.transport {
+            Transport::Tcp => "TCP",
+            Transport::Udp => "UDP",
+        };
+        write!(f, "{}/{transport}", self.address)
+    }
+}
+
+/// The routing table: listener to route.
 #[derive(Default)]
 pub struct Routes {
-    pub by_address: HashMap<SocketAddr, Arc<Route>>,
+    pub by_listen: HashMap<Listen, Arc<Route>>,
 }
 
 /// Data-plane settings from `[proxy]` and `[node]`.
@@ -180,7 +214,7 @@ pub struct Shared {
     pub routes: ArcSwap<Routes>,
     /// Routes of addresses the control plane moved away recently: for connections their
     /// listener accepted, or had in its backlog, before it closed.
-    pub retired: ArcSwap<HashMap<SocketAddr, Arc<Route>>>,
+    pub retired: ArcSwap<HashMap<Listen, Arc<Route>>>,
     pub settings: Settings,
     /// Sources that are this node or its pods: their external traffic is internal. Set by
     /// the control plane (in Kubernetes mode they follow the Node object).
@@ -226,9 +260,13 @@ impl ListenerKind {
     }
 }
 
+/// A bound socket, ready to serve.
+pub enum Bound {
+    Tcp(tokio::net::TcpListener),
+}
+
 /// Starts the task serving one listener; it ends when the token is cancelled.
-pub type Spawner =
-    Box<dyn Fn(tokio::net::TcpListener, SocketAddr, ListenerKind, CancellationToken) + Send + Sync>;
+pub type Spawner = Box<dyn Fn(Bound, Listen, ListenerKind, CancellationToken) + Send + Sync>;
 
 /// The listening sockets, reconciled against what the model asks for.
 pub struct Listeners {
@@ -237,9 +275,9 @@ pub struct Listeners {
     metrics: Arc<ProxyMetrics>,
     /// Parent of every listener's token: cancelled to stop accepting everywhere.
     stop: CancellationToken,
-    open: HashMap<SocketAddr, (ListenerKind, CancellationToken)>,
-    /// Addresses that could not be bound, with when to try again and the last error.
-    failed: HashMap<SocketAddr, (Instant, String)>,
+    open: HashMap<Listen, (ListenerKind, CancellationToken)>,
+    /// Listeners that could not be bound, with when to try again and the last error.
+    failed: HashMap<Listen, (Instant, String)>,
 }
 
 /// How long a listener that failed to bind waits before it is tried again.
@@ -265,7 +303,7 @@ impl Listeners {
     /// Opens what is wanted and not open, closes what is open and not wanted. Returns the
     /// addresses that could not be opened now, each with the reason; they are tried again
     /// by a later call once their retry time has come.
-    pub fn reconcile(&mut self, wanted: &BTreeMap<SocketAddr, ListenerKind>) -> Vec<String> {
+    pub fn reconcile(&mut self, wanted: &BTreeMap<Listen, ListenerKind>) -> Vec<String> {
         let mut errors = Vec::new();
         self.open.retain(|address, (kind, token)| {
             let keep = wanted.get(address) == Some(kind);
@@ -279,28 +317,25 @@ impl Listeners {
         if self.stop.is_cancelled() {
             return errors;
         }
-        for (address, kind) in wanted {
-            if self.open.contains_key(address) {
+        for (listen, kind) in wanted {
+            if self.open.contains_key(listen) {
                 continue;
             }
-            if let Some((retry, _)) = self.failed.get(address)
+            if let Some((retry, _)) = self.failed.get(listen)
                 && Instant::now() < *retry
             {
                 continue;
             }
-            match bind(*address) {
-                Ok(listener) => {
-                    let _guard = self.runtime.enter();
-                    match tokio::net::TcpListener::from_std(listener) {
-                        Ok(listener) => {
-                            let token = self.stop.child_token();
-                            (self.spawn)(listener, *address, kind.clone(), token.clone());
-                            self.open.insert(*address, (kind.clone(), token));
-                            if self.failed.remove(address).is_some() {
-                                tracing::info!(%address, "listening now");
-                            }
-                        }
-                        Err(e) => errors.push(format!("{address}: {e}")),
+            // Binding makes tokio sockets and spawning starts tasks: both in weir's runtime,
+            // whichever thread reconciles.
+            let _guard = self.runtime.enter();
+            match bind(*listen) {
+                Ok(bound) => {
+                    let token = self.stop.child_token();
+                    (self.spawn)(bound, *listen, kind.clone(), token.clone());
+                    self.open.insert(*listen, (kind.clone(), token));
+                    if self.failed.remove(listen).is_some() {
+                        tracing::info!(%listen, "listening now");
                     }
                 }
                 Err(e) => {
@@ -309,16 +344,16 @@ impl Listeners {
                         .get_or_create(&ListenerLabels { kind: kind.label() })
                         .inc();
                     let message = format!(
-                        "cannot listen on {address} ({}): {e}{}",
+                        "cannot listen on {listen} ({}): {e}{}",
                         kind.label(),
                         bind_hint(&e)
                     );
-                    let repeated = self.failed.get(address).is_some_and(|(_, m)| *m == message);
+                    let repeated = self.failed.get(listen).is_some_and(|(_, m)| *m == message);
                     if !repeated {
                         errors.push(message.clone());
                     }
                     self.failed
-                        .insert(*address, (Instant::now() + BIND_RETRY, message));
+                        .insert(*listen, (Instant::now() + BIND_RETRY, message));
                 }
             }
         }
@@ -341,8 +376,8 @@ impl Listeners {
         !self.failed.is_empty()
     }
 
-    /// The addresses listening now.
-    pub fn addresses(&self) -> Vec<SocketAddr> {
+    /// The listeners open now.
+    pub fn listening(&self) -> Vec<Listen> {
         let mut out: Vec<_> = self.open.keys().copied().collect();
         out.sort();
         out
@@ -366,7 +401,20 @@ fn bind_hint(error: &std::io::Error) -> &'static str {
     }
 }
 
-fn bind(address: SocketAddr) -> std::io::Result<std::net::TcpListener> {
+/// Binds a listener's socket; call inside the runtime that will serve it.
+fn bind(listen: Listen) -> std::io::Result<Bound> {
+    match listen.transport {
+        Transport::Tcp => {
+            tokio::net::TcpListener::from_std(bind_tcp(listen.address)?).map(Bound::Tcp)
+        }
+        Transport::Udp => Err(std::io::Error::new(
+            std::io::ErrorKind::Unsupported,
+            "UDP Service ports are not served yet",
+        )),
+    }
+}
+
+fn bind_tcp(address: SocketAddr) -> std::io::Result<std::net::TcpListener> {
     use socket2::{Domain, Socket, Type};
     let socket = Socket::new(Domain::for_address(address), Type::STREAM, None)?;
     // A port moving back to an address it left must not wait for TIME_WAIT to expire.
@@ -389,7 +437,7 @@ mod tests {
     #[tokio::test]
     async fn accepted_connections_inherit_nodelay() {
         let listener =
-            tokio::net::TcpListener::from_std(bind("127.0.0.1:0".parse().unwrap()).unwrap())
+            tokio::net::TcpListener::from_std(bind_tcp("127.0.0.1:0".parse().unwrap()).unwrap())
                 .unwrap();
         let address = listener.local_addr().unwrap();
         let (accepted, _client) =

@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use super::decide::{self, Next, Refusal};
-use super::{Route, Shared};
+use super::{Listen, Route, Shared};
 use tokio::io::AsyncReadExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
@@ -80,13 +80,14 @@ pub async fn serve(
 /// control plane has just moved the address away and the listener is closing, the one
 /// it was accepted under.
 fn route_of(shared: &Shared, address: SocketAddr) -> Option<Arc<Route>> {
+    let listen = Listen::tcp(address);
     shared
         .routes
         .load()
-        .by_address
-        .get(&address)
+        .by_listen
+        .get(&listen)
         .cloned()
-        .or_else(|| shared.retired.load().get(&address).cloned())
+        .or_else(|| shared.retired.load().get(&listen).cloned())
 }
 
 async fn connection(
