@@ -13,6 +13,35 @@ use std::io::Write;
 use std::net::IpAddr;
 use std::process::{Command, Stdio};
 
+/// Why the Service addresses could not be put on the capture interface. Each message
+/// says what to do about it.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum CaptureError {
+    #[error(
+        "node.capture_interface: {interface} is {what}, not an interface weir may own: weir removes every address on it that it did not add; name one of weir's own, e.g. \"weir0\""
+    )]
+    NotOurs { interface: String, what: String },
+    #[error("cannot create the dummy interface {interface}: {reason}")]
+    Create { interface: String, reason: String },
+    #[error("cannot bring {interface} up: {reason}")]
+    BringUp { interface: String, reason: String },
+    #[error(
+        "cannot run `ip` (iproute2): {reason}; install iproute2, or set node.capture_interface = \"\" if the Service addresses are local already"
+    )]
+    NoIp { reason: String },
+    /// `ip` ran and refused (`command`, what it said).
+    #[error("`{command}` failed: {said}")]
+    Ip { command: String, said: String },
+    #[error("cannot read `ip -j address show`: {reason}")]
+    Unreadable { reason: String },
+    /// The same, on the interface named.
+    #[error("{interface}: {error}")]
+    On {
+        interface: String,
+        error: Box<CaptureError>,
+    },
+}
+
 #[derive(Debug)]
 pub struct Capture {
     interface: String,
@@ -34,7 +63,11 @@ impl Capture {
 
     /// Adds what is missing of `wanted`; with `remove`, also removes every other address.
     /// Call it without `remove` before listeners are opened, and with it once they are.
-    pub fn reconcile(&mut self, wanted: &BTreeSet<IpAddr>, remove: bool) -> Result<(), String> {
+    pub fn reconcile(
+        &mut self,
+        wanted: &BTreeSet<IpAddr>,
+        remove: bool,
+    ) -> Result<(), CaptureError> {
         let present = match self.present.take() {
             Some(present) => present,
             None => {
@@ -62,7 +95,10 @@ impl Capture {
             (Ok(()), false) => Some(present.union(wanted).copied().collect()),
             (Err(_), _) => self.read().ok(),
         };
-        result.map_err(|e| format!("{}: {e}", self.interface))
+        result.map_err(|error| CaptureError::On {
+            interface: self.interface.clone(),
+            error: Box::new(error),
+        })
     }
 
     fn command(&self, verb: &str, ip: &IpAddr) -> String {
@@ -76,7 +112,7 @@ impl Capture {
     /// Creates the interface if it is missing, and brings it up. One that exists must be
     /// of the kind weir creates: weir removes every address on it that it did not put
     /// there, which on `lo`, `eth0` or a bridge with ports would cut the node off.
-    fn set_up(&self) -> Result<(), String> {
+    fn set_up(&self) -> Result<(), CaptureError> {
         let name = &self.interface;
         if let Ok(output) = ip(&["-d", "-j", "link", "show", "dev", name]) {
             let links: serde_json::Value = serde_json::from_str(&output).unwrap_or_default();
@@ -92,16 +128,19 @@ impl Capture {
                     "bridge" => "a bridge with ports".to_string(),
                     other => format!("a {other} interface"),
                 };
-                return Err(format!(
-                    "node.capture_interface: {name} is {what}, not an interface weir may own: weir removes every address on it that it did not add; name one of weir's own, e.g. \"weir0\""
-                ));
+                return Err(CaptureError::NotOurs {
+                    interface: name.clone(),
+                    what,
+                });
             }
         } else {
             if let Err(error) = ip(&["link", "add", name, "type", "dummy"]) {
                 // Some kernels are built without the dummy driver: a bridge without ports
                 // holds addresses just as well.
-                ip(&["link", "add", name, "type", "bridge"])
-                    .map_err(|_| format!("cannot create the dummy interface {name}: {error}"))?;
+                ip(&["link", "add", name, "type", "bridge"]).map_err(|_| CaptureError::Create {
+                    interface: name.clone(),
+                    reason: error.to_string(),
+                })?;
                 tracing::warn!(
                     interface = %name,
                     "this kernel has no dummy interfaces ({error}); using a bridge without ports instead"
@@ -111,14 +150,19 @@ impl Capture {
         }
         ip(&["link", "set", name, "up"])
             .map(|_| ())
-            .map_err(|e| format!("cannot bring {name} up: {e}"))
+            .map_err(|e| CaptureError::BringUp {
+                interface: name.clone(),
+                reason: e.to_string(),
+            })
     }
 
     /// The addresses the interface holds now (link-local ones excepted).
-    fn read(&self) -> Result<BTreeSet<IpAddr>, String> {
+    fn read(&self) -> Result<BTreeSet<IpAddr>, CaptureError> {
         let output = ip(&["-j", "address", "show", "dev", &self.interface])?;
-        let links: serde_json::Value = serde_json::from_str(&output)
-            .map_err(|e| format!("cannot read `ip -j address show`: {e}"))?;
+        let links: serde_json::Value =
+            serde_json::from_str(&output).map_err(|e| CaptureError::Unreadable {
+                reason: e.to_string(),
+            })?;
         let mut present = BTreeSet::new();
         for link in links.as_array().into_iter().flatten() {
             for info in link["addr_info"].as_array().into_iter().flatten() {
@@ -136,7 +180,7 @@ impl Capture {
 }
 
 /// Runs `ip` with `args`; returns its output, or what it said on failure.
-fn ip(args: &[&str]) -> Result<String, String> {
+fn ip(args: &[&str]) -> Result<String, CaptureError> {
     let output = Command::new("ip")
         .args(args)
         .stdin(Stdio::null())
@@ -145,16 +189,15 @@ fn ip(args: &[&str]) -> Result<String, String> {
     if output.status.success() {
         Ok(String::from_utf8_lossy(&output.stdout).into_owned())
     } else {
-        Err(format!(
-            "`ip {}` failed: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&output.stderr).trim()
-        ))
+        Err(CaptureError::Ip {
+            command: format!("ip {}", args.join(" ")),
+            said: String::from_utf8_lossy(&output.stderr).trim().to_string(),
+        })
     }
 }
 
 /// Runs `ip -force -batch -` on `commands` (one per line; -force goes on past a failure).
-fn ip_batch(commands: &str) -> Result<(), String> {
+fn ip_batch(commands: &str) -> Result<(), CaptureError> {
     let mut child = Command::new("ip")
         .args(["-force", "-batch", "-"])
         .stdin(Stdio::piped())
@@ -165,23 +208,29 @@ fn ip_batch(commands: &str) -> Result<(), String> {
     if let Some(mut stdin) = child.stdin.take() {
         stdin
             .write_all(commands.as_bytes())
-            .map_err(|e| format!("cannot write to `ip -batch`: {e}"))?;
+            .map_err(|e| batch_failed(e.to_string()))?;
     }
     let output = child
         .wait_with_output()
-        .map_err(|e| format!("`ip -batch` failed: {e}"))?;
+        .map_err(|e| batch_failed(e.to_string()))?;
     if output.status.success() {
         Ok(())
     } else {
-        Err(format!(
-            "`ip -batch` failed: {}",
-            String::from_utf8_lossy(&output.stderr).trim()
+        Err(batch_failed(
+            String::from_utf8_lossy(&output.stderr).trim().to_string(),
         ))
     }
 }
 
-fn not_found(error: std::io::Error) -> String {
-    format!(
-        "cannot run `ip` (iproute2): {error}; install iproute2, or set node.capture_interface = \"\" if the Service addresses are local already"
-    )
+fn batch_failed(said: String) -> CaptureError {
+    CaptureError::Ip {
+        command: "ip -batch".to_string(),
+        said,
+    }
+}
+
+fn not_found(error: std::io::Error) -> CaptureError {
+    CaptureError::NoIp {
+        reason: error.to_string(),
+    }
 }

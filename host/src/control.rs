@@ -74,7 +74,7 @@ pub struct ControlPlane {
     /// Where NodePorts and health checks listen.
     node_addresses: Vec<IpAddr>,
     capture: Option<Capture>,
-    capture_error: Option<String>,
+    capture_error: Option<crate::capture::CaptureError>,
     /// When to try the capture interface again after a failure.
     capture_retry: Option<Instant>,
     /// Every address of the Services proxied (ClusterIPs, externalIPs, LB IPs), with the

@@ -572,7 +572,11 @@ fn the_capture_interface_is_weirs_own() {
         let error = weir::capture::Capture::new("lo".into())
             .reconcile(&wanted, true)
             .unwrap_err();
-        assert!(error.contains("not an interface weir may own"), "{error}");
+        assert!(
+            matches!(&error, weir::capture::CaptureError::NotOurs { interface, .. } if interface == "lo"),
+            "{error:?}"
+        );
+        assert!(error.to_string().contains("not an interface weir may own"), "{error}");
         let lo = Command::new("ip")
             .args(["-o", "address", "show", "dev", "lo"])
             .output()

@@ -32,7 +32,7 @@ impl ControlPlane {
 
     /// One report per reconcile: logged when the problem changes, and `/readyz` lists it
     /// while it lasts (the node cannot take its Services' traffic).
-    pub(super) fn report_capture(&mut self, result: Result<(), String>) {
+    pub(super) fn report_capture(&mut self, result: Result<(), crate::capture::CaptureError>) {
         match result {
             Ok(()) => {
                 self.capture_retry = None;
