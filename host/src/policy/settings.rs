@@ -84,25 +84,40 @@ impl PolicySettings {
     }
 }
 
-/// Parses a `policies.toml`. Errors name the line, the key and what is accepted.
-pub fn parse(text: &str) -> Result<Shipped, String> {
+/// Why a `policies.toml` was refused; the message names the line or table, the key and
+/// what is accepted.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum SettingsError {
+    #[error("line {line}: {message}")]
+    At { line: usize, message: String },
+    #[error("{message}")]
+    Toml { message: String },
+    #[error(
+        "[{policy}] sha256 = \"{pin}\" is not a sha256: give the 64 hex digits `sha256sum {policy}.wasm` prints"
+    )]
+    NotSha256 { policy: String, pin: String },
+}
+
+/// Parses a `policies.toml`.
+pub fn parse(text: &str) -> Result<Shipped, SettingsError> {
     let settings: Shipped = toml::from_str(text).map_err(|e| {
-        let line = e
-            .span()
-            .map(|span| text[..span.start].matches('\n').count() + 1);
         let message = e.message().to_string();
-        match line {
-            Some(line) => format!("line {line}: {message}"),
-            None => message,
+        match e.span() {
+            Some(span) => SettingsError::At {
+                line: text[..span.start].matches('\n').count() + 1,
+                message,
+            },
+            None => SettingsError::Toml { message },
         }
     })?;
     for (name, policy) in &settings.policies {
         if let Some(pin) = &policy.sha256
             && (pin.len() != 64 || !pin.bytes().all(|b| b.is_ascii_hexdigit()))
         {
-            return Err(format!(
-                "[{name}] sha256 = \"{pin}\" is not a sha256: give the 64 hex digits `sha256sum {name}.wasm` prints"
-            ));
+            return Err(SettingsError::NotSha256 {
+                policy: name.clone(),
+                pin: pin.clone(),
+            });
         }
     }
     Ok(settings)
@@ -124,12 +139,16 @@ mod tests {
         assert_eq!(settings["maglev"].config.as_deref(), Some("{\"a\": 1}"));
         assert_eq!(settings["random"], PolicySettings::default());
 
-        let error = parse("[maglev]\nfailure = \"closed\"\n").unwrap_err();
+        let error = parse("[maglev]\nfailure = \"closed\"\n")
+            .unwrap_err()
+            .to_string();
         assert!(
             error.starts_with("line 2:") && error.contains("failure_mode"),
             "{error}"
         );
         let error = parse("[maglev]\nsha256 = \"abc\"\n").unwrap_err();
+        assert!(matches!(&error, SettingsError::NotSha256 { policy, .. } if policy == "maglev"));
+        let error = error.to_string();
         assert!(error.contains("64 hex digits"), "{error}");
     }
 
@@ -147,6 +166,11 @@ mod tests {
         );
         assert_eq!(shipped.policies["maglev"].memory_mib, Some(32));
         let error = parse("[default]\nname = \"maglev\"\n").unwrap_err();
+        assert!(
+            matches!(error, SettingsError::At { line: 2, .. }),
+            "{error:?}"
+        );
+        let error = error.to_string();
         assert!(
             error.starts_with("line 2:") && error.contains("policy"),
             "{error}"
