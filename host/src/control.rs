@@ -5,7 +5,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
 
@@ -18,7 +18,7 @@ use crate::capture::Capture;
 use crate::config::Config;
 use crate::discovery::Source;
 use crate::discovery::kubernetes::{Announcement, POLICY_SETTINGS_KEY, PolicyMap, Subject};
-use crate::discovery::watch::{Changed, Fingerprint};
+use crate::discovery::watch::Changed;
 use crate::health::ProxyHealth;
 use crate::metrics::{Metrics, RejectionLabels, ReloadResult, TrafficPolicyLabels};
 use crate::model::{self, FamilyKey, ProtocolKey, ServiceKey, ServicePortKey, ServicePortSnapshot};
@@ -55,7 +55,8 @@ pub struct ControlPlane {
     pub(crate) config: Config,
     pub(crate) source: Source,
     pub(crate) registry: Registry,
-    policy_files: BTreeMap<PathBuf, Fingerprint>,
+    /// The policies directory (file mode), watched.
+    policy_dir: Option<crate::discovery::watch::DirWatch>,
     policy_dir_error: Option<String>,
     /// Modules loaded from policies ConfigMaps, and the settings that came with them.
     shipped: BTreeMap<String, Shipped>,
@@ -135,6 +136,8 @@ impl ControlPlane {
         readiness: Arc<Readiness>,
         metrics: Arc<Metrics>,
     ) -> Self {
+        let policy_dir = (config.policies.dir.clone())
+            .map(|dir| crate::discovery::watch::DirWatch::new(dir, "wasm"));
         ControlPlane {
             source,
             capture: config.capture_interface().map(Capture::new),
@@ -151,7 +154,7 @@ impl ControlPlane {
             bad_settings: BTreeMap::new(),
             config,
             registry,
-            policy_files: BTreeMap::new(),
+            policy_dir,
             policy_dir_error: None,
             identities: Identities::default(),
             bound: HashMap::new(),

@@ -307,7 +307,11 @@ impl Weir {
         for (name, bytes) in policies {
             weir.write_policy(name, bytes);
         }
-        let (policies, config) = take_table(config, "[policies]");
+        let (mut policies, config) = take_table(config, "[policies]");
+        // Compiled modules are cached for the test's life, as `weir run` caches them.
+        if !policies.contains("cache_dir") {
+            policies.push_str("cache_dir = \"cache\"\n");
+        }
         let text = format!(
             "[node]\nname = \"node-a\"\naddresses = [\"{node_address}\"]\n\
              [source]\nkind = \"files\"\npaths = [\"objects\"]\npoll_interval = \"50ms\"\n\

@@ -37,25 +37,18 @@ impl ControlPlane {
             self.shipped_maps = maps;
             return changed;
         }
-        let Some(dir) = self.config.policies.dir.clone() else {
+        let Some(watch) = self.policy_dir.as_mut() else {
             return false;
         };
-        let mut found = BTreeMap::new();
-        match std::fs::read_dir(&dir) {
-            Ok(entries) => {
+        let look = match watch.look() {
+            Ok(look) => {
                 self.policy_dir_error = None;
-                for path in entries.filter_map(Result::ok).map(|e| e.path()) {
-                    if path.extension().is_some_and(|e| e == "wasm")
-                        && let Ok(fingerprint) = Fingerprint::of(&path)
-                    {
-                        found.insert(path, fingerprint);
-                    }
-                }
+                look
             }
             Err(error) => {
                 let message = format!(
                     "{}: cannot read the policies directory: {error}; the policies loaded keep serving",
-                    dir.display()
+                    watch.dir().display()
                 );
                 if self.policy_dir_error.as_ref() != Some(&message) {
                     tracing::error!("{message}");
@@ -63,15 +56,9 @@ impl ControlPlane {
                 }
                 return false;
             }
-        }
+        };
         let mut changed = false;
-        let gone: Vec<PathBuf> = self
-            .policy_files
-            .keys()
-            .filter(|p| !found.contains_key(*p))
-            .cloned()
-            .collect();
-        for path in gone {
+        for path in look.gone {
             let name = policy_name(&path);
             changed = true;
             self.queued();
@@ -82,42 +69,35 @@ impl ControlPlane {
             );
             self.registry.unload(&name);
         }
-        let mut unreadable = Vec::new();
-        for (path, fingerprint) in &found {
-            if self.policy_files.get(path) == Some(fingerprint) {
-                continue;
-            }
-            let name = policy_name(path);
-            let bytes = match std::fs::read(path) {
+        for (path, fingerprint) in look.changed {
+            let name = policy_name(&path);
+            let bytes = match std::fs::read(&path) {
                 Ok(bytes) => bytes,
                 Err(error) => {
+                    // Not settled: read again at the next look.
                     tracing::error!(policy = %name, "{}: cannot read: {error}", path.display());
-                    unreadable.push(path.clone());
                     continue;
                 }
             };
             let sha256 = crate::policy::sha256_hex(&bytes);
-            if self.registry.sha256(&name) == Some(sha256.as_str()) {
-                continue;
-            }
-            // A rejected module changes nothing: only an accepted one is a change to apply
-            // (and to count against the health timeout until it is).
-            let source = path.display().to_string();
-            match self.swap(&name, &source, &bytes, &sha256, "", None) {
-                Ok(()) => {
-                    self.queued();
-                    changed = true;
+            if self.registry.sha256(&name) != Some(sha256.as_str()) {
+                // A rejected module changes nothing: only an accepted one is a change to
+                // apply (and to count against the health timeout until it is).
+                let source = path.display().to_string();
+                match self.swap(&name, &source, &bytes, &sha256, "", None) {
+                    Ok(()) => {
+                        self.queued();
+                        changed = true;
+                    }
+                    // Not settled: looked at again once it has compiled.
+                    Err("pending") => continue,
+                    Err(_) => {}
                 }
-                // Not recorded: looked at again once it has compiled.
-                Err("pending") => unreadable.push(path.clone()),
-                Err(_) => {}
+            }
+            if let Some(watch) = self.policy_dir.as_mut() {
+                watch.settle(path, fingerprint);
             }
         }
-        for path in unreadable {
-            // Not recorded: read again at the next look.
-            found.remove(&path);
-        }
-        self.policy_files = found;
         changed
     }
 

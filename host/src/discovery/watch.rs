@@ -64,6 +64,73 @@ impl Fingerprint {
     }
 }
 
+/// The files of one directory with one extension (a policies directory's `NAME.wasm`),
+/// watched by fingerprint. A file is settled once its owner has handled its current
+/// version; one left unsettled (unreadable, or still being compiled) is offered again at
+/// the next look.
+#[derive(Debug)]
+pub struct DirWatch {
+    dir: PathBuf,
+    extension: &'static str,
+    settled: BTreeMap<PathBuf, Fingerprint>,
+}
+
+/// What one look at a directory found.
+#[derive(Debug, Default)]
+pub struct DirLook {
+    /// New files and files whose version is not the one settled, with that version.
+    pub changed: Vec<(PathBuf, Fingerprint)>,
+    /// Settled files that are gone (forgotten by this look).
+    pub gone: Vec<PathBuf>,
+}
+
+impl DirWatch {
+    pub fn new(dir: PathBuf, extension: &'static str) -> Self {
+        DirWatch {
+            dir,
+            extension,
+            settled: BTreeMap::new(),
+        }
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// What changed since the files were settled. An unreadable directory is an error,
+    /// and forgets nothing.
+    pub fn look(&mut self) -> std::io::Result<DirLook> {
+        let mut found = BTreeMap::new();
+        for path in std::fs::read_dir(&self.dir)?
+            .filter_map(Result::ok)
+            .map(|e| e.path())
+        {
+            if path.extension().is_some_and(|e| e == self.extension)
+                && let Ok(fingerprint) = Fingerprint::of(&path)
+            {
+                found.insert(path, fingerprint);
+            }
+        }
+        let gone: Vec<PathBuf> = (self.settled.keys())
+            .filter(|p| !found.contains_key(*p))
+            .cloned()
+            .collect();
+        for path in &gone {
+            self.settled.remove(path);
+        }
+        let changed = found
+            .into_iter()
+            .filter(|(path, fingerprint)| self.settled.get(path) != Some(fingerprint))
+            .collect();
+        Ok(DirLook { changed, gone })
+    }
+
+    /// The file's version `fingerprint` is handled: not offered again until it changes.
+    pub fn settle(&mut self, path: PathBuf, fingerprint: Fingerprint) {
+        self.settled.insert(path, fingerprint);
+    }
+}
+
 /// Objects from files, watched. A file that fails to parse is reported and the objects of
 /// its last good version keep serving; a file deleted from a watched directory takes its
 /// objects with it. A path named in the config that cannot be read (deleted, or a volume
