@@ -12,7 +12,8 @@ use serde::Deserialize;
 
 use crate::net::Cidr;
 use crate::policy::{FailureMode, Limits};
-use crate::units::parse_duration;
+pub use crate::units::Humantime;
+use crate::units::line_of;
 
 /// Exit status for a bad config (sysexits.h EX_USAGE).
 pub const EXIT_CONFIG: u8 = 64;
@@ -270,40 +271,6 @@ impl LimitsConfig {
         }
         limits
     }
-}
-
-/// A duration written with a unit: `"250ms"`, `"2s"`, `"1m"`, `"1h"`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Humantime(pub Duration);
-
-impl<'de> Deserialize<'de> for Humantime {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let text = String::deserialize(d)?;
-        parse_duration(&text).map(Humantime).ok_or_else(|| {
-            serde::de::Error::custom(format!(
-                "invalid duration `{text}`: write a number and a unit (us, ms, s, m, h), e.g. \"250ms\" or \"30s\""
-            ))
-        })
-    }
-}
-
-/// The line (1-based) where a dotted key (`table.key`) is set in TOML text, if it is.
-fn line_of(text: &str, dotted: &str) -> Option<usize> {
-    let (table, key) = dotted.split_once('.')?;
-    let mut current = "";
-    for (n, line) in text.lines().enumerate() {
-        let line = line.trim();
-        if let Some(header) = line.strip_prefix('[').and_then(|l| l.strip_suffix(']')) {
-            current = header.trim();
-        } else if current == table
-            && line
-                .strip_prefix(key)
-                .is_some_and(|rest| rest.trim_start().starts_with('='))
-        {
-            return Some(n + 1);
-        }
-    }
-    None
 }
 
 fn readable(path: &Path) -> std::io::Result<()> {
@@ -622,84 +589,4 @@ impl Config {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    const MINIMAL: &str =
-        "[node]\nname = \"node-a\"\n[source]\nkind = \"files\"\npaths = [\"objects\"]\n";
-
-    #[test]
-    fn minimal_config_gets_the_documented_defaults() {
-        let config = Config::parse(MINIMAL, Path::new("/etc/weir")).unwrap();
-        assert_eq!(config.source.paths, [PathBuf::from("/etc/weir/objects")]);
-        assert_eq!(config.admin.address, "127.0.0.1:10256".parse().unwrap());
-        assert_eq!(
-            config.node_addresses(),
-            Some(vec![IpAddr::from([127, 0, 0, 1])])
-        );
-        assert_eq!(config.proxy.connect_attempts, 3);
-        assert_eq!(
-            config.local_cidrs(),
-            [Cidr::host("127.0.0.1".parse().unwrap())]
-        );
-    }
-
-    #[test]
-    fn unknown_key_names_key_line_and_choices() {
-        let text = format!("{MINIMAL}[admin]\nadress = \"127.0.0.1:1\"\n");
-        let error = Config::parse(&text, Path::new("")).unwrap_err();
-        assert!(error.contains("line 7"), "{error}");
-        assert!(error.contains("unknown field `adress`"), "{error}");
-        assert!(error.contains("`address`"), "{error}");
-    }
-
-    #[test]
-    fn kubernetes_mode() {
-        let text = "[node]\nname = \"node-a\"\n[source]\nkind = \"kubernetes\"\nservice_proxy_name = \"weir\"\n[policies]\nselector = \"weir.dev/policies=true\"\n";
-        let config = Config::parse(text, Path::new("/etc/weir")).unwrap();
-        assert_eq!(config.node_addresses(), None, "from the Node object");
-        assert_eq!(config.capture_interface().as_deref(), Some("weir0"));
-        assert_eq!(config.source.service_proxy_name.as_deref(), Some("weir"));
-        let text = format!("{text}configmap = \"weir-policies\"\n");
-        let error = Config::parse(&text, Path::new("")).unwrap_err();
-        assert!(error.contains("line 7: policies.selector"), "{error}");
-        let error = Config::parse(
-            &format!("{MINIMAL}[policies]\nconfigmap = \"weir-policies\"\n"),
-            Path::new(""),
-        )
-        .unwrap_err();
-        assert!(
-            error.contains("policies.configmap: is for kind = \"kubernetes\""),
-            "{error}"
-        );
-        let text = "[node]\nname = \"n\"\ncapture_interface = \"\"\n[source]\nkind = \"kubernetes\"\npaths = [\"x\"]\n";
-        let error = Config::parse(text, Path::new("")).unwrap_err();
-        assert!(
-            error.contains("source.paths: is for kind = \"files\""),
-            "{error}"
-        );
-        let config = Config::parse(&text.replace("paths = [\"x\"]\n", ""), Path::new("")).unwrap();
-        assert_eq!(config.capture_interface(), None);
-    }
-
-    #[test]
-    fn bad_values_name_the_fix() {
-        let text = format!("{MINIMAL}[proxy]\nconnect_timeout = \"2 parsecs\"\n");
-        let error = Config::parse(&text, Path::new("")).unwrap_err();
-        assert!(
-            error.contains("line 7") && error.contains("\"250ms\""),
-            "{error}"
-        );
-        let text = format!("{MINIMAL}[node]\n");
-        assert!(Config::parse(&text, Path::new("")).is_err());
-        let text = MINIMAL.replace("paths = [\"objects\"]", "paths = []");
-        let error = Config::parse(&text, Path::new("")).unwrap_err();
-        assert!(error.contains("line 5: source.paths: is empty"), "{error}");
-        let text = format!("{MINIMAL}[proxy]\nworkers = 2\nconnect_attempts = 0\n");
-        let error = Config::parse(&text, Path::new("")).unwrap_err();
-        assert!(
-            error.contains("line 8: proxy.connect_attempts: is 0"),
-            "{error}"
-        );
-    }
-}
+mod tests;

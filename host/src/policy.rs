@@ -13,13 +13,15 @@ mod limits;
 pub mod metrics;
 mod registry;
 mod runtime;
+mod service;
 pub mod settings;
 
 pub use engine::{CompiledPolicy, LoadError, PolicyEngine, sha256_hex};
 pub use instance::{CallError, CallKind, FailureKind};
 pub use limits::Limits;
 pub use registry::{Binding, Registry, RegistryError};
-pub use runtime::{FailureMode, HostDecision, PolicyRuntime, ServiceInput, UpdateAnswer};
+pub use runtime::PolicyRuntime;
+pub use service::{FailureMode, HostDecision, ServiceInput, UpdateAnswer};
 pub use settings::PolicySettings;
 
 /// The name of the policy every Service gets unless its `weir.dev/policy` annotation

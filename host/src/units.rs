@@ -3,6 +3,8 @@
 
 use std::time::Duration;
 
+use serde::Deserialize;
+
 /// A number and a unit (`us`, `ms`, `s`, `m`, `h`), fractions allowed; `None` for
 /// anything else, including a duration too long to represent.
 pub fn parse_duration(text: &str) -> Option<Duration> {
@@ -19,6 +21,41 @@ pub fn parse_duration(text: &str) -> Option<Duration> {
         _ => return None,
     };
     Duration::try_from_secs_f64(seconds).ok()
+}
+
+/// A duration written with a unit: `"250ms"`, `"2s"`, `"1m"`, `"1h"`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Humantime(pub Duration);
+
+impl<'de> Deserialize<'de> for Humantime {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        parse_duration(&text).map(Humantime).ok_or_else(|| {
+            serde::de::Error::custom(format!(
+                "invalid duration `{text}`: write a number and a unit (us, ms, s, m, h), e.g. \"250ms\" or \"30s\""
+            ))
+        })
+    }
+}
+
+/// The line (1-based) where a dotted key (`table.key`) is set in TOML text, if it is:
+/// how a config error points at the line to fix.
+pub fn line_of(text: &str, dotted: &str) -> Option<usize> {
+    let (table, key) = dotted.split_once('.')?;
+    let mut current = "";
+    for (n, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if let Some(header) = line.strip_prefix('[').and_then(|l| l.strip_suffix(']')) {
+            current = header.trim();
+        } else if current == table
+            && line
+                .strip_prefix(key)
+                .is_some_and(|rest| rest.trim_start().starts_with('='))
+        {
+            return Some(n + 1);
+        }
+    }
+    None
 }
 
 /// The longest head of `text` of at most `max` bytes that ends at a character boundary.

@@ -7,7 +7,8 @@ use std::path::Path;
 use std::sync::Arc;
 
 use super::engine::{LoadError, PolicyEngine};
-use super::runtime::{PolicyRuntime, ServiceInput};
+use super::runtime::PolicyRuntime;
+use super::service::ServiceInput;
 use super::{CallError, DEFAULT_POLICY, FailureKind};
 use weir_sdk::Eligibility;
 
