@@ -1,6 +1,7 @@
-//! Running policies: one wasmtime Engine, components compiled once and cached, one
-//! long-lived instance per data-plane worker, every call under a deadline and a memory
-//! cap, and failures contained by the service's failure mode.
+//! Running policies: one wasmtime Engine, components compiled under a budget and cached,
+//! an instance per Service port (the built-in kube-default natively), every call under a
+//! deadline and the port's memory budget, and failures contained by the port's failure
+//! mode.
 
 mod bindings;
 mod cache;

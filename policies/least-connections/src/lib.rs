@@ -4,8 +4,9 @@
 //! the moment they are forwarded (so a burst spreads at once) until the host reports them
 //! closed or failed.
 //!
-//! No configuration. Each data-plane worker counts its own connections; with several
-//! workers the balance is per worker. Picks are O(log k) for k distinct counts: endpoints
+//! No configuration. The host gives each Service port one instance, which every
+//! data-plane worker asks, so the counts are the port's whole. Picks are O(log k) for k
+//! distinct counts: endpoints
 //! sit in buckets by active count, each bucket a list in the order described above.
 
 use std::collections::BTreeMap;
