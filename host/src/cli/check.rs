@@ -9,19 +9,38 @@ use std::sync::Arc;
 use weir_sdk::{Connection, Endpoint, IpFamily, Node, Protocol, Scope, Service};
 
 use crate::metrics::PolicyMetrics;
-use crate::policy::{FailureMode, HostDecision, Limits, PolicyEngine, PolicyRuntime, ServiceInput};
+use crate::policy::{
+    CallError, FailureMode, HostDecision, Limits, LoadError, PolicyEngine, PolicyRuntime,
+    ServiceInput,
+};
 
 /// What `check` found; `Err` from [`check`] means the module is unusable.
 pub struct CheckReport {
     pub text: String,
 }
 
+/// Why a module is unusable, naming the file and the step that failed.
+#[derive(Debug, thiserror::Error)]
+pub enum CheckError {
+    #[error("cannot start the policy engine: {0}")]
+    Engine(String),
+    #[error(transparent)]
+    Load(#[from] LoadError),
+    #[error("{file}: {error}")]
+    Configure { file: String, error: CallError },
+    #[error("{file}: update on a synthetic service failed: {error}")]
+    Update { file: String, error: CallError },
+    #[error("{file}: select for {scope:?} traffic failed; see the log above")]
+    Select { file: String, scope: Scope },
+}
+
 /// Checks one module file with `config` as its configuration.
-pub fn check(path: &Path, config: &str) -> Result<CheckReport, String> {
+pub fn check(path: &Path, config: &str) -> Result<CheckReport, CheckError> {
+    let file = path.display().to_string();
     let metrics = Arc::new(PolicyMetrics::default());
     let engine = PolicyEngine::new(Limits::relaxed(), None, metrics.clone())
-        .map_err(|e| format!("{e:#}"))?;
-    let compiled = engine.load_file(path).map_err(|e| e.to_string())?;
+        .map_err(|e| CheckError::Engine(format!("{e:#}")))?;
+    let compiled = engine.load_file(path)?;
     let mut text = String::new();
     let _ = writeln!(text, "policy:       {}", compiled.name);
     let _ = writeln!(text, "file:         {}", path.display());
@@ -35,17 +54,19 @@ pub fn check(path: &Path, config: &str) -> Result<CheckReport, String> {
     let _ = writeln!(text, "exports:      {}", compiled.exports.join(", "));
     let _ = writeln!(text, "imports:      {}", compiled.imports.join(", "));
 
-    let runtime = PolicyRuntime::new(engine.clone(), compiled.clone(), config)
-        .map_err(|e| format!("{}: {e}", path.display()))?;
+    let runtime =
+        PolicyRuntime::new(engine.clone(), compiled.clone(), config).map_err(|error| {
+            CheckError::Configure {
+                file: file.clone(),
+                error,
+            }
+        })?;
     let _ = writeln!(text, "configure:    ok");
 
     let input = synthetic_service();
     let answer = runtime.update(1, input.clone());
     if let Some(error) = answer.failure {
-        return Err(format!(
-            "{}: update on a synthetic service failed: {error}",
-            path.display()
-        ));
+        return Err(CheckError::Update { file, error });
     }
     let show = |ids: &[u32]| {
         ids.iter()
@@ -70,10 +91,7 @@ pub fn check(path: &Path, config: &str) -> Result<CheckReport, String> {
         };
         let decision = runtime.select(1, &connection);
         if metrics.failures_total(&compiled.name) > 0 {
-            return Err(format!(
-                "{}: select for {scope:?} traffic failed; see the log above",
-                path.display()
-            ));
+            return Err(CheckError::Select { file, scope });
         }
         let shown = match decision {
             HostDecision::Forward { address, .. } => format!("forward to {address}"),
