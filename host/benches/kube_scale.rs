@@ -9,13 +9,12 @@
 //! the measured backends 127.42.0.1 and .2.
 
 use std::net::SocketAddr;
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use weir::test_helpers::apiserver::ApiServer;
 use weir::test_helpers::kube_objects::kubernetes_config;
 use weir::test_helpers::scale::{
-    BACKENDS, fill, rss_mib, start_backends, time_one_change, wait_ready,
+    fill, rss_mib, spawn_weir, start_backends, time_changes, wait_ready,
 };
 
 const ENDPOINTS_PER_SERVICE: usize = 10;
@@ -60,25 +59,13 @@ fn main() {
         services * ENDPOINTS_PER_SERVICE,
         services
     );
-    let started = Instant::now();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_weir"))
-        .args(["run", "--config"])
-        .arg(&config)
-        .env("WEIR_LOG", "warn")
-        .stdin(Stdio::null())
-        .spawn()
-        .expect("weir runs");
+    let (mut child, started) = spawn_weir(env!("CARGO_BIN_EXE_weir"), &config, "warn");
     let admin = SocketAddr::from(([127, 0, 0, 1], 10299));
     let ready = runtime.block_on(wait_ready(admin, started, Duration::from_secs(120)));
     println!("ready after {ready:.2?}; RSS {}", rss(child.id()));
 
     // One EndpointSlice change at a time, each on another Service: A <-> B.
-    let mut latencies = Vec::with_capacity(changes);
-    for change in 0..changes {
-        let i = (change * 7919) % services;
-        latencies.push(runtime.block_on(time_one_change(&api, i, BACKENDS, ENDPOINTS_PER_SERVICE)));
-    }
-    latencies.sort();
+    let latencies = time_changes(&runtime, &api, services, changes, ENDPOINTS_PER_SERVICE);
     println!(
         "EndpointSlice change to data plane: p50 {:.1?}, p99 {:.1?}, max {:.1?}; RSS {}",
         percentile(&latencies, 0.5),

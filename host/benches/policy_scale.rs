@@ -12,13 +12,12 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use weir::test_helpers::apiserver::ApiServer;
 use weir::test_helpers::kube_objects::{kubernetes_config, policies_json};
 use weir::test_helpers::scale::{
-    BACKENDS, fill, rss_mib, start_backends, time_one_change, wait_ready,
+    fill, rss_mib, spawn_weir, start_backends, time_changes, wait_ready,
 };
 use weir::test_helpers::{guest_bytes, http_get};
 
@@ -72,24 +71,12 @@ fn run(policy: &str, services: usize, workers: usize, changes: usize) -> Run {
             "[policies]\ncache_dir = \"\"\n[admin]\naddress = \"127.0.0.1:{ADMIN}\"\n[proxy]\nworkers = {workers}\n"
         ),
     );
-    let started = Instant::now();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_weir"))
-        .args(["run", "--config"])
-        .arg(&config)
-        .env("WEIR_LOG", "error")
-        .stdin(Stdio::null())
-        .spawn()
-        .expect("weir runs");
+    let (mut child, started) = spawn_weir(env!("CARGO_BIN_EXE_weir"), &config, "error");
     let admin = SocketAddr::from(([127, 0, 0, 1], ADMIN));
     let ready = runtime.block_on(wait_ready(admin, started, Duration::from_secs(180)));
     let rss = rss_mib(child.id());
 
-    let mut latencies = Vec::with_capacity(changes);
-    for change in 0..changes {
-        let i = (change * 7919) % services;
-        latencies.push(runtime.block_on(time_one_change(&api, i, BACKENDS, ENDPOINTS_PER_SERVICE)));
-    }
-    latencies.sort();
+    let latencies = time_changes(&runtime, &api, services, changes, ENDPOINTS_PER_SERVICE);
     let page = runtime
         .block_on(http_get(admin, "/metrics"))
         .unwrap_or_default();

@@ -92,7 +92,8 @@ struct PortState {
     /// What serves the port now.
     eligibility: Eligibility,
     /// Every endpoint by id, with the scopes it is eligible for: checks and resolves a
-    /// `select` answer in one lookup, whatever the number of endpoints.
+    /// Wasm `select` answer in one lookup, whatever the number of endpoints. Empty on the
+    /// native backend, whose answers need no check.
     targets: IdMap<Target>,
     /// Set when the port's last update failed: its traffic follows the failure mode until
     /// its next successful update.
@@ -261,7 +262,7 @@ impl PolicyRuntime {
         // A new input gives a port that failed before another chance.
         state.quarantine = None;
         let Backend::Wasm(policy) = &self.backend else {
-            state.serve(native, None);
+            state.eligibility = native;
             return state.answer();
         };
         let result = match state.instance.as_mut() {

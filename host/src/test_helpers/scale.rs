@@ -124,3 +124,40 @@ pub async fn time_one_change(
     }
     started.elapsed()
 }
+
+/// Starts `weir run --config config` (the binary `exe`: the bench's `CARGO_BIN_EXE_weir`)
+/// with `WEIR_LOG=log`; returns it with the moment it started.
+pub fn spawn_weir(
+    exe: &str,
+    config: &std::path::Path,
+    log: &str,
+) -> (std::process::Child, Instant) {
+    let started = Instant::now();
+    let child = std::process::Command::new(exe)
+        .args(["run", "--config"])
+        .arg(config)
+        .env("WEIR_LOG", log)
+        .stdin(std::process::Stdio::null())
+        .spawn()
+        .expect("weir runs");
+    (child, started)
+}
+
+/// Times `count` EndpointSlice changes, each on another of the `services` Services;
+/// returns the durations sorted.
+pub fn time_changes(
+    runtime: &tokio::runtime::Runtime,
+    api: &ApiServer,
+    services: usize,
+    count: usize,
+    endpoints: usize,
+) -> Vec<Duration> {
+    let mut latencies: Vec<Duration> = (0..count)
+        .map(|change| {
+            let i = (change * 7919) % services;
+            runtime.block_on(time_one_change(api, i, BACKENDS, endpoints))
+        })
+        .collect();
+    latencies.sort();
+    latencies
+}
