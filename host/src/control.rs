@@ -4,14 +4,14 @@
 //! to its deadline, and must never hold up a data-plane thread.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
-use std::net::{IpAddr, SocketAddr};
+use std::net::IpAddr;
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
 
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
-use weir_sdk::{Eligibility, EmptyAction, Scope, ServiceHandle};
+use weir_sdk::{Eligibility, ServiceHandle};
 
 use crate::admin::{HealthChecks, Readiness};
 use crate::capture::Capture;
@@ -21,26 +21,27 @@ use crate::discovery::kubernetes::{Announcement, POLICY_SETTINGS_KEY, PolicyMap,
 use crate::discovery::watch::Changed;
 use crate::health::ProxyHealth;
 use crate::metrics::{Metrics, RejectionLabels, ReloadResult, TrafficPolicyLabels};
-use crate::model::{self, FamilyKey, ProtocolKey, ServiceKey, ServicePortKey, ServicePortSnapshot};
+use crate::model::{self, FamilyKey, ServiceKey, ServicePortKey, ServicePortSnapshot};
 use crate::objects::{Diagnostic, Severity};
 use crate::policy::{
     Binding, FailureMode, PolicyRuntime, PolicySettings, Registry, ServiceInput, settings,
 };
-use crate::proxy::{
-    Listen, ListenerKind, Listeners, Route, RouteMetrics, Routes, Shared, Transport,
-};
+use crate::proxy::{Listen, ListenerKind, Listeners, Route, RouteMetrics, Routes, Shared};
 use crate::state::Identities;
 
 mod bindings;
 mod listeners;
 mod policies;
 mod routes;
+mod services;
 mod warnings;
 
 use bindings::Bound;
-use policies::Shipped;
-use routes::Contribution;
-use warnings::{Reported, once};
+use listeners::Interface;
+use policies::Modules;
+use routes::Addresses;
+use services::Contribution;
+use warnings::Warnings;
 
 /// What the control thread is told.
 #[derive(Debug)]
@@ -55,29 +56,12 @@ pub struct ControlPlane {
     pub(crate) config: Config,
     pub(crate) source: Source,
     pub(crate) registry: Registry,
-    /// The policies directory (file mode), watched.
-    policy_dir: Option<crate::discovery::watch::DirWatch>,
-    policy_dir_error: Option<String>,
-    /// Modules loaded from policies ConfigMaps, and the settings that came with them.
-    shipped: BTreeMap<String, Shipped>,
-    policy_settings: BTreeMap<String, PolicySettings>,
-    /// The policies ConfigMaps as last read, for a retry of what failed for a reason
-    /// that may pass (`policies_retry`: when).
-    shipped_maps: Vec<PolicyMap>,
-    policies_retry: Option<Instant>,
-    /// Each policies ConfigMap's last good settings, and the text of settings that did
-    /// not parse (announced once).
-    map_settings: BTreeMap<String, settings::Shipped>,
-    /// The `[default]` of the first policies ConfigMap that has one: wins over
-    /// `policies.default` in weir.toml.
-    shipped_default: Option<settings::DefaultPolicy>,
-    bad_settings: BTreeMap<String, String>,
+    /// Policy modules from the policies directory and ConfigMaps, and their settings.
+    modules: Modules,
     /// Where NodePorts and health checks listen.
     node_addresses: Vec<IpAddr>,
-    capture: Option<Capture>,
-    capture_error: Option<crate::capture::CaptureError>,
-    /// When to try the capture interface again after a failure.
-    capture_retry: Option<Instant>,
+    /// The capture interface that holds Service addresses, when configured.
+    capture: Interface,
     /// Every address of the Services proxied (ClusterIPs, externalIPs, LB IPs), with the
     /// number of Services that have it: what the capture interface holds, listened on or
     /// not (a Service with no endpoints has no listener, and its address must still be
@@ -85,11 +69,8 @@ pub struct ControlPlane {
     service_ips: HashMap<IpAddr, usize>,
     identities: Identities,
     bound: HashMap<ServiceHandle, Bound>,
-    /// Warnings logged at the last sync: each is logged once while it lasts, and again if
-    /// it comes back after going away.
-    reported: Reported,
-    /// Warnings of the sync in progress.
-    seen: Reported,
+    /// Each warning is logged once while it lasts, and again if it comes back.
+    warnings: Warnings,
     pub(crate) listeners: Listeners,
     pub(crate) shared: Arc<Shared>,
     pub(crate) health_checks: Arc<HealthChecks>,
@@ -104,13 +85,10 @@ pub struct ControlPlane {
     /// Each Service's part of what is published, and the published state itself.
     services: HashMap<ServiceKey, Contribution>,
     routes: HashMap<Listen, Arc<Route>>,
-    owners: HashMap<Listen, ServiceKey>,
-    wanted: BTreeMap<Listen, ListenerKind>,
+    /// Who owns each listening address, and who waits for one.
+    addresses: Addresses,
     health_counts: HashMap<ServiceKey, usize>,
     no_local: [i64; 2],
-    /// Services that wanted an address another Service has: re-applied when it is freed,
-    /// so the outcome does not depend on the order changes came in.
-    waiting: HashMap<Listen, BTreeSet<ServiceKey>>,
     /// Routes of addresses that went away, until their ports leave their policies.
     retired_routes: HashMap<Listen, (Instant, Arc<Route>)>,
 }
@@ -136,30 +114,17 @@ impl ControlPlane {
         readiness: Arc<Readiness>,
         metrics: Arc<Metrics>,
     ) -> Self {
-        let policy_dir = (config.policies.dir.clone())
-            .map(|dir| crate::discovery::watch::DirWatch::new(dir, "wasm"));
         ControlPlane {
+            modules: Modules::new(&config),
             source,
-            capture: config.capture_interface().map(Capture::new),
-            capture_error: None,
-            capture_retry: None,
+            capture: Interface::new(config.capture_interface().map(Capture::new)),
             service_ips: HashMap::new(),
             node_addresses: config.node_addresses().unwrap_or_default(),
-            shipped: BTreeMap::new(),
-            policy_settings: BTreeMap::new(),
-            shipped_maps: Vec::new(),
-            policies_retry: None,
-            map_settings: BTreeMap::new(),
-            shipped_default: None,
-            bad_settings: BTreeMap::new(),
             config,
             registry,
-            policy_dir,
-            policy_dir_error: None,
             identities: Identities::default(),
             bound: HashMap::new(),
-            reported: HashMap::new(),
-            seen: HashMap::new(),
+            warnings: Warnings::default(),
             listeners,
             shared,
             health_checks,
@@ -170,11 +135,9 @@ impl ControlPlane {
             pending: Changed::Nothing,
             services: HashMap::new(),
             routes: HashMap::new(),
-            owners: HashMap::new(),
-            wanted: BTreeMap::new(),
+            addresses: Addresses::default(),
             health_counts: HashMap::new(),
             no_local: [0; 2],
-            waiting: HashMap::new(),
             retired_routes: HashMap::new(),
         }
     }
@@ -246,7 +209,7 @@ impl ControlPlane {
                 // Whatever woke us (a watch event that changed nothing weir uses) is
                 // handled: `/healthz` must not count it as waiting.
                 self.health.updated();
-                let capture_due = self.capture_retry.is_some_and(|at| Instant::now() >= at);
+                let capture_due = self.capture.retry_due();
                 if self.listeners.has_failed() || capture_due {
                     // Only what failed is tried again; nothing else has changed.
                     self.reconcile_listeners();
@@ -300,7 +263,7 @@ impl ControlPlane {
         let mut model = model::build(&objects, &node_name);
         let default_mode = self.config.policies.failure_mode;
         // The node's default policy, for Services that name none.
-        let default = match &self.shipped_default {
+        let default = match &self.modules.shipped_default {
             Some(shipped) => Some((&shipped.policy, &shipped.config)),
             None => (self.config.policies.default.as_ref())
                 .map(|policy| (policy, &self.config.policies.default_config)),
@@ -314,7 +277,7 @@ impl ControlPlane {
                     port.service.config = config.clone();
                 }
             }
-            let settings = self.policy_settings.get(&port.policy);
+            let settings = self.modules.policy_settings.get(&port.policy);
             if !port.failure_mode_annotated {
                 port.failure_mode = settings
                     .and_then(PolicySettings::failure_mode)
@@ -327,9 +290,7 @@ impl ControlPlane {
             .node_addresses()
             .unwrap_or_else(|| model::node_addresses(&objects, &node_name));
         if self.node_addresses.is_empty()
-            && once(
-                &self.reported,
-                &mut self.seen,
+            && self.warnings.once(
                 format!("Node {node_name} has no InternalIP or ExternalIP address"),
                 None,
             )
@@ -357,7 +318,7 @@ impl ControlPlane {
         self.health
             .set_node_eligible(model::node_eligible(&objects, &node_name));
         for diagnostic in &model.diagnostics {
-            if once(&self.reported, &mut self.seen, diagnostic.to_string(), None) {
+            if self.warnings.once(diagnostic.to_string(), None) {
                 log_diagnostic(diagnostic);
             }
         }
@@ -395,16 +356,7 @@ impl ControlPlane {
             by_listen: self.routes.clone(),
         }));
         self.retire_routes(&previous);
-        let seen = std::mem::take(&mut self.seen);
-        match &only {
-            // Warnings about the Services rebuilt are replaced; the others still stand.
-            Some(keys) => {
-                self.reported
-                    .retain(|_, service| !service.as_ref().is_some_and(|k| keys.contains(k)));
-                self.reported.extend(seen);
-            }
-            None => self.reported = seen,
-        }
+        self.warnings.synced(only.as_ref());
         self.health_checks
             .store(Arc::new(self.health_counts.clone()));
         self.reconcile_listeners();

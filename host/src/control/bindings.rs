@@ -188,7 +188,7 @@ impl ControlPlane {
         message: String,
     ) -> bool {
         let key = (snapshot.key.namespace.clone(), snapshot.key.name.clone());
-        let new = once(&self.reported, &mut self.seen, message.clone(), Some(&key));
+        let new = self.warnings.once(message.clone(), Some(&key));
         if new && let Some(kube) = self.source.kubernetes() {
             kube.announce(Announcement {
                 subject: kube.service_subject(&key),

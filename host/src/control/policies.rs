@@ -16,6 +16,45 @@ pub(super) struct Shipped {
     pub(super) from: Subject,
 }
 
+/// The policy modules weir knows of, from the policies directory and ConfigMaps, and the
+/// settings that came with them.
+pub(super) struct Modules {
+    /// The policies directory (file mode), watched.
+    pub(super) policy_dir: Option<crate::discovery::watch::DirWatch>,
+    pub(super) policy_dir_error: Option<String>,
+    /// Modules loaded from policies ConfigMaps, and the settings that came with them.
+    pub(super) shipped: BTreeMap<String, Shipped>,
+    pub(super) policy_settings: BTreeMap<String, PolicySettings>,
+    /// The policies ConfigMaps as last read, for a retry of what failed for a reason
+    /// that may pass (`policies_retry`: when).
+    pub(super) shipped_maps: Vec<PolicyMap>,
+    pub(super) policies_retry: Option<Instant>,
+    /// Each policies ConfigMap's last good settings, and the text of settings that did
+    /// not parse (announced once).
+    pub(super) map_settings: BTreeMap<String, settings::Shipped>,
+    /// The `[default]` of the first policies ConfigMap that has one: wins over
+    /// `policies.default` in weir.toml.
+    pub(super) shipped_default: Option<settings::DefaultPolicy>,
+    pub(super) bad_settings: BTreeMap<String, String>,
+}
+
+impl Modules {
+    pub(super) fn new(config: &Config) -> Self {
+        Modules {
+            policy_dir: (config.policies.dir.clone())
+                .map(|dir| crate::discovery::watch::DirWatch::new(dir, "wasm")),
+            policy_dir_error: None,
+            shipped: BTreeMap::new(),
+            policy_settings: BTreeMap::new(),
+            shipped_maps: Vec::new(),
+            policies_retry: None,
+            map_settings: BTreeMap::new(),
+            shipped_default: None,
+            bad_settings: BTreeMap::new(),
+        }
+    }
+}
+
 pub(super) fn policy_name(path: &Path) -> String {
     path.file_stem()
         .map(|s| s.to_string_lossy().into_owned())
@@ -27,22 +66,25 @@ impl ControlPlane {
     /// transactional swap, and unloads deleted ones. Returns whether any policy changed.
     pub(super) fn poll_policies(&mut self) -> bool {
         if let Source::Kubernetes(kube) = &mut self.source {
-            let retry_due = self.policies_retry.is_some_and(|at| Instant::now() >= at);
+            let retry_due = self
+                .modules
+                .policies_retry
+                .is_some_and(|at| Instant::now() >= at);
             let maps = match kube.policies() {
                 Some(maps) => maps,
-                None if retry_due => std::mem::take(&mut self.shipped_maps),
+                None if retry_due => std::mem::take(&mut self.modules.shipped_maps),
                 None => return false,
             };
             let changed = self.load_shipped(&maps);
-            self.shipped_maps = maps;
+            self.modules.shipped_maps = maps;
             return changed;
         }
-        let Some(watch) = self.policy_dir.as_mut() else {
+        let Some(watch) = self.modules.policy_dir.as_mut() else {
             return false;
         };
         let look = match watch.look() {
             Ok(look) => {
-                self.policy_dir_error = None;
+                self.modules.policy_dir_error = None;
                 look
             }
             Err(error) => {
@@ -50,9 +92,9 @@ impl ControlPlane {
                     "{}: cannot read the policies directory: {error}; the policies loaded keep serving",
                     watch.dir().display()
                 );
-                if self.policy_dir_error.as_ref() != Some(&message) {
+                if self.modules.policy_dir_error.as_ref() != Some(&message) {
                     tracing::error!("{message}");
-                    self.policy_dir_error = Some(message);
+                    self.modules.policy_dir_error = Some(message);
                 }
                 return false;
             }
@@ -94,7 +136,7 @@ impl ControlPlane {
                     Err(_) => {}
                 }
             }
-            if let Some(watch) = self.policy_dir.as_mut() {
+            if let Some(watch) = self.modules.policy_dir.as_mut() {
                 watch.settle(path, fingerprint);
             }
         }
@@ -111,21 +153,23 @@ impl ControlPlane {
         let mut held = BTreeSet::new();
         for map in maps {
             let Some(text) = &map.settings else {
-                self.map_settings.remove(&map.name);
-                self.bad_settings.remove(&map.name);
+                self.modules.map_settings.remove(&map.name);
+                self.modules.bad_settings.remove(&map.name);
                 continue;
             };
             match settings::parse(text) {
                 Ok(parsed) => {
-                    self.map_settings.insert(map.name.clone(), parsed);
-                    self.bad_settings.remove(&map.name);
+                    self.modules.map_settings.insert(map.name.clone(), parsed);
+                    self.modules.bad_settings.remove(&map.name);
                 }
                 Err(error) => {
                     held.insert(map.name.as_str());
-                    if self.bad_settings.get(&map.name) == Some(text) {
+                    if self.modules.bad_settings.get(&map.name) == Some(text) {
                         continue; // announced already
                     }
-                    self.bad_settings.insert(map.name.clone(), text.clone());
+                    self.modules
+                        .bad_settings
+                        .insert(map.name.clone(), text.clone());
                     let message = format!(
                         "{POLICY_SETTINGS_KEY}: {error}; nothing in this ConfigMap was applied: its policies and last good settings keep serving"
                     );
@@ -138,14 +182,16 @@ impl ControlPlane {
             }
         }
         let present: BTreeSet<&str> = maps.iter().map(|m| m.name.as_str()).collect();
-        self.map_settings
+        self.modules
+            .map_settings
             .retain(|name, _| present.contains(name.as_str()));
-        self.bad_settings
+        self.modules
+            .bad_settings
             .retain(|name, _| present.contains(name.as_str()));
         // Merged in ConfigMap name order, the first one naming a policy wins.
         let mut settings = BTreeMap::new();
         for map in maps {
-            let shipped = self.map_settings.get(&map.name);
+            let shipped = self.modules.map_settings.get(&map.name);
             for (name, policy) in shipped.map(|s| &s.policies).into_iter().flatten() {
                 settings
                     .entry(name.clone())
@@ -178,16 +224,14 @@ impl ControlPlane {
             .iter()
             .flat_map(|m| m.modules.iter().map(|(name, _)| name.as_str()))
             .collect();
-        let gone: Vec<String> = self
-            .shipped
-            .iter()
+        let gone: Vec<String> = (self.modules.shipped.iter())
             .filter(|(name, shipped)| {
                 !shipped_anywhere.contains(name.as_str()) && !held.contains(shipped.map.as_str())
             })
             .map(|(name, _)| name.clone())
             .collect();
         for name in gone {
-            let Some(shipped) = self.shipped.remove(&name) else {
+            let Some(shipped) = self.modules.shipped.remove(&name) else {
                 continue;
             };
             // A refused module is forgotten too: its Services stop saying it was refused.
@@ -207,7 +251,7 @@ impl ControlPlane {
             let policy = settings.get(&name).cloned().unwrap_or_default();
             let config = policy.config.clone().unwrap_or_default();
             let sha256 = crate::policy::sha256_hex(bytes);
-            if let Some(shipped) = self.shipped.get_mut(&name) {
+            if let Some(shipped) = self.modules.shipped.get_mut(&name) {
                 // It may have moved to another ConfigMap: Events go where it is now.
                 shipped.map.clone_from(&map.name);
                 shipped.from = map.subject.clone();
@@ -237,7 +281,7 @@ impl ControlPlane {
                 compiling = true;
                 continue;
             }
-            let was_loaded = self.shipped.get(&name).is_some_and(|s| s.loaded);
+            let was_loaded = self.modules.shipped.get(&name).is_some_and(|s| s.loaded);
             // Either way what its Services resolve to changed, unless a loaded version
             // keeps serving.
             changed |= outcome.is_ok() || !was_loaded;
@@ -248,7 +292,7 @@ impl ControlPlane {
             // does not compile or fits no contract is not, until it changes.
             let transient = matches!(outcome, Err("instantiate" | "configure" | "replay"));
             retry |= transient;
-            self.shipped.insert(
+            self.modules.shipped.insert(
                 name,
                 Shipped {
                     sha256: if transient { String::new() } else { sha256 },
@@ -260,20 +304,20 @@ impl ControlPlane {
                 },
             );
         }
-        self.policies_retry = if compiling {
+        self.modules.policies_retry = if compiling {
             Some(Instant::now())
         } else {
             retry.then(|| Instant::now() + std::time::Duration::from_secs(5))
         };
-        if settings != self.policy_settings {
-            self.policy_settings = settings;
+        if settings != self.modules.policy_settings {
+            self.modules.policy_settings = settings;
             changed = true;
         }
         let default = maps
             .iter()
-            .find_map(|map| self.map_settings.get(&map.name)?.default.clone());
-        if default != self.shipped_default {
-            self.shipped_default = default;
+            .find_map(|map| self.modules.map_settings.get(&map.name)?.default.clone());
+        if default != self.modules.shipped_default {
+            self.modules.shipped_default = default;
             changed = true;
         }
         changed

@@ -1,22 +1,16 @@
-//! Routes: each Service's part of the routing table, its listening addresses (who owns
-//! an address when two Services want it) and its health-check counts, applied and
-//! withdrawn as its objects change.
+//! Routes, pure: which listening addresses a Service port wants for the endpoints its
+//! policy lets serve, and who owns an address when two Services want it. No I/O and no
+//! policy calls: `services.rs` feeds these with the policies' answers and publishes the
+//! result.
 
-use super::*;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::net::{IpAddr, SocketAddr};
 
-/// What one Service puts into the data plane, kept to take it out at its next change.
-#[derive(Default)]
-pub(super) struct Contribution {
-    /// Its proxied ports and their handles.
-    pub(super) ports: Vec<(ServicePortKey, ServiceHandle)>,
-    /// The listening addresses it owns (service and health check).
-    pub(super) addresses: Vec<Listen>,
-    /// Its addresses: ClusterIPs, externalIPs, LoadBalancer IPs.
-    pub(super) service_ips: BTreeSet<IpAddr>,
-    /// Its ports with a Local traffic policy and no local endpoints: internal, external.
-    pub(super) no_local: [i64; 2],
-    pub(super) metrics: HashMap<(String, String), Arc<RouteMetrics>>,
-}
+use weir_sdk::{Eligibility, EmptyAction, Scope};
+
+use crate::model::{ProtocolKey, ServiceKey, ServicePortSnapshot};
+use crate::net::Cidr;
+use crate::proxy::{Listen, ListenerKind, Transport};
 
 /// Whether a scope needs its listeners: something to forward to, or connections to drop.
 /// With nothing eligible and `reject`, no listener is better: the kernel refuses the
@@ -26,293 +20,162 @@ pub(super) fn serves(eligibility: &Eligibility, scope: Scope) -> bool {
     !set.endpoints.is_empty() || set.when_empty == EmptyAction::Drop
 }
 
-impl ControlPlane {
-    /// Keeps the routes of addresses that just went away, for the connections their
-    /// listeners accepted before closing, as long as their policies keep the ports.
-    pub(super) fn retire_routes(&mut self, previous: &Routes) {
-        let now = Instant::now();
-        let due = now + retire_after(&self.config);
-        for (address, route) in &previous.by_listen {
-            if !self.routes.contains_key(address) {
-                self.retired_routes.insert(*address, (due, route.clone()));
-            }
-        }
-        let routes = &self.routes;
-        self.retired_routes
-            .retain(|address, (due, _)| now < *due && !routes.contains_key(address));
-        self.shared.retired.store(Arc::new(
-            self.retired_routes
-                .iter()
-                .map(|(address, (_, route))| (*address, route.clone()))
-                .collect(),
+/// The transport that serves a Service port's protocol, if weir serves it.
+pub(super) fn transport(protocol: ProtocolKey) -> Option<Transport> {
+    match protocol {
+        ProtocolKey::Tcp => Some(Transport::Tcp),
+        ProtocolKey::Udp | ProtocolKey::Sctp => None,
+    }
+}
+
+/// One address a Service port wants to listen on, and how traffic there is scoped.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(super) struct Wanted {
+    pub(super) listen: Listen,
+    pub(super) scope: Scope,
+    /// Only these sources may use it (LoadBalancer IPs with `loadBalancerSourceRanges`).
+    pub(super) source_ranges: Vec<Cidr>,
+}
+
+/// The addresses a Service port listens on, as kube-proxy's rules would match them: its
+/// clusterIP for internal traffic while that scope serves; its nodePort on the node's
+/// addresses of its family, externalIPs and LoadBalancer IPs for external traffic while
+/// either scope serves (kube-proxy sends external traffic from a node's own pods to the
+/// cluster-wide set).
+pub(super) fn wanted(
+    snapshot: &ServicePortSnapshot,
+    eligibility: &Eligibility,
+    transport: Transport,
+    node_addresses: &[IpAddr],
+) -> Vec<Wanted> {
+    let service = &snapshot.service;
+    let at = |ip: IpAddr, port: u16, scope: Scope, source_ranges: Vec<Cidr>| Wanted {
+        listen: Listen {
+            address: SocketAddr::new(ip, port),
+            transport,
+        },
+        scope,
+        source_ranges,
+    };
+    let mut wanted = Vec::new();
+    if serves(eligibility, Scope::Internal) {
+        wanted.push(at(
+            service.cluster_ip,
+            service.port,
+            Scope::Internal,
+            Vec::new(),
         ));
     }
+    if !(serves(eligibility, Scope::External) || serves(eligibility, Scope::Internal)) {
+        return wanted;
+    }
+    if service.node_port != 0 {
+        for address in node_addresses {
+            if address.is_ipv4() == service.cluster_ip.is_ipv4() {
+                wanted.push(at(*address, service.node_port, Scope::External, Vec::new()));
+            }
+        }
+    }
+    for ip in &service.external_ips {
+        wanted.push(at(*ip, service.port, Scope::External, Vec::new()));
+    }
+    for ip in &service.load_balancer_ips {
+        let ranges = snapshot.load_balancer_source_ranges.clone();
+        wanted.push(at(*ip, service.port, Scope::External, ranges));
+    }
+    wanted
+}
 
-    /// Takes a Service's part out of the routes, listeners and health checks, and forgets
-    /// its ports that are not among `ports` (its ports from now on). Returns its metric
-    /// handles, to reuse.
-    pub(super) fn withdraw(
-        &mut self,
-        key: &ServiceKey,
-        ports: &[ServicePortSnapshot],
-    ) -> HashMap<(String, String), Arc<RouteMetrics>> {
-        let Some(old) = self.services.remove(key) else {
-            return HashMap::new();
-        };
-        for address in &old.addresses {
-            if self.owners.get(address) == Some(key) {
-                self.owners.remove(address);
-                self.routes.remove(address);
-                self.wanted.remove(address);
-                if let Some(mut waiting) = self.waiting.remove(address) {
-                    waiting.remove(key);
-                    if !waiting.is_empty() {
-                        self.pending.merge(Changed::Services(waiting));
-                    }
-                }
-            }
-        }
-        self.health_counts.remove(key);
-        for ip in &old.service_ips {
-            if let Some(count) = self.service_ips.get_mut(ip) {
-                *count -= 1;
-                if *count == 0 {
-                    self.service_ips.remove(ip);
-                }
-            }
-        }
-        self.no_local[0] -= old.no_local[0];
-        self.no_local[1] -= old.no_local[1];
-        let kept: HashSet<&ServicePortKey> = ports
-            .iter()
-            .filter(|p| p.key.protocol == ProtocolKey::Tcp)
-            .map(|p| &p.key)
-            .collect();
-        for (port, handle) in old.ports {
-            if !kept.contains(&port) {
-                self.identities.forget(&port);
-                self.forget(handle);
-            }
-        }
-        old.metrics
+/// A Service's healthCheckNodePort listeners: one per node address.
+pub(super) fn health_check(node_addresses: &[IpAddr], port: u16) -> Vec<Listen> {
+    (node_addresses.iter())
+        .map(|address| Listen::tcp(SocketAddr::new(*address, port)))
+        .collect()
+}
+
+/// `namespace/name:port`, the port by name when it has one: the metrics label.
+pub(super) fn service_label(snapshot: &ServicePortSnapshot) -> String {
+    let key = &snapshot.key;
+    if key.port_name.is_empty() {
+        format!("{}/{}:{}", key.namespace, key.name, snapshot.service.port)
+    } else {
+        format!("{}/{}:{}", key.namespace, key.name, key.port_name)
+    }
+}
+
+/// Who owns each listening address and what listener it is, and who waits for one.
+/// The outcome does not depend on the order changes come in: it is what a fresh start
+/// decides, Services in name order, first come first served.
+#[derive(Default)]
+pub(super) struct Addresses {
+    owners: HashMap<Listen, ServiceKey>,
+    wanted: BTreeMap<Listen, ListenerKind>,
+    /// Services that wanted an address another Service has: to apply again when freed.
+    waiting: HashMap<Listen, BTreeSet<ServiceKey>>,
+}
+
+/// The answer to a claim.
+#[derive(Debug, PartialEq, Eq)]
+pub(super) enum Claim {
+    /// The address is the claimant's. A later Service that had it is returned: it must
+    /// be applied again to find it lost.
+    Granted { displaced: Option<ServiceKey> },
+    /// An earlier Service has it; the claimant waits for it.
+    Refused,
+}
+
+impl Addresses {
+    /// Every address owned, with its listener kind: what the listeners serve.
+    pub(super) fn wanted(&self) -> &BTreeMap<Listen, ListenerKind> {
+        &self.wanted
     }
 
-    /// Puts a Service's ports into the routes, listeners and health checks, telling their
-    /// policies what changed.
-    pub(super) fn apply(
-        &mut self,
-        key: &ServiceKey,
-        ports: &[ServicePortSnapshot],
-        node: &Arc<weir_sdk::Node>,
-        mut reusable: HashMap<(String, String), Arc<RouteMetrics>>,
-    ) -> Contribution {
-        let mut contribution = Contribution::default();
-        // Ready endpoint IPs per family, for the healthCheckNodePort.
-        let mut ready_ips: BTreeMap<FamilyKey, BTreeSet<IpAddr>> = BTreeMap::new();
-        let mut health_port = None;
-        for snapshot in ports {
-            health_port = health_port.or(snapshot.health_check.map(|c| c.node_port));
-            let service = &snapshot.service;
-            contribution.service_ips.insert(service.cluster_ip);
-            contribution.service_ips.extend(
-                service
-                    .external_ips
-                    .iter()
-                    .chain(&service.load_balancer_ips),
-            );
-            if snapshot.key.protocol != ProtocolKey::Tcp {
-                let message = format!(
-                    "{}: {} is not proxied (weir proxies TCP; UDP comes later)",
-                    snapshot.service.display_name(),
-                    snapshot.key.protocol.as_str()
-                );
-                if once(&self.reported, &mut self.seen, message.clone(), Some(key)) {
-                    tracing::warn!("{message}");
-                }
-                // Not proxied, but its Service's health check counts it, as kube-proxy's.
-                ready_ips.entry(snapshot.key.family).or_default().extend(
-                    snapshot
-                        .endpoints
-                        .iter()
-                        .filter(|e| e.ready && e.is_local)
-                        .map(|e| e.address.ip()),
-                );
-                continue;
-            }
-            let (handle, endpoints) = self.identities.assign(snapshot);
-            contribution.ports.push((snapshot.key.clone(), handle));
-            let input = snapshot.input(node.clone(), endpoints);
-            let has_any = input.endpoints.iter().any(|e| e.ready || e.serving);
-            let (runtime, policy_label) = self.resolve(snapshot);
-            let eligibility = self.push(handle, snapshot, runtime.clone(), input);
-            let service = &snapshot.service;
-            if has_any
-                && service.internal_traffic_local
-                && eligibility.internal.endpoints.is_empty()
-            {
-                contribution.no_local[0] += 1;
-            }
-            if has_any
-                && service.external_traffic_local
-                && eligibility.external.endpoints.is_empty()
-            {
-                contribution.no_local[1] += 1;
-            }
-            // kube-proxy counts this node's ready endpoints; weir counts the ready
-            // endpoints the policy lets serve external traffic (the same, for kube-default).
-            let external = &eligibility.external.endpoints;
-            ready_ips.entry(snapshot.key.family).or_default().extend(
-                self.bound[&handle]
-                    .input
-                    .endpoints
-                    .iter()
-                    .filter(|e| e.ready && external.binary_search(&e.id).is_ok())
-                    .map(|e| e.address.ip()),
-            );
-
-            let service_label = format!(
-                "{}/{}:{}",
-                snapshot.key.namespace,
-                snapshot.key.name,
-                if snapshot.key.port_name.is_empty() {
-                    service.port.to_string()
-                } else {
-                    snapshot.key.port_name.clone()
-                }
-            );
-            let metrics_key = (service_label, policy_label);
-            let metrics = reusable
-                .remove(&metrics_key)
-                .or_else(|| contribution.metrics.get(&metrics_key).cloned())
-                .unwrap_or_else(|| {
-                    Arc::new(RouteMetrics::new(
-                        &self.metrics.proxy,
-                        &metrics_key.0,
-                        &metrics_key.1,
-                    ))
-                });
-            contribution.metrics.insert(metrics_key, metrics.clone());
-
-            // UDP ports were set aside above, until they are served.
-            let listen = |ip: IpAddr, port: u16| Listen {
-                address: SocketAddr::new(ip, port),
-                transport: Transport::Tcp,
-            };
-            let mut routes = Vec::new();
-            if serves(&eligibility, Scope::Internal) {
-                routes.push((
-                    listen(service.cluster_ip, service.port),
-                    Scope::Internal,
-                    Vec::new(),
-                ));
-            }
-            if serves(&eligibility, Scope::External) || serves(&eligibility, Scope::Internal) {
-                if service.node_port != 0 {
-                    for address in &self.node_addresses {
-                        if address.is_ipv4() == service.cluster_ip.is_ipv4() {
-                            routes.push((
-                                listen(*address, service.node_port),
-                                Scope::External,
-                                Vec::new(),
-                            ));
-                        }
-                    }
-                }
-                for ip in &service.external_ips {
-                    routes.push((listen(*ip, service.port), Scope::External, Vec::new()));
-                }
-                for ip in &service.load_balancer_ips {
-                    routes.push((
-                        listen(*ip, service.port),
-                        Scope::External,
-                        snapshot.load_balancer_source_ranges.clone(),
-                    ));
-                }
-            }
-            for (address, scope, source_ranges) in routes {
-                if !self.claim(key, address, ListenerKind::Service, &mut contribution) {
-                    let message = format!(
-                        "{address} is claimed by more than one Service port; {} does not get it",
-                        service.display_name()
-                    );
-                    if once(&self.reported, &mut self.seen, message.clone(), Some(key)) {
-                        tracing::warn!("{message}");
-                    }
-                    continue;
-                }
-                self.routes.insert(
-                    address,
-                    Arc::new(Route {
-                        handle,
-                        policy: runtime.clone(),
-                        scope,
-                        local_sources_use_cluster: service.external_traffic_local,
-                        source_ranges,
-                        metrics: metrics.clone(),
-                    }),
-                );
-            }
-        }
-        self.no_local[0] += contribution.no_local[0];
-        self.no_local[1] += contribution.no_local[1];
-        for ip in &contribution.service_ips {
-            *self.service_ips.entry(*ip).or_default() += 1;
-        }
-        if let Some(port) = health_port {
-            // One server per Service, counting one family (IPv4 when it has it), as
-            // kube-proxy's single health check server does.
-            let count = ready_ips.values().next().map_or(0, BTreeSet::len);
-            self.health_counts.insert(key.clone(), count);
-            for address in self.node_addresses.clone() {
-                let kind = ListenerKind::HealthCheck {
-                    namespace: key.0.clone(),
-                    name: key.1.clone(),
-                };
-                let address = Listen::tcp(SocketAddr::new(address, port));
-                if !self.claim(key, address, kind, &mut contribution) {
-                    let message = format!(
-                        "healthCheckNodePort {address} of {}/{} is taken by another Service",
-                        key.0, key.1
-                    );
-                    if once(&self.reported, &mut self.seen, message.clone(), Some(key)) {
-                        tracing::warn!("{message}");
-                    }
-                }
-            }
-        }
-        contribution
+    #[cfg(test)]
+    pub(super) fn owner(&self, address: &Listen) -> Option<&ServiceKey> {
+        self.owners.get(address)
     }
 
-    /// Takes a listening address for a Service, unless another Service (or another of
-    /// its own ports) has it.
-    pub(super) fn claim(
-        &mut self,
-        key: &ServiceKey,
-        address: Listen,
-        kind: ListenerKind,
-        contribution: &mut Contribution,
-    ) -> bool {
+    /// Takes `address` for `key`, unless a Service before it in name order (or another
+    /// of its own ports) has it.
+    pub(super) fn claim(&mut self, key: &ServiceKey, address: Listen, kind: ListenerKind) -> Claim {
+        let mut displaced = None;
         match self.owners.get(&address) {
-            // As a fresh start decides (Services in name order, first come first
-            // served): a Service before the owner takes the address over, and the owner
-            // is applied again to find it lost.
             Some(owner) if key < owner => {
                 let owner = owner.clone();
                 self.waiting
                     .entry(address)
                     .or_default()
                     .insert(owner.clone());
-                self.pending.merge(Changed::Services([owner].into()));
+                displaced = Some(owner);
             }
             Some(_) => {
                 self.waiting.entry(address).or_default().insert(key.clone());
-                return false;
+                return Claim::Refused;
             }
             None => {}
         }
         self.owners.insert(address, key.clone());
         self.wanted.insert(address, kind);
-        contribution.addresses.push(address);
-        true
+        Claim::Granted { displaced }
+    }
+
+    /// Gives up `address` if `key` owns it. Returns `None` if it did not; otherwise the
+    /// Services waiting for it, to apply again.
+    pub(super) fn release(
+        &mut self,
+        key: &ServiceKey,
+        address: &Listen,
+    ) -> Option<BTreeSet<ServiceKey>> {
+        if self.owners.get(address) != Some(key) {
+            return None;
+        }
+        self.owners.remove(address);
+        self.wanted.remove(address);
+        let mut waiting = self.waiting.remove(address).unwrap_or_default();
+        waiting.remove(key);
+        Some(waiting)
     }
 }
+
+#[cfg(test)]
+mod tests;
