@@ -21,11 +21,9 @@ use crate::discovery::kubernetes::{Announcement, POLICY_SETTINGS_KEY, PolicyMap,
 use crate::discovery::watch::Changed;
 use crate::health::ProxyHealth;
 use crate::metrics::{Metrics, RejectionLabels, ReloadResult, TrafficPolicyLabels};
-use crate::model::{self, FamilyKey, ServiceKey, ServicePortKey, ServicePortSnapshot};
-use crate::objects::{Diagnostic, Severity};
-use crate::policy::{
-    Binding, FailureMode, PolicyRuntime, PolicySettings, Registry, ServiceInput, settings,
-};
+use crate::model::{self, FamilyKey, Model, ServiceKey, ServicePortKey, ServicePortSnapshot};
+use crate::objects::{Diagnostic, Objects, Severity};
+use crate::policy::{FailureMode, PolicyRuntime, PolicySettings, Registry, ServiceInput, settings};
 use crate::proxy::{Listen, ListenerKind, Listeners, Route, RouteMetrics, Routes, Shared};
 use crate::state::Identities;
 
@@ -36,11 +34,10 @@ mod routes;
 mod services;
 mod warnings;
 
-use bindings::Bound;
+use bindings::{Bindings, Context};
 use listeners::Interface;
 use policies::Modules;
-use routes::Addresses;
-use services::Contribution;
+use services::Published;
 use warnings::Warnings;
 
 /// What the control thread is told.
@@ -62,13 +59,8 @@ pub struct ControlPlane {
     node_addresses: Vec<IpAddr>,
     /// The capture interface that holds Service addresses, when configured.
     capture: Interface,
-    /// Every address of the Services proxied (ClusterIPs, externalIPs, LB IPs), with the
-    /// number of Services that have it: what the capture interface holds, listened on or
-    /// not (a Service with no endpoints has no listener, and its address must still be
-    /// local, so that connections are refused rather than routed off the node).
-    service_ips: HashMap<IpAddr, usize>,
-    identities: Identities,
-    bound: HashMap<ServiceHandle, Bound>,
+    /// Which policy serves each service port.
+    bindings: Bindings,
     /// Each warning is logged once while it lasts, and again if it comes back.
     warnings: Warnings,
     pub(crate) listeners: Listeners,
@@ -77,20 +69,10 @@ pub struct ControlPlane {
     pub(crate) health: Arc<ProxyHealth>,
     pub(crate) readiness: Arc<Readiness>,
     pub(crate) metrics: Arc<Metrics>,
-    /// Service ports to remove from a policy they left, once no connection can still be
-    /// deciding with the routing table that named it.
-    retired: Vec<(Instant, Arc<PolicyRuntime>, ServiceHandle)>,
     /// Objects changed and not applied yet.
     pending: Changed,
     /// Each Service's part of what is published, and the published state itself.
-    services: HashMap<ServiceKey, Contribution>,
-    routes: HashMap<Listen, Arc<Route>>,
-    /// Who owns each listening address, and who waits for one.
-    addresses: Addresses,
-    health_counts: HashMap<ServiceKey, usize>,
-    no_local: [i64; 2],
-    /// Routes of addresses that went away, until their ports leave their policies.
-    retired_routes: HashMap<Listen, (Instant, Arc<Route>)>,
+    published: Published,
 }
 
 /// How long a policy keeps a service port after the routes stop naming it: a connection
@@ -116,14 +98,12 @@ impl ControlPlane {
     ) -> Self {
         ControlPlane {
             modules: Modules::new(&config),
+            bindings: Bindings::new(retire_after(&config)),
             source,
             capture: Interface::new(config.capture_interface().map(Capture::new)),
-            service_ips: HashMap::new(),
             node_addresses: config.node_addresses().unwrap_or_default(),
             config,
             registry,
-            identities: Identities::default(),
-            bound: HashMap::new(),
             warnings: Warnings::default(),
             listeners,
             shared,
@@ -131,14 +111,8 @@ impl ControlPlane {
             health,
             readiness,
             metrics,
-            retired: Vec::new(),
             pending: Changed::Nothing,
-            services: HashMap::new(),
-            routes: HashMap::new(),
-            addresses: Addresses::default(),
-            health_counts: HashMap::new(),
-            no_local: [0; 2],
-            retired_routes: HashMap::new(),
+            published: Published::default(),
         }
     }
 
@@ -215,7 +189,7 @@ impl ControlPlane {
                     self.reconcile_listeners();
                 }
             }
-            self.remove_retired();
+            self.bindings.remove_retired();
         }
         self.listeners.close_all();
     }
@@ -247,20 +221,72 @@ impl ControlPlane {
 
     /// Applies what changed: rebuilds the ports of the Services touched (every Service
     /// for `Everything`), tells their policies, and publishes the routes, health check
-    /// counts and listeners. The work is in proportion to what changed.
+    /// counts and listeners. The work is in proportion to what changed. The stages:
+    /// objects → model (`model::build`, with the node's defaults) → each Service's part
+    /// (`services.rs`: bindings to policies, then routes) → listeners.
     fn sync(&mut self, changed: Changed) {
         let started = Instant::now();
-        let node_name = self.config.node.name.clone();
-        let only = match changed {
+        let objects = match &changed {
             Changed::Nothing => return,
+            Changed::Services(keys) => self.source.objects_for(keys),
+            Changed::Everything => self.source.objects(),
+        };
+        let model = self.model(&objects);
+        let mut cx = Context {
+            registry: &self.registry,
+            warnings: &mut self.warnings,
+            kube: self.source.kubernetes(),
+            metrics: &self.metrics,
+        };
+        let published = &mut self.published;
+        published.rebuild(
+            &mut self.bindings,
+            &mut cx,
+            &changed,
+            model,
+            &self.node_addresses,
+        );
+        let reapply = std::mem::take(&mut published.reapply);
+        if !reapply.is_empty() {
+            self.pending.merge(Changed::Services(reapply));
+        }
+        let previous = self.shared.routes.swap(Arc::new(Routes {
+            by_listen: published.routes.clone(),
+        }));
+        published.retire_routes(&previous, retire_after(&self.config), &self.shared);
+        let only = match &changed {
             Changed::Services(keys) => Some(keys),
-            Changed::Everything => None,
+            _ => None,
         };
-        let objects = match &only {
-            Some(keys) => self.source.objects_for(keys),
-            None => self.source.objects(),
-        };
-        let mut model = model::build(&objects, &node_name);
+        self.warnings.synced(only);
+        self.health_checks
+            .store(Arc::new(published.health_counts.clone()));
+        self.reconcile_listeners();
+        let proxy = &self.metrics.proxy;
+        for (i, policy) in ["internal", "external"].into_iter().enumerate() {
+            proxy
+                .no_local_endpoints
+                .get_or_create(&TrafficPolicyLabels {
+                    traffic_policy: policy,
+                })
+                .set(self.published.no_local[i]);
+        }
+        proxy.sync_seconds.observe(started.elapsed().as_secs_f64());
+        tracing::debug!(
+            services = only.map_or(self.published.services.len(), BTreeSet::len),
+            took = ?started.elapsed(),
+            "synced"
+        );
+        proxy.last_sync.set(unix_now());
+        self.health.updated();
+    }
+
+    /// The model of `objects` for this node, with the node's defaults (policy, failure
+    /// mode, memory budget) on the ports that name none, and what the node itself says:
+    /// its addresses, local sources and eligibility.
+    fn model(&mut self, objects: &Objects) -> Model {
+        let node_name = self.config.node.name.clone();
+        let mut model = model::build(objects, &node_name);
         let default_mode = self.config.policies.failure_mode;
         // The node's default policy, for Services that name none.
         let default = match &self.modules.shipped_default {
@@ -288,7 +314,7 @@ impl ControlPlane {
         self.node_addresses = self
             .config
             .node_addresses()
-            .unwrap_or_else(|| model::node_addresses(&objects, &node_name));
+            .unwrap_or_else(|| model::node_addresses(objects, &node_name));
         if self.node_addresses.is_empty()
             && self.warnings.once(
                 format!("Node {node_name} has no InternalIP or ExternalIP address"),
@@ -308,7 +334,7 @@ impl ControlPlane {
                     .copied()
                     .map(crate::net::Cidr::host)
                     .collect();
-                cidrs.extend(model::node_pod_cidrs(&objects, &node_name));
+                cidrs.extend(model::node_pod_cidrs(objects, &node_name));
                 cidrs
             }
         };
@@ -316,67 +342,24 @@ impl ControlPlane {
             self.shared.local_sources.store(Arc::new(local_sources));
         }
         self.health
-            .set_node_eligible(model::node_eligible(&objects, &node_name));
+            .set_node_eligible(model::node_eligible(objects, &node_name));
         for diagnostic in &model.diagnostics {
             if self.warnings.once(diagnostic.to_string(), None) {
                 log_diagnostic(diagnostic);
             }
         }
+        model
+    }
 
-        let mut by_service: BTreeMap<ServiceKey, Vec<ServicePortSnapshot>> = BTreeMap::new();
-        for port in model.ports {
-            let key = (port.key.namespace.clone(), port.key.name.clone());
-            by_service.entry(key).or_default().push(port);
-        }
-        let affected: BTreeSet<ServiceKey> = match &only {
-            Some(keys) => keys.clone(),
-            None => self
-                .services
-                .keys()
-                .chain(by_service.keys())
-                .cloned()
-                .collect(),
-        };
-        // Everything touched is withdrawn before anything is applied, so an address one
-        // of them gives up is free for another.
-        let mut withdrawn = Vec::with_capacity(affected.len());
-        for key in affected {
-            let ports = by_service.remove(&key).unwrap_or_default();
-            let metrics = self.withdraw(&key, &ports);
-            withdrawn.push((key, ports, metrics));
-        }
-        for (key, ports, metrics) in withdrawn {
-            if !ports.is_empty() {
-                let contribution = self.apply(&key, &ports, &model.node, metrics);
-                self.services.insert(key, contribution);
-            }
-        }
-
-        let previous = self.shared.routes.swap(Arc::new(Routes {
-            by_listen: self.routes.clone(),
-        }));
-        self.retire_routes(&previous);
-        self.warnings.synced(only.as_ref());
-        self.health_checks
-            .store(Arc::new(self.health_counts.clone()));
-        self.reconcile_listeners();
-        let proxy = &self.metrics.proxy;
-        for (i, policy) in ["internal", "external"].into_iter().enumerate() {
-            proxy
-                .no_local_endpoints
-                .get_or_create(&TrafficPolicyLabels {
-                    traffic_policy: policy,
-                })
-                .set(self.no_local[i]);
-        }
-        proxy.sync_seconds.observe(started.elapsed().as_secs_f64());
-        tracing::debug!(
-            services = only.as_ref().map_or(self.services.len(), BTreeSet::len),
-            took = ?started.elapsed(),
-            "synced"
+    /// Opens and closes listeners, and the capture interface, for what is published.
+    fn reconcile_listeners(&mut self) {
+        let published = &self.published;
+        (self.capture).reconcile(
+            &mut self.listeners,
+            published,
+            &self.node_addresses,
+            &self.readiness,
         );
-        proxy.last_sync.set(unix_now());
-        self.health.updated();
     }
 }
 

@@ -2,6 +2,7 @@
 //! Service addresses on weir0 before listeners need them and after they are gone.
 
 use super::*;
+use crate::capture::Capture;
 
 /// The capture interface, and the problem it last had.
 pub(super) struct Interface {
@@ -26,54 +27,56 @@ impl Interface {
     }
 }
 
-impl ControlPlane {
-    /// Opens and closes listeners for what is wanted. With a capture interface, the
-    /// Service addresses are put on it first and the stale ones taken off after.
-    pub(super) fn reconcile_listeners(&mut self) {
-        let virtual_ips: Option<BTreeSet<IpAddr>> = self.capture.capture.is_some().then(|| {
-            self.service_ips
-                .keys()
-                .filter(|ip| !self.node_addresses.contains(ip) && !ip.is_unspecified())
-                .copied()
-                .collect()
-        });
-        let Some(ips) = virtual_ips else {
-            for error in self.listeners.reconcile(self.addresses.wanted()) {
+impl Interface {
+    /// Opens and closes listeners for what `published` wants. With a capture interface,
+    /// the Service addresses are put on it first and the stale ones taken off after.
+    pub(super) fn reconcile(
+        &mut self,
+        listeners: &mut Listeners,
+        published: &Published,
+        node_addresses: &[IpAddr],
+        readiness: &Readiness,
+    ) {
+        let wanted = published.addresses.wanted();
+        let Some(capture) = self.capture.as_mut() else {
+            for error in listeners.reconcile(wanted) {
                 tracing::warn!("{error}; retrying");
             }
             return;
         };
-        let capture = self.capture.capture.as_mut().expect("checked above");
+        let ips: BTreeSet<IpAddr> = (published.service_ips.keys())
+            .filter(|ip| !node_addresses.contains(ip) && !ip.is_unspecified())
+            .copied()
+            .collect();
         let added = capture.reconcile(&ips, false);
-        for error in self.listeners.reconcile(self.addresses.wanted()) {
+        for error in listeners.reconcile(wanted) {
             tracing::warn!("{error}; retrying");
         }
         // Stale addresses are taken off only once everything wanted is there.
         let result = added.and_then(|()| capture.reconcile(&ips, true));
-        self.report_capture(result);
+        self.report(result, readiness);
     }
 
     /// One report per reconcile: logged when the problem changes, and `/readyz` lists it
     /// while it lasts (the node cannot take its Services' traffic).
-    pub(super) fn report_capture(&mut self, result: Result<(), crate::capture::CaptureError>) {
+    fn report(&mut self, result: Result<(), crate::capture::CaptureError>, readiness: &Readiness) {
         match result {
             Ok(()) => {
-                self.capture.retry = None;
-                if self.capture.error.take().is_some() {
+                self.retry = None;
+                if self.error.take().is_some() {
                     tracing::info!("the capture interface holds every Service address again");
-                    self.readiness.set_capture(None);
+                    readiness.set_capture(None);
                 }
             }
             Err(error) => {
-                if self.capture.error.as_ref() != Some(&error) {
+                if self.error.as_ref() != Some(&error) {
                     tracing::error!(
                         "cannot put Service addresses on the capture interface: {error}; retrying"
                     );
-                    self.readiness
-                        .set_capture(Some(format!("capture interface: {error}")));
+                    readiness.set_capture(Some(format!("capture interface: {error}")));
                 }
-                self.capture.error = Some(error);
-                self.capture.retry = Some(Instant::now() + std::time::Duration::from_secs(2));
+                self.error = Some(error);
+                self.retry = Some(Instant::now() + std::time::Duration::from_secs(2));
             }
         }
     }

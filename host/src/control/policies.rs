@@ -354,34 +354,12 @@ impl ControlPlane {
         regarding: Option<&Subject>,
     ) -> Result<(), &'static str> {
         let started = Instant::now();
-        let mut replay: Vec<(ServiceHandle, Arc<ServiceInput>)> = self
-            .bound
-            .iter()
-            .filter(|(_, b)| b.policy == name && b.runtime.is_some())
-            .map(|(handle, b)| (*handle, b.input.clone()))
-            .collect();
-        replay.sort_by_key(|(handle, _)| *handle);
+        let replay = self.bindings.replay(name);
         match self.registry.swap(name, source, bytes, config, &replay) {
             // Compiling in the background: nothing to apply or refuse yet.
             Err(error) if error.is_pending() => Err("pending"),
             Ok((runtime, answers)) => {
-                for (handle, eligibility) in answers {
-                    if let Some(bound) = self.bound.get_mut(&handle) {
-                        // A service that was on a fallback leaves it; the previous
-                        // version of this policy goes away as a whole.
-                        let previous = bound.runtime.replace(runtime.clone());
-                        bound.eligibility = eligibility;
-                        // The new version answered it: off its failure mode.
-                        if let Some(labels) = bound.failed.take() {
-                            self.metrics.proxy.ports_failed.remove(&labels);
-                        }
-                        if let Some(previous) = previous
-                            && previous.name() != name
-                        {
-                            self.retire(previous, handle);
-                        }
-                    }
-                }
+                (self.bindings).swapped(name, &runtime, answers, &self.metrics);
                 self.metrics.proxy.reload(name, ReloadResult::accepted);
                 tracing::info!(
                     policy = %name,

@@ -2,7 +2,10 @@
 //! routes and addresses that follow from the policies' answers (`routes.rs`), and its
 //! health-check counts; applied, and withdrawn at its next change.
 
-use super::routes::{self, Claim};
+use std::time::Duration;
+
+use super::bindings::{Binding, Bindings, Context};
+use super::routes::{self, Addresses, Claim};
 use super::*;
 
 /// What one Service puts into the data plane, kept to take it out at its next change.
@@ -19,12 +22,85 @@ pub(super) struct Contribution {
     pub(super) metrics: HashMap<(String, String), Arc<RouteMetrics>>,
 }
 
-impl ControlPlane {
+/// What the Services put into the data plane: each one's part, and the whole that is
+/// published from them.
+#[derive(Default)]
+pub(super) struct Published {
+    /// Each Service's part, to take out at its next change.
+    pub(super) services: HashMap<ServiceKey, Contribution>,
+    pub(super) routes: HashMap<Listen, Arc<Route>>,
+    /// Who owns each listening address, and who waits for one.
+    pub(super) addresses: Addresses,
+    pub(super) health_counts: HashMap<ServiceKey, usize>,
+    pub(super) no_local: [i64; 2],
+    /// Every address of the Services proxied (ClusterIPs, externalIPs, LB IPs), with the
+    /// number of Services that have it: what the capture interface holds, listened on or
+    /// not (a Service with no endpoints has no listener, and its address must still be
+    /// local, so that connections are refused rather than routed off the node).
+    pub(super) service_ips: HashMap<IpAddr, usize>,
+    /// Stable handles and endpoint ids of the service ports.
+    identities: Identities,
+    /// Routes of addresses that went away, until their ports leave their policies.
+    retired_routes: HashMap<Listen, (Instant, Arc<Route>)>,
+    /// Services to apply again: an address they wanted was freed, or taken over.
+    pub(super) reapply: BTreeSet<ServiceKey>,
+}
+
+impl Published {
+    /// Rebuilds the part of every Service that `changed` touches from `model`: all of
+    /// them are withdrawn before any is applied, so an address one gives up is free for
+    /// another.
+    pub(super) fn rebuild(
+        &mut self,
+        bindings: &mut Bindings,
+        cx: &mut Context,
+        changed: &Changed,
+        model: Model,
+        node_addresses: &[IpAddr],
+    ) {
+        let mut by_service: BTreeMap<ServiceKey, Vec<ServicePortSnapshot>> = BTreeMap::new();
+        for port in model.ports {
+            let key = (port.key.namespace.clone(), port.key.name.clone());
+            by_service.entry(key).or_default().push(port);
+        }
+        let affected: BTreeSet<ServiceKey> = match changed {
+            Changed::Nothing => BTreeSet::new(),
+            Changed::Services(keys) => keys.clone(),
+            Changed::Everything => (self.services.keys().chain(by_service.keys()))
+                .cloned()
+                .collect(),
+        };
+        let mut withdrawn = Vec::with_capacity(affected.len());
+        for key in affected {
+            let ports = by_service.remove(&key).unwrap_or_default();
+            let metrics = self.withdraw(bindings, cx.metrics, &key, &ports);
+            withdrawn.push((key, ports, metrics));
+        }
+        for (key, ports, metrics) in withdrawn {
+            if !ports.is_empty() {
+                self.apply(
+                    bindings,
+                    cx,
+                    &key,
+                    &ports,
+                    &model.node,
+                    node_addresses,
+                    metrics,
+                );
+            }
+        }
+    }
+
     /// Keeps the routes of addresses that just went away, for the connections their
     /// listeners accepted before closing, as long as their policies keep the ports.
-    pub(super) fn retire_routes(&mut self, previous: &Routes) {
+    pub(super) fn retire_routes(
+        &mut self,
+        previous: &Routes,
+        retire_after: Duration,
+        shared: &Shared,
+    ) {
         let now = Instant::now();
-        let due = now + retire_after(&self.config);
+        let due = now + retire_after;
         for (address, route) in &previous.by_listen {
             if !self.routes.contains_key(address) {
                 self.retired_routes.insert(*address, (due, route.clone()));
@@ -33,7 +109,7 @@ impl ControlPlane {
         let routes = &self.routes;
         self.retired_routes
             .retain(|address, (due, _)| now < *due && !routes.contains_key(address));
-        self.shared.retired.store(Arc::new(
+        shared.retired.store(Arc::new(
             self.retired_routes
                 .iter()
                 .map(|(address, (_, route))| (*address, route.clone()))
@@ -44,8 +120,10 @@ impl ControlPlane {
     /// Takes a Service's part out of the routes, listeners and health checks, and forgets
     /// its ports that are not among `ports` (its ports from now on). Returns its metric
     /// handles, to reuse.
-    pub(super) fn withdraw(
+    fn withdraw(
         &mut self,
+        bindings: &mut Bindings,
+        metrics: &Metrics,
         key: &ServiceKey,
         ports: &[ServicePortSnapshot],
     ) -> HashMap<(String, String), Arc<RouteMetrics>> {
@@ -55,9 +133,7 @@ impl ControlPlane {
         for address in &old.addresses {
             if let Some(waiting) = self.addresses.release(key, address) {
                 self.routes.remove(address);
-                if !waiting.is_empty() {
-                    self.pending.merge(Changed::Services(waiting));
-                }
+                self.reapply.extend(waiting);
             }
         }
         self.health_counts.remove(key);
@@ -79,7 +155,7 @@ impl ControlPlane {
         for (port, handle) in old.ports {
             if !kept.contains(&port) {
                 self.identities.forget(&port);
-                self.forget(handle);
+                bindings.forget(handle, metrics);
             }
         }
         old.metrics
@@ -87,13 +163,17 @@ impl ControlPlane {
 
     /// Puts a Service's ports into the routes, listeners and health checks, telling their
     /// policies what changed.
-    pub(super) fn apply(
+    #[allow(clippy::too_many_arguments)]
+    fn apply(
         &mut self,
+        bindings: &mut Bindings,
+        cx: &mut Context,
         key: &ServiceKey,
         ports: &[ServicePortSnapshot],
         node: &Arc<weir_sdk::Node>,
+        node_addresses: &[IpAddr],
         mut reusable: HashMap<(String, String), Arc<RouteMetrics>>,
-    ) -> Contribution {
+    ) {
         let mut contribution = Contribution::default();
         // Ready endpoint IPs per family, for the healthCheckNodePort.
         let mut ready_ips: BTreeMap<FamilyKey, BTreeSet<IpAddr>> = BTreeMap::new();
@@ -114,7 +194,7 @@ impl ControlPlane {
                     snapshot.service.display_name(),
                     snapshot.key.protocol.as_str()
                 );
-                if self.warnings.once(message.clone(), Some(key)) {
+                if cx.warnings.once(message.clone(), Some(key)) {
                     tracing::warn!("{message}");
                 }
                 // Not proxied, but its Service's health check counts it, as kube-proxy's.
@@ -131,8 +211,11 @@ impl ControlPlane {
             contribution.ports.push((snapshot.key.clone(), handle));
             let input = snapshot.input(node.clone(), endpoints);
             let has_any = input.endpoints.iter().any(|e| e.ready || e.serving);
-            let (runtime, policy_label) = self.resolve(snapshot);
-            let eligibility = self.push(handle, snapshot, runtime.clone(), input);
+            let Binding {
+                runtime,
+                label: policy_label,
+                eligibility,
+            } = bindings.bind(cx, handle, snapshot, input);
             if has_any
                 && service.internal_traffic_local
                 && eligibility.internal.endpoints.is_empty()
@@ -149,8 +232,7 @@ impl ControlPlane {
             // endpoints the policy lets serve external traffic (the same, for kube-default).
             let external = &eligibility.external.endpoints;
             ready_ips.entry(snapshot.key.family).or_default().extend(
-                self.bound[&handle]
-                    .input
+                (bindings.get(&handle).expect("bound above").input)
                     .endpoints
                     .iter()
                     .filter(|e| e.ready && external.binary_search(&e.id).is_ok())
@@ -163,14 +245,14 @@ impl ControlPlane {
                 .or_else(|| contribution.metrics.get(&metrics_key).cloned())
                 .unwrap_or_else(|| {
                     Arc::new(RouteMetrics::new(
-                        &self.metrics.proxy,
+                        &cx.metrics.proxy,
                         &metrics_key.0,
                         &metrics_key.1,
                     ))
                 });
             contribution.metrics.insert(metrics_key, metrics.clone());
 
-            let wanted = routes::wanted(snapshot, &eligibility, transport, &self.node_addresses);
+            let wanted = routes::wanted(snapshot, &eligibility, transport, node_addresses);
             for routes::Wanted {
                 listen,
                 scope,
@@ -182,7 +264,7 @@ impl ControlPlane {
                         "{listen} is claimed by more than one Service port; {} does not get it",
                         service.display_name()
                     );
-                    if self.warnings.once(message.clone(), Some(key)) {
+                    if cx.warnings.once(message.clone(), Some(key)) {
                         tracing::warn!("{message}");
                     }
                     continue;
@@ -210,7 +292,7 @@ impl ControlPlane {
             // kube-proxy's single health check server does.
             let count = ready_ips.values().next().map_or(0, BTreeSet::len);
             self.health_counts.insert(key.clone(), count);
-            for address in routes::health_check(&self.node_addresses, port) {
+            for address in routes::health_check(node_addresses, port) {
                 let kind = ListenerKind::HealthCheck {
                     namespace: key.0.clone(),
                     name: key.1.clone(),
@@ -220,13 +302,13 @@ impl ControlPlane {
                         "healthCheckNodePort {address} of {}/{} is taken by another Service",
                         key.0, key.1
                     );
-                    if self.warnings.once(message.clone(), Some(key)) {
+                    if cx.warnings.once(message.clone(), Some(key)) {
                         tracing::warn!("{message}");
                     }
                 }
             }
         }
-        contribution
+        self.services.insert(key.clone(), contribution);
     }
 
     /// Takes a listening address for a Service (see [`routes::Addresses::claim`]); a
@@ -241,9 +323,7 @@ impl ControlPlane {
         match self.addresses.claim(key, address, kind) {
             Claim::Refused => false,
             Claim::Granted { displaced } => {
-                if let Some(owner) = displaced {
-                    self.pending.merge(Changed::Services([owner].into()));
-                }
+                self.reapply.extend(displaced);
                 contribution.addresses.push(address);
                 true
             }
