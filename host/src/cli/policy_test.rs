@@ -212,18 +212,33 @@ struct Script {
 pub enum Outcome {
     Report(Report),
     /// The objects, script or module could not be used; nothing was measured.
-    BadInput(String),
+    BadInput(BadInput),
+}
+
+/// What could not be used, each message naming the file (or step) and the fix.
+#[derive(Debug, thiserror::Error)]
+pub enum BadInput {
+    #[error("{}", .0.join("\n"))]
+    Objects(Vec<String>),
+    #[error("{0}")]
+    Script(String),
+    #[error("cannot start the policy engine: {0}")]
+    Engine(String),
+    #[error("{0}")]
+    Module(String),
+    #[error("step {step} of the script: {message}")]
+    Step { step: usize, message: String },
 }
 
 /// Runs the test.
 pub fn run(options: &Options) -> Outcome {
     match run_inner(options) {
         Ok(report) => Outcome::Report(report),
-        Err(message) => Outcome::BadInput(message),
+        Err(error) => Outcome::BadInput(error),
     }
 }
 
-fn run_inner(options: &Options) -> Result<Report, String> {
+fn run_inner(options: &Options) -> Result<Report, BadInput> {
     let (mut objects, diagnostics) = load_paths(&options.objects);
     let errors: Vec<String> = diagnostics
         .iter()
@@ -231,23 +246,23 @@ fn run_inner(options: &Options) -> Result<Report, String> {
         .map(ToString::to_string)
         .collect();
     if !errors.is_empty() {
-        return Err(errors.join("\n"));
+        return Err(BadInput::Objects(errors));
     }
     let script = match &options.script {
-        Some(path) => read_script(path)?,
+        Some(path) => read_script(path).map_err(BadInput::Script)?,
         None => Vec::new(),
     };
     let metrics = Arc::new(PolicyMetrics::default());
     // Relaxed deadlines: a busy CI machine must not fail a good module. The report's
     // latency percentiles are what to hold against the production 1 ms.
     let engine = PolicyEngine::new_seeded(Limits::relaxed(), None, metrics.clone(), options.seed)
-        .map_err(|e| format!("cannot start the policy engine: {e:#}"))?;
+        .map_err(|e| BadInput::Engine(format!("{e:#}")))?;
     let compiled = engine
         .load_file(&options.module)
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| BadInput::Module(e.to_string()))?;
     let policy = compiled.name.clone();
     let runtime = PolicyRuntime::new(engine.clone(), compiled, &options.config)
-        .map_err(|e| format!("{}: {e}", options.module.display()))?;
+        .map_err(|e| BadInput::Module(format!("{}: {e}", options.module.display())))?;
 
     let mut world = World {
         runtime,
@@ -270,7 +285,13 @@ fn run_inner(options: &Options) -> Result<Report, String> {
         baseline,
     );
     for (index, change) in script.iter().enumerate() {
-        let description = apply_change(&mut objects, change, &options.node, &engine)?;
+        let description =
+            apply_change(&mut objects, change, &options.node, &engine).map_err(|message| {
+                BadInput::Step {
+                    step: index + 1,
+                    message,
+                }
+            })?;
         ports = world.apply(&objects);
         let now = world.send_all(&ports);
         steps.push(moves(

@@ -7,6 +7,19 @@ use std::path::{Path, PathBuf};
 use wasmtime::Engine;
 use wasmtime::component::Component;
 
+/// Why a directory is refused as the compiled-policy cache.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "{}: refused as the compiled-policy cache: other users can write to it (mode {mode:o}, owner uid {owner}); compiled modules are loaded as trusted code, so weir compiles without a cache until it is private (chmod go-w, owned by uid {me}) or policies.cache_dir names another",
+    dir.display()
+)]
+pub struct CacheError {
+    pub dir: PathBuf,
+    pub mode: u32,
+    pub owner: u32,
+    pub me: u32,
+}
+
 /// A directory of `<sha256>-<engine>.cwasm` files written by weir itself.
 pub struct ArtifactCache {
     dir: PathBuf,
@@ -16,17 +29,17 @@ pub struct ArtifactCache {
 impl ArtifactCache {
     /// A cache in `dir`, unless someone other than weir's user can write there: what it
     /// holds is loaded as trusted machine code, so such a directory is refused.
-    pub fn new(engine: &Engine, dir: &Path) -> Result<Self, String> {
+    pub fn new(engine: &Engine, dir: &Path) -> Result<Self, CacheError> {
         use std::os::unix::fs::MetadataExt;
         if let Ok(meta) = std::fs::metadata(dir) {
             let me = rustix::process::geteuid().as_raw();
             if meta.mode() & 0o022 != 0 || meta.uid() != me {
-                return Err(format!(
-                    "{}: refused as the compiled-policy cache: other users can write to it (mode {:o}, owner uid {}); compiled modules are loaded as trusted code, so weir compiles without a cache until it is private (chmod go-w, owned by uid {me}) or policies.cache_dir names another",
-                    dir.display(),
-                    meta.mode() & 0o7777,
-                    meta.uid()
-                ));
+                return Err(CacheError {
+                    dir: dir.to_path_buf(),
+                    mode: meta.mode() & 0o7777,
+                    owner: meta.uid(),
+                    me,
+                });
             }
         }
         let mut hasher = DefaultHasher::new();
@@ -97,9 +110,11 @@ mod tests {
         let error = ArtifactCache::new(&engine, dir.path())
             .err()
             .expect("refused");
+        assert_eq!(error.mode, 0o777);
+        let message = error.to_string();
         assert!(
-            error.contains("other users can write") && error.contains("777"),
-            "{error}"
+            message.contains("other users can write") && message.contains("777"),
+            "{message}"
         );
     }
 }
