@@ -19,7 +19,9 @@ use crate::discovery::watch::FileSource;
 use crate::health::ProxyHealth;
 use crate::metrics::Metrics;
 use crate::policy::{PolicyEngine, Registry};
-use crate::proxy::{Bound, Listen, ListenerKind, Listeners, Settings, Shared, tcp};
+use crate::proxy::{
+    Bound, Listen, ListenerKind, Listeners, Settings, Shared, UdpSettings, tcp, udp,
+};
 
 /// A running weir.
 pub struct App {
@@ -113,15 +115,20 @@ impl App {
             connect_timeout: config.proxy.connect_timeout.0,
             connect_attempts: config.proxy.connect_attempts,
             drop_timeout: config.proxy.drop_timeout.0,
+            udp: UdpSettings {
+                timeout: config.proxy.udp_timeout.0,
+                stream_timeout: config.proxy.udp_stream_timeout.0,
+                max_flows: config.proxy.max_udp_flows,
+                max_flows_per_service: config.proxy.max_udp_flows_per_service,
+            },
         }));
         let spawn = {
             let shared = shared.clone();
             let state = state.clone();
             Box::new(
                 move |bound: Bound, listen: Listen, kind: ListenerKind, stop: CancellationToken| {
-                    let Bound::Tcp(listener) = bound;
-                    match kind {
-                        ListenerKind::Service => {
+                    match (bound, kind) {
+                        (Bound::Tcp(listener), ListenerKind::Service) => {
                             tokio::spawn(tcp::serve(
                                 listener,
                                 listen.address,
@@ -129,11 +136,19 @@ impl App {
                                 stop,
                             ));
                         }
-                        ListenerKind::HealthCheck { namespace, name } => {
+                        (Bound::Udp(socket), ListenerKind::Service) => {
+                            tokio::spawn(udp::serve(socket, listen.address, shared.clone(), stop));
+                        }
+                        (Bound::Tcp(listener), ListenerKind::HealthCheck { namespace, name }) => {
                             let state = state.clone();
                             tokio::spawn(admin::serve(listener, stop, move |_| {
                                 admin::health_check(&state, &namespace, &name)
                             }));
+                        }
+                        (Bound::Udp(_), ListenerKind::HealthCheck { namespace, name }) => {
+                            tracing::error!(
+                                "the health check of {namespace}/{name} was given a UDP socket; it listens on TCP only"
+                            );
                         }
                     }
                 },

@@ -196,6 +196,23 @@ pub struct ProxyConfig {
     /// On SIGTERM, how long established connections may continue before they are closed.
     #[serde(default = "default_grace")]
     pub shutdown_grace_period: Humantime,
+    /// How long a UDP flow that has not seen traffic both ways more than once may be idle
+    /// before it ends: the kernel's `nf_conntrack_udp_timeout`, which kube-proxy leaves
+    /// in place. A Service may set its own with `weir.dev/udp-timeout`.
+    #[serde(default = "default_udp_timeout")]
+    pub udp_timeout: Humantime,
+    /// The same for a flow that has (a "stream": DNS over one socket, QUIC, VPN...): the
+    /// kernel's `nf_conntrack_udp_timeout_stream`.
+    #[serde(default = "default_udp_stream_timeout")]
+    pub udp_stream_timeout: Humantime,
+    /// UDP flows open at once on this node; a datagram that would open one more is dropped
+    /// and counted (`weir_udp_dropped_total{reason="node_flow_cap"}`). Each flow holds a
+    /// socket, so keep it under the file descriptor limit.
+    #[serde(default = "default_max_udp_flows")]
+    pub max_udp_flows: usize,
+    /// UDP flows open at once for one Service port.
+    #[serde(default = "default_max_udp_flows_per_service")]
+    pub max_udp_flows_per_service: usize,
 }
 
 impl Default for ProxyConfig {
@@ -206,6 +223,10 @@ impl Default for ProxyConfig {
             connect_attempts: default_connect_attempts(),
             drop_timeout: default_drop_timeout(),
             shutdown_grace_period: default_grace(),
+            udp_timeout: default_udp_timeout(),
+            udp_stream_timeout: default_udp_stream_timeout(),
+            max_udp_flows: default_max_udp_flows(),
+            max_udp_flows_per_service: default_max_udp_flows_per_service(),
         }
     }
 }
@@ -298,6 +319,18 @@ fn default_connect_attempts() -> u32 {
 }
 fn default_drop_timeout() -> Humantime {
     Humantime(Duration::from_secs(5))
+}
+fn default_udp_timeout() -> Humantime {
+    Humantime(Duration::from_secs(30))
+}
+fn default_udp_stream_timeout() -> Humantime {
+    Humantime(Duration::from_secs(120))
+}
+fn default_max_udp_flows() -> usize {
+    16_384
+}
+fn default_max_udp_flows_per_service() -> usize {
+    4_096
 }
 fn default_grace() -> Humantime {
     Humantime(Duration::from_secs(30))
@@ -452,6 +485,18 @@ impl Config {
             return fail(
                 "proxy.connect_timeout",
                 "is 0: give connects time, e.g. \"2s\"",
+            );
+        }
+        if self.proxy.udp_timeout.0.is_zero() || self.proxy.udp_stream_timeout.0.is_zero() {
+            return fail(
+                "proxy.udp_timeout",
+                "is 0: UDP flows need an idle timeout, e.g. \"30s\" (and udp_stream_timeout \"120s\")",
+            );
+        }
+        if self.proxy.max_udp_flows == 0 || self.proxy.max_udp_flows_per_service == 0 {
+            return fail(
+                "proxy.max_udp_flows",
+                "is 0: UDP Services need flows; give a cap such as 16384 (and max_udp_flows_per_service 4096)",
             );
         }
         if self.proxy.connect_attempts == 0 {

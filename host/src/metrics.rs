@@ -150,6 +150,7 @@ pub struct ProxyMetrics {
     pub livez: Family<CodeLabels, Counter>,
     pub listeners: Family<ListenerLabels, Gauge>,
     pub listener_errors: Family<ListenerLabels, Counter>,
+    pub udp: crate::proxy::udp::UdpMetrics,
 }
 
 impl Default for ProxyMetrics {
@@ -174,6 +175,7 @@ impl Default for ProxyMetrics {
             livez: Family::default(),
             listeners: Family::default(),
             listener_errors: Family::default(),
+            udp: Default::default(),
         }
     }
 }
@@ -276,6 +278,7 @@ impl ProxyMetrics {
             "Listeners that could not be opened (retried)",
             self.listener_errors.clone(),
         );
+        self.udp.register(r);
     }
 
     pub fn reload(&self, what: &str, result: ReloadResult) {

@@ -24,6 +24,9 @@ pub const POLICY_CONFIG_ANNOTATION: &str = "weir.dev/policy-config";
 pub const FAILURE_MODE_ANNOTATION: &str = "weir.dev/failure-mode";
 /// Each port's memory budget for its policy, in MiB (within `limits.max_memory_mib`).
 pub const MEMORY_ANNOTATION: &str = "weir.dev/policy-memory-mib";
+/// How long a UDP flow of the Service's ports may be idle before it ends (a duration
+/// such as `10s`); `proxy.udp_timeout` otherwise.
+pub const UDP_TIMEOUT_ANNOTATION: &str = "weir.dev/udp-timeout";
 /// `spec.sessionAffinityConfig.clientIP.timeoutSeconds` when unset (the API default).
 pub const DEFAULT_AFFINITY_TIMEOUT_SECONDS: u32 = 10_800;
 /// The largest timeout the API server accepts.
@@ -144,6 +147,8 @@ pub struct ServicePortSnapshot {
     /// reach the port through its LoadBalancer IPs (not its nodePort). Enforced by the
     /// data plane, not by policies.
     pub load_balancer_source_ranges: Vec<Cidr>,
+    /// The `weir.dev/udp-timeout` annotation: how long a UDP flow may be idle.
+    pub udp_timeout: Option<std::time::Duration>,
 }
 
 /// A Service's healthCheckNodePort and what it reports.

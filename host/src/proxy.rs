@@ -9,6 +9,7 @@
 mod copy;
 pub mod decide;
 pub mod tcp;
+pub mod udp;
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, SocketAddr};
@@ -44,6 +45,8 @@ pub struct Route {
     pub local_sources_use_cluster: bool,
     /// For LoadBalancer IPs: the sources allowed (empty: all).
     pub source_ranges: Vec<crate::net::Cidr>,
+    /// UDP: how long a flow may be idle (`weir.dev/udp-timeout`; `None`: the node's).
+    pub udp_timeout: Option<Duration>,
     pub metrics: Arc<RouteMetrics>,
 }
 
@@ -59,6 +62,8 @@ pub struct RouteMetrics {
     pub select: Histogram,
     pub gave_up: Counter,
     pub source_range: Counter,
+    /// UDP flows open now on this service port, against `proxy.max_udp_flows_per_service`.
+    pub udp_flows: std::sync::atomic::AtomicUsize,
 }
 
 impl RouteMetrics {
@@ -97,7 +102,13 @@ impl RouteMetrics {
                 .clone(),
             gave_up: failed(ConnectFailure::gave_up),
             source_range: failed(ConnectFailure::source_range),
+            udp_flows: Default::default(),
         }
+    }
+
+    /// Every proxy series, for those made on demand.
+    pub fn family(&self) -> &Arc<ProxyMetrics> {
+        &self.family
     }
 
     /// The service port's label, `namespace/name:port`.
@@ -147,6 +158,10 @@ impl RouteMetrics {
             active: self.family.active.get_or_create(&labels).clone(),
             to_endpoint: bytes(Direction::client_to_endpoint),
             to_client: bytes(Direction::endpoint_to_client),
+            udp: std::sync::OnceLock::new(),
+            service: self.service.clone(),
+            address: endpoint,
+            family: self.family.clone(),
         }
     }
 }
@@ -158,6 +173,18 @@ pub struct EndpointMetrics {
     pub active: Gauge,
     pub to_endpoint: Counter,
     pub to_client: Counter,
+    /// Its UDP series, made on its first flow.
+    udp: std::sync::OnceLock<udp::EndpointUdp>,
+    service: String,
+    address: String,
+    family: Arc<ProxyMetrics>,
+}
+
+impl EndpointMetrics {
+    pub fn udp(&self) -> &udp::EndpointUdp {
+        self.udp
+            .get_or_init(|| udp::EndpointUdp::new(&self.family, &self.service, &self.address))
+    }
 }
 
 /// The transport a listener serves.
@@ -207,6 +234,27 @@ pub struct Settings {
     pub connect_timeout: Duration,
     pub connect_attempts: u32,
     pub drop_timeout: Duration,
+    pub udp: UdpSettings,
+}
+
+/// UDP flows: idle timeouts and caps (`[proxy]`).
+#[derive(Clone, Debug)]
+pub struct UdpSettings {
+    pub timeout: Duration,
+    pub stream_timeout: Duration,
+    pub max_flows: usize,
+    pub max_flows_per_service: usize,
+}
+
+impl Default for UdpSettings {
+    fn default() -> Self {
+        UdpSettings {
+            timeout: Duration::from_secs(30),
+            stream_timeout: Duration::from_secs(120),
+            max_flows: 16_384,
+            max_flows_per_service: 4_096,
+        }
+    }
 }
 
 /// What the data plane's tasks share.
@@ -223,6 +271,8 @@ pub struct Shared {
     pub connections: TaskTracker,
     /// Cancelled at the end of the shutdown grace period: closes established connections.
     pub close: CancellationToken,
+    /// UDP flows open now on this node, against `proxy.max_udp_flows`.
+    pub udp_flows: std::sync::atomic::AtomicUsize,
 }
 
 impl Shared {
@@ -234,6 +284,7 @@ impl Shared {
             local_sources: ArcSwap::from_pointee(Vec::new()),
             connections: TaskTracker::new(),
             close: CancellationToken::new(),
+            udp_flows: Default::default(),
         }
     }
 
@@ -263,6 +314,7 @@ impl ListenerKind {
 /// A bound socket, ready to serve.
 pub enum Bound {
     Tcp(tokio::net::TcpListener),
+    Udp(tokio::net::UdpSocket),
 }
 
 /// Starts the task serving one listener; it ends when the token is cancelled.
@@ -407,10 +459,9 @@ fn bind(listen: Listen) -> std::io::Result<Bound> {
         Transport::Tcp => {
             tokio::net::TcpListener::from_std(bind_tcp(listen.address)?).map(Bound::Tcp)
         }
-        Transport::Udp => Err(std::io::Error::new(
-            std::io::ErrorKind::Unsupported,
-            "UDP Service ports are not served yet",
-        )),
+        Transport::Udp => {
+            tokio::net::UdpSocket::from_std(udp::bind(listen.address)?).map(Bound::Udp)
+        }
     }
 }
 

@@ -24,7 +24,8 @@ pub(super) fn serves(eligibility: &Eligibility, scope: Scope) -> bool {
 pub(super) fn transport(protocol: ProtocolKey) -> Option<Transport> {
     match protocol {
         ProtocolKey::Tcp => Some(Transport::Tcp),
-        ProtocolKey::Udp | ProtocolKey::Sctp => None,
+        ProtocolKey::Udp => Some(Transport::Udp),
+        ProtocolKey::Sctp => None,
     }
 }
 

@@ -190,7 +190,7 @@ impl Published {
             );
             let Some(transport) = routes::transport(snapshot.key.protocol) else {
                 let message = format!(
-                    "{}: {} is not proxied (weir proxies TCP; UDP comes later)",
+                    "{}: {} is not proxied (weir proxies TCP and UDP)",
                     snapshot.service.display_name(),
                     snapshot.key.protocol.as_str()
                 );
@@ -277,6 +277,7 @@ impl Published {
                         scope,
                         local_sources_use_cluster: service.external_traffic_local,
                         source_ranges,
+                        udp_timeout: snapshot.udp_timeout,
                         metrics: metrics.clone(),
                     }),
                 );

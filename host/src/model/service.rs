@@ -87,6 +87,21 @@ pub(super) fn service_ports(
             }
         },
     };
+    let udp_timeout = match annotations.get(UDP_TIMEOUT_ANNOTATION).map(|s| s.trim()) {
+        None => None,
+        Some(text) => match crate::units::parse_duration(text) {
+            Some(timeout) if !timeout.is_zero() => Some(timeout),
+            _ => {
+                warn(
+                    diagnostics,
+                    format!(
+                        "annotation {UDP_TIMEOUT_ANNOTATION}: `{text}` is not a duration above 0 such as `10s` or `2m`; using proxy.udp_timeout"
+                    ),
+                );
+                None
+            }
+        },
+    };
     let config = annotations.get(POLICY_CONFIG_ANNOTATION).cloned();
 
     let externally_accessible_type = service_type == "LoadBalancer"
@@ -311,6 +326,7 @@ pub(super) fn service_ports(
                 failure_mode_annotated,
                 health_check,
                 load_balancer_source_ranges: ranges.clone(),
+                udp_timeout,
             });
         }
     }

@@ -298,6 +298,28 @@ impl PolicyRuntime {
         Some((state.eligibility.clone(), state.failure.clone()))
     }
 
+    /// Whether `endpoint`, at `address`, is still eligible for `scope` traffic of a port:
+    /// what a long-lived flow asks after a change, to move off an endpoint that left.
+    pub fn still_eligible(
+        &self,
+        handle: u32,
+        scope: Scope,
+        endpoint: EndpointId,
+        address: std::net::SocketAddr,
+    ) -> bool {
+        let Some(port) = read(&self.ports).get(&handle).cloned() else {
+            return false;
+        };
+        let state = lock(&port.state);
+        state
+            .eligibility
+            .for_scope(scope)
+            .endpoints
+            .binary_search(&endpoint)
+            .is_ok()
+            && state.input.address(endpoint) == Some(address)
+    }
+
     /// The decision for one new connection.
     pub fn select(&self, handle: u32, connection: &Connection) -> HostDecision {
         let ports = read(&self.ports);

@@ -90,6 +90,16 @@ impl Decision {
         &self.route
     }
 
+    /// Whether `endpoint` at `address`, chosen under this decision's route, may still
+    /// serve it under `current` (the route its listener has now): same policy port, and
+    /// still eligible for the scope. A flow that outlives a change asks this.
+    pub fn still_serves(&self, current: &Route, endpoint: EndpointId, address: SocketAddr) -> bool {
+        current.handle == self.route.handle
+            && (current.policy.as_ref()).is_some_and(|policy| {
+                policy.still_eligible(current.handle, self.request.scope, endpoint, address)
+            })
+    }
+
     /// The next endpoint to try: the policy's choice, or, when it names one already
     /// tried (a hashing policy will), the next eligible one not tried yet.
     pub fn next_step(&mut self) -> Next {
@@ -141,6 +151,19 @@ impl Decision {
     pub fn unreachable(&mut self, endpoint: EndpointId, address: SocketAddr, took: Duration) {
         self.route.metrics.endpoint(address).unreachable.inc();
         self.outcome(endpoint, OutcomeKind::ConnectFailed, took);
+        self.tried.push(endpoint);
+    }
+
+    /// The endpoint refused what it was sent (UDP: ICMP port unreachable) after `took`:
+    /// counted and told to the policy.
+    pub fn refused(&self, endpoint: EndpointId, address: SocketAddr, took: Duration) {
+        self.route.metrics.endpoint(address).unreachable.inc();
+        self.outcome(endpoint, OutcomeKind::ConnectFailed, took);
+    }
+
+    /// Not to be tried for this connection: it refused the client just before (the
+    /// policy is not told again).
+    pub fn avoid(&mut self, endpoint: EndpointId, _address: SocketAddr) {
         self.tried.push(endpoint);
     }
 

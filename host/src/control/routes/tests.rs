@@ -114,6 +114,7 @@ fn transports_carry_into_the_listen_keys() {
     let wanted = wanted(&snapshot, &serving(), Transport::Udp, &node());
     assert!(wanted.iter().all(|w| w.listen.transport == Transport::Udp));
     assert_eq!(transport(ProtocolKey::Tcp), Some(Transport::Tcp));
+    assert_eq!(transport(ProtocolKey::Udp), Some(Transport::Udp));
     assert_eq!(transport(ProtocolKey::Sctp), None);
 }
 

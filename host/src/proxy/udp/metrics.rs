@@ -1,0 +1,162 @@
+//! UDP's series: datagrams per direction, flows opened, active and ended per endpoint,
+//! and datagrams dropped before reaching one. Bytes go to `weir_bytes`, as TCP's.
+
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+
+use crate::metrics::{BytesLabels, EndpointLabels};
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[allow(non_camel_case_types)]
+pub enum Ended {
+    /// Idle for its timeout.
+    idle,
+    /// Its endpoint stopped being eligible: the client's next datagram opens a new flow.
+    endpoint_gone,
+    /// Its endpoint answered ICMP port unreachable: the next datagram opens a new flow.
+    endpoint_refused,
+    /// The flow cap was reached, and this was the longest-idle flow that never became a
+    /// stream (the kernel's conntrack evicts the same way when its table is full).
+    evicted,
+    /// Its listener closed (the Service went, or weir is stopping).
+    closed,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct EndedLabels {
+    pub service: String,
+    pub endpoint: String,
+    pub reason: Ended,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[allow(non_camel_case_types)]
+pub enum Dropped {
+    /// The node's flow cap (`proxy.max_udp_flows`), with no flow to evict.
+    node_flow_cap,
+    /// The Service port's flow cap (`proxy.max_udp_flows_per_service`).
+    service_flow_cap,
+    /// Outside the LoadBalancer's source ranges.
+    source_range,
+    /// The policy (or its failure mode) rejected or dropped the flow.
+    refused,
+    /// No socket could be opened towards the endpoint (out of file descriptors...).
+    socket_error,
+    /// The socket's send buffer was full.
+    send_failed,
+    /// The listener had no route (its address was just given up).
+    no_route,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DroppedLabels {
+    pub service: String,
+    pub reason: Dropped,
+}
+
+#[derive(Debug, Default)]
+pub struct UdpMetrics {
+    pub datagrams: Family<BytesLabels, Counter>,
+    pub opened: Family<EndpointLabels, Counter>,
+    pub active: Family<EndpointLabels, Gauge>,
+    pub ended: Family<EndedLabels, Counter>,
+    pub dropped: Family<DroppedLabels, Counter>,
+}
+
+impl UdpMetrics {
+    pub fn register(&self, registry: &mut Registry) {
+        registry.register(
+            "weir_udp_datagrams",
+            "UDP datagrams forwarded, per endpoint and direction",
+            self.datagrams.clone(),
+        );
+        registry.register(
+            "weir_udp_flows_opened",
+            "UDP flows opened to an endpoint",
+            self.opened.clone(),
+        );
+        registry.register(
+            "weir_udp_flows_active",
+            "UDP flows open to an endpoint now",
+            self.active.clone(),
+        );
+        registry.register(
+            "weir_udp_flows_ended",
+            "UDP flows ended, by reason",
+            self.ended.clone(),
+        );
+        registry.register(
+            "weir_udp_dropped",
+            "UDP datagrams dropped before reaching an endpoint, by reason",
+            self.dropped.clone(),
+        );
+    }
+
+    pub fn drop(&self, service: &str, reason: Dropped) {
+        self.dropped
+            .get_or_create(&DroppedLabels {
+                service: service.to_string(),
+                reason,
+            })
+            .inc();
+    }
+}
+
+/// One endpoint's UDP handles, resolved once per route and endpoint.
+pub struct EndpointUdp {
+    pub opened: Counter,
+    pub active: Gauge,
+    pub to_endpoint: Counter,
+    pub to_client: Counter,
+    service: String,
+    endpoint: String,
+    family: std::sync::Arc<crate::metrics::ProxyMetrics>,
+}
+
+impl EndpointUdp {
+    pub fn new(
+        family: &std::sync::Arc<crate::metrics::ProxyMetrics>,
+        service: &str,
+        endpoint: &str,
+    ) -> Self {
+        let labels = EndpointLabels {
+            service: service.to_string(),
+            endpoint: endpoint.to_string(),
+        };
+        let datagrams = |direction| {
+            family
+                .udp
+                .datagrams
+                .get_or_create(&BytesLabels {
+                    service: service.to_string(),
+                    endpoint: endpoint.to_string(),
+                    direction,
+                })
+                .clone()
+        };
+        EndpointUdp {
+            opened: family.udp.opened.get_or_create(&labels).clone(),
+            active: family.udp.active.get_or_create(&labels).clone(),
+            to_endpoint: datagrams(crate::metrics::Direction::client_to_endpoint),
+            to_client: datagrams(crate::metrics::Direction::endpoint_to_client),
+            service: service.to_string(),
+            endpoint: endpoint.to_string(),
+            family: family.clone(),
+        }
+    }
+
+    pub fn ended(&self, reason: Ended) {
+        self.family
+            .udp
+            .ended
+            .get_or_create(&EndedLabels {
+                service: self.service.clone(),
+                endpoint: self.endpoint.clone(),
+                reason,
+            })
+            .inc();
+    }
+}
