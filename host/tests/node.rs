@@ -206,6 +206,56 @@ fn backend(ns: &str, ip: &'static str, stop: Arc<AtomicBool>) -> std::thread::Jo
     })
 }
 
+/// A UDP responder on port 8053 in `ns`, answering each datagram with its address,
+/// until `stop`.
+fn udp_responder(ns: &str, ip: &'static str, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<()> {
+    in_ns(ns, move || {
+        Box::pin(async move {
+            let socket = tokio::net::UdpSocket::bind(addr(ip, 8053))
+                .await
+                .expect("bind");
+            let mut buffer = [0u8; 512];
+            while !stop.load(Ordering::Relaxed) {
+                let received =
+                    tokio::time::timeout(Duration::from_millis(50), socket.recv_from(&mut buffer))
+                        .await;
+                if let Ok(Ok((_, from))) = received {
+                    let _ = socket.send_to(format!("{ip}:8053").as_bytes(), from).await;
+                }
+            }
+        })
+    })
+}
+
+/// Who answers one query from each of `count` sockets to `target` from `ns` (no answer
+/// within a second: "error: …"); each reply must come from `target` itself.
+fn udp_answers(ns: &str, target: SocketAddr, count: usize) -> Vec<String> {
+    in_ns(ns, move || {
+        Box::pin(async move {
+            let mut seen = Vec::new();
+            for _ in 0..count {
+                let socket = tokio::net::UdpSocket::bind("0.0.0.0:0").await.unwrap();
+                socket.send_to(b"query", target).await.unwrap();
+                let mut buffer = [0u8; 512];
+                let answer =
+                    tokio::time::timeout(Duration::from_secs(1), socket.recv_from(&mut buffer))
+                        .await;
+                seen.push(match answer {
+                    Ok(Ok((n, from))) if from == target => {
+                        String::from_utf8_lossy(&buffer[..n]).into_owned()
+                    }
+                    Ok(Ok((_, from))) => format!("error: answered from {from}"),
+                    Ok(Err(e)) => format!("error: {e}"),
+                    Err(_) => "error: no answer".to_string(),
+                });
+            }
+            seen
+        })
+    })
+    .join()
+    .unwrap()
+}
+
 /// Who answers `count` connections to `target` from `ns` (errors as "error: …").
 fn answers(ns: &str, target: SocketAddr, count: usize) -> Vec<String> {
     in_ns(ns, move || {
@@ -288,6 +338,10 @@ fn node_in_network_namespaces() {
         backend(&remote, "198.18.2.13", stop.clone()),
     ];
     let (local, other, far) = ("198.18.1.11:8080", "198.18.1.12:8080", "198.18.2.13:8080");
+    let _responders = [
+        udp_responder(&pod1, "198.18.1.11", stop.clone()),
+        udp_responder(&remote, "198.18.2.13", stop.clone()),
+    ];
 
     // The API server and weir live in the node namespace: this thread moves there.
     enter(&node);
@@ -328,6 +382,32 @@ fn node_in_network_namespaces() {
     // at once (kube-proxy's REJECT) rather than routed off the node.
     api.apply(service_json("empty", &cluster_ip(14), 80, None));
     api.apply(slice_json("empty", &[]));
+    // Cluster DNS: 53/UDP and 53/TCP on one clusterIP; and a UDP NodePort with
+    // externalTrafficPolicy Local.
+    let mut dns = service_json("dns", &cluster_ip(15), 53, None);
+    dns["spec"]["ports"] = json!([
+        {"name": "dns", "port": 53, "protocol": "UDP", "targetPort": 8053},
+        {"name": "dns-tcp", "port": 53, "protocol": "TCP", "targetPort": 8080},
+    ]);
+    let mut udp_local = dns.clone();
+    api.apply(dns);
+    let dns_ports = json!([
+        {"name": "dns", "port": 8053, "protocol": "UDP"},
+        {"name": "dns-tcp", "port": 8080, "protocol": "TCP"},
+    ]);
+    let mut slice = slice_json("dns", &endpoints);
+    slice["ports"] = dns_ports.clone();
+    api.apply(slice);
+    udp_local["metadata"]["name"] = json!("udp-local");
+    udp_local["spec"]["clusterIP"] = json!(cluster_ip(16));
+    udp_local["spec"]["clusterIPs"] = json!([cluster_ip(16)]);
+    udp_local["spec"]["type"] = json!("NodePort");
+    udp_local["spec"]["externalTrafficPolicy"] = json!("Local");
+    udp_local["spec"]["ports"] = json!([{"name": "dns", "port": 53, "protocol": "UDP", "targetPort": 8053, "nodePort": 30053}]);
+    api.apply(udp_local);
+    let mut slice = slice_json("udp-local", &endpoints);
+    slice["ports"] = json!([dns_ports[0]]);
+    api.apply(slice);
     let round_robin = guest_bytes("round-robin");
     let maglev = guest_bytes("maglev");
     api.apply(policies_json(&[("rr", round_robin.clone())], None));
@@ -378,7 +458,7 @@ fn node_in_network_namespaces() {
         .output()
         .unwrap();
     let addresses = String::from_utf8_lossy(&addresses.stdout);
-    for n in 10..=14 {
+    for n in 10..=16 {
         assert!(
             addresses.contains(&format!("198.19.0.{n}/32")),
             "{addresses}"
@@ -442,6 +522,27 @@ fn node_in_network_namespaces() {
     assert!(
         seen.iter().all(|s| s.starts_with("error")),
         "dropped: {seen:?}"
+    );
+
+    // UDP: cluster DNS from a pod reaches every endpoint, replies from the Service
+    // address; TCP on the same address and port is served beside it.
+    let (udp_local_pod, udp_far) = ("198.18.1.11:8053", "198.18.2.13:8053");
+    let seen = udp_answers(&pod2, addr(&cluster_ip(15), 53), 30);
+    assert_eq!(
+        distinct(&seen),
+        [udp_local_pod, udp_far].into(),
+        "UDP ClusterIP: every endpoint\n{}",
+        weir.log()
+    );
+    let seen = answers(&pod2, addr(&cluster_ip(15), 53), 10);
+    assert_eq!(distinct(&seen), [local, far].into(), "53/TCP beside 53/UDP");
+    // A UDP NodePort from outside with eTP Local: this node's endpoint only.
+    let seen = udp_answers(&client, addr(NODE_IP, 30053), 20);
+    assert_eq!(
+        distinct(&seen),
+        [udp_local_pod].into(),
+        "UDP NodePort, eTP Local\n{}",
+        weir.log()
     );
 
     // A Service deleted takes its address off weir0.
