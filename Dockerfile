@@ -1,5 +1,5 @@
 # syntax=docker/dockerfile:1
-# weir's image, for deploy/daemonset.yaml. From the repository root:
+# weir's image, for deploy/base/daemonset.yaml. From the repository root:
 #
 #   docker build -t ghcr.io/weir-proxy/weir:0.1.0 .
 #

@@ -1,22 +1,22 @@
 #!/usr/bin/env bash
 # Builds the policy modules the weir-policies ConfigMap ships and copies them into
-# deploy/policies/ as NAME.wasm, where kustomization.yaml picks them up:
+# deploy/base/policies/ as NAME.wasm, where base/kustomization.yaml picks them up:
 #
-#   deploy/build-policies.sh              # the modules kustomization.yaml lists
-#   deploy/build-policies.sh random ...   # others (add them to kustomization.yaml too)
+#   deploy/build-policies.sh              # the modules base/kustomization.yaml lists
+#   deploy/build-policies.sh random ...   # others (add them to base/kustomization.yaml too)
 #
 # Needs Rust and its wasm32-wasip2 target (`rustup target add wasm32-wasip2`). kube-default
 # is built into weir and never shipped.
 set -euo pipefail
 
-# What kustomization.yaml puts into weir-policies (host/tests/deploy.rs checks the two
+# What base/kustomization.yaml puts into weir-policies (host/tests/deploy.rs checks the two
 # agree). A ConfigMap holds at most 1 MiB, three or four modules: for more, ship several
 # ConfigMaps and select them with policies.selector in weir.toml.
 SHIPPED=(round-robin least-connections maglev)
 
 LIMIT=1048576
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-out="$root/deploy/policies"
+out="$root/deploy/base/policies"
 target_dir="$root/target/guests"
 artifacts="$target_dir/wasm32-wasip2/policy"
 
@@ -55,7 +55,7 @@ for policy in "${policies[@]}"; do
     cp "$artifacts/${policy//-/_}.wasm" "$out/$policy.wasm"
     size=$(stat -c %s "$out/$policy.wasm")
     total=$((total + size))
-    printf '%8d  deploy/policies/%s.wasm\n' "$size" "$policy"
+    printf '%8d  deploy/base/policies/%s.wasm\n' "$size" "$policy"
 done
 printf '%8d  in all, with policies.toml (a ConfigMap holds at most %d)\n' "$total" "$LIMIT"
 if [ "$total" -gt "$LIMIT" ]; then

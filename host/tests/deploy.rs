@@ -1,6 +1,6 @@
-//! The manifests in `deploy/` against the code they deploy: every document is a known
+//! The manifests in `deploy/base/` against the code they deploy: every document is a known
 //! Kubernetes kind with no field its type lacks, the probes ask the admin server's paths on
-//! `admin.address`'s port, the container runs `weir run` on the mounted `deploy/weir.toml`,
+//! `admin.address`'s port, the container runs `weir run` on the mounted `deploy/base/weir.toml`,
 //! RBAC grants exactly `weir::discovery::kubernetes::ACCESS`, and the kustomization lists
 //! every manifest and ships policies that `deploy/build-policies.sh` builds.
 
@@ -28,16 +28,17 @@ fn deploy() -> PathBuf {
         .parent()
         .expect("host/ lives in the workspace root")
         .join("deploy")
+        .join("base")
 }
 
 fn read(path: &Path) -> String {
     std::fs::read_to_string(path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()))
 }
 
-/// Every `deploy/*.yaml` but the kustomization, by file name.
+/// Every `deploy/base/*.yaml` but the kustomization, by file name.
 fn manifest_files() -> BTreeSet<String> {
     std::fs::read_dir(deploy())
-        .expect("read deploy/")
+        .expect("read deploy/base/")
         .map(|entry| entry.unwrap().file_name().to_string_lossy().into_owned())
         .filter(|name| name.ends_with(".yaml") && name != "kustomization.yaml")
         .collect()
@@ -60,7 +61,7 @@ fn manifests() -> Manifests {
     for file in manifest_files() {
         let text = read(&deploy().join(&file));
         for (n, document) in serde_yaml::Deserializer::from_str(&text).enumerate() {
-            let at = format!("deploy/{file}, document {}", n + 1);
+            let at = format!("deploy/base/{file}, document {}", n + 1);
             let yaml = serde_yaml::Value::deserialize(document)
                 .unwrap_or_else(|e| panic!("{at}: not YAML: {e}"));
             if yaml.is_null() {
@@ -120,23 +121,23 @@ fn first_difference(a: &Value, b: &Value, path: String) -> Option<String> {
     }
 }
 
-/// `deploy/weir.toml` as weir reads it in a pod, and as plain TOML (to tell what the file
+/// `deploy/base/weir.toml` as weir reads it in a pod, and as plain TOML (to tell what the file
 /// itself sets from what defaults fill in).
 fn config() -> (Config, toml::Table) {
     let text = read(&deploy().join("weir.toml"));
     let raw: toml::Table =
-        toml::from_str(&text).unwrap_or_else(|e| panic!("deploy/weir.toml: {e}"));
+        toml::from_str(&text).unwrap_or_else(|e| panic!("deploy/base/weir.toml: {e}"));
     // node.name defaults to NODE_NAME, which the DaemonSet sets and this process may not
     // have: stand in for it (the file itself must leave the name unset, see below).
     let in_pod = if raw_str(&raw, "node", "name").is_none() {
         let named = text.replacen("[node]\n", "[node]\nname = \"node-a\"\n", 1);
-        assert_ne!(named, text, "deploy/weir.toml has a [node] table");
+        assert_ne!(named, text, "deploy/base/weir.toml has a [node] table");
         named
     } else {
         text.clone()
     };
     let config = Config::parse(&in_pod, &deploy()).unwrap_or_else(|e| {
-        panic!("deploy/weir.toml is refused by weir (a line number past [node] is one more than in the file): {e}")
+        panic!("deploy/base/weir.toml is refused by weir (a line number past [node] is one more than in the file): {e}")
     });
     (config, raw)
 }
@@ -174,7 +175,7 @@ struct GeneratorOptions {
 impl Kustomization {
     fn load() -> Self {
         serde_yaml::from_str(&read(&deploy().join("kustomization.yaml")))
-            .unwrap_or_else(|e| panic!("deploy/kustomization.yaml: {e}"))
+            .unwrap_or_else(|e| panic!("deploy/base/kustomization.yaml: {e}"))
     }
 
     fn generator(&self, name: &str) -> &Generator {
@@ -182,7 +183,7 @@ impl Kustomization {
             .iter()
             .find(|g| g.name == name)
             .unwrap_or_else(|| {
-                panic!("deploy/kustomization.yaml has no configMapGenerator named {name}")
+                panic!("deploy/base/kustomization.yaml has no configMapGenerator named {name}")
             })
     }
 }
@@ -206,7 +207,7 @@ impl Generator {
 fn daemon_set(manifests: &Manifests) -> &DaemonSet {
     match manifests.daemon_sets.as_slice() {
         [one] => one,
-        other => panic!("deploy/ must hold one DaemonSet, has {}", other.len()),
+        other => panic!("deploy/base/ must hold one DaemonSet, has {}", other.len()),
     }
 }
 
@@ -266,7 +267,7 @@ fn weir_namespace(config: &Config, daemon_set: &DaemonSet) -> String {
     assert_eq!(
         env_field(weir_container(daemon_set), "POD_NAMESPACE"),
         Some("metadata.namespace"),
-        "deploy/weir.toml leaves source.namespace to POD_NAMESPACE: set it from the downward API"
+        "deploy/base/weir.toml leaves source.namespace to POD_NAMESPACE: set it from the downward API"
     );
     namespace_of(&daemon_set.metadata).to_string()
 }
@@ -379,7 +380,7 @@ fn container_runs_weir_with_the_mounted_weir_toml() {
         .unwrap_or_else(|| panic!("ConfigMap {} has no key {key}", source.name));
     assert_eq!(
         file, "weir.toml",
-        "{path} must be deploy/weir.toml, the config this test checks"
+        "{path} must be deploy/base/weir.toml, the config this test checks"
     );
 }
 
@@ -439,7 +440,7 @@ fn container_has_the_host_network_and_only_the_capabilities_it_needs() {
     );
     assert!(
         raw_str(&raw, "node", "name").is_none(),
-        "deploy/weir.toml must not name a node: every node runs it"
+        "deploy/base/weir.toml must not name a node: every node runs it"
     );
 }
 
@@ -531,7 +532,7 @@ fn rbac_grants_exactly_the_access_the_code_declares() {
             .iter()
             .any(|sa| sa.metadata.name.as_deref() == Some(account.as_str())
                 && namespace_of(&sa.metadata) == namespace),
-        "ServiceAccount {namespace}/{account} is in deploy/"
+        "ServiceAccount {namespace}/{account} is in deploy/base/"
     );
 
     let cluster_role = |name: &str| {
@@ -670,7 +671,7 @@ fn kustomization_lists_every_manifest_in_one_namespace() {
     assert_eq!(
         listed,
         manifest_files(),
-        "deploy/kustomization.yaml's resources must be exactly the other deploy/*.yaml"
+        "deploy/base/kustomization.yaml's resources must be exactly the other deploy/*.yaml"
     );
 
     let manifests = manifests();
@@ -706,7 +707,7 @@ fn kustomization_lists_every_manifest_in_one_namespace() {
 
 /// The policies `deploy/build-policies.sh` builds unless told others: its `SHIPPED=(...)`.
 fn shipped_by_script() -> BTreeSet<String> {
-    let script = read(&deploy().join("build-policies.sh"));
+    let script = read(&deploy().join("../build-policies.sh"));
     let line = script
         .lines()
         .find_map(|line| line.strip_prefix("SHIPPED=("))
@@ -725,23 +726,23 @@ fn policies_configmap_ships_library_policies_the_script_builds() {
         .policies
         .configmap
         .as_deref()
-        .expect("deploy/weir.toml names the policies ConfigMap (policies.configmap)");
+        .expect("deploy/base/weir.toml names the policies ConfigMap (policies.configmap)");
     assert!(
         kustomization.generator_options.disable_name_suffix_hash,
         "weir watches ConfigMap {name} by name: kustomize must not add a hash suffix"
     );
-    let root = deploy().parent().unwrap().to_path_buf();
+    let root = deploy().join("../..").canonicalize().unwrap();
 
     let mut modules = BTreeSet::new();
     let mut bytes = 0;
     for (key, path) in kustomization.generator(name).entries() {
         if key == "policies.toml" {
             let text = read(&deploy().join(&path));
-            let table: toml::Table =
-                toml::from_str(&text).unwrap_or_else(|e| panic!("deploy/{path} is not TOML: {e}"));
+            let table: toml::Table = toml::from_str(&text)
+                .unwrap_or_else(|e| panic!("deploy/base/{path} is not TOML: {e}"));
             assert!(
                 table.values().all(toml::Value::is_table),
-                "deploy/{path}: one table per policy"
+                "deploy/base/{path}: one table per policy"
             );
             bytes += text.len() as u64;
             continue;
@@ -752,7 +753,7 @@ fn policies_configmap_ships_library_policies_the_script_builds() {
         assert_eq!(
             path,
             format!("policies/{key}"),
-            "deploy/build-policies.sh writes {key} into deploy/policies/"
+            "deploy/build-policies.sh writes {key} into deploy/base/policies/"
         );
         assert!(
             root.join("policies")
@@ -785,10 +786,90 @@ fn policies_configmap_ships_library_policies_the_script_builds() {
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt;
-        let mode = std::fs::metadata(deploy().join("build-policies.sh"))
+        let mode = std::fs::metadata(deploy().join("../build-policies.sh"))
             .unwrap()
             .permissions()
             .mode();
         assert!(mode & 0o111 != 0, "deploy/build-policies.sh is executable");
     }
+}
+
+/// The two ways to run weir share `deploy/base/`: `deploy/` adds nothing (beside
+/// kube-proxy), `deploy/replace-kube-proxy/` swaps in its weir.toml, which differs from
+/// the base's only in serving every Service and taking kube-proxy's health port, and
+/// moves the container's admin port to match.
+#[test]
+fn the_replace_kube_proxy_variant_differs_from_the_base_only_where_it_must() {
+    let root = deploy().parent().unwrap().to_path_buf();
+    let beside: serde_yaml::Value =
+        serde_yaml::from_str(&read(&root.join("kustomization.yaml"))).unwrap();
+    assert_eq!(
+        beside["resources"],
+        serde_yaml::from_str::<serde_yaml::Value>("[base]").unwrap()
+    );
+
+    let variant = root.join("replace-kube-proxy");
+    let kustomization: serde_yaml::Value =
+        serde_yaml::from_str(&read(&variant.join("kustomization.yaml"))).unwrap();
+    assert_eq!(
+        kustomization["resources"],
+        serde_yaml::from_str::<serde_yaml::Value>("[../base]").unwrap()
+    );
+    let generator = &kustomization["configMapGenerator"][0];
+    assert_eq!(generator["name"], "weir-config");
+    assert_eq!(generator["behavior"], "replace");
+
+    let base: toml::Table = toml::from_str(&read(&deploy().join("weir.toml"))).unwrap();
+    let text = read(&variant.join("weir.toml"));
+    let replacing: toml::Table = toml::from_str(&text).unwrap();
+    assert_eq!(raw_str(&base, "source", "service_proxy_name"), Some("weir"));
+    assert_eq!(raw_str(&replacing, "source", "service_proxy_name"), None);
+    let admin = raw_str(&replacing, "admin", "address").expect("admin.address");
+    assert_eq!(admin, "0.0.0.0:10256", "kube-proxy's health port");
+    let strip = |mut table: toml::Table| {
+        for (section, key) in [("source", "service_proxy_name"), ("admin", "address")] {
+            table[section].as_table_mut().unwrap().remove(key);
+        }
+        table
+    };
+    assert_eq!(
+        strip(base),
+        strip(replacing.clone()),
+        "only those two keys differ"
+    );
+    let named = text.replacen("[node]\n", "[node]\nname = \"node-a\"\n", 1);
+    let config = Config::parse(&named, &variant).expect("weir accepts it");
+    assert_eq!(config.source.service_proxy_name, None);
+
+    // The container's admin port follows, by the JSON patch.
+    let patches = kustomization["patches"].as_sequence().unwrap();
+    let port_patch = patches
+        .iter()
+        .find_map(|p| p["patch"].as_str())
+        .expect("a JSON patch of the admin port");
+    assert!(
+        port_patch.contains("/ports/0/containerPort") && port_patch.contains("value: 10256"),
+        "{port_patch}"
+    );
+    let manifests = manifests();
+    let daemon_set = daemon_set(&manifests);
+    let port = &weir_container(daemon_set).ports.as_ref().unwrap()[0];
+    assert_eq!(
+        port.name.as_deref(),
+        Some("admin"),
+        "the patch replaces the admin port"
+    );
+
+    // weir's own lookups stay off the cluster DNS it serves, and the API server is named
+    // by address.
+    let patch: serde_yaml::Value =
+        serde_yaml::from_str(&read(&variant.join("daemonset.yaml"))).unwrap();
+    let spec = &patch["spec"]["template"]["spec"];
+    assert_eq!(spec["dnsPolicy"], "Default");
+    let env = spec["containers"][0]["env"].as_sequence().unwrap();
+    let names: Vec<&str> = env.iter().filter_map(|e| e["name"].as_str()).collect();
+    assert_eq!(
+        names,
+        ["KUBERNETES_SERVICE_HOST", "KUBERNETES_SERVICE_PORT"]
+    );
 }
