@@ -37,6 +37,8 @@ pub struct App {
     /// thread is doing.
     stop_listeners: CancellationToken,
     grace: Duration,
+    /// Where UDP flows are written at shutdown, for the next weir.
+    state_dir: Option<std::path::PathBuf>,
 }
 
 /// How a shutdown went.
@@ -137,7 +139,12 @@ impl App {
                             ));
                         }
                         (Bound::Udp(socket), ListenerKind::Service) => {
-                            tokio::spawn(udp::serve(socket, listen.address, shared.clone(), stop));
+                            (shared.udp_listeners).spawn(udp::serve(
+                                socket,
+                                listen.address,
+                                shared.clone(),
+                                stop,
+                            ));
                         }
                         (Bound::Tcp(listener), ListenerKind::HealthCheck { namespace, name }) => {
                             let state = state.clone();
@@ -154,6 +161,16 @@ impl App {
                 },
             )
         };
+        if let Some(dir) = &config.proxy.state_dir {
+            let restored = (shared.udp_saved).restore(dir, config.proxy.udp_stream_timeout.0);
+            if restored > 0 {
+                tracing::info!(
+                    restored,
+                    "UDP flows of the previous weir resume on their endpoints"
+                );
+            }
+        }
+        let state_dir = config.proxy.state_dir.clone();
         let stop_listeners = CancellationToken::new();
         let listeners = Listeners::new(
             runtime,
@@ -204,6 +221,7 @@ impl App {
             stop_admin,
             stop_listeners,
             grace,
+            state_dir,
         })
     }
 
@@ -261,8 +279,21 @@ impl App {
     pub async fn shutdown(mut self) -> Drained {
         self.readiness
             .set_shutting_down("shutting down: not accepting connections".to_string());
+        self.shared.udp_saved.start_saving();
         self.stop_listeners.cancel();
         self.stop_control_plane().await;
+        self.shared.udp_listeners.close();
+        self.shared.udp_listeners.wait().await;
+        if let Some(dir) = &self.state_dir {
+            match self.shared.udp_saved.write(dir) {
+                Ok((path, flows)) => {
+                    tracing::info!(flows, path = %path.display(), "UDP flows saved for the next weir");
+                }
+                Err(error) => {
+                    tracing::warn!(dir = %dir.display(), "cannot save the UDP flows: {error}")
+                }
+            }
+        }
         let connections = &self.shared.connections;
         connections.close();
         let open = connections.len();

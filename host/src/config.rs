@@ -213,6 +213,11 @@ pub struct ProxyConfig {
     /// UDP flows open at once for one Service port.
     #[serde(default = "default_max_udp_flows_per_service")]
     pub max_udp_flows_per_service: usize,
+    /// Where weir writes its UDP flows at shutdown and reads them back at start, so that
+    /// a restart does not move them (a directory that outlives the process: a hostPath
+    /// under /run in a cluster). None: flows end with the process.
+    #[serde(default)]
+    pub state_dir: Option<PathBuf>,
 }
 
 impl Default for ProxyConfig {
@@ -227,6 +232,7 @@ impl Default for ProxyConfig {
             udp_stream_timeout: default_udp_stream_timeout(),
             max_udp_flows: default_max_udp_flows(),
             max_udp_flows_per_service: default_max_udp_flows_per_service(),
+            state_dir: None,
         }
     }
 }
@@ -399,6 +405,9 @@ impl Config {
             resolve(dir);
         }
         if let Some(dir) = config.policies.cache_dir.as_mut() {
+            resolve(dir);
+        }
+        if let Some(dir) = config.proxy.state_dir.as_mut() {
             resolve(dir);
         }
         if let Some(path) = config.source.kubeconfig.as_mut() {

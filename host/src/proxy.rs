@@ -273,6 +273,11 @@ pub struct Shared {
     pub close: CancellationToken,
     /// UDP flows open now on this node, against `proxy.max_udp_flows`.
     pub udp_flows: std::sync::atomic::AtomicUsize,
+    /// Every UDP listener's task: at shutdown they hand their flows over, and are waited
+    /// for before the flows are written.
+    pub udp_listeners: TaskTracker,
+    /// UDP flows across a restart (`proxy.state_dir`).
+    pub udp_saved: udp::saved::Saved,
 }
 
 impl Shared {
@@ -285,6 +290,8 @@ impl Shared {
             connections: TaskTracker::new(),
             close: CancellationToken::new(),
             udp_flows: Default::default(),
+            udp_listeners: TaskTracker::new(),
+            udp_saved: Default::default(),
         }
     }
 

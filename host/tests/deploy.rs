@@ -445,7 +445,7 @@ fn container_has_the_host_network_and_only_the_capabilities_it_needs() {
 }
 
 #[test]
-fn the_module_cache_is_the_only_writable_path() {
+fn the_module_cache_and_the_flow_state_are_the_only_writable_paths() {
     let manifests = manifests();
     let (config, _) = config();
     let daemon_set = daemon_set(&manifests);
@@ -473,6 +473,34 @@ fn the_module_cache_is_the_only_writable_path() {
         volume.empty_dir.is_some(),
         "the cache is an emptyDir: compiled modules are weir's own, never shared"
     );
+
+    // UDP flows outlive the pod, on the node's /run: the next weir on the node reads them.
+    let state = config
+        .proxy
+        .state_dir
+        .as_ref()
+        .expect("proxy.state_dir is set");
+    let mount = (container.volume_mounts.iter().flatten())
+        .find(|m| state.starts_with(&m.mount_path))
+        .unwrap_or_else(|| panic!("nothing is mounted at {}", state.display()));
+    assert_ne!(mount.read_only, Some(true));
+    let volume = (pod_spec(daemon_set).volumes.iter().flatten())
+        .find(|v| v.name == mount.name)
+        .unwrap();
+    let host = volume
+        .host_path
+        .as_ref()
+        .expect("a hostPath: it outlives the pod");
+    assert!(
+        host.path.starts_with("/run/"),
+        "tmpfs, gone at reboot: {}",
+        host.path
+    );
+    let writable: Vec<&str> = (container.volume_mounts.iter().flatten())
+        .filter(|m| m.read_only != Some(true))
+        .map(|m| m.mount_path.as_str())
+        .collect();
+    assert_eq!(writable, ["/var/cache/weir", "/run/weir"]);
 }
 
 /// What one binding grants: `(group, resource, verb)` and where.

@@ -441,3 +441,40 @@ async fn a_policy_swap_keeps_flows_on_endpoints_that_still_serve() {
     }
     weir.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_keeps_flows_on_their_endpoints() {
+    const T: u8 = 66;
+    let (_udp, _tcp) = endpoints(T, 3).await;
+    let state = tempfile::tempdir().unwrap();
+    let config = format!("[proxy]\nstate_dir = \"{}\"\n", state.path().display());
+    let objects = [("dns.yaml", dns(T, &[1, 2, 3], ""))];
+    let weir = Weir::start(ip(T, 0, 1), &objects, &[], &config).await;
+    let service = SocketAddr::new(ip(T, 0, 10), PORT);
+    let mut sockets = Vec::new();
+    let mut pinned = Vec::new();
+    for _ in 0..8 {
+        let socket = client(T, service).await;
+        pinned.push(ask(&socket, b"before").await.unwrap());
+        sockets.push(socket);
+    }
+    weir.shutdown().await;
+    assert!(state.path().join("udp-flows.json").exists(), "flows saved");
+
+    // A new weir, as after a rollout: each client keeps its endpoint (kube-default picks
+    // at random, so 8 flows would not all land where they were by chance).
+    let weir = Weir::start(ip(T, 0, 1), &objects, &[], &config).await;
+    for (socket, before) in sockets.iter().zip(&pinned) {
+        let mut answer = ask(socket, b"after").await;
+        // The listener may open just after readiness is reported.
+        for _ in 0..20 {
+            if answer.is_ok() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            answer = ask(socket, b"after").await;
+        }
+        assert_eq!(&answer.expect("served after the restart"), before);
+    }
+    weir.shutdown().await;
+}

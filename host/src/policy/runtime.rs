@@ -320,6 +320,21 @@ impl PolicyRuntime {
             && state.input.address(endpoint) == Some(address)
     }
 
+    /// The endpoint at `address`, if it is eligible for `scope` traffic of a port.
+    pub fn eligible_at(
+        &self,
+        handle: u32,
+        scope: Scope,
+        address: std::net::SocketAddr,
+    ) -> Option<EndpointId> {
+        let port = read(&self.ports).get(&handle).cloned()?;
+        let state = lock(&port.state);
+        let set = &state.eligibility.for_scope(scope).endpoints;
+        set.iter()
+            .copied()
+            .find(|id| state.input.address(*id) == Some(address))
+    }
+
     /// The decision for one new connection.
     pub fn select(&self, handle: u32, connection: &Connection) -> HostDecision {
         let ports = read(&self.ports);

@@ -161,6 +161,14 @@ impl Decision {
         self.outcome(endpoint, OutcomeKind::ConnectFailed, took);
     }
 
+    /// The endpoint at `address`, if it may serve this connection: a flow resumed after
+    /// a restart keeps its endpoint without asking the policy again.
+    pub fn resume(&self, address: SocketAddr) -> Option<(EndpointId, SocketAddr)> {
+        let endpoint = (self.policy).eligible_at(self.route.handle, self.request.scope, address)?;
+        self.route.metrics.forward.inc();
+        Some((endpoint, address))
+    }
+
     /// Not to be tried for this connection: it refused the client just before (the
     /// policy is not told again).
     pub fn avoid(&mut self, endpoint: EndpointId, _address: SocketAddr) {

@@ -24,6 +24,7 @@
 //! counted. A flow costs a socket (one file descriptor), a task and an entry here.
 
 pub mod metrics;
+pub mod saved;
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -132,6 +133,17 @@ pub async fn serve(
             () = stop.cancelled() => break,
         }
     }
+    // At shutdown, the next weir takes the flows over.
+    flows.shared.udp_saved.keep(
+        flows
+            .by_client
+            .iter()
+            .map(|(client, flow)| saved::SavedFlow {
+                service: address,
+                client: *client,
+                endpoint: flow.target,
+            }),
+    );
     let clients: Vec<SocketAddr> = flows.by_client.keys().copied().collect();
     for client in clients {
         flows.end(client, Ended::closed);
@@ -250,7 +262,14 @@ impl Flows {
         if let Some((endpoint, target)) = avoid {
             decision.avoid(endpoint, target);
         }
-        let (endpoint, target) = match decision.next_step() {
+        // A flow the previous weir had goes back to its endpoint, if it still serves.
+        let resumed = (self.shared.udp_saved.claim(&self.listen, client))
+            .and_then(|address| decision.resume(address));
+        let next = match resumed {
+            Some((endpoint, address)) => Next::Forward { endpoint, address },
+            None => decision.next_step(),
+        };
+        let (endpoint, target) = match next {
             Next::Forward { endpoint, address } => (endpoint, address),
             Next::Reject | Next::Drop | Next::GiveUp => {
                 udp_metrics.drop(service, Dropped::refused);
