@@ -15,6 +15,7 @@ cd "$(dirname "$0")/.."
 DURATION=${DURATION:-10}       # seconds per run
 THREADS=${THREADS:-1}          # proxy threads: weir's workers and nginx's worker_processes
 CLIENTS=${CLIENTS:-20}         # dnsperf's client sockets (each is one flow)
+FLOWS=${FLOWS:-5000}           # flows opened at once to measure weir's memory per flow
 OUTSTANDING=${OUTSTANDING:-100}
 TARGETS=${TARGETS:-direct weir nginx}
 
@@ -89,7 +90,8 @@ address = "127.42.0.1:10256"
 workers = $THREADS
 TOML
 WEIR_LOG=warn "$WEIR" run --config "$work/weir/weir.toml" &
-pids+=($!)
+WEIR_PID=$!
+pids+=($WEIR_PID)
 
 # nginx's stream module on the same servers.
 mkdir -p "$work/nginx"
@@ -165,3 +167,41 @@ read -r nq n50 n99 _ <<<"${result[nginx]}"
 printf '\n%16s %15s %13s %13s\n' weir/direct_qps weir/nginx_qps weir/nginx_p50 weir/nginx_p99
 awk -v d="$dq" -v w="$wq" -v n="$nq" -v w50="$w50" -v n50="$n50" -v w99="$w99" -v n99="$n99" \
     'BEGIN {printf "%16.2f %15.2f %13.2f %13.2f\n", w/d, w/n, w50/n50, w99/n99}'
+
+# Memory per flow: FLOWS client sockets each open one flow (a query and its answer) and
+# keep it; weir's resident memory before and after. Each flow also holds a kernel socket
+# (one file descriptor, its buffers charged to the kernel, not to weir's RSS).
+rss_kib() { awk '/^VmRSS/ {print $2}' "/proc/$WEIR_PID/status"; }
+active_flows() {
+    curl -sf http://127.42.0.1:10256/metrics |
+        awk '/^weir_udp_flows_active\{service="default\/dns:dns"/ {n += $NF} END {print n + 0}'
+}
+sleep 31   # the flows of the runs above end (proxy.udp_timeout)
+before=$(rss_kib)
+before_flows=$(active_flows)
+python3 - "$FLOWS" <<'PY' &
+import socket, sys, time
+flows, sockets = int(sys.argv[1]), []
+query = bytes.fromhex("123401000001000000000000076578616d706c6503636f6d0000010001")
+for n in range(flows):
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.settimeout(2)
+    s.connect(("127.42.0.10", 53))
+    s.send(query)
+    try:
+        s.recv(512)
+    except OSError:
+        pass
+    sockets.append(s)
+time.sleep(20)
+PY
+holder=$!
+for _ in $(seq 1 600); do
+    [ "$(active_flows)" -ge $((before_flows + FLOWS * 95 / 100)) ] && break
+    sleep 0.1
+done
+after=$(rss_kib)
+after_flows=$(active_flows)
+kill $holder 2>/dev/null || true
+awk -v f=$((after_flows - before_flows)) -v b="$before" -v a="$after" \
+    'BEGIN {printf "\nflows: %d open; weir RSS %d -> %d KiB: %.2f KiB per flow (plus one socket each in the kernel)\n", f, b, a, f ? (a - b) / f : 0}'

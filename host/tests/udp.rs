@@ -478,3 +478,60 @@ async fn a_restart_keeps_flows_on_their_endpoints() {
     }
     weir.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn flow_outcomes_reach_a_policy_that_counts_them() {
+    const T: u8 = 67;
+    let (_udp, _tcp) = endpoints(T, 2).await;
+    let annotations = "weir.dev/policy: fewest, weir.dev/udp-timeout: 1s";
+    let weir = Weir::start(
+        ip(T, 0, 1),
+        &[("dns.yaml", dns(T, &[1, 2], annotations))],
+        &[("fewest", guest_bytes("least-connections"))],
+        "",
+    )
+    .await;
+    let service = SocketAddr::new(ip(T, 0, 10), PORT);
+    // Four flows: least-connections counts each opened flow, so they split two and two.
+    let mut flows = Vec::new();
+    for _ in 0..4 {
+        let socket = client(T, service).await;
+        let endpoint = ask(&socket, b"open").await.unwrap();
+        flows.push((socket, endpoint));
+    }
+    let x = format!("{}:8053", ip(T, 1, 1));
+    let on_x = flows.iter().filter(|(_, e)| *e == x).count();
+    assert_eq!(
+        on_x,
+        2,
+        "opened flows are counted: {flows:?}",
+        flows = flows.iter().map(|f| &f.1).collect::<Vec<_>>()
+    );
+
+    // The flows on endpoint 2 stay busy; those on endpoint 1 go idle and close. The
+    // policy is told, so endpoint 1 has 0 flows and endpoint 2 has 2.
+    let idle_closed = format!(
+        "weir_udp_flows_ended_total{{service=\"default/dns:dns\",endpoint=\"{x}\",reason=\"idle\"}}"
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while weir.metric(&idle_closed) < 2 {
+        assert!(Instant::now() < deadline, "idle flows did not close");
+        for (socket, endpoint) in &flows {
+            if *endpoint != x {
+                assert_eq!(&ask(socket, b"busy").await.unwrap(), endpoint);
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // So the next two flows both go to endpoint 1.
+    for _ in 0..2 {
+        let socket = client(T, service).await;
+        assert_eq!(
+            ask(&socket, b"new").await.unwrap(),
+            x,
+            "closed flows are counted"
+        );
+        flows.push((socket, x.clone()));
+    }
+    weir.shutdown().await;
+}
