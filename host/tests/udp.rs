@@ -345,8 +345,14 @@ async fn idle_flows_end_refusing_endpoints_are_left_and_caps_count_drops() {
         weir.metrics()
     );
 
-    // Idle for the Service's 1 s: flows end.
+    // Twelve one-query flows under a cap of three: the oldest were evicted to make room.
     let live = format!("{}:8053", ip(T, 1, 1));
+    let evicted = format!(
+        "weir_udp_flows_ended_total{{service=\"default/dns:dns\",endpoint=\"{live}\",reason=\"evicted\"}}"
+    );
+    assert!(weir.metric(&evicted) > 0, "{}", weir.metrics());
+
+    // Idle for the Service's 1 s: flows end.
     let idle = format!(
         "weir_udp_flows_ended_total{{service=\"default/dns:dns\",endpoint=\"{live}\",reason=\"idle\"}}"
     );

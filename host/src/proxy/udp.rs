@@ -19,7 +19,7 @@
 //! - a policy swap keeps every flow whose endpoint the new version still lets serve.
 //!
 //! Datagrams up to 64 KiB pass whole. Flows are capped per node and per Service port;
-//! at a cap the longest-idle flow that never became a stream is evicted (as conntrack
+//! at a cap the oldest flow that never became a stream is evicted (as conntrack
 //! evicts when its table is full), and if there is none the datagram is dropped and
 //! counted. A flow costs a socket (one file descriptor), a task and an entry here.
 
@@ -27,7 +27,7 @@ pub mod metrics;
 pub mod saved;
 
 use std::cell::RefCell;
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -79,6 +79,8 @@ struct Activity {
 
 /// One client's flow to one endpoint.
 struct Flow {
+    /// Tells this flow from an earlier one of the same client.
+    id: u64,
     decision: Decision,
     endpoint: EndpointId,
     target: SocketAddr,
@@ -98,6 +100,9 @@ struct Flows {
     shared: Arc<Shared>,
     started: Instant,
     by_client: HashMap<SocketAddr, Flow>,
+    /// Flows in the order they opened, for eviction at a cap (see [`Flows::evict`]).
+    unassured: VecDeque<(SocketAddr, u64)>,
+    next_id: u64,
 }
 
 /// Serves one UDP listener until `stop` is cancelled; its flows end with it.
@@ -116,6 +121,8 @@ pub async fn serve(
         shared,
         started: Instant::now(),
         by_client: HashMap::new(),
+        unassured: VecDeque::new(),
+        next_id: 0,
     };
     let mut buffer = vec![0u8; DATAGRAM];
     let mut sweep = tokio::time::interval(SWEEP);
@@ -248,7 +255,7 @@ impl Flows {
                 return false;
             }
         };
-        // Caps: room is made by evicting the longest-idle flow that is not a stream.
+        // Caps: room is made by evicting the oldest flow that is not a stream.
         if route.metrics.udp_flows.load(Ordering::Relaxed) >= max_per_service
             && !self.evict(Some(route))
         {
@@ -306,6 +313,8 @@ impl Flows {
             self.started,
         ))
         .abort_handle();
+        let id = self.next_id;
+        self.next_id += 1;
         self.by_client.insert(
             client,
             Flow {
@@ -315,30 +324,50 @@ impl Flows {
                 upstream,
                 activity,
                 replies,
+                id,
                 stream: false,
                 opened: Instant::now(),
                 metrics,
             },
         );
+        self.queue(client, id);
         true
     }
 
-    /// Evicts the longest-idle flow that is not a stream (of `route`'s Service port, if
-    /// given). Returns whether one was.
+    /// Evicts the oldest flow that is not a stream (of `route`'s Service port, if given),
+    /// in constant time amortised: the queue holds flows in the order they opened, and
+    /// entries of flows that ended or became streams are skipped as they come up.
+    /// Returns whether one was.
     fn evict(&mut self, route: Option<&Arc<Route>>) -> bool {
-        let victim = (self.by_client.iter())
-            .filter(|(_, flow)| !flow.stream)
-            .filter(|(_, flow)| {
-                route.is_none_or(|r| Arc::ptr_eq(&flow.decision.route().metrics, &r.metrics))
-            })
-            .min_by_key(|(_, flow)| flow.activity.last.load(Ordering::Relaxed))
-            .map(|(client, _)| *client);
-        match victim {
-            Some(client) => {
-                self.end(client, Ended::evicted);
-                true
+        while let Some((client, id)) = self.unassured.pop_front() {
+            let Some(flow) = self.by_client.get(&client) else {
+                continue;
+            };
+            if flow.id != id || flow.stream {
+                continue;
             }
-            None => false,
+            if route.is_some_and(|r| !Arc::ptr_eq(&flow.decision.route().metrics, &r.metrics)) {
+                // Another Service port's flow (the address changed hands): it still ends
+                // by its idle timeout.
+                continue;
+            }
+            self.end(client, Ended::evicted);
+            return true;
+        }
+        false
+    }
+
+    /// Notes a new flow as an eviction candidate; entries of flows gone are dropped once
+    /// they outnumber the flows.
+    fn queue(&mut self, client: SocketAddr, id: u64) {
+        self.unassured.push_back((client, id));
+        if self.unassured.len() > 2 * self.by_client.len() + 64 {
+            let by_client = &self.by_client;
+            self.unassured.retain(|(client, id)| {
+                by_client
+                    .get(client)
+                    .is_some_and(|flow| flow.id == *id && !flow.stream)
+            });
         }
     }
 

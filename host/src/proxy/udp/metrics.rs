@@ -18,8 +18,8 @@ pub enum Ended {
     endpoint_gone,
     /// Its endpoint answered ICMP port unreachable: the next datagram opens a new flow.
     endpoint_refused,
-    /// The flow cap was reached, and this was the longest-idle flow that never became a
-    /// stream (the kernel's conntrack evicts the same way when its table is full).
+    /// The flow cap was reached, and this was the oldest flow that never became a stream
+    /// (the kernel's conntrack drops such entries early when its table is full).
     evicted,
     /// Its listener closed (the Service went, or weir is stopping).
     closed,
