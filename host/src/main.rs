@@ -60,7 +60,8 @@ enum PolicyCommand {
         /// becomes a workspace member.
         #[arg(long)]
         dir: Option<PathBuf>,
-        /// The weir SDK to depend on outside a weir checkout (default: this build's).
+        /// The weir SDK to depend on outside a weir checkout (default: the one this weir
+        /// carries, written into the new crate as weir-sdk/).
         #[arg(long)]
         sdk: Option<PathBuf>,
     },
@@ -79,6 +80,9 @@ enum PolicyCommand {
         #[arg(long, default_value = "")]
         config: String,
     },
+    /// Print the contract, `weir:policy` (wit/policy.wit), for a policy written with any
+    /// component-model toolchain.
+    Wit,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -127,7 +131,7 @@ fn main() -> ExitCode {
                 dir: dir.unwrap_or_else(|| PathBuf::from(&name)),
                 name,
                 template,
-                sdk: sdk.unwrap_or_else(weir::cli::scaffold::default_sdk),
+                sdk,
             };
             match weir::cli::scaffold::create(&new) {
                 Ok(files) => {
@@ -181,6 +185,12 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+        Command::Policy {
+            command: PolicyCommand::Wit,
+        } => {
+            print!("{}", weir::cli::sdk::WIT);
+            ExitCode::SUCCESS
+        }
     }
 }
 

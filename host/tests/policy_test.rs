@@ -143,3 +143,42 @@ fn bad_scripts_are_refused_with_an_example() {
     assert!(text.contains("unknown variant `delete`"), "{text}");
     assert!(text.contains("- remove:"), "{text}");
 }
+
+/// With `--seed`, WASI's randomness and clocks come from the seed and the test clock: a
+/// policy that picks with them (the hostile guest's `wasi-select`) gives the same report
+/// twice, and another seed gives another.
+#[test]
+fn wasi_randomness_and_clocks_follow_the_seed() {
+    let dir = tempfile::tempdir().unwrap();
+    let objects = fixtures().join("objects.yaml");
+    let text = std::fs::read_to_string(&objects).unwrap().replace(
+        "metadata: {name: web, namespace: default}",
+        "metadata: {name: web, namespace: default, annotations: {weir.dev/policy-config: wasi-select}}",
+    );
+    assert!(
+        text.contains("wasi-select"),
+        "the fixture's web Service moved"
+    );
+    let objects = dir.path().join("objects.yaml");
+    std::fs::write(&objects, text).unwrap();
+    let run = |seed: &str| {
+        let output = Command::new(env!("CARGO_BIN_EXE_weir"))
+            .args(["policy", "test"])
+            .arg(weir::test_helpers::guest_path("hostile"))
+            .arg("--objects")
+            .arg(&objects)
+            .args(["--node", "node-a", "--connections", "100", "--seed", seed])
+            .args(["-o", "json"])
+            .output()
+            .expect("run weir");
+        assert!(
+            output.status.success(),
+            "{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        stable_json(&output)
+    };
+    let first = run("5");
+    assert_eq!(first, run("5"), "the same seed, the same report");
+    assert_ne!(first, run("6"), "another seed, another spread");
+}

@@ -1,8 +1,9 @@
 //! `weir policy new`: a policy crate that builds to a component with one command, inside
-//! this repository's `policies/` (a workspace member) or anywhere else (a standalone crate
-//! using this checkout's SDK by path).
+//! a weir checkout's `policies/` (a workspace member) or anywhere else: a standalone crate
+//! with the SDK this weir carries written beside it (`weir-sdk/`, see `sdk.rs`), or
+//! another SDK by path (`--sdk`).
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 /// Where a new crate goes and what it starts from.
 #[derive(Clone, Debug)]
@@ -12,8 +13,9 @@ pub struct NewPolicy {
     pub template: String,
     /// The directory to create (default `./NAME`).
     pub dir: PathBuf,
-    /// The SDK crate to depend on when outside this repository.
-    pub sdk: PathBuf,
+    /// The SDK crate to depend on when outside a checkout; `None`: the SDK this weir
+    /// carries, written into the new crate.
+    pub sdk: Option<PathBuf>,
 }
 
 /// The library policies a new crate can start from, with their sources.
@@ -57,11 +59,6 @@ pub const TEMPLATES: &[(&str, &str)] = &[
     ),
 ];
 
-/// The SDK of the checkout this binary was built from.
-pub fn default_sdk() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../policies/sdk")
-}
-
 /// Writes the crate; returns the files written.
 pub fn create(new: &NewPolicy) -> Result<Vec<PathBuf>, String> {
     validate_name(&new.name)?;
@@ -90,17 +87,20 @@ pub fn create(new: &NewPolicy) -> Result<Vec<PathBuf>, String> {
         .is_some_and(|sdk| {
             std::fs::read_to_string(sdk).is_ok_and(|t| t.contains("name = \"weir-sdk\""))
         });
-    let sdk_dependency = if member {
-        "{ path = \"../sdk\" }".to_string()
-    } else {
-        let sdk = new.sdk.canonicalize().map_err(|_| {
-            format!(
-                "the weir SDK is not at {}; pass --sdk <weir checkout>/policies/sdk",
-                new.sdk.display()
-            )
-        })?;
-        format!("{{ path = {:?} }}", sdk.display().to_string())
+    let sdk_dependency = match (member, &new.sdk) {
+        (true, _) => "{ path = \"../sdk\" }".to_string(),
+        (false, Some(sdk)) => {
+            let sdk = sdk.canonicalize().map_err(|_| {
+                format!(
+                    "the weir SDK is not at {}; pass --sdk <weir checkout>/policies/sdk, or leave --sdk out to use the SDK this weir carries",
+                    sdk.display()
+                )
+            })?;
+            format!("{{ path = {:?} }}", sdk.display().to_string())
+        }
+        (false, None) => "{ path = \"weir-sdk\" }".to_string(),
     };
+    let vendored = !member && new.sdk.is_none();
     let camel = camel_case(&new.name);
     let wasm = format!("{}.wasm", new.name.replace('-', "_"));
     let lib = source
@@ -123,11 +123,7 @@ weir-sdk = {sdk_dependency}
 serde = {{ version = "1", features = ["derive"] }}
 {standalone}"#,
         name = new.name,
-        standalone = if member {
-            ""
-        } else {
-            "\n# Its own workspace, wherever it is put.\n[workspace]\n\n[profile.release]\nlto = true\ncodegen-units = 1\nstrip = \"debuginfo\"\n"
-        },
+        standalone = if member { "" } else { STANDALONE },
     );
     let release_dir = if member {
         "../../target/wasm32-wasip2/release"
@@ -148,8 +144,33 @@ serde = {{ version = "1", features = ["derive"] }}
     for (path, text) in &files {
         std::fs::write(path, text).map_err(|e| format!("{}: {e}", path.display()))?;
     }
-    Ok(files.into_iter().map(|(path, _)| path).collect())
+    let mut written: Vec<PathBuf> = files.into_iter().map(|(path, _)| path).collect();
+    if vendored {
+        super::sdk::write(&new.dir.join("weir-sdk"))?;
+        written.push(new.dir.join("weir-sdk"));
+        // The versions this weir was built and tested with; cargo drops what the crate
+        // does not use.
+        let lock = new.dir.join("Cargo.lock");
+        std::fs::write(&lock, super::sdk::LOCK).map_err(|e| format!("{}: {e}", lock.display()))?;
+        written.push(lock);
+    }
+    Ok(written)
 }
+
+/// A crate outside a checkout: its own workspace, and a release profile that makes small
+/// components (a ConfigMap holds 1 MiB).
+const STANDALONE: &str = "
+# Its own workspace, wherever it is put.
+[workspace]
+
+# Small components: a policies ConfigMap holds at most 1 MiB.
+[profile.release]
+opt-level = \"z\"
+lto = true
+codegen-units = 1
+panic = \"abort\"
+strip = true
+";
 
 /// Names a new policy cannot take: this workspace's own crates and Rust's keywords.
 const RESERVED: &[&str] = &[
@@ -313,7 +334,7 @@ mod tests {
             name: "x".into(),
             template: "nope".into(),
             dir: dir.path().join("x"),
-            sdk: default_sdk(),
+            sdk: None,
         })
         .unwrap_err();
         assert!(

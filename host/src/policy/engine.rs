@@ -141,8 +141,10 @@ impl PolicyEngine {
         }))
     }
 
-    /// An engine whose instances draw repeatable randomness from `seed`, for tools that
-    /// must give the same answer twice (`weir policy test`, replays).
+    /// An engine whose instances draw repeatable randomness from `seed` (weir's random
+    /// import and WASI's) and read a clock that moves only with [`Self::advance_clock`]
+    /// (weir's clock import and WASI's clocks), for tools that must give the same answer
+    /// twice (`weir policy test`, replays).
     pub fn new_seeded(
         limits: Limits,
         cache_dir: Option<&Path>,
@@ -150,9 +152,10 @@ impl PolicyEngine {
         seed: u64,
     ) -> anyhow::Result<Arc<Self>> {
         let mut engine = Self::new(limits, cache_dir, metrics)?;
-        Arc::get_mut(&mut engine)
-            .expect("just built, not shared")
-            .random_seed = Some(seed);
+        let seeded = Arc::get_mut(&mut engine).expect("just built, not shared");
+        seeded.random_seed = Some(seed);
+        // Time moves only when the tool moves it: a run repeats whatever the machine.
+        seeded.clock = Arc::new(PolicyClock::frozen());
         Ok(engine)
     }
 

@@ -42,11 +42,13 @@ pub struct StoreState {
 }
 
 /// The clock policies read: monotonic, shared by every instance of an engine, and movable
-/// forward by tools that replay time (`weir policy test` scripts).
+/// forward by tools that replay time (`weir policy test` scripts). A frozen clock moves
+/// only when moved: what a seeded engine gives its instances, so that a run repeats.
 #[derive(Debug)]
 pub struct PolicyClock {
     origin: Instant,
     offset_nanos: AtomicU64,
+    frozen: bool,
 }
 
 impl Default for PolicyClock {
@@ -54,13 +56,29 @@ impl Default for PolicyClock {
         PolicyClock {
             origin: Instant::now(),
             offset_nanos: AtomicU64::new(0),
+            frozen: false,
         }
     }
 }
 
+/// Where a frozen clock's wall time starts: 2026-01-01T00:00:00Z.
+const FROZEN_EPOCH_SECONDS: u64 = 1_767_225_600;
+
 impl PolicyClock {
+    /// A clock that moves only with [`PolicyClock::advance`].
+    pub fn frozen() -> Self {
+        PolicyClock {
+            frozen: true,
+            ..PolicyClock::default()
+        }
+    }
+
     pub fn now_nanos(&self) -> u64 {
-        self.origin.elapsed().as_nanos() as u64 + self.offset_nanos.load(Ordering::Relaxed)
+        let offset = self.offset_nanos.load(Ordering::Relaxed);
+        if self.frozen {
+            return offset;
+        }
+        self.origin.elapsed().as_nanos() as u64 + offset
     }
 
     pub fn advance(&self, by: std::time::Duration) {
@@ -87,6 +105,14 @@ impl StoreState {
             .allow_udp(false)
             .allow_ip_name_lookup(false)
             .max_random_size(limits.random_bytes_per_call);
+        if let Some(seed) = seed {
+            // Seeded: WASI's randomness and clocks repeat too, not only weir's imports.
+            wasi.secure_random(seeded_bytes(seed))
+                .insecure_random(seeded_bytes(seed.rotate_left(17)))
+                .insecure_random_seed(u128::from(seed))
+                .monotonic_clock(TestClock(clock.clone()))
+                .wall_clock(TestClock(clock.clone()));
+        }
         let mut table = ResourceTable::new();
         table.set_max_capacity(limits.max_resources);
         StoreState {
@@ -107,6 +133,44 @@ impl StoreState {
             cpu_at_deadline: None,
             extensions: 0,
         }
+    }
+}
+
+/// 64 KiB from `seed` (splitmix64), repeated: WASI randomness for a seeded instance.
+fn seeded_bytes(seed: u64) -> wasmtime_wasi::Deterministic {
+    let mut state = seed;
+    let mut bytes = Vec::with_capacity(64 << 10);
+    while bytes.len() < 64 << 10 {
+        state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        bytes.extend_from_slice(&(z ^ (z >> 31)).to_le_bytes());
+    }
+    wasmtime_wasi::Deterministic::new(bytes)
+}
+
+/// WASI's clocks from the engine's clock, for seeded instances.
+struct TestClock(Arc<PolicyClock>);
+
+impl wasmtime_wasi::HostMonotonicClock for TestClock {
+    fn resolution(&self) -> u64 {
+        1
+    }
+
+    fn now(&self) -> u64 {
+        self.0.now_nanos()
+    }
+}
+
+impl wasmtime_wasi::HostWallClock for TestClock {
+    fn resolution(&self) -> std::time::Duration {
+        std::time::Duration::from_nanos(1)
+    }
+
+    fn now(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(FROZEN_EPOCH_SECONDS)
+            + std::time::Duration::from_nanos(self.0.now_nanos())
     }
 }
 

@@ -56,6 +56,22 @@ fn spin_for(millis: u64) {
 }
 
 /// Host resources (WASI pollables) created and never dropped.
+/// WASI's secure and insecure randomness, wall clock and monotonic clock, mixed.
+#[cfg(target_arch = "wasm32")]
+fn wasi_entropy() -> u64 {
+    let wall = wasip2::clocks::wall_clock::now();
+    wasip2::random::random::get_random_u64()
+        ^ wasip2::random::insecure::get_insecure_random_u64().rotate_left(13)
+        ^ wall.seconds.wrapping_mul(31)
+        ^ u64::from(wall.nanoseconds)
+        ^ wasip2::clocks::monotonic_clock::now().rotate_left(29)
+}
+
+#[cfg(not(target_arch = "wasm32"))]
+fn wasi_entropy() -> u64 {
+    0
+}
+
 fn hoard_resources() -> ! {
     #[cfg(target_arch = "wasm32")]
     loop {
@@ -172,6 +188,12 @@ impl Policy for Hostile {
             Some("memory-select") => allocate_forever(),
             Some("panic-select") => panic!("select panics on purpose"),
             Some("unknown-id-select") => Decision::Forward(9_999),
+            // WASI's randomness and clocks pick the endpoint: repeatable only if the host
+            // makes them so.
+            Some("wasi-select") => {
+                let picked = wasi_entropy() % eligible.len() as u64;
+                Decision::Forward(eligible[picked as usize])
+            }
             _ => {
                 let endpoint = eligible[state.next % eligible.len()];
                 state.next += 1;
