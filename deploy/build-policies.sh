@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Builds the policy modules the weir-policies ConfigMap ships and copies them into
-# deploy/base/policies/ as NAME.wasm, where base/kustomization.yaml picks them up:
+# Builds the policy modules the weir-policies ConfigMap ships and gzips them into
+# deploy/base/policies/ as NAME.wasm.gz, where base/kustomization.yaml picks them up:
 #
 #   deploy/build-policies.sh              # the modules base/kustomization.yaml lists
 #   deploy/build-policies.sh random ...   # others (add them to base/kustomization.yaml too)
@@ -10,9 +10,10 @@
 set -euo pipefail
 
 # What base/kustomization.yaml puts into weir-policies (host/tests/deploy.rs checks the two
-# agree). A ConfigMap holds at most 1 MiB, three or four modules: for more, ship several
-# ConfigMaps and select them with policies.selector in weir.toml.
-SHIPPED=(round-robin least-connections maglev)
+# agree): the whole library, gzipped (NAME.wasm.gz; weir inflates them), which fits in the
+# 1 MiB a ConfigMap holds. For more, ship several ConfigMaps and select them with
+# policies.selector in weir.toml.
+SHIPPED=(random round-robin least-connections p2c-ewma maglev ring-hash locality client-ip-affinity)
 
 LIMIT=1048576
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -52,10 +53,11 @@ cargo build --target wasm32-wasip2 --profile policy --target-dir "$target_dir" "
 
 total=$(stat -c %s "$out/policies.toml")
 for policy in "${policies[@]}"; do
-    cp "$artifacts/${policy//-/_}.wasm" "$out/$policy.wasm"
-    size=$(stat -c %s "$out/$policy.wasm")
+    gzip -9 -n -c "$artifacts/${policy//-/_}.wasm" >"$out/$policy.wasm.gz"
+    size=$(stat -c %s "$out/$policy.wasm.gz")
     total=$((total + size))
-    printf '%8d  deploy/base/policies/%s.wasm\n' "$size" "$policy"
+    printf '%8d  deploy/base/policies/%s.wasm.gz (%d inflated)\n' "$size" "$policy" \
+        "$(stat -c %s "$artifacts/${policy//-/_}.wasm")"
 done
 printf '%8d  in all, with policies.toml (a ConfigMap holds at most %d)\n' "$total" "$LIMIT"
 if [ "$total" -gt "$LIMIT" ]; then

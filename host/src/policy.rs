@@ -17,7 +17,7 @@ mod runtime;
 mod service;
 pub mod settings;
 
-pub use engine::{CompiledPolicy, LoadError, PolicyEngine, sha256_hex};
+pub use engine::{CompiledPolicy, LoadError, PolicyEngine, module_sha256, sha256_hex, unpack};
 pub use instance::{CallError, CallKind, FailureKind};
 pub use limits::Limits;
 pub use registry::{Binding, Registry, RegistryError};

@@ -775,9 +775,9 @@ fn policies_configmap_ships_library_policies_the_script_builds() {
             bytes += text.len() as u64;
             continue;
         }
-        let policy = key
-            .strip_suffix(".wasm")
-            .unwrap_or_else(|| panic!("{name}: key {key} is neither NAME.wasm nor policies.toml"));
+        let policy = key.strip_suffix(".wasm.gz").unwrap_or_else(|| {
+            panic!("{name}: key {key} is neither NAME.wasm.gz nor policies.toml")
+        });
         assert_eq!(
             path,
             format!("policies/{key}"),
@@ -794,10 +794,12 @@ fn policies_configmap_ships_library_policies_the_script_builds() {
             !matches!(policy, "kube-default" | "sdk"),
             "{key}: kube-default is built into weir and the SDK is no policy"
         );
+        // What build-policies.sh ships: the module, gzipped as `gzip -9` does.
         let built = weir::test_helpers::guest_path(policy);
-        bytes += std::fs::metadata(&built)
-            .unwrap_or_else(|e| panic!("{}: {e}", built.display()))
-            .len();
+        let module = std::fs::read(&built).unwrap_or_else(|e| panic!("{}: {e}", built.display()));
+        let mut encoder = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
+        std::io::Write::write_all(&mut encoder, &module).unwrap();
+        bytes += encoder.finish().unwrap().len() as u64;
         modules.insert(policy.to_string());
     }
     assert_eq!(
@@ -810,6 +812,14 @@ fn policies_configmap_ships_library_policies_the_script_builds() {
         "{name} would hold {bytes} bytes; a ConfigMap holds at most {CONFIGMAP_MAX_BYTES}: \
          ship fewer modules in it"
     );
+    // The whole library, every policy but the built-in kube-default.
+    let library: BTreeSet<String> = std::fs::read_dir(root.join("policies"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| root.join("policies").join(n).join("Cargo.toml").exists())
+        .filter(|n| !matches!(n.as_str(), "kube-default" | "sdk"))
+        .collect();
+    assert_eq!(modules, library, "the ConfigMap ships the whole library");
 
     #[cfg(unix)]
     {

@@ -297,3 +297,50 @@ fn each_service_port_has_its_own_memory_budget_within_the_ceiling() {
         "only the small port failed"
     );
 }
+
+/// A module shipped gzipped (`NAME.wasm.gz`, so that the library fits one ConfigMap) is
+/// the same module: same sha256 (pins name the `.wasm`), same answers; a stream that does
+/// not inflate, or inflates past the module limit, is refused with its reason.
+#[test]
+fn gzipped_modules_load_as_the_module_they_hold() {
+    use std::io::Write;
+    let gzip = |bytes: &[u8]| {
+        let mut encoder = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
+        encoder.write_all(bytes).unwrap();
+        encoder.finish().unwrap()
+    };
+    let bytes = guest_bytes("round-robin");
+    let packed = gzip(&bytes);
+    assert!(
+        packed.len() * 2 < bytes.len(),
+        "{} of {}",
+        packed.len(),
+        bytes.len()
+    );
+    let (engine, _) = engine();
+    let plain = engine.load("round-robin", "rr.wasm", &bytes).unwrap();
+    let inflated = engine.load("round-robin", "rr.wasm.gz", &packed).unwrap();
+    assert_eq!(plain.sha256, inflated.sha256);
+    let max = engine.limits().max_module_bytes;
+    assert_eq!(weir::policy::module_sha256(&packed, max), plain.sha256);
+
+    let mut corrupt = packed.clone();
+    corrupt.truncate(packed.len() / 2);
+    let error = engine
+        .load("round-robin", "rr.wasm.gz", &corrupt)
+        .err()
+        .expect("refused");
+    assert!(error.to_string().contains("does not inflate"), "{error}");
+
+    // 64 MiB of zeros gzip to about 64 KiB: a bomb, refused at the module limit.
+    let bomb = gzip(&vec![0u8; 64 << 20]);
+    assert!(bomb.len() < 1 << 20);
+    let error = engine
+        .load("bomb", "bomb.wasm.gz", &bomb)
+        .err()
+        .expect("refused");
+    assert!(
+        error.to_string().contains("inflates to more than"),
+        "{error}"
+    );
+}

@@ -7,7 +7,7 @@ use std::collections::BTreeSet;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 use weir::app::App;
@@ -351,6 +351,30 @@ async fn configmap_policies_swap_with_events() {
     ));
     let pinned = event_with(&api, "PolicyRejected", "pins").expect("pin mismatch");
     assert!(pinned["note"].as_str().unwrap().contains(&maglev_sha));
+    // The pinned module gzipped (maglev.wasm.gz) is that module: it loads, and the pin
+    // names the module's own digest, not the gzip's.
+    let loads_of_pin = || {
+        (api.events().iter())
+            .filter(|e| e["reason"] == "PolicyLoaded")
+            .filter(|e| e["note"].as_str().is_some_and(|n| n.contains(&pin)))
+            .count()
+    };
+    let before = loads_of_pin();
+    let gzipped = {
+        use std::io::Write;
+        let mut encoder = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
+        encoder.write_all(&round_robin).unwrap();
+        encoder.finish().unwrap()
+    };
+    api.apply(policies(
+        &[("maglev", gzipped)],
+        Some(&format!("[maglev]\nsha256 = \"{pin}\"\n")),
+    ));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while loads_of_pin() == before {
+        assert!(Instant::now() < deadline, "maglev.wasm.gz did not load");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     // Settings that do not parse change nothing, and say so.
     api.apply(policies(
         &[("maglev", maglev)],

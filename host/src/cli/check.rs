@@ -34,6 +34,20 @@ pub enum CheckError {
     Select { file: String, scope: Scope },
 }
 
+/// The module's size as `deploy/build-policies.sh` ships it: gzipped (`NAME.wasm.gz`).
+fn gzipped_size(path: &Path) -> usize {
+    use std::io::Write;
+    let Ok(bytes) = std::fs::read(path) else {
+        return 0;
+    };
+    if bytes.starts_with(&[0x1f, 0x8b]) {
+        return bytes.len();
+    }
+    let mut encoder = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
+    let _ = encoder.write_all(&bytes);
+    encoder.finish().map_or(0, |gzip| gzip.len())
+}
+
 /// Checks one module file with `config` as its configuration.
 pub fn check(path: &Path, config: &str) -> Result<CheckReport, CheckError> {
     let file = path.display().to_string();
@@ -44,7 +58,15 @@ pub fn check(path: &Path, config: &str) -> Result<CheckReport, CheckError> {
     let mut text = String::new();
     let _ = writeln!(text, "policy:       {}", compiled.name);
     let _ = writeln!(text, "file:         {}", path.display());
-    let _ = writeln!(text, "size:         {} bytes", compiled.size);
+    let shipped = gzipped_size(path);
+    let _ = writeln!(
+        text,
+        "size:         {} bytes ({} KiB); gzipped {} KiB, {:.0}% of the 1 MiB a ConfigMap holds",
+        compiled.size,
+        compiled.size.div_ceil(1024),
+        shipped.div_ceil(1024),
+        shipped as f64 * 100.0 / f64::from(1u32 << 20)
+    );
     let _ = writeln!(text, "sha256:       {}", compiled.sha256);
     let _ = writeln!(
         text,

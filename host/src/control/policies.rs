@@ -250,7 +250,8 @@ impl ControlPlane {
             let name = name.to_string();
             let policy = settings.get(&name).cloned().unwrap_or_default();
             let config = policy.config.clone().unwrap_or_default();
-            let sha256 = crate::policy::sha256_hex(bytes);
+            let max = self.registry.engine().limits().max_module_bytes;
+            let sha256 = crate::policy::module_sha256(bytes, max);
             if let Some(shipped) = self.modules.shipped.get_mut(&name) {
                 // It may have moved to another ConfigMap: Events go where it is now.
                 shipped.map.clone_from(&map.name);

@@ -176,7 +176,7 @@ pub struct PolicyMap {
     /// `namespace/name`, for logs.
     pub name: String,
     pub subject: Subject,
-    /// `binaryData` `NAME.wasm`: the policy name and the module.
+    /// `binaryData` `NAME.wasm` or `NAME.wasm.gz`: the policy name and the module.
     pub modules: Vec<(String, Vec<u8>)>,
     /// `data` `policies.toml`.
     pub settings: Option<String>,
@@ -189,7 +189,9 @@ impl PolicyMap {
         let mut modules = Vec::new();
         let mut ignored = Vec::new();
         for (key, bytes) in map.binary_data.iter().flatten() {
-            match key.strip_suffix(".wasm") {
+            // NAME.wasm, or NAME.wasm.gz (inflated when loaded).
+            let stem = key.strip_suffix(".gz").unwrap_or(key);
+            match stem.strip_suffix(".wasm") {
                 Some(name) if !name.is_empty() => modules.push((name.to_string(), bytes.0.clone())),
                 _ => ignored.push(key.clone()),
             }

@@ -232,6 +232,7 @@ impl PolicyEngine {
         source_name: &str,
         bytes: &[u8],
     ) -> Result<Arc<CompiledPolicy>, LoadError> {
+        let bytes = &*unpack(source_name, bytes, self.limits.max_module_bytes)?;
         check_encoding(source_name, bytes)?;
         if bytes.len() > self.limits.max_module_bytes {
             return Err(LoadError::CompileBudget {
@@ -363,6 +364,46 @@ fn forbid_blocking(linker: &mut Linker<StoreState>) -> anyhow::Result<()> {
     }
     linker.allow_shadowing(false);
     Ok(())
+}
+
+/// A module as shipped: a component, or a gzip of one (`NAME.wasm.gz`, so that a whole
+/// library fits in one ConfigMap), inflated to at most `max` bytes.
+pub fn unpack<'a>(
+    source_name: &str,
+    bytes: &'a [u8],
+    max: usize,
+) -> Result<std::borrow::Cow<'a, [u8]>, LoadError> {
+    use std::io::Read;
+    if !bytes.starts_with(&[0x1f, 0x8b]) {
+        return Ok(std::borrow::Cow::Borrowed(bytes));
+    }
+    let mut inflated = Vec::new();
+    flate2::read::GzDecoder::new(bytes)
+        .take(max as u64 + 1)
+        .read_to_end(&mut inflated)
+        .map_err(|e| LoadError::NotWasm {
+            source_name: source_name.to_string(),
+            found: format!("a gzip stream that does not inflate ({e})"),
+        })?;
+    if inflated.len() > max {
+        return Err(LoadError::CompileBudget {
+            source_name: source_name.to_string(),
+            reason: format!(
+                "it inflates to more than the {} KiB a module may be",
+                max >> 10
+            ),
+        });
+    }
+    Ok(std::borrow::Cow::Owned(inflated))
+}
+
+/// The sha256 a module is known by: that of the component, inflated if it was shipped
+/// gzipped (pins name the `.wasm`), or of the bytes as they are if they do not inflate.
+pub fn module_sha256(bytes: &[u8], max: usize) -> String {
+    match unpack("", bytes, max) {
+        Ok(module) => sha256_hex(&module),
+        Err(_) => sha256_hex(bytes),
+    }
 }
 
 fn check_encoding(source_name: &str, bytes: &[u8]) -> Result<(), LoadError> {

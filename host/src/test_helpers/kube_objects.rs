@@ -81,7 +81,15 @@ pub fn policies_json(modules: &[(&str, Vec<u8>)], settings: Option<&str>) -> Val
         binary_data: Some(
             modules
                 .iter()
-                .map(|(name, bytes)| (format!("{name}.wasm"), ByteString(bytes.clone())))
+                .map(|(name, bytes)| {
+                    // A gzipped module ships as NAME.wasm.gz, as build-policies.sh ships it.
+                    let suffix = if bytes.starts_with(&[0x1f, 0x8b]) {
+                        "wasm.gz"
+                    } else {
+                        "wasm"
+                    };
+                    (format!("{name}.{suffix}"), ByteString(bytes.clone()))
+                })
                 .collect(),
         ),
         ..Default::default()
