@@ -209,7 +209,17 @@ impl App {
         );
         let control = std::thread::Builder::new()
             .name("weir-control".into())
-            .spawn(move || control.run(signals))?;
+            .spawn(move || {
+                let run = std::panic::AssertUnwindSafe(|| control.run(signals));
+                if std::panic::catch_unwind(run).is_err() {
+                    // A proxy that stops applying changes must not stay up looking alive:
+                    // the kubelet restarts a process that exits.
+                    tracing::error!(
+                        "the control plane stopped on a panic (its message is above): weir exits to be restarted"
+                    );
+                    std::process::exit(70);
+                }
+            })?;
         Ok(App {
             admin_address,
             shared,

@@ -264,6 +264,7 @@ fn run(path: &std::path::Path) -> ExitCode {
     };
     // Policy modules are compiled by this same binary, in a child under a budget.
     config.compiler = std::env::current_exe().ok();
+    raise_open_files();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(config.proxy.worker_count())
         .thread_name("weir-worker")
@@ -288,4 +289,26 @@ fn run(path: &std::path::Path) -> ExitCode {
         weir::app::serve_until_signal(app).await;
         ExitCode::SUCCESS
     })
+}
+
+/// Every connection and UDP flow holds a file descriptor: the soft limit (often 1,024) goes
+/// up to the hard one, as Envoy and HAProxy operators set it.
+fn raise_open_files() {
+    use rustix::process::{Resource, getrlimit, setrlimit};
+    let limit = getrlimit(Resource::Nofile);
+    if limit.current < limit.maximum {
+        let raised = rustix::process::Rlimit {
+            current: limit.maximum,
+            maximum: limit.maximum,
+        };
+        match setrlimit(Resource::Nofile, raised) {
+            Ok(()) => {
+                tracing::debug!(from = ?limit.current, to = ?limit.maximum, "open files limit raised")
+            }
+            Err(error) => tracing::warn!(
+                "cannot raise the open files limit from {:?}: {error}",
+                limit.current
+            ),
+        }
+    }
 }

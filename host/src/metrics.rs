@@ -150,7 +150,7 @@ pub struct ProxyMetrics {
     pub livez: Family<CodeLabels, Counter>,
     pub listeners: Family<ListenerLabels, Gauge>,
     pub listener_errors: Family<ListenerLabels, Counter>,
-    pub udp: crate::proxy::udp::UdpMetrics,
+    pub udp: crate::proxy::udp::metrics::UdpMetrics,
 }
 
 impl Default for ProxyMetrics {

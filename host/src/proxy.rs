@@ -183,7 +183,7 @@ pub struct EndpointMetrics {
 impl EndpointMetrics {
     pub fn udp(&self) -> &udp::EndpointUdp {
         self.udp
-            .get_or_init(|| udp::EndpointUdp::new(&self.family, &self.service, &self.address))
+            .get_or_init(|| udp::EndpointUdp::new(&self.family.udp, &self.service, &self.address))
     }
 }
 

@@ -276,3 +276,50 @@ async fn two_hundred_workers_start_and_policies_swap_through_the_child_compiler(
     }
     assert_eq!(metric(admin, "weir_policy_failures_total").await, 0.0);
 }
+
+/// Started with a low soft limit on open files (a shell's `ulimit -Sn 256`), weir raises
+/// it to the hard limit: every connection and UDP flow holds a descriptor.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_open_files_limit_is_raised_to_the_hard_limit() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(dir.path().join("objects")).unwrap();
+    let admin = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let config = dir.path().join("weir.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[node]\nname = \"node-a\"\naddresses = [\"127.31.0.1\"]\n[source]\nkind = \"files\"\npaths = [\"objects\"]\n[admin]\naddress = \"{admin}\"\n"
+        ),
+    )
+    .unwrap();
+    let child = Command::new("sh")
+        .args([
+            "-c",
+            "ulimit -Sn 256 && exec \"$0\" run --config \"$1\"",
+            WEIR,
+        ])
+        .arg(&config)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let process = Process(child);
+    let end = Instant::now() + Duration::from_secs(60);
+    while !http_get(admin, "/readyz")
+        .await
+        .is_ok_and(|r| r.starts_with("HTTP/1.1 200"))
+    {
+        assert!(Instant::now() < end, "weir never became ready");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", process.0.id())).unwrap();
+    let line = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .expect("a Max open files line");
+    let fields: Vec<&str> = line.split_whitespace().collect();
+    let (soft, hard) = (fields[3], fields[4]);
+    assert_ne!(soft, "256", "{line}");
+    assert_eq!(soft, hard, "{line}");
+}

@@ -79,3 +79,25 @@ fn bad_values_name_the_fix() {
         "{error}"
     );
 }
+
+/// A timeout that multiplies past what a Duration holds used to pass here and panic the
+/// control thread later; it is refused with the keys to fix.
+#[test]
+fn connect_timeout_times_attempts_is_range_checked() {
+    let text = format!(
+        "{MINIMAL}[proxy]\nconnect_timeout = \"5000000000000000h\"\nconnect_attempts = 10\n"
+    );
+    let error = Config::parse(&text, Path::new("")).unwrap_err();
+    assert!(
+        error.contains("proxy.connect_timeout: × proxy.connect_attempts (10) is over an hour"),
+        "{error}"
+    );
+    let text = format!("{MINIMAL}[proxy]\nconnect_timeout = \"10m\"\nconnect_attempts = 7\n");
+    assert!(
+        Config::parse(&text, Path::new(""))
+            .unwrap_err()
+            .contains("over an hour")
+    );
+    let text = format!("{MINIMAL}[proxy]\nconnect_timeout = \"5s\"\nconnect_attempts = 10\n");
+    assert!(Config::parse(&text, Path::new("")).is_ok());
+}

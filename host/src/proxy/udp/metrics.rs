@@ -7,7 +7,28 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 
-use crate::metrics::{BytesLabels, EndpointLabels};
+/// A UDP flow's endpoint, as `weir_connections_*` label theirs.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct FlowLabels {
+    /// `namespace/name:port`.
+    pub service: String,
+    /// `ip:port`.
+    pub endpoint: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[allow(non_camel_case_types)]
+pub enum Direction {
+    client_to_endpoint,
+    endpoint_to_client,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DatagramLabels {
+    pub service: String,
+    pub endpoint: String,
+    pub direction: Direction,
+}
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
 #[allow(non_camel_case_types)]
@@ -59,9 +80,9 @@ pub struct DroppedLabels {
 
 #[derive(Debug, Default)]
 pub struct UdpMetrics {
-    pub datagrams: Family<BytesLabels, Counter>,
-    pub opened: Family<EndpointLabels, Counter>,
-    pub active: Family<EndpointLabels, Gauge>,
+    pub datagrams: Family<DatagramLabels, Counter>,
+    pub opened: Family<FlowLabels, Counter>,
+    pub active: Family<FlowLabels, Gauge>,
     pub ended: Family<EndedLabels, Counter>,
     pub dropped: Family<DroppedLabels, Counter>,
 }
@@ -111,26 +132,20 @@ pub struct EndpointUdp {
     pub active: Gauge,
     pub to_endpoint: Counter,
     pub to_client: Counter,
+    ended: Family<EndedLabels, Counter>,
     service: String,
     endpoint: String,
-    family: std::sync::Arc<crate::metrics::ProxyMetrics>,
 }
 
 impl EndpointUdp {
-    pub fn new(
-        family: &std::sync::Arc<crate::metrics::ProxyMetrics>,
-        service: &str,
-        endpoint: &str,
-    ) -> Self {
-        let labels = EndpointLabels {
+    pub fn new(udp: &UdpMetrics, service: &str, endpoint: &str) -> Self {
+        let labels = FlowLabels {
             service: service.to_string(),
             endpoint: endpoint.to_string(),
         };
         let datagrams = |direction| {
-            family
-                .udp
-                .datagrams
-                .get_or_create(&BytesLabels {
+            udp.datagrams
+                .get_or_create(&DatagramLabels {
                     service: service.to_string(),
                     endpoint: endpoint.to_string(),
                     direction,
@@ -138,20 +153,18 @@ impl EndpointUdp {
                 .clone()
         };
         EndpointUdp {
-            opened: family.udp.opened.get_or_create(&labels).clone(),
-            active: family.udp.active.get_or_create(&labels).clone(),
-            to_endpoint: datagrams(crate::metrics::Direction::client_to_endpoint),
-            to_client: datagrams(crate::metrics::Direction::endpoint_to_client),
+            opened: udp.opened.get_or_create(&labels).clone(),
+            active: udp.active.get_or_create(&labels).clone(),
+            to_endpoint: datagrams(Direction::client_to_endpoint),
+            to_client: datagrams(Direction::endpoint_to_client),
+            ended: udp.ended.clone(),
             service: service.to_string(),
             endpoint: endpoint.to_string(),
-            family: family.clone(),
         }
     }
 
     pub fn ended(&self, reason: Ended) {
-        self.family
-            .udp
-            .ended
+        self.ended
             .get_or_create(&EndedLabels {
                 service: self.service.clone(),
                 endpoint: self.endpoint.clone(),
