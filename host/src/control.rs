@@ -239,12 +239,15 @@ impl ControlPlane {
             metrics: &self.metrics,
         };
         let published = &mut self.published;
+        let capture = self.capture.enabled();
+        let node_addresses = &self.node_addresses;
         published.rebuild(
             &mut self.bindings,
             &mut cx,
             &changed,
             model,
-            &self.node_addresses,
+            node_addresses,
+            capture,
         );
         let reapply = std::mem::take(&mut published.reapply);
         if !reapply.is_empty() {
@@ -271,6 +274,8 @@ impl ControlPlane {
                 })
                 .set(self.published.no_local[i]);
         }
+        let refused: i64 = (self.published.services.values()).map(|c| c.refused).sum();
+        proxy.refused_addresses.set(refused);
         proxy.sync_seconds.observe(started.elapsed().as_secs_f64());
         tracing::debug!(
             services = only.map_or(self.published.services.len(), BTreeSet::len),

@@ -151,6 +151,9 @@ pub struct ProxyMetrics {
     pub listeners: Family<ListenerLabels, Gauge>,
     pub listener_errors: Family<ListenerLabels, Counter>,
     pub udp: crate::proxy::udp::metrics::UdpMetrics,
+    /// externalIPs and LoadBalancer IPs kept off the capture interface (loopback,
+    /// link-local, multicast, unspecified).
+    pub refused_addresses: Gauge,
 }
 
 impl Default for ProxyMetrics {
@@ -176,6 +179,7 @@ impl Default for ProxyMetrics {
             listeners: Family::default(),
             listener_errors: Family::default(),
             udp: Default::default(),
+            refused_addresses: Gauge::default(),
         }
     }
 }
@@ -277,6 +281,11 @@ impl ProxyMetrics {
             "weir_listener_errors",
             "Listeners that could not be opened (retried)",
             self.listener_errors.clone(),
+        );
+        r.register(
+            "weir_refused_addresses",
+            "externalIPs and LoadBalancer IPs kept off the capture interface (loopback, link-local, multicast, unspecified)",
+            self.refused_addresses.clone(),
         );
         self.udp.register(r);
     }

@@ -367,7 +367,8 @@ fn node_in_network_namespaces() {
     web["spec"]["healthCheckNodePort"] = json!(30256);
     web["spec"]["ports"][0]["nodePort"] = json!(30080);
     let mut away = web.clone();
-    web["spec"]["externalIPs"] = json!(["198.19.1.2"]);
+    // A link-local externalIP (the cloud metadata address) is refused, not captured.
+    web["spec"]["externalIPs"] = json!(["198.19.1.2", "169.254.169.254"]);
     web["status"] = json!({"loadBalancer": {"ingress": [{"ip": "198.19.1.1"}]}});
     api.apply(web);
     api.apply(slice_json("web", &endpoints));
@@ -465,6 +466,25 @@ fn node_in_network_namespaces() {
         );
     }
     assert!(!addresses.contains("198.19.0.99"), "stale: {addresses}");
+    assert!(
+        !addresses.contains("169.254.169.254"),
+        "link-local captured: {addresses}"
+    );
+    wait_for("an AddressRefused Event", || {
+        api.events().iter().any(|e| e["reason"] == "AddressRefused")
+    });
+    let refused = api
+        .events()
+        .into_iter()
+        .find(|e| e["reason"] == "AddressRefused")
+        .unwrap();
+    assert_eq!(refused["regarding"]["name"], "web");
+    assert!(
+        refused["note"]
+            .as_str()
+            .unwrap()
+            .contains("169.254.169.254 is a link-local address")
+    );
     assert!(addresses.contains("198.19.0.14/32"), "{addresses}");
     let refused = in_ns(&pod2, || {
         Box::pin(async {

@@ -21,6 +21,11 @@ impl Interface {
         }
     }
 
+    /// Whether Service addresses go on a capture interface.
+    pub(super) fn enabled(&self) -> bool {
+        self.capture.is_some()
+    }
+
     /// Whether a failure is due to be tried again.
     pub(super) fn retry_due(&self) -> bool {
         self.retry.is_some_and(|at| Instant::now() >= at)

@@ -29,6 +29,28 @@ pub(super) fn transport(protocol: ProtocolKey) -> Option<Transport> {
     }
 }
 
+/// Why an externalIP or LoadBalancer IP is not taken onto the capture interface: an
+/// address of that kind would become local to the node for every port (loopback hijacks
+/// the node's own services, link-local its metadata server).
+pub(super) fn refused(ip: IpAddr) -> Option<&'static str> {
+    let ip = crate::net::canonical(ip);
+    let link_local = match ip {
+        IpAddr::V4(v4) => v4.is_link_local(),
+        IpAddr::V6(v6) => v6.is_unicast_link_local(),
+    };
+    if ip.is_unspecified() {
+        Some("unspecified")
+    } else if ip.is_loopback() {
+        Some("loopback")
+    } else if link_local {
+        Some("link-local")
+    } else if ip.is_multicast() {
+        Some("multicast")
+    } else {
+        None
+    }
+}
+
 /// One address a Service port wants to listen on, and how traffic there is scoped.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(super) struct Wanted {
@@ -43,11 +65,13 @@ pub(super) struct Wanted {
 /// addresses of its family, externalIPs and LoadBalancer IPs for external traffic while
 /// either scope serves (kube-proxy sends external traffic from a node's own pods to the
 /// cluster-wide set).
+/// With `capture`, externalIPs and LoadBalancer IPs that [`refused`] names are left out.
 pub(super) fn wanted(
     snapshot: &ServicePortSnapshot,
     eligibility: &Eligibility,
     transport: Transport,
     node_addresses: &[IpAddr],
+    capture: bool,
 ) -> Vec<Wanted> {
     let service = &snapshot.service;
     let at = |ip: IpAddr, port: u16, scope: Scope, source_ranges: Vec<Cidr>| Wanted {
@@ -77,10 +101,11 @@ pub(super) fn wanted(
             }
         }
     }
-    for ip in &service.external_ips {
+    let usable = |ip: &&IpAddr| !capture || refused(**ip).is_none();
+    for ip in service.external_ips.iter().filter(usable) {
         wanted.push(at(*ip, service.port, Scope::External, Vec::new()));
     }
-    for ip in &service.load_balancer_ips {
+    for ip in service.load_balancer_ips.iter().filter(usable) {
         let ranges = snapshot.load_balancer_source_ranges.clone();
         wanted.push(at(*ip, service.port, Scope::External, ranges));
     }

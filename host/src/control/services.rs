@@ -20,6 +20,8 @@ pub(super) struct Contribution {
     /// Its ports with a Local traffic policy and no local endpoints: internal, external.
     pub(super) no_local: [i64; 2],
     pub(super) metrics: HashMap<(String, String), Arc<RouteMetrics>>,
+    /// Its externalIPs and LoadBalancer IPs refused for the capture interface.
+    pub(super) refused: i64,
 }
 
 /// What the Services put into the data plane: each one's part, and the whole that is
@@ -57,6 +59,7 @@ impl Published {
         changed: &Changed,
         model: Model,
         node_addresses: &[IpAddr],
+        capture: bool,
     ) {
         let mut by_service: BTreeMap<ServiceKey, Vec<ServicePortSnapshot>> = BTreeMap::new();
         for port in model.ports {
@@ -85,6 +88,7 @@ impl Published {
                     &ports,
                     &model.node,
                     node_addresses,
+                    capture,
                     metrics,
                 );
             }
@@ -172,6 +176,7 @@ impl Published {
         ports: &[ServicePortSnapshot],
         node: &Arc<weir_sdk::Node>,
         node_addresses: &[IpAddr],
+        capture: bool,
         mut reusable: HashMap<(String, String), Arc<RouteMetrics>>,
     ) {
         let mut contribution = Contribution::default();
@@ -182,12 +187,25 @@ impl Published {
             health_port = health_port.or(snapshot.health_check.map(|c| c.node_port));
             let service = &snapshot.service;
             contribution.service_ips.insert(service.cluster_ip);
-            contribution.service_ips.extend(
-                service
-                    .external_ips
-                    .iter()
-                    .chain(&service.load_balancer_ips),
-            );
+            for ip in service
+                .external_ips
+                .iter()
+                .chain(&service.load_balancer_ips)
+            {
+                match routes::refused(*ip).filter(|_| capture) {
+                    None => {
+                        contribution.service_ips.insert(*ip);
+                    }
+                    Some(kind) => {
+                        let message = format!(
+                            "{}: {ip} is a {kind} address: not put on the capture interface nor served (it would become the node's own for every port); use a routable address",
+                            service.display_name()
+                        );
+                        contribution.refused += 1;
+                        refuse_address(cx, key, message);
+                    }
+                }
+            }
             let Some(transport) = routes::transport(snapshot.key.protocol) else {
                 let message = format!(
                     "{}: {} is not proxied (weir proxies TCP and UDP)",
@@ -252,7 +270,7 @@ impl Published {
                 });
             contribution.metrics.insert(metrics_key, metrics.clone());
 
-            let wanted = routes::wanted(snapshot, &eligibility, transport, node_addresses);
+            let wanted = routes::wanted(snapshot, &eligibility, transport, node_addresses, capture);
             for routes::Wanted {
                 listen,
                 scope,
@@ -328,6 +346,23 @@ impl Published {
                 contribution.addresses.push(address);
                 true
             }
+        }
+    }
+}
+
+/// A Service's externalIP or LoadBalancer IP refused: said once while it lasts, with a
+/// Warning Event on the Service (Kubernetes mode); `weir_refused_addresses` counts them.
+fn refuse_address(cx: &mut Context, key: &ServiceKey, message: String) {
+    if cx.warnings.once(message.clone(), Some(key)) {
+        tracing::warn!("{message}");
+        if let Some(kube) = cx.kube {
+            kube.announce(Announcement {
+                subject: kube.service_subject(key),
+                warning: true,
+                reason: "AddressRefused",
+                action: "Capture",
+                note: message,
+            });
         }
     }
 }

@@ -67,7 +67,7 @@ fn lines(wanted: &[Wanted]) -> Vec<String> {
 #[test]
 fn a_load_balancer_port_wants_every_address_kube_proxy_matches() {
     let snapshot = snapshot(LOAD_BALANCER);
-    let wanted = wanted(&snapshot, &serving(), Transport::Tcp, &node());
+    let wanted = wanted(&snapshot, &serving(), Transport::Tcp, &node(), true);
     assert_eq!(
         lines(&wanted),
         [
@@ -87,12 +87,12 @@ fn a_scope_with_nothing_to_reject_has_no_listener_but_drop_keeps_one() {
     let node = node();
     // Nothing eligible anywhere and reject: no listener, the kernel refuses.
     let none = eligibility(set(&[], EmptyAction::Reject), set(&[], EmptyAction::Reject));
-    assert!(wanted(&snapshot, &none, Transport::Tcp, &node).is_empty());
+    assert!(wanted(&snapshot, &none, Transport::Tcp, &node, true).is_empty());
 
     // A Local external policy with no endpoint here drops: external addresses stay,
     // the clusterIP goes (internal rejects).
     let drop = eligibility(set(&[], EmptyAction::Reject), set(&[], EmptyAction::Drop));
-    let lines = lines(&wanted(&snapshot, &drop, Transport::Tcp, &node));
+    let lines = lines(&wanted(&snapshot, &drop, Transport::Tcp, &node, true));
     assert_eq!(lines.len(), 3, "{lines:?}");
     assert!(lines.iter().all(|l| l.contains("External")), "{lines:?}");
 
@@ -103,7 +103,7 @@ fn a_scope_with_nothing_to_reject_has_no_listener_but_drop_keeps_one() {
         set(&[], EmptyAction::Reject),
     );
     assert_eq!(
-        wanted(&snapshot, &internal_only, Transport::Tcp, &node).len(),
+        wanted(&snapshot, &internal_only, Transport::Tcp, &node, true).len(),
         4
     );
 }
@@ -111,7 +111,7 @@ fn a_scope_with_nothing_to_reject_has_no_listener_but_drop_keeps_one() {
 #[test]
 fn transports_carry_into_the_listen_keys() {
     let snapshot = snapshot(LOAD_BALANCER);
-    let wanted = wanted(&snapshot, &serving(), Transport::Udp, &node());
+    let wanted = wanted(&snapshot, &serving(), Transport::Udp, &node(), true);
     assert!(wanted.iter().all(|w| w.listen.transport == Transport::Udp));
     assert_eq!(transport(ProtocolKey::Tcp), Some(Transport::Tcp));
     assert_eq!(transport(ProtocolKey::Udp), Some(Transport::Udp));
@@ -205,4 +205,50 @@ fn the_same_address_on_two_transports_is_two_listeners() {
         health_check(&node(), 30001),
         [listen("198.18.1.1:30001"), listen("[fd00::1]:30001")]
     );
+}
+
+#[test]
+fn special_external_addresses_stay_off_the_capture_interface() {
+    let yaml = LOAD_BALANCER
+        .replace(
+            "externalIPs: [198.18.0.20]",
+            "externalIPs: [127.0.0.53, 169.254.169.254, 198.18.0.20]",
+        )
+        .replace(
+            "ingress: [{ip: 198.18.0.30}]",
+            "ingress: [{ip: 224.0.0.1}, {ip: 198.18.0.30}]",
+        );
+    let snapshot = snapshot(&yaml);
+    let captured = lines(&wanted(
+        &snapshot,
+        &serving(),
+        Transport::Tcp,
+        &node(),
+        true,
+    ));
+    assert_eq!(captured.len(), 4, "{captured:?}");
+    assert!(
+        captured
+            .iter()
+            .all(|l| !l.starts_with("127.") && !l.starts_with("169.254") && !l.starts_with("224.")),
+        "{captured:?}"
+    );
+    // Without a capture interface (file mode on loopback) nothing is left out.
+    assert_eq!(
+        wanted(&snapshot, &serving(), Transport::Tcp, &node(), false).len(),
+        7
+    );
+    assert_eq!(refused("127.0.0.53".parse().unwrap()), Some("loopback"));
+    assert_eq!(
+        refused("169.254.169.254".parse().unwrap()),
+        Some("link-local")
+    );
+    assert_eq!(refused("fe80::1".parse().unwrap()), Some("link-local"));
+    assert_eq!(
+        refused("::ffff:127.0.0.1".parse().unwrap()),
+        Some("loopback")
+    );
+    assert_eq!(refused("ff02::1".parse().unwrap()), Some("multicast"));
+    assert_eq!(refused("0.0.0.0".parse().unwrap()), Some("unspecified"));
+    assert_eq!(refused("198.18.0.20".parse().unwrap()), None);
 }
