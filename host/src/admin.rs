@@ -94,12 +94,22 @@ pub struct AdminState {
 
 type Body = Full<Bytes>;
 
+/// How long a client of the admin or a health check port may take to send its request
+/// headers (and, between requests, to start the next).
+pub const HEADER_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+/// Connections open at once on one admin or health check port.
+pub const ADMIN_CONNECTIONS: usize = 256;
+
 /// Serves HTTP/1 on `listener` with `answer` until `stop` is cancelled.
 pub async fn serve<F>(listener: TcpListener, stop: CancellationToken, answer: F)
 where
     F: Fn(&Request<Incoming>) -> Response<Body> + Send + Sync + 'static,
 {
     let answer = Arc::new(answer);
+    // Slow or idle clients cannot hold the port: headers must arrive within the timeout,
+    // and past the cap a new connection is closed at once (each answer takes microseconds,
+    // so the probes always find room once the holders are timed out).
+    let open = Arc::new(tokio::sync::Semaphore::new(ADMIN_CONNECTIONS));
     loop {
         let (stream, _) = tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -111,15 +121,22 @@ where
             },
             () = stop.cancelled() => return,
         };
+        let Ok(permit) = open.clone().try_acquire_owned() else {
+            drop(stream);
+            continue;
+        };
         let answer = answer.clone();
         let stop = stop.clone();
         tokio::spawn(async move {
+            let _permit = permit;
             let service = hyper::service::service_fn(move |request: Request<Incoming>| {
                 let response = answer(&request);
                 async move { Ok::<_, Infallible>(response) }
             });
             let connection = hyper::server::conn::http1::Builder::new()
                 .title_case_headers(true)
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(HEADER_READ_TIMEOUT)
                 .serve_connection(TokioIo::new(stream), service);
             tokio::select! {
                 _ = connection => {}

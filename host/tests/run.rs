@@ -323,3 +323,34 @@ async fn the_open_files_limit_is_raised_to_the_hard_limit() {
     assert_ne!(soft, "256", "{line}");
     assert_eq!(soft, hard, "{line}");
 }
+
+/// Fifty clients that send half a request line to the admin port are closed once the
+/// header timeout passes, and the probes are answered meanwhile and after.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_clients_do_not_hold_the_admin_port() {
+    let dir = tempfile::tempdir().unwrap();
+    let backend = Backend::start(SocketAddr::from(([127, 31, 1, 3], 8080)), "b")
+        .await
+        .unwrap();
+    let (_weir, _service, admin) = start(dir.path(), &backend).await;
+    let mut slow = Vec::new();
+    for _ in 0..50 {
+        let mut stream = tokio::net::TcpStream::connect(admin).await.unwrap();
+        stream.write_all(b"GET /heal").await.unwrap();
+        slow.push(stream);
+    }
+    let response = http_get(admin, "/livez")
+        .await
+        .expect("answered beside them");
+    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+    // Each is closed by weir: a read ends (0 bytes, or an error) within the timeout.
+    let deadline = weir::admin::HEADER_READ_TIMEOUT + Duration::from_secs(5);
+    for mut stream in slow {
+        let mut byte = [0u8; 64];
+        let read = tokio::time::timeout(deadline, stream.read(&mut byte)).await;
+        assert!(
+            read.is_ok(),
+            "a slow client was still open after {deadline:?}"
+        );
+    }
+}
