@@ -19,6 +19,7 @@ pub mod policy;
 pub mod proxy;
 pub mod state;
 pub mod units;
+pub mod yaml;
 
 #[cfg(feature = "testing")]
 pub mod test_helpers;

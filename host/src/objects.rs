@@ -46,6 +46,17 @@ pub struct Objects {
     pub nodes: Vec<Sourced<Node>>,
 }
 
+impl Objects {
+    /// How many objects of every kind.
+    pub fn len(&self) -> usize {
+        self.services.len() + self.endpoint_slices.len() + self.nodes.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Severity {
     /// The input could not be used at all (unreadable file, malformed YAML, wrong types).

@@ -60,15 +60,13 @@ fn manifests() -> Manifests {
     let mut all = Manifests::default();
     for file in manifest_files() {
         let text = read(&deploy().join(&file));
-        for (n, document) in serde_yaml::Deserializer::from_str(&text).enumerate() {
+        let documents = weir::yaml::documents(&text)
+            .unwrap_or_else(|e| panic!("deploy/base/{file}: not YAML: {e}"));
+        for (n, json) in documents.into_iter().enumerate() {
             let at = format!("deploy/base/{file}, document {}", n + 1);
-            let yaml = serde_yaml::Value::deserialize(document)
-                .unwrap_or_else(|e| panic!("{at}: not YAML: {e}"));
-            if yaml.is_null() {
+            if json.is_null() {
                 continue;
             }
-            let json = serde_json::to_value(&yaml)
-                .unwrap_or_else(|e| panic!("{at}: not representable as JSON: {e}"));
             match json["kind"].as_str().unwrap_or_default() {
                 "Namespace" => all.namespaces.push(typed(&at, json)),
                 "ServiceAccount" => all.service_accounts.push(typed(&at, json)),
@@ -174,7 +172,13 @@ struct GeneratorOptions {
 
 impl Kustomization {
     fn load() -> Self {
-        serde_yaml::from_str(&read(&deploy().join("kustomization.yaml")))
+        weir::yaml::document(&read(&deploy().join("kustomization.yaml")))
+            .and_then(|value| {
+                serde_json::from_value(value).map_err(|e| weir::yaml::SyntaxError {
+                    at: None,
+                    message: e.to_string(),
+                })
+            })
             .unwrap_or_else(|e| panic!("deploy/base/kustomization.yaml: {e}"))
     }
 
@@ -839,19 +843,16 @@ fn policies_configmap_ships_library_policies_the_script_builds() {
 #[test]
 fn the_replace_kube_proxy_variant_differs_from_the_base_only_where_it_must() {
     let root = deploy().parent().unwrap().to_path_buf();
-    let beside: serde_yaml::Value =
-        serde_yaml::from_str(&read(&root.join("kustomization.yaml"))).unwrap();
-    assert_eq!(
-        beside["resources"],
-        serde_yaml::from_str::<serde_yaml::Value>("[base]").unwrap()
-    );
+    let beside: serde_json::Value =
+        weir::yaml::document(&read(&root.join("kustomization.yaml"))).unwrap();
+    assert_eq!(beside["resources"], weir::yaml::document("[base]").unwrap());
 
     let variant = root.join("replace-kube-proxy");
-    let kustomization: serde_yaml::Value =
-        serde_yaml::from_str(&read(&variant.join("kustomization.yaml"))).unwrap();
+    let kustomization: serde_json::Value =
+        weir::yaml::document(&read(&variant.join("kustomization.yaml"))).unwrap();
     assert_eq!(
         kustomization["resources"],
-        serde_yaml::from_str::<serde_yaml::Value>("[../base]").unwrap()
+        weir::yaml::document("[../base]").unwrap()
     );
     let generator = &kustomization["configMapGenerator"][0];
     assert_eq!(generator["name"], "weir-config");
@@ -880,7 +881,7 @@ fn the_replace_kube_proxy_variant_differs_from_the_base_only_where_it_must() {
     assert_eq!(config.source.service_proxy_name, None);
 
     // The container's admin port follows, by the JSON patch.
-    let patches = kustomization["patches"].as_sequence().unwrap();
+    let patches = kustomization["patches"].as_array().unwrap();
     let port_patch = patches
         .iter()
         .find_map(|p| p["patch"].as_str())
@@ -900,11 +901,11 @@ fn the_replace_kube_proxy_variant_differs_from_the_base_only_where_it_must() {
 
     // weir's own lookups stay off the cluster DNS it serves, and the API server is named
     // by address.
-    let patch: serde_yaml::Value =
-        serde_yaml::from_str(&read(&variant.join("daemonset.yaml"))).unwrap();
+    let patch: serde_json::Value =
+        weir::yaml::document(&read(&variant.join("daemonset.yaml"))).unwrap();
     let spec = &patch["spec"]["template"]["spec"];
     assert_eq!(spec["dnsPolicy"], "Default");
-    let env = spec["containers"][0]["env"].as_sequence().unwrap();
+    let env = spec["containers"][0]["env"].as_array().unwrap();
     let names: Vec<&str> = env.iter().filter_map(|e| e["name"].as_str()).collect();
     assert_eq!(
         names,

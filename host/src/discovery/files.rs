@@ -6,7 +6,6 @@ use std::path::{Path, PathBuf};
 
 use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
-use serde::Deserialize;
 use serde_json::Value;
 
 pub use crate::objects::{Diagnostic, Objects, Origin, Severity, Sourced};
@@ -34,13 +33,9 @@ pub fn load_paths(paths: &[PathBuf]) -> (Objects, Vec<Diagnostic>) {
             ));
         }
         for file in files {
-            match std::fs::read_to_string(&file) {
+            match read_text(&file) {
                 Ok(text) => load_str(&file, &text, &mut objects, &mut diagnostics),
-                Err(error) => diagnostics.push(Diagnostic::error(
-                    file.display(),
-                    None,
-                    format!("cannot read: {error}"),
-                )),
+                Err(error) => diagnostics.push(Diagnostic::error(file.display(), None, error)),
             }
         }
     }
@@ -118,57 +113,51 @@ pub fn load_str(file: &Path, text: &str, objects: &mut Objects, diagnostics: &mu
 /// JSON as `kubectl get -o json` prints it (one value, or several in a row), read with a
 /// JSON parser so tabs and other JSON-only text never trip the YAML one.
 fn json_documents(file: &Path, text: &str, diagnostics: &mut Vec<Diagnostic>) -> Vec<Value> {
-    let values = serde_json::Deserializer::from_str(text)
-        .into_iter::<Value>()
-        .map(|v| v.map_err(|e| (Some((e.line(), e.column())), e.to_string())));
-    collect_documents(file, values, diagnostics)
+    collect_documents(file, crate::yaml::json_documents(text), diagnostics)
 }
 
 fn yaml_documents(file: &Path, text: &str, diagnostics: &mut Vec<Diagnostic>) -> Vec<Value> {
-    let values = serde_yaml::Deserializer::from_str(text).map(|document| {
-        Value::deserialize(document).map_err(|e| {
-            let at = e.location().map(|l| (l.line(), l.column()));
-            (at, e.to_string())
-        })
-    });
-    collect_documents(file, values, diagnostics)
+    collect_documents(file, crate::yaml::documents(text), diagnostics)
 }
 
-/// The documents up to the first syntax error, which is reported with its position. The
-/// parsers cannot resynchronise after one: the rest of the file is not read, and the
-/// objects before it are kept.
+/// The documents, or the syntax error with its position: one error makes the whole file
+/// bad (the objects of its last good version keep serving).
 fn collect_documents(
     file: &Path,
-    values: impl Iterator<Item = Result<Value, (Option<(usize, usize)>, String)>>,
+    documents: Result<Vec<Value>, crate::yaml::SyntaxError>,
     diagnostics: &mut Vec<Diagnostic>,
 ) -> Vec<Value> {
-    let mut documents = Vec::new();
-    for value in values {
-        match value {
-            Ok(value) => documents.push(value),
-            Err((at, message)) => {
-                let origin = Origin {
-                    file: file.to_path_buf(),
-                    document: Some(documents.len() + 1),
-                    item: None,
-                };
-                let at = at
-                    .map(|(line, column)| format!(" at line {line}, column {column}"))
-                    .unwrap_or_default();
-                diagnostics.push(Diagnostic::error(
-                    origin,
-                    None,
-                    format!("malformed YAML/JSON{at}: {}", strip_location(&message)),
-                ));
-                break;
-            }
+    match documents {
+        Ok(documents) => documents,
+        Err(error) => {
+            diagnostics.push(Diagnostic::error(
+                file.display(),
+                None,
+                format!("malformed YAML/JSON {error}"),
+            ));
+            Vec::new()
         }
     }
-    documents
 }
 
-fn strip_location(message: &str) -> &str {
-    message.split(" at line ").next().unwrap_or(message)
+/// The text of a file of objects, refusing one larger than [`crate::yaml::MAX_FILE_BYTES`]
+/// before reading it.
+pub(crate) fn read_text(file: &Path) -> Result<String, String> {
+    use std::io::Read;
+    let limit = crate::yaml::MAX_FILE_BYTES;
+    let handle = std::fs::File::open(file).map_err(|e| format!("cannot read: {e}"))?;
+    let mut text = String::new();
+    handle
+        .take(limit + 1)
+        .read_to_string(&mut text)
+        .map_err(|e| format!("cannot read: {e}"))?;
+    if text.len() as u64 > limit {
+        return Err(format!(
+            "larger than {} MiB, the most weir reads from one file; split it into several files",
+            limit / (1024 * 1024)
+        ));
+    }
+    Ok(text)
 }
 
 fn load_value(

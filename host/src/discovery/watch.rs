@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
-use super::files::{Diagnostic, Objects, collect_files, load_str};
+use super::files::{Diagnostic, Objects, collect_files, load_str, read_text};
 use crate::model::{self, ServiceKey};
 
 /// What a change touches: the ports of some Services, or everything (a Node changed).
@@ -150,6 +150,10 @@ struct WatchedFile {
     good: Option<Objects>,
     /// Problems found in the file's current version.
     diagnostics: Vec<Diagnostic>,
+    /// The file became empty at the last look, and the objects it had keep serving until
+    /// it is seen empty again: a writer that truncates before writing is not applied
+    /// half-way.
+    emptied: bool,
 }
 
 /// What one look at the files found.
@@ -217,27 +221,37 @@ impl FileSource {
                 fingerprint: None,
                 good: None,
                 diagnostics: Vec::new(),
+                emptied: false,
             });
-            if watched.good.is_some() && watched.fingerprint == fingerprint {
-                continue;
-            }
-            if watched.good.is_none() && watched.fingerprint == fingerprint && fingerprint.is_some()
-            {
-                // Still the same broken version: reported already.
+            let same = watched.fingerprint == fingerprint;
+            if same && !watched.emptied && (watched.good.is_some() || fingerprint.is_some()) {
+                // Applied, or the same broken version: reported already.
                 continue;
             }
             watched.fingerprint = fingerprint;
             let mut objects = Objects::default();
             let mut diagnostics = Vec::new();
-            match std::fs::read_to_string(&file) {
+            match read_text(&file) {
                 Ok(text) => load_str(&file, &text, &mut objects, &mut diagnostics),
-                Err(error) => diagnostics.push(Diagnostic::error(
+                Err(error) => diagnostics.push(Diagnostic::error(file.display(), None, error)),
+            }
+            let had = watched.good.as_ref().map_or(0, Objects::len);
+            let errors = diagnostics.iter().any(Diagnostic::is_error);
+            if !errors && objects.is_empty() && had > 0 && !(watched.emptied && same) {
+                watched.emptied = true;
+                diagnostics.push(Diagnostic::warning(
                     file.display(),
                     None,
-                    format!("cannot read: {error}"),
-                )),
+                    format!(
+                        "the file is empty now; its {had} objects keep serving until it is still empty at the next look"
+                    ),
+                ));
+                watched.diagnostics = diagnostics.clone();
+                poll.diagnostics.extend(diagnostics);
+                continue;
             }
-            if diagnostics.iter().any(Diagnostic::is_error) {
+            watched.emptied = false;
+            if errors {
                 if watched.good.is_some() {
                     diagnostics.push(Diagnostic::warning(
                         file.display(),
@@ -365,5 +379,70 @@ mod tests {
         assert!(poll.changed);
         assert_eq!(poll.touched, touched(&["api"]));
         assert!(source.objects().services.is_empty());
+    }
+
+    /// A file truncated to nothing (a writer that truncates before it writes, or a torn
+    /// copy) keeps its objects until it is still empty at the next look; one cut mid-line
+    /// stops parsing and keeps them until it is fixed. Emptying a file on purpose still
+    /// withdraws its objects, one look later.
+    #[test]
+    fn a_torn_or_emptied_file_keeps_its_objects_until_it_stays_empty() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("web.yaml");
+        std::fs::write(&file, SERVICE).unwrap();
+        let mut source = FileSource::new(vec![dir.path().to_path_buf()]);
+        assert!(source.poll().changed);
+
+        std::fs::write(&file, "").unwrap();
+        let poll = source.poll();
+        assert!(!poll.changed, "not applied at the first look");
+        assert!(
+            poll.diagnostics
+                .iter()
+                .any(|d| d.message.contains("empty") && d.message.contains("1 objects")),
+            "{:?}",
+            poll.diagnostics
+        );
+        assert_eq!(source.objects().services.len(), 1);
+        // The writer finishes: the new version is applied, nothing was withdrawn.
+        std::fs::write(&file, SERVICE.replace("80", "81")).unwrap();
+        assert!(source.poll().changed);
+        assert_eq!(source.objects().services.len(), 1);
+
+        // Cut in the middle of a line: malformed, the last good version keeps serving.
+        std::fs::write(&file, &SERVICE[..SERVICE.len() - 12]).unwrap();
+        let poll = source.poll();
+        assert!(!poll.changed);
+        assert!(poll.diagnostics.iter().any(Diagnostic::is_error));
+        assert_eq!(source.objects().services.len(), 1);
+
+        // Emptied on purpose: withdrawn once it is still empty at the second look.
+        std::fs::write(&file, "# nothing here now\n").unwrap();
+        assert!(!source.poll().changed);
+        assert_eq!(source.objects().services.len(), 1);
+        let poll = source.poll();
+        assert!(poll.changed);
+        assert!(source.objects().services.is_empty());
+        assert!(!source.poll().changed, "and then settled");
+    }
+
+    #[test]
+    fn duplicate_keys_keep_the_last_good_version() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("web.yaml");
+        std::fs::write(&file, SERVICE).unwrap();
+        let mut source = FileSource::new(vec![dir.path().to_path_buf()]);
+        assert!(source.poll().changed);
+        std::fs::write(
+            &file,
+            SERVICE.replace("spec: {", "spec: {clusterIP: 127.0.0.11, "),
+        )
+        .unwrap();
+        let poll = source.poll();
+        assert!(!poll.changed);
+        let error = poll.diagnostics.iter().find(|d| d.is_error()).unwrap();
+        assert!(error.message.contains("duplicate"), "{error}");
+        assert!(error.message.contains("clusterIP"), "{error}");
+        assert!(error.message.contains("line 4"), "{error}");
     }
 }

@@ -148,9 +148,9 @@ current-context: fake
 
     /// [`apply`](ApiServer::apply)s each of the `---`-separated YAML documents in order.
     pub fn apply_yaml(&self, yaml: &str) {
-        for document in serde_yaml::Deserializer::from_str(yaml) {
-            let object = Value::deserialize(document)
-                .unwrap_or_else(|e| panic!("apply_yaml: invalid YAML: {e}"));
+        let documents = crate::yaml::documents(yaml)
+            .unwrap_or_else(|e| panic!("apply_yaml: invalid YAML: {e}"));
+        for object in documents {
             if !object.is_null() {
                 self.apply(object);
             }

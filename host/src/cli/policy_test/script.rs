@@ -6,8 +6,8 @@ use super::*;
 pub(super) fn read_script(path: &Path) -> Result<Vec<Change>, String> {
     let text = std::fs::read_to_string(path)
         .map_err(|e| format!("{}: cannot read: {e}", path.display()))?;
-    // Through JSON values: serde_yaml wants `!remove` tags for enums, people write maps.
-    let script: Result<Script, String> = serde_yaml::from_str::<serde_json::Value>(&text)
+    // Through JSON values: YAML parsers want `!remove` tags for enums, people write maps.
+    let script: Result<Script, String> = crate::yaml::document(&text)
         .map_err(|e| e.to_string())
         .and_then(|value| serde_json::from_value(value).map_err(|e| e.to_string()));
     let script = script.map_err(|e| {
