@@ -106,7 +106,13 @@ fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("WEIR_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level)),
+                // kube-client logs every failed request of an outage at ERROR; weir says
+                // once that the API server is away, and once that it is back.
+                .unwrap_or_else(|_| {
+                    tracing_subscriber::EnvFilter::new(format!(
+                        "{level},kube_client=off,kube_runtime=off"
+                    ))
+                }),
         )
         .with_writer(std::io::stderr)
         .init();

@@ -284,6 +284,58 @@ async fn waits_for_the_first_list_and_survives_the_api_server() {
     assert!(served.load(Ordering::Relaxed) > 0);
 }
 
+/// The API server is away long enough for a growing backoff to reach tens of seconds,
+/// and its history is compacted meanwhile (each watch's resourceVersion is then 410
+/// Expired): a change made right after it returns is routed within seconds, not after
+/// the 8-56 s that kube-runtime's default backoff took.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn routing_follows_a_change_within_seconds_of_the_api_servers_return() {
+    const T: u8 = 40;
+    let _backends = backends(T, 3).await;
+    let api = ApiServer::start();
+    api.apply(node(T));
+    api.apply(service("web", ip(T, 0, 10), None));
+    api.apply(slice("web", &[ip(T, 1, 1)]));
+    let weir = KubeWeir::ready(&api, "").await;
+    let web = SocketAddr::new(ip(T, 0, 10), 8000);
+    wait_for_backends(web, 5, &names(T, &[1])).await;
+
+    api.stop();
+    // The outage itself: its length is the scenario, not a wait for something.
+    tokio::time::sleep(Duration::from_secs(15)).await;
+    // Changes made meanwhile, then compacted away: every watch's resourceVersion is gone.
+    api.apply(service("other", ip(T, 0, 11), None));
+    api.expire();
+    api.restart();
+    let back = Instant::now();
+    api.apply(slice("web", &[ip(T, 1, 2)]));
+    // The target is 3 s (a 2 s cap on the backoff, then a relist at once); the deadline
+    // leaves room for a loaded machine and is below what the default backoff takes.
+    let deadline = Duration::from_secs(5);
+    loop {
+        let mut seen = BTreeSet::new();
+        for _ in 0..5 {
+            if let Ok(name) = who(web, None).await {
+                seen.insert(name);
+            }
+        }
+        if seen == names(T, &[2]) {
+            break;
+        }
+        assert!(
+            back.elapsed() < deadline,
+            "still routed to {seen:?} {:?} after the API server came back",
+            back.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    println!(
+        "routing followed {:?} after the API server came back",
+        back.elapsed()
+    );
+    assert!(weir.app().pending().is_empty());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn configmap_policies_swap_with_events() {
     const T: u8 = 33;

@@ -2,7 +2,7 @@
 //! Node and the policies ConfigMap(s), kept in a store the control plane reads as it reads
 //! files. Nothing downstream knows the difference.
 //!
-//! Each kind is followed by kube-rs's `watcher` with its default backoff, managedFields
+//! Each kind is followed by kube-rs's `watcher` with weir's own capped backoff, managedFields
 //! stripped. A relist (at start, after `410 Gone`, after the API server went away) is
 //! buffered and swapped in whole when it is complete, so routing keeps what it had until
 //! then; the swap reports only what differs. Events for the control plane are published

@@ -99,6 +99,8 @@ pub(super) struct Store {
     pub(super) policies_changed: bool,
     /// Whether any object changed since the last look.
     pub(super) changed: bool,
+    /// Whether the API server is away.
+    pub(super) outage: super::watch::Outage,
 }
 
 impl Store {

@@ -120,3 +120,46 @@ fn selector_matches_kube_proxy() {
     assert!(!settings.owns(&labels(&[(SERVICE_PROXY_NAME_LABEL, "cilium")])));
     assert!(!settings.owns(&labels(&[])));
 }
+
+#[test]
+fn the_backoff_is_capped_and_an_expiry_relists_at_once() {
+    use watch::Backoff;
+    let mut backoff = Backoff::default();
+    let waits: Vec<_> = (0..12).map(|_| backoff.next(false)).collect();
+    assert!(
+        waits[0] <= Backoff::FIRST && waits[0] >= Backoff::FIRST / 2,
+        "{waits:?}"
+    );
+    assert!(waits.iter().all(|w| *w <= Backoff::CAP), "{waits:?}");
+    assert!(waits[11] >= Backoff::CAP / 2, "{waits:?}");
+    // A 410 is a relist now, not a step of backoff; two in a row wait as errors do.
+    assert_eq!(backoff.next(true), std::time::Duration::ZERO);
+    assert!(backoff.next(true) > std::time::Duration::ZERO);
+    backoff.reset();
+    assert!(backoff.next(false) <= Backoff::FIRST);
+}
+
+#[test]
+fn an_outage_is_one_line_when_it_starts_and_one_when_it_ends() {
+    let mut outage = watch::Outage::default();
+    let kinds = [
+        Kind::Services,
+        Kind::EndpointSlices,
+        Kind::Node,
+        Kind::ConfigMaps,
+    ];
+    let mut lines = Vec::new();
+    for _ in 0..5 {
+        for kind in kinds {
+            lines.extend(outage.failed(kind, "connection refused"));
+        }
+    }
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    assert!(lines[0].contains("connection refused"), "{lines:?}");
+    for kind in kinds {
+        lines.extend(outage.recovered(kind));
+    }
+    assert_eq!(lines.len(), 2, "{lines:?}");
+    assert!(lines[1].contains("back after"), "{lines:?}");
+    assert_eq!(outage.recovered(Kind::Services), None, "no outage, no line");
+}
