@@ -147,8 +147,18 @@ where
 }
 
 /// The admin port's answers.
-pub fn admin(state: &AdminState, request: &Request<Incoming>) -> Response<Body> {
+/// An admin port's answer. `metrics_elsewhere` names the port that serves `/metrics`
+/// when it is not this one.
+pub fn admin(
+    state: &AdminState,
+    request: &Request<Incoming>,
+    metrics_elsewhere: Option<SocketAddr>,
+) -> Response<Body> {
     match request.uri().path() {
+        "/metrics" if let Some(elsewhere) = metrics_elsewhere => text(
+            404,
+            format!("metrics are served on {elsewhere} (admin.metrics_address)\n"),
+        ),
         "/healthz" => {
             let answer = state.health.healthz();
             count(&state.metrics.proxy.healthz, answer.status);

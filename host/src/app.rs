@@ -26,6 +26,7 @@ use crate::proxy::{
 /// A running weir.
 pub struct App {
     admin_address: SocketAddr,
+    metrics_address: Option<SocketAddr>,
     shared: Arc<Shared>,
     metrics: Arc<Metrics>,
     health_checks: Arc<HealthChecks>,
@@ -55,6 +56,7 @@ impl App {
     pub fn start(config: Config) -> anyhow::Result<App> {
         let runtime = tokio::runtime::Handle::current();
         let metrics = Arc::new(Metrics::new());
+        metrics.proxy.set_linger(config.admin.metrics_linger.0);
         let health = Arc::new(ProxyHealth::new(config.admin.health_timeout.0));
         let mut pending = vec![match config.source.kind {
             SourceKind::Files => format!(
@@ -88,14 +90,33 @@ impl App {
             )
         })?;
         let admin_address = admin_listener.local_addr()?;
+        let metrics_listener = match config.admin.metrics_address {
+            None => None,
+            Some(address) => Some(admin::bind(address).with_context(|| {
+                format!(
+                    "cannot listen on admin.metrics_address {address}: set another address in [admin]"
+                )
+            })?),
+        };
+        let metrics_address = match &metrics_listener {
+            Some(listener) => Some(listener.local_addr()?),
+            None => None,
+        };
         let stop_admin = CancellationToken::new();
         {
             let _guard = runtime.enter();
             let listener = tokio::net::TcpListener::from_std(admin_listener)?;
-            let state = state.clone();
+            let admin_state = state.clone();
             tokio::spawn(admin::serve(listener, stop_admin.clone(), move |request| {
-                admin::admin(&state, request)
+                admin::admin(&admin_state, request, metrics_address)
             }));
+            if let Some(listener) = metrics_listener {
+                let listener = tokio::net::TcpListener::from_std(listener)?;
+                let state = state.clone();
+                tokio::spawn(admin::serve(listener, stop_admin.clone(), move |request| {
+                    admin::admin(&state, request, None)
+                }));
+            }
         }
 
         let workers = config.proxy.worker_count();
@@ -222,6 +243,7 @@ impl App {
             })?;
         Ok(App {
             admin_address,
+            metrics_address,
             shared,
             metrics,
             health_checks,
@@ -238,6 +260,11 @@ impl App {
     /// Where `/healthz`, `/livez`, `/readyz` and `/metrics` are served.
     pub fn admin_address(&self) -> SocketAddr {
         self.admin_address
+    }
+
+    /// Where `/metrics` is served when `admin.metrics_address` moves it.
+    pub fn metrics_address(&self) -> Option<SocketAddr> {
+        self.metrics_address
     }
 
     pub fn metrics(&self) -> &Arc<Metrics> {

@@ -162,6 +162,15 @@ pub struct AdminConfig {
     /// `/healthz`, `/livez`, `/readyz` and `/metrics` (kube-proxy's healthz port).
     #[serde(default = "default_admin")]
     pub address: SocketAddr,
+    /// Where `/metrics` is served instead, when set (kube-proxy's metrics port, e.g.
+    /// `127.0.0.1:10249`): the probes stay reachable while every Service's and endpoint's
+    /// address stays off the network. It answers the probes too.
+    #[serde(default)]
+    pub metrics_address: Option<SocketAddr>,
+    /// How long the series of an endpoint or service port that left stay exported, so
+    /// that a scrape sees their last values.
+    #[serde(default = "default_metrics_linger")]
+    pub metrics_linger: Humantime,
     /// `/healthz` and `/livez` fail when a change has waited this long to be applied
     /// (kube-proxy: twice its sync period).
     #[serde(default = "default_health_timeout")]
@@ -172,6 +181,8 @@ impl Default for AdminConfig {
     fn default() -> Self {
         AdminConfig {
             address: default_admin(),
+            metrics_address: None,
+            metrics_linger: default_metrics_linger(),
             health_timeout: default_health_timeout(),
         }
     }
@@ -303,6 +314,10 @@ impl LimitsConfig {
 fn default_poll() -> Humantime {
     Humantime(Duration::from_millis(250))
 }
+fn default_metrics_linger() -> Humantime {
+    Humantime(crate::metrics::DEFAULT_LINGER)
+}
+
 fn default_admin() -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], 10256))
 }

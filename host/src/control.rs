@@ -190,6 +190,7 @@ impl ControlPlane {
                 }
             }
             self.bindings.remove_retired();
+            self.metrics.proxy.sweep();
         }
         self.listeners.close_all();
     }

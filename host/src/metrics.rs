@@ -154,6 +154,39 @@ pub struct ProxyMetrics {
     /// externalIPs and LoadBalancer IPs kept off the capture interface (loopback,
     /// link-local, multicast, unspecified).
     pub refused_addresses: Gauge,
+    /// Series of endpoints and service ports that left, removed once they have lingered.
+    departed: std::sync::Mutex<Departed>,
+}
+
+/// What left, and when its series are removed.
+#[derive(Debug)]
+struct Departed {
+    linger: std::time::Duration,
+    due: std::collections::VecDeque<(std::time::Instant, Departure)>,
+}
+
+impl Default for Departed {
+    fn default() -> Self {
+        Departed {
+            linger: DEFAULT_LINGER,
+            due: Default::default(),
+        }
+    }
+}
+
+/// How long series of what left stay by default: a scrape or two at the usual intervals.
+pub const DEFAULT_LINGER: std::time::Duration = std::time::Duration::from_secs(60);
+
+#[derive(Debug)]
+enum Departure {
+    Endpoint { service: String, endpoint: String },
+    Service(String),
+}
+
+fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 impl Default for ProxyMetrics {
@@ -180,6 +213,7 @@ impl Default for ProxyMetrics {
             listener_errors: Family::default(),
             udp: Default::default(),
             refused_addresses: Gauge::default(),
+            departed: Default::default(),
         }
     }
 }
@@ -299,6 +333,119 @@ impl ProxyMetrics {
             .inc();
     }
 
+    /// How long the series of a departed endpoint or service port stay exported.
+    pub fn set_linger(&self, linger: std::time::Duration) {
+        lock(&self.departed).linger = linger;
+    }
+
+    /// One endpoint of a service port left: its series leave once they have lingered
+    /// (so that a scrape sees their last values), unless it comes back meanwhile.
+    pub fn forget_endpoint(&self, service: &str, endpoint: &str) {
+        self.depart(Departure::Endpoint {
+            service: service.to_string(),
+            endpoint: endpoint.to_string(),
+        });
+    }
+
+    /// A service port is gone: its own series leave once they have lingered.
+    pub fn forget_service(&self, service: &str) {
+        self.depart(Departure::Service(service.to_string()));
+    }
+
+    /// An endpoint has series again: a departure pending for it is called off.
+    pub fn arrived_endpoint(&self, service: &str, endpoint: &str) {
+        lock(&self.departed).due.retain(|(_, d)| {
+            !matches!(d, Departure::Endpoint { service: s, endpoint: e } if s == service && e == endpoint)
+        });
+    }
+
+    /// A service port has series again.
+    pub fn arrived_service(&self, service: &str) {
+        lock(&self.departed)
+            .due
+            .retain(|(_, d)| !matches!(d, Departure::Service(s) if s == service));
+    }
+
+    fn depart(&self, departure: Departure) {
+        let mut departed = lock(&self.departed);
+        if departed.linger.is_zero() {
+            drop(departed);
+            self.remove(&departure);
+        } else {
+            let due = std::time::Instant::now() + departed.linger;
+            departed.due.push_back((due, departure));
+        }
+    }
+
+    /// Removes the series whose linger is over.
+    pub fn sweep(&self) {
+        let now = std::time::Instant::now();
+        loop {
+            let departure = {
+                let mut departed = lock(&self.departed);
+                match departed.due.front() {
+                    Some((due, _)) if *due <= now => departed.due.pop_front().map(|(_, d)| d),
+                    _ => None,
+                }
+            };
+            match departure {
+                Some(departure) => self.remove(&departure),
+                None => return,
+            }
+        }
+    }
+
+    fn remove(&self, departure: &Departure) {
+        match departure {
+            Departure::Endpoint { service, endpoint } => {
+                self.remove_endpoint_series(service, endpoint)
+            }
+            Departure::Service(service) => self.remove_service_series(service),
+        }
+    }
+
+    /// Removes every series of one endpoint of a service port. Handles still held (by
+    /// connections open to it) keep counting, unexported.
+    fn remove_endpoint_series(&self, service: &str, endpoint: &str) {
+        let labels = EndpointLabels {
+            service: service.to_string(),
+            endpoint: endpoint.to_string(),
+        };
+        self.opened.remove(&labels);
+        self.active.remove(&labels);
+        for direction in [Direction::client_to_endpoint, Direction::endpoint_to_client] {
+            self.bytes.remove(&BytesLabels {
+                service: service.to_string(),
+                endpoint: endpoint.to_string(),
+                direction,
+            });
+        }
+        self.failed.remove(&FailedLabels {
+            service: service.to_string(),
+            endpoint: endpoint.to_string(),
+            reason: ConnectFailure::endpoint_unreachable,
+        });
+        self.udp.forget_endpoint(service, endpoint);
+    }
+
+    /// Removes the series of a service port itself (not its endpoints').
+    fn remove_service_series(&self, service: &str) {
+        for action in [Action::forward, Action::reject, Action::drop] {
+            self.decisions.remove(&DecisionLabels {
+                service: service.to_string(),
+                action,
+            });
+        }
+        for reason in [ConnectFailure::gave_up, ConnectFailure::source_range] {
+            self.failed.remove(&FailedLabels {
+                service: service.to_string(),
+                endpoint: String::new(),
+                reason,
+            });
+        }
+        self.udp.forget_service(service);
+    }
+
     pub fn reloads_of(&self, what: &str, result: ReloadResult) -> u64 {
         self.reloads
             .get_or_create(&ReloadLabels {
@@ -343,5 +490,45 @@ impl Metrics {
 impl Default for Metrics {
     fn default() -> Self {
         Self::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn has(metrics: &ProxyMetrics, endpoint: &str) -> bool {
+        let mut registry = Registry::default();
+        metrics.register(&mut registry);
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+        text.contains(endpoint)
+    }
+
+    fn open(metrics: &ProxyMetrics, endpoint: &str) {
+        let labels = EndpointLabels {
+            service: "default/web:http".into(),
+            endpoint: endpoint.into(),
+        };
+        metrics.opened.get_or_create(&labels).inc();
+    }
+
+    /// A departed endpoint's series stay for the linger, then go; one that comes back
+    /// meanwhile keeps them.
+    #[test]
+    fn departed_series_linger_then_leave_unless_they_return() {
+        let metrics = ProxyMetrics::default();
+        metrics.set_linger(std::time::Duration::from_millis(30));
+        open(&metrics, "198.18.0.1:80");
+        open(&metrics, "198.18.0.2:80");
+        metrics.forget_endpoint("default/web:http", "198.18.0.1:80");
+        metrics.forget_endpoint("default/web:http", "198.18.0.2:80");
+        metrics.arrived_endpoint("default/web:http", "198.18.0.2:80");
+        metrics.sweep();
+        assert!(has(&metrics, "198.18.0.1:80"), "still lingering");
+        std::thread::sleep(std::time::Duration::from_millis(40));
+        metrics.sweep();
+        assert!(!has(&metrics, "198.18.0.1:80"), "gone after the linger");
+        assert!(has(&metrics, "198.18.0.2:80"), "came back: kept");
     }
 }

@@ -68,6 +68,7 @@ pub struct RouteMetrics {
 
 impl RouteMetrics {
     pub fn new(metrics: &Arc<ProxyMetrics>, service: &str, policy: &str) -> Self {
+        metrics.arrived_service(service);
         let decision = |action| {
             metrics
                 .decisions
@@ -128,8 +129,29 @@ impl RouteMetrics {
             .clone()
     }
 
+    /// Forgets the endpoints that `keep` does not keep, series and all: they left the
+    /// service port.
+    pub fn retain_endpoints(&self, keep: impl Fn(SocketAddr) -> bool) {
+        let mut endpoints = write(&self.endpoints);
+        endpoints.retain(|address, _| {
+            let kept = keep(*address);
+            if !kept {
+                self.family
+                    .forget_endpoint(&self.service, &address.to_string());
+            }
+            kept
+        });
+    }
+
+    /// Forgets the service port's series and its endpoints': it is gone.
+    pub fn forget(&self) {
+        self.retain_endpoints(|_| false);
+        self.family.forget_service(&self.service);
+    }
+
     fn create_endpoint(&self, endpoint: SocketAddr) -> EndpointMetrics {
         let endpoint = endpoint.to_string();
+        self.family.arrived_endpoint(&self.service, &endpoint);
         let labels = EndpointLabels {
             service: self.service.clone(),
             endpoint: endpoint.clone(),

@@ -349,6 +349,11 @@ impl Weir {
         atomic_write(&self.dir.path().join("objects").join(name), yaml.as_bytes());
     }
 
+    /// Deletes an objects file.
+    pub fn remove_objects(&self, name: &str) {
+        std::fs::remove_file(self.dir.path().join("objects").join(name)).expect("removed");
+    }
+
     /// Replaces a policy module atomically.
     pub fn write_policy(&self, name: &str, bytes: &[u8]) {
         atomic_write(

@@ -865,8 +865,20 @@ fn the_replace_kube_proxy_variant_differs_from_the_base_only_where_it_must() {
     assert_eq!(raw_str(&replacing, "source", "service_proxy_name"), None);
     let admin = raw_str(&replacing, "admin", "address").expect("admin.address");
     assert_eq!(admin, "0.0.0.0:10256", "kube-proxy's health port");
+    let metrics = raw_str(&replacing, "admin", "metrics_address");
+    assert_eq!(
+        metrics,
+        Some("127.0.0.1:10249"),
+        "kube-proxy's metrics port"
+    );
+    let metrics = raw_str(&base, "admin", "metrics_address").expect("metrics off the network");
+    assert!(metrics.starts_with("127.0.0.1:"), "{metrics}");
     let strip = |mut table: toml::Table| {
-        for (section, key) in [("source", "service_proxy_name"), ("admin", "address")] {
+        for (section, key) in [
+            ("source", "service_proxy_name"),
+            ("admin", "address"),
+            ("admin", "metrics_address"),
+        ] {
             table[section].as_table_mut().unwrap().remove(key);
         }
         table
@@ -874,7 +886,7 @@ fn the_replace_kube_proxy_variant_differs_from_the_base_only_where_it_must() {
     assert_eq!(
         strip(base),
         strip(replacing.clone()),
-        "only those two keys differ"
+        "only those keys differ"
     );
     let named = text.replacen("[node]\n", "[node]\nname = \"node-a\"\n", 1);
     let config = Config::parse(&named, &variant).expect("weir accepts it");

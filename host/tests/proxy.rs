@@ -1228,3 +1228,77 @@ async fn a_compile_bomb_is_refused_while_object_changes_keep_applying() {
     assert_eq!(answers(cluster, None, 3).await, names(T, &[2]));
     weir.shutdown().await;
 }
+
+/// The series of an endpoint that left, and of a Service that is gone, leave /metrics;
+/// with `admin.metrics_address` set, /metrics moves there and the admin port keeps the
+/// probes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_follow_what_is_served_and_can_move_off_the_admin_port() {
+    const T: u8 = 41;
+    let _backends = backends(T, 3).await;
+    let two = [
+        Ep::ready(ip(T, 1, 1), "node-a"),
+        Ep::ready(ip(T, 1, 2), "node-a"),
+    ];
+    let objects = vec![
+        (
+            "web.yaml",
+            service_file("web", ip(T, 0, 10), "", None, &two),
+        ),
+        (
+            "api.yaml",
+            service_file(
+                "api",
+                ip(T, 0, 11),
+                "",
+                None,
+                &[Ep::ready(ip(T, 1, 3), "node-a")],
+            ),
+        ),
+    ];
+    let weir = Weir::start(
+        ip(T, 0, 1),
+        &objects,
+        &[],
+        "metrics_address = \"127.0.0.1:0\"\nmetrics_linger = \"0s\"",
+    )
+    .await;
+    let web = SocketAddr::new(ip(T, 0, 10), 8000);
+    assert_eq!(answers(web, None, 40).await, names(T, &[1, 2]));
+    assert_eq!(
+        answers(SocketAddr::new(ip(T, 0, 11), 8000), None, 3).await,
+        names(T, &[3])
+    );
+
+    let metrics_address = weir.app().metrics_address().expect("a metrics port");
+    let (status, body) = weir.admin_get("/metrics").await;
+    assert_eq!(status, 404, "{body}");
+    assert!(body.contains(&metrics_address.to_string()), "{body}");
+    assert_eq!(weir.admin_get("/livez").await.0, 200);
+    let scrape = http_get(metrics_address, "/metrics").await.unwrap();
+    assert!(scrape.starts_with("HTTP/1.1 200"), "{scrape}");
+    let second = format!("endpoint=\"{}:8080\"", ip(T, 1, 2));
+    assert!(scrape.contains(&second), "{scrape}");
+    assert!(scrape.contains("service=\"default/api:http\""), "{scrape}");
+
+    // One endpoint leaves: its series go, the other's stay.
+    weir.write_objects(
+        "web.yaml",
+        &service_file("web", ip(T, 0, 10), "", None, &two[..1]),
+    );
+    let wait = Duration::from_secs(30);
+    wait_until("the endpoint's series leave", wait, || {
+        !weir.metrics().contains(&second)
+    })
+    .await;
+    let first = format!("endpoint=\"{}:8080\"", ip(T, 1, 1));
+    assert!(weir.metrics().contains(&first));
+
+    // The Service leaves: every series of its port goes.
+    weir.remove_objects("api.yaml");
+    wait_until("the Service's series leave", wait, || {
+        !weir.metrics().contains("service=\"default/api:http\"")
+    })
+    .await;
+    weir.shutdown().await;
+}

@@ -80,7 +80,9 @@ impl Published {
             withdrawn.push((key, ports, metrics));
         }
         for (key, ports, metrics) in withdrawn {
-            if !ports.is_empty() {
+            let unused = if ports.is_empty() {
+                metrics
+            } else {
                 self.apply(
                     bindings,
                     cx,
@@ -90,7 +92,15 @@ impl Published {
                     node_addresses,
                     capture,
                     metrics,
-                );
+                )
+            };
+            // Series of service ports that are gone leave /metrics with them; a port
+            // that only changed policy keeps its series under the new handles.
+            let kept = self.services.get(&key).map(|c| &c.metrics);
+            for ((service, _), metrics) in unused {
+                if !kept.is_some_and(|kept| kept.keys().any(|(s, _)| *s == service)) {
+                    metrics.forget();
+                }
             }
         }
     }
@@ -166,7 +176,7 @@ impl Published {
     }
 
     /// Puts a Service's ports into the routes, listeners and health checks, telling their
-    /// policies what changed.
+    /// policies what changed. Returns the metric handles it did not reuse.
     #[allow(clippy::too_many_arguments)]
     fn apply(
         &mut self,
@@ -178,7 +188,7 @@ impl Published {
         node_addresses: &[IpAddr],
         capture: bool,
         mut reusable: HashMap<(String, String), Arc<RouteMetrics>>,
-    ) {
+    ) -> HashMap<(String, String), Arc<RouteMetrics>> {
         let mut contribution = Contribution::default();
         // Ready endpoint IPs per family, for the healthCheckNodePort.
         let mut ready_ips: BTreeMap<FamilyKey, BTreeSet<IpAddr>> = BTreeMap::new();
@@ -269,6 +279,10 @@ impl Published {
                     ))
                 });
             contribution.metrics.insert(metrics_key, metrics.clone());
+            // Endpoints that left take their series with them.
+            let present: HashSet<std::net::SocketAddr> =
+                snapshot.endpoints.iter().map(|e| e.address).collect();
+            metrics.retain_endpoints(|address| present.contains(&address));
 
             let wanted = routes::wanted(snapshot, &eligibility, transport, node_addresses, capture);
             for routes::Wanted {
@@ -328,6 +342,7 @@ impl Published {
             }
         }
         self.services.insert(key.clone(), contribution);
+        reusable
     }
 
     /// Takes a listening address for a Service (see [`routes::Addresses::claim`]); a

@@ -46,6 +46,20 @@ pub enum Ended {
     closed,
 }
 
+impl Ended {
+    const ALL: [Ended; 5] = [
+        Ended::idle,
+        Ended::endpoint_gone,
+        Ended::endpoint_refused,
+        Ended::evicted,
+        Ended::closed,
+    ];
+
+    fn index(&self) -> usize {
+        Ended::ALL.iter().position(|e| e == self).expect("listed")
+    }
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct EndedLabels {
     pub service: String,
@@ -70,6 +84,18 @@ pub enum Dropped {
     send_failed,
     /// The listener had no route (its address was just given up).
     no_route,
+}
+
+impl Dropped {
+    const ALL: [Dropped; 7] = [
+        Dropped::node_flow_cap,
+        Dropped::service_flow_cap,
+        Dropped::source_range,
+        Dropped::refused,
+        Dropped::socket_error,
+        Dropped::send_failed,
+        Dropped::no_route,
+    ];
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -116,6 +142,40 @@ impl UdpMetrics {
         );
     }
 
+    /// Removes one endpoint's series (see `ProxyMetrics::forget_endpoint`).
+    pub fn forget_endpoint(&self, service: &str, endpoint: &str) {
+        let flow = FlowLabels {
+            service: service.to_string(),
+            endpoint: endpoint.to_string(),
+        };
+        self.opened.remove(&flow);
+        self.active.remove(&flow);
+        for direction in [Direction::client_to_endpoint, Direction::endpoint_to_client] {
+            self.datagrams.remove(&DatagramLabels {
+                service: service.to_string(),
+                endpoint: endpoint.to_string(),
+                direction,
+            });
+        }
+        for reason in Ended::ALL {
+            self.ended.remove(&EndedLabels {
+                service: service.to_string(),
+                endpoint: endpoint.to_string(),
+                reason,
+            });
+        }
+    }
+
+    /// Removes a service port's own series.
+    pub fn forget_service(&self, service: &str) {
+        for reason in Dropped::ALL {
+            self.dropped.remove(&DroppedLabels {
+                service: service.to_string(),
+                reason,
+            });
+        }
+    }
+
     pub fn drop(&self, service: &str, reason: Dropped) {
         self.dropped
             .get_or_create(&DroppedLabels {
@@ -132,9 +192,7 @@ pub struct EndpointUdp {
     pub active: Gauge,
     pub to_endpoint: Counter,
     pub to_client: Counter,
-    ended: Family<EndedLabels, Counter>,
-    service: String,
-    endpoint: String,
+    ended: [Counter; 5],
 }
 
 impl EndpointUdp {
@@ -157,19 +215,21 @@ impl EndpointUdp {
             active: udp.active.get_or_create(&labels).clone(),
             to_endpoint: datagrams(Direction::client_to_endpoint),
             to_client: datagrams(Direction::endpoint_to_client),
-            ended: udp.ended.clone(),
-            service: service.to_string(),
-            endpoint: endpoint.to_string(),
+            // Made now, not when a flow ends: a flow that ends after its endpoint left
+            // (and its series were removed) must not bring them back.
+            ended: Ended::ALL.map(|reason| {
+                udp.ended
+                    .get_or_create(&EndedLabels {
+                        service: service.to_string(),
+                        endpoint: endpoint.to_string(),
+                        reason,
+                    })
+                    .clone()
+            }),
         }
     }
 
     pub fn ended(&self, reason: Ended) {
-        self.ended
-            .get_or_create(&EndedLabels {
-                service: self.service.clone(),
-                endpoint: self.endpoint.clone(),
-                reason,
-            })
-            .inc();
+        self.ended[reason.index()].inc();
     }
 }
