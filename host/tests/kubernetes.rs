@@ -581,6 +581,69 @@ async fn a_refused_module_follows_its_settings_until_removed() {
     wait_for_backends(web, 3, &names(T, &[1])).await;
 }
 
+/// A module whose `configure` refuses is refused until it or its configuration changes
+/// (it was retried every 5 s, with a new PolicyRejected each time); an Event that happens
+/// again is one Event with a series count, as client-go's events library keeps them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refusal_is_not_retried_and_repeated_events_are_counted() {
+    const T: u8 = 42;
+    let _backends = backends(T, 1).await;
+    let api = ApiServer::start();
+    api.apply(node(T));
+    api.apply(service("web", ip(T, 0, 10), Some("solo")));
+    api.apply(slice("web", &[ip(T, 1, 1)]));
+    let hostile = guest_bytes("hostile");
+    api.apply(policies(
+        &[("solo", hostile.clone())],
+        Some("[solo]\nconfig = \"refuse\"\n"),
+    ));
+    let weir = KubeWeir::ready(&api, "").await;
+    event_with(&api, "PolicyRejected", "refused on purpose").expect("rejected");
+    let rejections = |weir: &KubeWeir| weir.metric("weir_policy_rejections_total{policy=\"solo\"");
+    assert_eq!(rejections(&weir), 1);
+    // Watched over more than the old 5 s retry: never tried again.
+    let watched = Instant::now();
+    while watched.elapsed() < Duration::from_secs(7) {
+        assert_eq!(
+            rejections(&weir),
+            1,
+            "a refused configuration was tried again"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let rejected: Vec<Value> = (api.events().into_iter())
+        .filter(|e| e["reason"] == "PolicyRejected")
+        .collect();
+    assert_eq!(rejected.len(), 1, "{rejected:?}");
+
+    // Loaded, replaced, and loaded again: the third is the first Event, counted twice.
+    let (a, b) = (guest_bytes("round-robin"), guest_bytes("random"));
+    let a_sha = weir::policy::sha256_hex(&a);
+    for module in [&a, &b, &a] {
+        api.apply(policies(&[("solo", module.clone())], None));
+        let sha = weir::policy::sha256_hex(module);
+        event_with(&api, "PolicyLoaded", &sha).expect("loaded");
+    }
+    let again = api
+        .wait_for_event(
+            |e| {
+                e["reason"] == "PolicyLoaded"
+                    && e["note"].as_str().is_some_and(|n| n.contains(&a_sha))
+                    && e["series"]["count"] == 2
+            },
+            WAIT,
+        )
+        .expect("the repeat is the first Event's series");
+    assert!(again["series"]["lastObservedTime"].is_string(), "{again}");
+    let names: BTreeSet<String> = (api.events().into_iter())
+        .filter(|e| {
+            e["reason"] == "PolicyLoaded" && e["note"].as_str().is_some_and(|n| n.contains(&a_sha))
+        })
+        .map(|e| e["metadata"]["name"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(names.len(), 1, "one Event, patched: {names:?}");
+}
+
 #[test]
 fn an_unusable_kubeconfig_is_an_error_not_a_panic() {
     let runtime = tokio::runtime::Runtime::new().unwrap();

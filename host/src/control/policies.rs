@@ -29,6 +29,8 @@ pub(super) struct Modules {
     /// that may pass (`policies_retry`: when).
     pub(super) shipped_maps: Vec<PolicyMap>,
     pub(super) policies_retry: Option<Instant>,
+    /// The wait before that retry, doubling while refusals stay transient.
+    pub(super) retry_after: std::time::Duration,
     /// Each policies ConfigMap's last good settings, and the text of settings that did
     /// not parse (announced once).
     pub(super) map_settings: BTreeMap<String, settings::Shipped>,
@@ -48,12 +50,27 @@ impl Modules {
             policy_settings: BTreeMap::new(),
             shipped_maps: Vec::new(),
             policies_retry: None,
+            retry_after: std::time::Duration::ZERO,
             map_settings: BTreeMap::new(),
             shipped_default: None,
             bad_settings: BTreeMap::new(),
         }
     }
 }
+
+/// Why a module was not loaded.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Refusal {
+    /// Compiling in the background: looked at again once it has compiled.
+    Pending,
+    /// Refused for a reason that may pass (a deadline on a busy machine): retried.
+    Transient,
+    /// Refused until the module or its configuration changes.
+    Final,
+}
+
+const RETRY_FIRST: std::time::Duration = std::time::Duration::from_secs(5);
+const RETRY_CAP: std::time::Duration = std::time::Duration::from_secs(300);
 
 pub(super) fn policy_name(path: &Path) -> String {
     path.file_stem()
@@ -132,7 +149,7 @@ impl ControlPlane {
                         changed = true;
                     }
                     // Not settled: looked at again once it has compiled.
-                    Err("pending") => continue,
+                    Err(Refusal::Pending) => continue,
                     Err(_) => {}
                 }
             }
@@ -272,12 +289,12 @@ impl ControlPlane {
                     "its sha256 is not the one {POLICY_SETTINGS_KEY} pins ({pin}): ship the pinned module or change the pin"
                 );
                 self.rejected(&name, &sha256, "pinned", &error, Some(&from));
-                Err("pinned")
+                Err(Refusal::Final)
             } else {
                 let source = format!("configmap {} key {name}.wasm", map.name);
                 self.swap(&name, &source, bytes, &sha256, &config, Some(&from))
             };
-            if outcome == Err("pending") {
+            if outcome == Err(Refusal::Pending) {
                 // Not recorded: looked at again at the next look, once it has compiled.
                 compiling = true;
                 continue;
@@ -290,8 +307,9 @@ impl ControlPlane {
                 self.queued();
             }
             // A deadline missed on a busy machine is worth another try; a module that
-            // does not compile or fits no contract is not, until it changes.
-            let transient = matches!(outcome, Err("instantiate" | "configure" | "replay"));
+            // does not compile, fits no contract or whose configure refuses is not, until
+            // it (or its configuration) changes.
+            let transient = outcome == Err(Refusal::Transient);
             retry |= transient;
             self.modules.shipped.insert(
                 name,
@@ -305,10 +323,16 @@ impl ControlPlane {
                 },
             );
         }
+        // Transient refusals are retried at 5 s, doubling up to 5 minutes while they last.
+        self.modules.retry_after = if retry {
+            (self.modules.retry_after * 2).clamp(RETRY_FIRST, RETRY_CAP)
+        } else {
+            std::time::Duration::ZERO
+        };
         self.modules.policies_retry = if compiling {
             Some(Instant::now())
         } else {
-            retry.then(|| Instant::now() + std::time::Duration::from_secs(5))
+            retry.then(|| Instant::now() + self.modules.retry_after)
         };
         if settings != self.modules.policy_settings {
             self.modules.policy_settings = settings;
@@ -353,12 +377,12 @@ impl ControlPlane {
         sha256: &str,
         config: &str,
         regarding: Option<&Subject>,
-    ) -> Result<(), &'static str> {
+    ) -> Result<(), Refusal> {
         let started = Instant::now();
         let replay = self.bindings.replay(name);
         match self.registry.swap(name, source, bytes, config, &replay) {
             // Compiling in the background: nothing to apply or refuse yet.
-            Err(error) if error.is_pending() => Err("pending"),
+            Err(error) if error.is_pending() => Err(Refusal::Pending),
             Ok((runtime, answers)) => {
                 (self.bindings).swapped(name, &runtime, answers, &self.metrics);
                 self.metrics.proxy.reload(name, ReloadResult::accepted);
@@ -387,7 +411,11 @@ impl ControlPlane {
             Err(error) => {
                 let reason = error.reason();
                 self.rejected(name, sha256, reason, &error.to_string(), regarding);
-                Err(reason)
+                Err(if error.is_transient() {
+                    Refusal::Transient
+                } else {
+                    Refusal::Final
+                })
             }
         }
     }

@@ -81,11 +81,11 @@ pub const ACCESS: &[Access] = &[
         scope: Scope::OwnNamespace,
     },
     // Events go to the object they are about: the policies ConfigMap, or a Service in
-    // its own namespace. Each is created; none is patched.
+    // its own namespace. Each is created, and patched when it happens again (its series).
     Access {
         group: "events.k8s.io",
         resource: "events",
-        verbs: &["create"],
+        verbs: &["create", "patch"],
         scope: Scope::Cluster,
     },
 ];

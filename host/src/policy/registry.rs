@@ -55,6 +55,18 @@ impl RegistryError {
         matches!(self, RegistryError::Load(LoadError::Pending { .. }))
     }
 
+    /// Whether another try of the same module and configuration may pass: a deadline
+    /// missed on a busy machine, or no instance slot free. A `configure` that refuses, a
+    /// trap or a module that does not fit is refused again until something changes.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            RegistryError::Load(_) => false,
+            RegistryError::Instantiate { error, .. } | RegistryError::Replay { error, .. } => {
+                matches!(error.kind, FailureKind::Timeout | FailureKind::Instantiate)
+            }
+        }
+    }
+
     /// A short, bounded reason for metrics: `not_wasm`, `not_component`, `compile`,
     /// `compile_budget`, `wrong_version`, `unsupported_import`, `read`, `instantiate`,
     /// `configure`, `replay`.
