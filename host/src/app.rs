@@ -20,7 +20,7 @@ use crate::health::ProxyHealth;
 use crate::metrics::Metrics;
 use crate::policy::{PolicyEngine, Registry};
 use crate::proxy::{
-    Bound, Listen, ListenerKind, Listeners, Settings, Shared, UdpSettings, tcp, udp,
+    Bound, Listen, ListenerKind, Listeners, Settings, Shared, TcpSettings, UdpSettings, tcp, udp,
 };
 
 /// A running weir.
@@ -143,6 +143,12 @@ impl App {
                 stream_timeout: config.proxy.udp_stream_timeout.0,
                 max_flows: config.proxy.max_udp_flows,
                 max_flows_per_service: config.proxy.max_udp_flows_per_service,
+            },
+            tcp: TcpSettings {
+                max_connections: config.proxy.connection_cap(),
+                max_per_service: config.proxy.connection_cap_per_service(),
+                idle_timeout: config.proxy.idle_timeout.map(|t| t.0),
+                half_close_timeout: config.proxy.half_close_timeout.0,
             },
         }));
         let spawn = {

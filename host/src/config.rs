@@ -224,6 +224,25 @@ pub struct ProxyConfig {
     /// UDP flows open at once for one Service port.
     #[serde(default = "default_max_udp_flows_per_service")]
     pub max_udp_flows_per_service: usize,
+    /// TCP connections proxied at once on this node; past it listeners stop accepting
+    /// (clients wait in the kernel's backlog) until one closes. 0: derived from the open
+    /// files limit (each connection holds two descriptors), keeping room for the rest.
+    #[serde(default)]
+    pub max_connections: usize,
+    /// TCP connections proxied at once for one Service port. 0: three quarters of the
+    /// node's cap, so that one Service (a slow or silent endpoint, a flood) cannot take
+    /// every connection the node has.
+    #[serde(default)]
+    pub max_connections_per_service: usize,
+    /// A TCP connection with no bytes either way for this long is closed (a Service may
+    /// set its own with `weir.dev/idle-timeout`). None: never, as kube-proxy.
+    #[serde(default)]
+    pub idle_timeout: Option<Humantime>,
+    /// A TCP connection that one side has closed (half-closed) ends when no bytes move
+    /// for this long: the peer that never closes its side cannot hold two descriptors
+    /// for good (HAProxy's `timeout client-fin`/`server-fin`).
+    #[serde(default = "default_half_close_timeout")]
+    pub half_close_timeout: Humantime,
     /// Where weir writes its UDP flows at shutdown and reads them back at start, so that
     /// a restart does not move them (a directory that outlives the process: a hostPath
     /// under /run in a cluster). None: flows end with the process.
@@ -243,12 +262,37 @@ impl Default for ProxyConfig {
             udp_stream_timeout: default_udp_stream_timeout(),
             max_udp_flows: default_max_udp_flows(),
             max_udp_flows_per_service: default_max_udp_flows_per_service(),
+            max_connections: 0,
+            max_connections_per_service: 0,
+            idle_timeout: None,
+            half_close_timeout: default_half_close_timeout(),
             state_dir: None,
         }
     }
 }
 
 impl ProxyConfig {
+    /// `max_connections`, or what the open files limit allows when it is 0: two
+    /// descriptors a connection, with 1024 kept for listeners, UDP flows' sockets being
+    /// counted apart, the admin port and the policy engine.
+    pub fn connection_cap(&self) -> usize {
+        if self.max_connections > 0 {
+            return self.max_connections;
+        }
+        let limit = rustix::process::getrlimit(rustix::process::Resource::Nofile)
+            .current
+            .unwrap_or(1 << 20) as usize;
+        (limit.saturating_sub(1024 + self.max_udp_flows) / 2).max(64)
+    }
+
+    /// `max_connections_per_service`, or three quarters of [`connection_cap`] when it is 0.
+    pub fn connection_cap_per_service(&self) -> usize {
+        match self.max_connections_per_service {
+            0 => (self.connection_cap() * 3 / 4).max(1),
+            cap => cap,
+        }
+    }
+
     pub fn worker_count(&self) -> usize {
         if self.workers > 0 {
             self.workers
@@ -341,6 +385,9 @@ fn default_udp_stream_timeout() -> Humantime {
 }
 fn default_max_udp_flows() -> usize {
     16_384
+}
+fn default_half_close_timeout() -> Humantime {
+    Humantime(Duration::from_secs(60))
 }
 fn default_max_udp_flows_per_service() -> usize {
     4_096

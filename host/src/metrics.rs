@@ -73,6 +73,37 @@ pub enum ConnectFailure {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TimeoutLabels {
+    pub service: String,
+    pub timeout: Timeout,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[allow(non_camel_case_types)]
+pub enum Timeout {
+    /// No bytes either way for `proxy.idle_timeout` (or `weir.dev/idle-timeout`).
+    idle,
+    /// Half-closed, and no bytes for `proxy.half_close_timeout`.
+    half_close,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct LimitLabels {
+    /// The service port whose listener waited.
+    pub service: String,
+    pub limit: Limit,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[allow(non_camel_case_types)]
+pub enum Limit {
+    /// `proxy.max_connections`.
+    node,
+    /// `proxy.max_connections_per_service`.
+    service,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReloadLabels {
     /// `objects`, or the policy's name.
     pub what: String,
@@ -134,6 +165,8 @@ pub struct ProxyMetrics {
     pub active: Family<EndpointLabels, Gauge>,
     pub bytes: Family<BytesLabels, Counter>,
     pub failed: Family<FailedLabels, Counter>,
+    pub timed_out: Family<TimeoutLabels, Counter>,
+    pub limit_reached: Family<LimitLabels, Counter>,
     pub decisions: Family<DecisionLabels, Counter>,
     pub select_seconds: Family<PolicyLabels, Histogram>,
     pub reloads: Family<ReloadLabels, Counter>,
@@ -196,6 +229,8 @@ impl Default for ProxyMetrics {
             active: Family::default(),
             bytes: Family::default(),
             failed: Family::default(),
+            timed_out: Family::default(),
+            limit_reached: Family::default(),
             decisions: Family::default(),
             select_seconds: Family::new_with_constructor(latency_histogram),
             reloads: Family::default(),
@@ -240,6 +275,16 @@ impl ProxyMetrics {
             "weir_connections_failed",
             "Connect attempts that failed, and connections given up on",
             self.failed.clone(),
+        );
+        r.register(
+            "weir_connections_timed_out",
+            "Connections closed by weir for their idle or half-close timeout",
+            self.timed_out.clone(),
+        );
+        r.register(
+            "weir_connection_limit_reached",
+            "Times a listener stopped accepting because a connection cap was reached",
+            self.limit_reached.clone(),
         );
         r.register(
             "weir_decisions",
@@ -441,6 +486,18 @@ impl ProxyMetrics {
                 service: service.to_string(),
                 endpoint: String::new(),
                 reason,
+            });
+        }
+        for timeout in [Timeout::idle, Timeout::half_close] {
+            self.timed_out.remove(&TimeoutLabels {
+                service: service.to_string(),
+                timeout,
+            });
+        }
+        for limit in [Limit::node, Limit::service] {
+            self.limit_reached.remove(&LimitLabels {
+                service: service.to_string(),
+                limit,
             });
         }
         self.udp.forget_service(service);

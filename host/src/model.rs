@@ -27,6 +27,9 @@ pub const MEMORY_ANNOTATION: &str = "weir.dev/policy-memory-mib";
 /// How long a UDP flow of the Service's ports may be idle before it ends (a duration
 /// such as `10s`); `proxy.udp_timeout` otherwise.
 pub const UDP_TIMEOUT_ANNOTATION: &str = "weir.dev/udp-timeout";
+/// How long a TCP connection of the Service may be idle (a duration such as `15m`);
+/// `proxy.idle_timeout` otherwise.
+pub const IDLE_TIMEOUT_ANNOTATION: &str = "weir.dev/idle-timeout";
 /// `spec.sessionAffinityConfig.clientIP.timeoutSeconds` when unset (the API default).
 pub const DEFAULT_AFFINITY_TIMEOUT_SECONDS: u32 = 10_800;
 /// The largest timeout the API server accepts.
@@ -149,6 +152,8 @@ pub struct ServicePortSnapshot {
     pub load_balancer_source_ranges: Vec<Cidr>,
     /// The `weir.dev/udp-timeout` annotation: how long a UDP flow may be idle.
     pub udp_timeout: Option<std::time::Duration>,
+    /// The `weir.dev/idle-timeout` annotation: how long a TCP connection may be idle.
+    pub idle_timeout: Option<std::time::Duration>,
 }
 
 /// A Service's healthCheckNodePort and what it reports.

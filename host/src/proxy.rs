@@ -27,7 +27,7 @@ use weir_sdk::{Scope, ServiceHandle};
 use crate::locks::{read, write};
 use crate::metrics::{
     Action, BytesLabels, ConnectFailure, DecisionLabels, Direction, EndpointLabels, FailedLabels,
-    ListenerLabels, PolicyLabels, ProxyMetrics,
+    Limit, LimitLabels, ListenerLabels, PolicyLabels, ProxyMetrics, Timeout, TimeoutLabels,
 };
 use crate::net::Cidr;
 use crate::policy::PolicyRuntime;
@@ -47,6 +47,9 @@ pub struct Route {
     pub source_ranges: Vec<crate::net::Cidr>,
     /// UDP: how long a flow may be idle (`weir.dev/udp-timeout`; `None`: the node's).
     pub udp_timeout: Option<Duration>,
+    /// TCP: how long a connection may be idle (`weir.dev/idle-timeout`; `None`: the
+    /// node's `proxy.idle_timeout`).
+    pub idle_timeout: Option<Duration>,
     pub metrics: Arc<RouteMetrics>,
 }
 
@@ -62,8 +65,17 @@ pub struct RouteMetrics {
     pub select: Histogram,
     pub gave_up: Counter,
     pub source_range: Counter,
+    pub idle_timeout: Counter,
+    pub half_close_timeout: Counter,
+    pub node_limit: Counter,
+    pub service_limit: Counter,
     /// UDP flows open now on this service port, against `proxy.max_udp_flows_per_service`.
     pub udp_flows: std::sync::atomic::AtomicUsize,
+    /// TCP connections open now on this service port, against
+    /// `proxy.max_connections_per_service`, and the wake-up of listeners waiting for one
+    /// to close.
+    pub tcp_connections: std::sync::atomic::AtomicUsize,
+    pub tcp_room: tokio::sync::Notify,
 }
 
 impl RouteMetrics {
@@ -88,10 +100,34 @@ impl RouteMetrics {
                 })
                 .clone()
         };
+        let timed_out = |timeout| {
+            metrics
+                .timed_out
+                .get_or_create(&TimeoutLabels {
+                    service: service.to_string(),
+                    timeout,
+                })
+                .clone()
+        };
+        let limit = |limit| {
+            metrics
+                .limit_reached
+                .get_or_create(&LimitLabels {
+                    service: service.to_string(),
+                    limit,
+                })
+                .clone()
+        };
         RouteMetrics {
             service: service.to_string(),
             family: metrics.clone(),
             endpoints: Default::default(),
+            idle_timeout: timed_out(Timeout::idle),
+            half_close_timeout: timed_out(Timeout::half_close),
+            node_limit: limit(Limit::node),
+            service_limit: limit(Limit::service),
+            tcp_connections: Default::default(),
+            tcp_room: Default::default(),
             forward: decision(Action::forward),
             reject: decision(Action::reject),
             drop: decision(Action::drop),
@@ -257,6 +293,32 @@ pub struct Settings {
     pub connect_attempts: u32,
     pub drop_timeout: Duration,
     pub udp: UdpSettings,
+    pub tcp: TcpSettings,
+}
+
+/// TCP connections: caps and timeouts (`[proxy]`).
+#[derive(Clone, Debug)]
+pub struct TcpSettings {
+    /// Connections at once on this node.
+    pub max_connections: usize,
+    /// Connections at once per service port (0: no cap of its own).
+    pub max_per_service: usize,
+    /// No bytes either way for this long closes a connection (a Service's
+    /// `weir.dev/idle-timeout` wins).
+    pub idle_timeout: Option<Duration>,
+    /// No bytes for this long once one side has closed ends the connection.
+    pub half_close_timeout: Duration,
+}
+
+impl Default for TcpSettings {
+    fn default() -> Self {
+        TcpSettings {
+            max_connections: 65_536,
+            max_per_service: 0,
+            idle_timeout: None,
+            half_close_timeout: Duration::from_secs(60),
+        }
+    }
 }
 
 /// UDP flows: idle timeouts and caps (`[proxy]`).
@@ -291,6 +353,8 @@ pub struct Shared {
     pub local_sources: ArcSwap<Vec<Cidr>>,
     /// Every connection task, for the drain on shutdown.
     pub connections: TaskTracker,
+    /// One permit per TCP connection the node may hold (`proxy.max_connections`).
+    pub tcp_slots: Arc<tokio::sync::Semaphore>,
     /// Cancelled at the end of the shutdown grace period: closes established connections.
     pub close: CancellationToken,
     /// UDP flows open now on this node, against `proxy.max_udp_flows`.
@@ -304,12 +368,16 @@ pub struct Shared {
 
 impl Shared {
     pub fn new(settings: Settings) -> Self {
+        let tcp_slots = Arc::new(tokio::sync::Semaphore::new(
+            (settings.tcp.max_connections).min(tokio::sync::Semaphore::MAX_PERMITS),
+        ));
         Shared {
             routes: ArcSwap::from_pointee(Routes::default()),
             retired: ArcSwap::from_pointee(HashMap::new()),
             settings,
             local_sources: ArcSwap::from_pointee(Vec::new()),
             connections: TaskTracker::new(),
+            tcp_slots,
             close: CancellationToken::new(),
             udp_flows: Default::default(),
             udp_listeners: TaskTracker::new(),

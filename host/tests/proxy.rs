@@ -1302,3 +1302,78 @@ async fn metrics_follow_what_is_served_and_can_move_off_the_admin_port() {
     .await;
     weir.shutdown().await;
 }
+
+/// `proxy.max_connections_per_service`: past it the listener stops accepting (the
+/// client waits in the backlog, nothing spins) until a connection closes, and the wait
+/// is counted. A Service's `weir.dev/idle-timeout` closes connections that stay silent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connection_caps_pause_accepting_and_idle_connections_are_closed() {
+    const T: u8 = 43;
+    let _backends = backends(T, 1).await;
+    let one = [Ep::ready(ip(T, 1, 1), "node-a")];
+    let idle_service = service_yaml("idle", ip(T, 0, 11), 8000, "", "weir.dev/idle-timeout: 1s")
+        + "---\n"
+        + &slice_yaml("idle", 8080, &one);
+    let objects = vec![
+        (
+            "web.yaml",
+            service_file("web", ip(T, 0, 10), "", None, &one),
+        ),
+        ("idle.yaml", idle_service),
+    ];
+    let weir = Weir::start(
+        ip(T, 0, 1),
+        &objects,
+        &[],
+        "[proxy]\nmax_connections_per_service = 3\n",
+    )
+    .await;
+    let web = SocketAddr::new(ip(T, 0, 10), 8000);
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        let mut stream = connect(web, None).await.unwrap();
+        greet(&mut stream).await.expect("served");
+        held.push(stream);
+    }
+    let limit =
+        "weir_connection_limit_reached_total{service=\"default/web:http\",limit=\"service\"}";
+    wait_until("the cap is counted", Duration::from_secs(10), || {
+        weir.metric(limit) >= 1
+    })
+    .await;
+    // A fourth client's handshake completes in the kernel; weir does not take it yet.
+    let fourth = tokio::spawn(who(web, None));
+    let watched = Instant::now();
+    while watched.elapsed() < Duration::from_millis(500) {
+        assert!(!fourth.is_finished(), "served past the cap");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    drop(held.pop());
+    let name = tokio::time::timeout(Duration::from_secs(5), fourth)
+        .await
+        .expect("served once one closed")
+        .unwrap()
+        .unwrap();
+    assert_eq!(name, format!("{}:8080", ip(T, 1, 1)));
+
+    // Idle for its Service's 1 s: closed by weir (end of stream), and counted.
+    let mut idle = connect(SocketAddr::new(ip(T, 0, 11), 8000), None)
+        .await
+        .unwrap();
+    greet(&mut idle).await.expect("served");
+    let mut rest = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(10), idle.read_to_end(&mut rest)).await;
+    assert!(read.is_ok(), "an idle connection stayed open");
+    let timed_out =
+        "weir_connections_timed_out_total{service=\"default/idle:http\",timeout=\"idle\"}";
+    assert_eq!(weir.metric(timed_out), 1);
+    // The other Service has no idle timeout: its connections stay.
+    assert_eq!(
+        weir.metric(
+            "weir_connections_timed_out_total{service=\"default/web:http\",timeout=\"idle\"}"
+        ),
+        0
+    );
+    drop(held);
+    weir.shutdown().await;
+}

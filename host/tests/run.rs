@@ -354,3 +354,101 @@ async fn slow_clients_do_not_hold_the_admin_port() {
         );
     }
 }
+
+/// With 256 open files (soft and hard), 200 silent clients of a Service whose endpoint
+/// never answers took every descriptor: every other Service and the probes timed out.
+/// Now that Service's connections are capped (three quarters of what the descriptors
+/// allow), its listener waits, and the rest of the node is served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_hundred_silent_clients_cannot_starve_the_node() {
+    let silent = tokio::net::TcpListener::bind("127.31.3.1:0").await.unwrap();
+    let silent_address = silent.local_addr().unwrap();
+    let holder = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((stream, _)) = silent.accept().await {
+            held.push(stream);
+        }
+    });
+    let backend = Backend::start("127.31.3.2:0".parse().unwrap(), "b3")
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(dir.path().join("objects")).unwrap();
+    let service = |name: &str, ip: u8, endpoint: SocketAddr| {
+        service_yaml(name, IpAddr::from([127, 31, 3, ip]), 8000, "", "")
+            + "---\n"
+            + &slice_yaml(name, endpoint.port(), &[Ep::ready(endpoint.ip(), "node-a")])
+    };
+    std::fs::write(
+        dir.path().join("objects/silent.yaml"),
+        service("silent", 20, silent_address),
+    )
+    .unwrap();
+    std::fs::write(
+        dir.path().join("objects/web.yaml"),
+        service("web", 21, backend.address),
+    )
+    .unwrap();
+    let admin = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let config = dir.path().join("weir.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[node]\nname = \"node-a\"\naddresses = [\"127.31.0.1\"]\n[source]\nkind = \"files\"\npaths = [\"objects\"]\n[admin]\naddress = \"{admin}\"\n"
+        ),
+    )
+    .unwrap();
+    let child = Command::new("sh")
+        .args([
+            "-c",
+            "ulimit -n 256 && exec \"$0\" run --config \"$1\"",
+            WEIR,
+        ])
+        .arg(&config)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let _process = Process(child);
+    let end = Instant::now() + Duration::from_secs(60);
+    while !http_get(admin, "/readyz")
+        .await
+        .is_ok_and(|r| r.starts_with("HTTP/1.1 200"))
+    {
+        assert!(Instant::now() < end, "weir never became ready");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    let silent_service = SocketAddr::from(([127, 31, 3, 20], 8000));
+    let mut clients = Vec::new();
+    for _ in 0..200 {
+        if let Ok(stream) = connect(silent_service, None).await {
+            clients.push(stream);
+        }
+    }
+    let reached =
+        "weir_connection_limit_reached_total{service=\"default/silent:http\",limit=\"service\"}";
+    let end = Instant::now() + Duration::from_secs(30);
+    while metric(admin, reached).await < 1.0 {
+        assert!(
+            Instant::now() < end,
+            "the silent Service's cap was never reached"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // The rest of the node: another Service and the probes.
+    let web = SocketAddr::from(([127, 31, 3, 21], 8000));
+    for _ in 0..5 {
+        let mut stream = connect(web, None).await.expect("the other Service accepts");
+        assert_eq!(greet(&mut stream).await.expect("and answers"), "b3");
+    }
+    for probe in ["/readyz", "/livez", "/healthz"] {
+        let response = http_get(admin, probe)
+            .await
+            .expect("the admin port answers");
+        assert!(response.starts_with("HTTP/1.1 200"), "{probe}: {response}");
+    }
+    drop(clients);
+    holder.abort();
+}

@@ -91,6 +91,14 @@ impl Config {
                 "is 0: UDP flows need an idle timeout, e.g. \"30s\" (and udp_stream_timeout \"120s\")",
             );
         }
+        if self.proxy.half_close_timeout.0.is_zero()
+            || self.proxy.idle_timeout.is_some_and(|t| t.0.is_zero())
+        {
+            return fail(
+                "proxy.half_close_timeout",
+                "is 0: give half-closed (and idle) connections time, e.g. \"60s\"; leave idle_timeout out for none",
+            );
+        }
         if self.proxy.max_udp_flows == 0 || self.proxy.max_udp_flows_per_service == 0 {
             return fail(
                 "proxy.max_udp_flows",

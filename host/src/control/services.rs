@@ -310,6 +310,7 @@ impl Published {
                         local_sources_use_cluster: service.external_traffic_local,
                         source_ranges,
                         udp_timeout: snapshot.udp_timeout,
+                        idle_timeout: snapshot.idle_timeout,
                         metrics: metrics.clone(),
                     }),
                 );

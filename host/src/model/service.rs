@@ -87,7 +87,10 @@ pub(super) fn service_ports(
             }
         },
     };
-    let udp_timeout = match annotations.get(UDP_TIMEOUT_ANNOTATION).map(|s| s.trim()) {
+    let mut timeout = |annotation: &str, instead: &str| match annotations
+        .get(annotation)
+        .map(|s| s.trim())
+    {
         None => None,
         Some(text) => match crate::units::parse_duration(text) {
             Some(timeout) if !timeout.is_zero() => Some(timeout),
@@ -95,13 +98,15 @@ pub(super) fn service_ports(
                 warn(
                     diagnostics,
                     format!(
-                        "annotation {UDP_TIMEOUT_ANNOTATION}: `{text}` is not a duration above 0 such as `10s` or `2m`; using proxy.udp_timeout"
+                        "annotation {annotation}: `{text}` is not a duration above 0 such as `10s` or `2m`; using {instead}"
                     ),
                 );
                 None
             }
         },
     };
+    let udp_timeout = timeout(UDP_TIMEOUT_ANNOTATION, "proxy.udp_timeout");
+    let idle_timeout = timeout(IDLE_TIMEOUT_ANNOTATION, "proxy.idle_timeout");
     let config = annotations.get(POLICY_CONFIG_ANNOTATION).cloned();
 
     let externally_accessible_type = service_type == "LoadBalancer"
@@ -327,6 +332,7 @@ pub(super) fn service_ports(
                 health_check,
                 load_balancer_source_ranges: ranges.clone(),
                 udp_timeout,
+                idle_timeout,
             });
         }
     }

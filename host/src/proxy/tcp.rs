@@ -14,6 +14,9 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
+mod limits;
+
+use super::copy::{Ended, Timeouts};
 use super::decide::{self, Next, Refusal};
 use super::{Listen, Route, Shared};
 use tokio::io::AsyncReadExt;
@@ -24,8 +27,8 @@ use tokio_util::sync::CancellationToken;
 /// one read, and a connection costs 32 KiB, not more.
 const BUFFER: usize = 16 << 10;
 
-/// Accepts connections on one listener until `stop` is cancelled, then serves the
-/// connections still waiting in its backlog before it closes.
+/// Accepts connections on one listener, within the connection caps, until `stop` is
+/// cancelled, then serves the connections still waiting in its backlog before it closes.
 pub async fn serve(
     listener: TcpListener,
     address: SocketAddr,
@@ -33,24 +36,26 @@ pub async fn serve(
     stop: CancellationToken,
 ) {
     loop {
+        let Some(slot) = limits::room(&shared, address, &stop).await else {
+            break;
+        };
         let accepted = tokio::select! {
             accepted = listener.accept() => accepted,
             () = stop.cancelled() => break,
         };
         match accepted {
             Ok((stream, client)) => {
-                shared.connections.spawn(connection(
-                    stream,
-                    client,
-                    address,
-                    route_of(&shared, address),
-                    shared.clone(),
-                ));
+                let route = route_of(&shared, address);
+                let task_shared = shared.clone();
+                shared.connections.spawn(async move {
+                    connection(stream, client, address, route, task_shared).await;
+                    drop(slot);
+                });
             }
             Err(error) => {
                 // Out of file descriptors and the like: back off instead of spinning.
-                tracing::warn!(%address, "accept failed: {error}");
-                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                limits::accept_failed(address, &error);
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
             }
         }
     }
@@ -146,9 +151,13 @@ async fn splice(
     let metrics = route.metrics.endpoint(target);
     metrics.opened.inc();
     metrics.active.inc();
+    let timeouts = Timeouts {
+        idle: route.idle_timeout.or(shared.settings.tcp.idle_timeout),
+        half_closed: Some(shared.settings.tcp.half_close_timeout),
+    };
     // The copy ends early only at the end of the shutdown grace period.
     let copied = tokio::select! {
-        copied = super::copy::bidirectional(&mut client, &mut upstream, BUFFER) => Some(copied),
+        copied = super::copy::bidirectional(&mut client, &mut upstream, BUFFER, timeouts) => Some(copied),
         () = shared.close.cancelled() => None,
     };
     metrics.active.dec();
@@ -159,11 +168,21 @@ async fn splice(
     };
     metrics.to_endpoint.inc_by(to_endpoint);
     metrics.to_client.inc_by(to_client);
-    if let Err(error) = result {
-        // A reset on one side is passed on to the other.
-        tracing::debug!(endpoint = %target, "connection ended with an error: {error}");
-        reset(client);
-        reset(upstream);
+    match result {
+        Ok(Ended::Closed) => {}
+        // Closed (FIN) both ways: each side sees the connection end.
+        Ok(Ended::Idle) => {
+            route.metrics.idle_timeout.inc();
+        }
+        Ok(Ended::HalfClosed) => {
+            route.metrics.half_close_timeout.inc();
+        }
+        Err(error) => {
+            // A reset on one side is passed on to the other.
+            tracing::debug!(endpoint = %target, "connection ended with an error: {error}");
+            reset(client);
+            reset(upstream);
+        }
     }
 }
 
