@@ -23,6 +23,9 @@ pub fn parse_duration(text: &str) -> Option<Duration> {
     Duration::try_from_secs_f64(seconds).ok()
 }
 
+/// The longest duration weir accepts in its config or an annotation: a year.
+pub const MAX_DURATION: Duration = Duration::from_secs(366 * 24 * 3600);
+
 /// A duration written with a unit: `"250ms"`, `"2s"`, `"1m"`, `"1h"`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Humantime(pub Duration);

@@ -121,6 +121,42 @@ impl Config {
             );
             return fail("proxy.connect_timeout", &message);
         }
+        // Past a year a duration is a typo, and near what a Duration holds, adding it to
+        // the clock overflows.
+        let durations = [
+            ("source.poll_interval", Some(self.source.poll_interval)),
+            ("policies.poll_interval", Some(self.policies.poll_interval)),
+            ("admin.metrics_linger", Some(self.admin.metrics_linger)),
+            ("admin.health_timeout", Some(self.admin.health_timeout)),
+            ("proxy.connect_timeout", Some(self.proxy.connect_timeout)),
+            ("proxy.drop_timeout", Some(self.proxy.drop_timeout)),
+            (
+                "proxy.shutdown_grace_period",
+                Some(self.proxy.shutdown_grace_period),
+            ),
+            ("proxy.udp_timeout", Some(self.proxy.udp_timeout)),
+            (
+                "proxy.udp_stream_timeout",
+                Some(self.proxy.udp_stream_timeout),
+            ),
+            ("proxy.idle_timeout", self.proxy.idle_timeout),
+            (
+                "proxy.half_close_timeout",
+                Some(self.proxy.half_close_timeout),
+            ),
+            ("limits.select_deadline", self.limits.select_deadline),
+            ("limits.update_deadline", self.limits.update_deadline),
+            ("limits.quarantine", self.limits.quarantine),
+            ("limits.compile_timeout", self.limits.compile_timeout),
+        ];
+        for (key, duration) in durations {
+            if duration.is_some_and(|d| d.0 > crate::units::MAX_DURATION) {
+                return fail(
+                    key,
+                    "is over a year: write it in seconds, minutes or hours, e.g. \"30s\"",
+                );
+            }
+        }
         if self.limits.memory_mib == Some(0) {
             return fail(
                 "limits.memory_mib",

@@ -101,3 +101,23 @@ fn connect_timeout_times_attempts_is_range_checked() {
     let text = format!("{MINIMAL}[proxy]\nconnect_timeout = \"5s\"\nconnect_attempts = 10\n");
     assert!(Config::parse(&text, Path::new("")).is_ok());
 }
+
+/// Every duration is range-checked: past a year it is refused, naming the key.
+#[test]
+fn durations_past_a_year_are_refused() {
+    for key in [
+        "idle_timeout",
+        "half_close_timeout",
+        "udp_timeout",
+        "drop_timeout",
+    ] {
+        let text = format!("{MINIMAL}[proxy]\n{key} = \"9000h\"\n");
+        let error = Config::parse(&text, Path::new("")).unwrap_err();
+        assert!(
+            error.contains(&format!("proxy.{key}: is over a year")),
+            "{error}"
+        );
+        let text = format!("{MINIMAL}[proxy]\n{key} = \"8000h\"\n");
+        assert!(Config::parse(&text, Path::new("")).is_ok(), "{key}");
+    }
+}

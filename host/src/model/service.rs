@@ -93,12 +93,14 @@ pub(super) fn service_ports(
     {
         None => None,
         Some(text) => match crate::units::parse_duration(text) {
-            Some(timeout) if !timeout.is_zero() => Some(timeout),
+            Some(timeout) if !timeout.is_zero() && timeout <= crate::units::MAX_DURATION => {
+                Some(timeout)
+            }
             _ => {
                 warn(
                     diagnostics,
                     format!(
-                        "annotation {annotation}: `{text}` is not a duration above 0 such as `10s` or `2m`; using {instead}"
+                        "annotation {annotation}: `{text}` is not a duration above 0 and within a year, such as `10s` or `2m`; using {instead}"
                     ),
                 );
                 None

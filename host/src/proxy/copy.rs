@@ -182,7 +182,8 @@ pub async fn bidirectional(
                 return Poll::Ready(Ok(ending));
             }
             *seen = moved;
-            sleep.as_mut().reset(tokio::time::Instant::now() + period);
+            let now = tokio::time::Instant::now();
+            sleep.as_mut().reset(now.checked_add(period).unwrap_or(now));
         }
         Poll::Pending
     })
