@@ -99,6 +99,13 @@ type Body = Full<Bytes>;
 pub const HEADER_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 /// Connections open at once on one admin or health check port.
 pub const ADMIN_CONNECTIONS: usize = 256;
+/// Connections kept for when those are taken: one request each, headers within a second,
+/// so that a probe finds room while slow clients hold the rest.
+pub const ADMIN_RESERVE: usize = 16;
+const RESERVE_HEADER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
+/// How long one keep-alive connection is served before it is asked to go (after its
+/// request in flight): a client cannot keep a slot for good by asking often.
+pub const ADMIN_CONNECTION_AGE: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// Serves HTTP/1 on `listener` with `answer` until `stop` is cancelled.
 pub async fn serve<F>(listener: TcpListener, stop: CancellationToken, answer: F)
@@ -107,9 +114,10 @@ where
 {
     let answer = Arc::new(answer);
     // Slow or idle clients cannot hold the port: headers must arrive within the timeout,
-    // and past the cap a new connection is closed at once (each answer takes microseconds,
-    // so the probes always find room once the holders are timed out).
+    // connections age out, and past the cap a few reserved slots serve one quick request
+    // each (a probe), before a new connection is closed at once.
     let open = Arc::new(tokio::sync::Semaphore::new(ADMIN_CONNECTIONS));
+    let reserve = Arc::new(tokio::sync::Semaphore::new(ADMIN_RESERVE));
     loop {
         let (stream, _) = tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -121,9 +129,15 @@ where
             },
             () = stop.cancelled() => return,
         };
-        let Ok(permit) = open.clone().try_acquire_owned() else {
-            drop(stream);
-            continue;
+        let (permit, reserved) = match open.clone().try_acquire_owned() {
+            Ok(permit) => (permit, false),
+            Err(_) => match reserve.clone().try_acquire_owned() {
+                Ok(permit) => (permit, true),
+                Err(_) => {
+                    drop(stream);
+                    continue;
+                }
+            },
         };
         let answer = answer.clone();
         let stop = stop.clone();
@@ -136,8 +150,21 @@ where
             let connection = hyper::server::conn::http1::Builder::new()
                 .title_case_headers(true)
                 .timer(hyper_util::rt::TokioTimer::new())
-                .header_read_timeout(HEADER_READ_TIMEOUT)
+                .keep_alive(!reserved)
+                .header_read_timeout(if reserved {
+                    RESERVE_HEADER_TIMEOUT
+                } else {
+                    HEADER_READ_TIMEOUT
+                })
                 .serve_connection(TokioIo::new(stream), service);
+            let mut connection = std::pin::pin!(connection);
+            tokio::select! {
+                _ = connection.as_mut() => return,
+                () = tokio::time::sleep(ADMIN_CONNECTION_AGE) => {}
+                () = stop.cancelled() => return,
+            }
+            // Old enough: finish the request in flight, then close.
+            connection.as_mut().graceful_shutdown();
             tokio::select! {
                 _ = connection => {}
                 () = stop.cancelled() => {}
@@ -146,7 +173,6 @@ where
     }
 }
 
-/// The admin port's answers.
 /// An admin port's answer. `metrics_elsewhere` names the port that serves `/metrics`
 /// when it is not this one.
 pub fn admin(

@@ -79,6 +79,11 @@ pub struct NodeConfig {
     /// `kind = "files"`; `""` for none (the addresses must then be local already).
     #[serde(default)]
     pub capture_interface: Option<String>,
+    /// When set, only externalIPs and LoadBalancer IPs inside these ranges go onto the
+    /// capture interface (and are served); others are refused with a warning, a metric
+    /// and an Event on their Service.
+    #[serde(default)]
+    pub capture_allowed_cidrs: Option<Vec<Cidr>>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]

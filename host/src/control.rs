@@ -240,7 +240,10 @@ impl ControlPlane {
             metrics: &self.metrics,
         };
         let published = &mut self.published;
-        let capture = self.capture.enabled();
+        let capture = routes::CaptureRules {
+            enabled: self.capture.enabled(),
+            allowed: self.config.node.capture_allowed_cidrs.as_deref(),
+        };
         let node_addresses = &self.node_addresses;
         published.rebuild(
             &mut self.bindings,

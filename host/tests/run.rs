@@ -324,8 +324,9 @@ async fn the_open_files_limit_is_raised_to_the_hard_limit() {
     assert_eq!(soft, hard, "{line}");
 }
 
-/// Fifty clients that send half a request line to the admin port are closed once the
-/// header timeout passes, and the probes are answered meanwhile and after.
+/// As many clients as the admin port serves at once send half a request line: they are
+/// closed once the header timeout passes, and the probes are answered meanwhile (from
+/// the reserved slots) and after.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slow_clients_do_not_hold_the_admin_port() {
     let dir = tempfile::tempdir().unwrap();
@@ -334,7 +335,7 @@ async fn slow_clients_do_not_hold_the_admin_port() {
         .unwrap();
     let (_weir, _service, admin) = start(dir.path(), &backend).await;
     let mut slow = Vec::new();
-    for _ in 0..50 {
+    for _ in 0..weir::admin::ADMIN_CONNECTIONS {
         let mut stream = tokio::net::TcpStream::connect(admin).await.unwrap();
         stream.write_all(b"GET /heal").await.unwrap();
         slow.push(stream);

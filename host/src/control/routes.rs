@@ -29,6 +29,44 @@ pub(super) fn transport(protocol: ProtocolKey) -> Option<Transport> {
     }
 }
 
+/// What may go onto the capture interface: nothing is refused without one (file mode on
+/// loopback); with one, the kinds [`refused`] names, and, when `allowed` is set, every
+/// address outside it (`node.capture_allowed_cidrs`).
+#[derive(Clone, Copy, Debug)]
+pub(super) struct CaptureRules<'a> {
+    pub(super) enabled: bool,
+    pub(super) allowed: Option<&'a [Cidr]>,
+}
+
+impl CaptureRules<'_> {
+    #[cfg(test)]
+    pub(super) const OFF: CaptureRules<'static> = CaptureRules {
+        enabled: false,
+        allowed: None,
+    };
+    #[cfg(test)]
+    pub(super) const ON: CaptureRules<'static> = CaptureRules {
+        enabled: true,
+        allowed: None,
+    };
+
+    /// Why `ip` may not go onto the capture interface, as the end of "{ip} is ...".
+    pub(super) fn refused(&self, ip: IpAddr) -> Option<String> {
+        if !self.enabled {
+            return None;
+        }
+        if let Some(kind) = refused(ip) {
+            return Some(format!("a {kind} address"));
+        }
+        match self.allowed {
+            Some(allowed) if !allowed.iter().any(|cidr| cidr.contains(ip)) => {
+                Some("outside node.capture_allowed_cidrs".to_string())
+            }
+            _ => None,
+        }
+    }
+}
+
 /// Why an externalIP or LoadBalancer IP is not taken onto the capture interface: an
 /// address of that kind would become local to the node for every port (loopback hijacks
 /// the node's own services, link-local its metadata server).
@@ -65,13 +103,13 @@ pub(super) struct Wanted {
 /// addresses of its family, externalIPs and LoadBalancer IPs for external traffic while
 /// either scope serves (kube-proxy sends external traffic from a node's own pods to the
 /// cluster-wide set).
-/// With `capture`, externalIPs and LoadBalancer IPs that [`refused`] names are left out.
+/// ExternalIPs and LoadBalancer IPs that `capture` refuses are left out.
 pub(super) fn wanted(
     snapshot: &ServicePortSnapshot,
     eligibility: &Eligibility,
     transport: Transport,
     node_addresses: &[IpAddr],
-    capture: bool,
+    capture: CaptureRules,
 ) -> Vec<Wanted> {
     let service = &snapshot.service;
     let at = |ip: IpAddr, port: u16, scope: Scope, source_ranges: Vec<Cidr>| Wanted {
@@ -101,7 +139,7 @@ pub(super) fn wanted(
             }
         }
     }
-    let usable = |ip: &&IpAddr| !capture || refused(**ip).is_none();
+    let usable = |ip: &&IpAddr| capture.refused(**ip).is_none();
     for ip in service.external_ips.iter().filter(usable) {
         wanted.push(at(*ip, service.port, Scope::External, Vec::new()));
     }

@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use super::bindings::{Binding, Bindings, Context};
-use super::routes::{self, Addresses, Claim};
+use super::routes::{self, Addresses, CaptureRules, Claim};
 use super::*;
 
 /// What one Service puts into the data plane, kept to take it out at its next change.
@@ -59,7 +59,7 @@ impl Published {
         changed: &Changed,
         model: Model,
         node_addresses: &[IpAddr],
-        capture: bool,
+        capture: CaptureRules,
     ) {
         let mut by_service: BTreeMap<ServiceKey, Vec<ServicePortSnapshot>> = BTreeMap::new();
         for port in model.ports {
@@ -186,7 +186,7 @@ impl Published {
         ports: &[ServicePortSnapshot],
         node: &Arc<weir_sdk::Node>,
         node_addresses: &[IpAddr],
-        capture: bool,
+        capture: CaptureRules,
         mut reusable: HashMap<(String, String), Arc<RouteMetrics>>,
     ) -> HashMap<(String, String), Arc<RouteMetrics>> {
         let mut contribution = Contribution::default();
@@ -202,13 +202,13 @@ impl Published {
                 .iter()
                 .chain(&service.load_balancer_ips)
             {
-                match routes::refused(*ip).filter(|_| capture) {
+                match capture.refused(*ip) {
                     None => {
                         contribution.service_ips.insert(*ip);
                     }
                     Some(kind) => {
                         let message = format!(
-                            "{}: {ip} is a {kind} address: not put on the capture interface nor served (it would become the node's own for every port); use a routable address",
+                            "{}: {ip} is {kind}: not put on the capture interface nor served (it would become the node's own for every port); use a routable address",
                             service.display_name()
                         );
                         contribution.refused += 1;

@@ -67,7 +67,13 @@ fn lines(wanted: &[Wanted]) -> Vec<String> {
 #[test]
 fn a_load_balancer_port_wants_every_address_kube_proxy_matches() {
     let snapshot = snapshot(LOAD_BALANCER);
-    let wanted = wanted(&snapshot, &serving(), Transport::Tcp, &node(), true);
+    let wanted = wanted(
+        &snapshot,
+        &serving(),
+        Transport::Tcp,
+        &node(),
+        CaptureRules::ON,
+    );
     assert_eq!(
         lines(&wanted),
         [
@@ -87,12 +93,18 @@ fn a_scope_with_nothing_to_reject_has_no_listener_but_drop_keeps_one() {
     let node = node();
     // Nothing eligible anywhere and reject: no listener, the kernel refuses.
     let none = eligibility(set(&[], EmptyAction::Reject), set(&[], EmptyAction::Reject));
-    assert!(wanted(&snapshot, &none, Transport::Tcp, &node, true).is_empty());
+    assert!(wanted(&snapshot, &none, Transport::Tcp, &node, CaptureRules::ON).is_empty());
 
     // A Local external policy with no endpoint here drops: external addresses stay,
     // the clusterIP goes (internal rejects).
     let drop = eligibility(set(&[], EmptyAction::Reject), set(&[], EmptyAction::Drop));
-    let lines = lines(&wanted(&snapshot, &drop, Transport::Tcp, &node, true));
+    let lines = lines(&wanted(
+        &snapshot,
+        &drop,
+        Transport::Tcp,
+        &node,
+        CaptureRules::ON,
+    ));
     assert_eq!(lines.len(), 3, "{lines:?}");
     assert!(lines.iter().all(|l| l.contains("External")), "{lines:?}");
 
@@ -103,7 +115,14 @@ fn a_scope_with_nothing_to_reject_has_no_listener_but_drop_keeps_one() {
         set(&[], EmptyAction::Reject),
     );
     assert_eq!(
-        wanted(&snapshot, &internal_only, Transport::Tcp, &node, true).len(),
+        wanted(
+            &snapshot,
+            &internal_only,
+            Transport::Tcp,
+            &node,
+            CaptureRules::ON
+        )
+        .len(),
         4
     );
 }
@@ -111,7 +130,13 @@ fn a_scope_with_nothing_to_reject_has_no_listener_but_drop_keeps_one() {
 #[test]
 fn transports_carry_into_the_listen_keys() {
     let snapshot = snapshot(LOAD_BALANCER);
-    let wanted = wanted(&snapshot, &serving(), Transport::Udp, &node(), true);
+    let wanted = wanted(
+        &snapshot,
+        &serving(),
+        Transport::Udp,
+        &node(),
+        CaptureRules::ON,
+    );
     assert!(wanted.iter().all(|w| w.listen.transport == Transport::Udp));
     assert_eq!(transport(ProtocolKey::Tcp), Some(Transport::Tcp));
     assert_eq!(transport(ProtocolKey::Udp), Some(Transport::Udp));
@@ -224,7 +249,7 @@ fn special_external_addresses_stay_off_the_capture_interface() {
         &serving(),
         Transport::Tcp,
         &node(),
-        true,
+        CaptureRules::ON,
     ));
     assert_eq!(captured.len(), 4, "{captured:?}");
     assert!(
@@ -235,7 +260,14 @@ fn special_external_addresses_stay_off_the_capture_interface() {
     );
     // Without a capture interface (file mode on loopback) nothing is left out.
     assert_eq!(
-        wanted(&snapshot, &serving(), Transport::Tcp, &node(), false).len(),
+        wanted(
+            &snapshot,
+            &serving(),
+            Transport::Tcp,
+            &node(),
+            CaptureRules::OFF
+        )
+        .len(),
         7
     );
     assert_eq!(refused("127.0.0.53".parse().unwrap()), Some("loopback"));
@@ -251,4 +283,31 @@ fn special_external_addresses_stay_off_the_capture_interface() {
     assert_eq!(refused("ff02::1".parse().unwrap()), Some("multicast"));
     assert_eq!(refused("0.0.0.0".parse().unwrap()), Some("unspecified"));
     assert_eq!(refused("198.18.0.20".parse().unwrap()), None);
+
+    // With an allow-list, addresses outside it are refused too.
+    let allowed = vec![Cidr::parse("198.18.0.16/29").unwrap()];
+    let rules = CaptureRules {
+        enabled: true,
+        allowed: Some(&allowed),
+    };
+    assert_eq!(rules.refused("198.18.0.20".parse().unwrap()), None);
+    assert_eq!(
+        rules.refused("198.18.0.30".parse().unwrap()).as_deref(),
+        Some("outside node.capture_allowed_cidrs")
+    );
+    let captured = lines(&wanted(
+        &snapshot,
+        &serving(),
+        Transport::Tcp,
+        &node(),
+        rules,
+    ));
+    assert!(
+        captured.iter().all(|l| !l.starts_with("198.18.0.30")),
+        "{captured:?}"
+    );
+    assert!(
+        captured.iter().any(|l| l.starts_with("198.18.0.20")),
+        "{captured:?}"
+    );
 }
