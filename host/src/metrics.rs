@@ -167,6 +167,7 @@ pub struct ProxyMetrics {
     pub failed: Family<FailedLabels, Counter>,
     pub timed_out: Family<TimeoutLabels, Counter>,
     pub limit_reached: Family<LimitLabels, Counter>,
+    pub proxy_protocol_refused: Family<ServiceLabels, Counter>,
     pub decisions: Family<DecisionLabels, Counter>,
     pub select_seconds: Family<PolicyLabels, Histogram>,
     pub reloads: Family<ReloadLabels, Counter>,
@@ -231,6 +232,7 @@ impl Default for ProxyMetrics {
             failed: Family::default(),
             timed_out: Family::default(),
             limit_reached: Family::default(),
+            proxy_protocol_refused: Family::default(),
             decisions: Family::default(),
             select_seconds: Family::new_with_constructor(latency_histogram),
             reloads: Family::default(),
@@ -285,6 +287,11 @@ impl ProxyMetrics {
             "weir_connection_limit_reached",
             "Times a listener stopped accepting because a connection cap was reached",
             self.limit_reached.clone(),
+        );
+        r.register(
+            "weir_proxy_protocol_refused",
+            "Connections refused for a missing or malformed PROXY protocol header",
+            self.proxy_protocol_refused.clone(),
         );
         r.register(
             "weir_decisions",
@@ -494,6 +501,9 @@ impl ProxyMetrics {
                 timeout,
             });
         }
+        self.proxy_protocol_refused.remove(&ServiceLabels {
+            service: service.to_string(),
+        });
         for limit in [Limit::node, Limit::service] {
             self.limit_reached.remove(&LimitLabels {
                 service: service.to_string(),

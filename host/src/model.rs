@@ -30,6 +30,13 @@ pub const UDP_TIMEOUT_ANNOTATION: &str = "weir.dev/udp-timeout";
 /// How long a TCP connection of the Service may be idle (a duration such as `15m`);
 /// `proxy.idle_timeout` otherwise.
 pub const IDLE_TIMEOUT_ANNOTATION: &str = "weir.dev/idle-timeout";
+/// `v1` or `v2`: connections to the Service's endpoints begin with a PROXY protocol
+/// header carrying the client's address and port.
+pub const PROXY_PROTOCOL_ANNOTATION: &str = "weir.dev/proxy-protocol";
+/// `"true"`: the load balancer in front sends a PROXY protocol header on each connection
+/// to the Service's nodePort and LoadBalancer IPs (also implied by an ingress with
+/// `ipMode: Proxy`); weir reads it and takes its client as the connection's.
+pub const ACCEPT_PROXY_PROTOCOL_ANNOTATION: &str = "weir.dev/accept-proxy-protocol";
 /// `spec.sessionAffinityConfig.clientIP.timeoutSeconds` when unset (the API default).
 pub const DEFAULT_AFFINITY_TIMEOUT_SECONDS: u32 = 10_800;
 /// The largest timeout the API server accepts.
@@ -154,6 +161,11 @@ pub struct ServicePortSnapshot {
     pub udp_timeout: Option<std::time::Duration>,
     /// The `weir.dev/idle-timeout` annotation: how long a TCP connection may be idle.
     pub idle_timeout: Option<std::time::Duration>,
+    /// `weir.dev/proxy-protocol`: the header written towards its endpoints.
+    pub proxy_protocol: Option<crate::proxy::proxy_protocol::Version>,
+    /// Whether connections to its nodePort and LoadBalancer IPs begin with a PROXY
+    /// protocol header from the load balancer in front.
+    pub accept_proxy_protocol: bool,
 }
 
 /// A Service's healthCheckNodePort and what it reports.

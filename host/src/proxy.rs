@@ -8,6 +8,7 @@
 
 mod copy;
 pub mod decide;
+pub mod proxy_protocol;
 pub mod tcp;
 pub mod udp;
 
@@ -27,7 +28,8 @@ use weir_sdk::{Scope, ServiceHandle};
 use crate::locks::{read, write};
 use crate::metrics::{
     Action, BytesLabels, ConnectFailure, DecisionLabels, Direction, EndpointLabels, FailedLabels,
-    Limit, LimitLabels, ListenerLabels, PolicyLabels, ProxyMetrics, Timeout, TimeoutLabels,
+    Limit, LimitLabels, ListenerLabels, PolicyLabels, ProxyMetrics, ServiceLabels, Timeout,
+    TimeoutLabels,
 };
 use crate::net::Cidr;
 use crate::policy::PolicyRuntime;
@@ -50,6 +52,10 @@ pub struct Route {
     /// TCP: how long a connection may be idle (`weir.dev/idle-timeout`; `None`: the
     /// node's `proxy.idle_timeout`).
     pub idle_timeout: Option<Duration>,
+    /// The PROXY protocol header written towards endpoints (`weir.dev/proxy-protocol`).
+    pub proxy_protocol: Option<proxy_protocol::Version>,
+    /// Whether connections here begin with a PROXY protocol header from a load balancer.
+    pub accept_proxy_protocol: bool,
     pub metrics: Arc<RouteMetrics>,
 }
 
@@ -69,6 +75,8 @@ pub struct RouteMetrics {
     pub half_close_timeout: Counter,
     pub node_limit: Counter,
     pub service_limit: Counter,
+    /// Connections refused for a missing or malformed PROXY protocol header.
+    pub proxy_protocol_refused: Counter,
     /// UDP flows open now on this service port, against `proxy.max_udp_flows_per_service`.
     pub udp_flows: std::sync::atomic::AtomicUsize,
     /// TCP connections open now on this service port, against
@@ -125,6 +133,12 @@ impl RouteMetrics {
             idle_timeout: timed_out(Timeout::idle),
             half_close_timeout: timed_out(Timeout::half_close),
             node_limit: limit(Limit::node),
+            proxy_protocol_refused: metrics
+                .proxy_protocol_refused
+                .get_or_create(&ServiceLabels {
+                    service: service.to_string(),
+                })
+                .clone(),
             service_limit: limit(Limit::service),
             tcp_connections: Default::default(),
             tcp_room: Default::default(),

@@ -2,6 +2,7 @@
 
 pub mod apiserver;
 pub mod kube_objects;
+pub mod peers;
 pub mod scale;
 
 use std::net::{IpAddr, SocketAddr};

@@ -288,6 +288,50 @@ proptest! {
     }
 }
 
+proptest! {
+    #![proptest_config(cases())]
+
+    /// Any bytes where a PROXY protocol header should be: a header or a refusal, never a
+    /// panic, and never a byte read past the header.
+    #[test]
+    fn the_proxy_protocol_reader_answers_any_bytes(
+        bytes in proptest::collection::vec(any::<u8>(), 0..300),
+        prefix in prop_oneof![Just(b"PROXY ".to_vec()), Just(b"\r\n\r\n\0\r\nQUIT\n".to_vec()), Just(Vec::new())],
+    ) {
+        let mut input = prefix;
+        input.extend_from_slice(&bytes);
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap();
+        let mut reader = input.as_slice();
+        let _ = runtime.block_on(weir::proxy::proxy_protocol::read(&mut reader));
+    }
+
+    /// Whatever the addresses, what is written reads back the same, and the bytes after
+    /// the header are left for the connection.
+    #[test]
+    fn proxy_protocol_headers_round_trip(
+        client in any::<std::net::SocketAddr>(),
+        destination in any::<std::net::SocketAddr>(),
+        v2 in any::<bool>(),
+    ) {
+        use weir::proxy::proxy_protocol::{Header, Transport, Version, encode, read};
+        let version = if v2 { Version::V2 } else { Version::V1 };
+        let mut bytes = encode(version, Transport::Stream, client, destination);
+        bytes.extend_from_slice(b"payload");
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap();
+        let mut reader = bytes.as_slice();
+        let header = runtime.block_on(read(&mut reader)).unwrap();
+        let Header::Proxied { client: read_client, destination: read_destination } = header else {
+            panic!("{header:?}");
+        };
+        prop_assert_eq!(read_client.port(), client.port());
+        prop_assert_eq!(read_destination.port(), destination.port());
+        let same = |a: std::net::IpAddr, b: std::net::IpAddr| weir::net::canonical(a) == weir::net::canonical(b);
+        prop_assert!(same(read_client.ip(), client.ip()), "{read_client} {client}");
+        prop_assert!(same(read_destination.ip(), destination.ip()));
+        prop_assert_eq!(reader, b"payload");
+    }
+}
+
 #[test]
 fn the_samples_are_good() {
     let (objects, diagnostics) = load(SERVICE);

@@ -1377,3 +1377,100 @@ async fn connection_caps_pause_accepting_and_idle_connections_are_closed() {
     drop(held);
     weir.shutdown().await;
 }
+
+/// `weir.dev/proxy-protocol`: real receivers (HAProxy `accept-proxy` for v2, nginx
+/// `proxy_protocol` for v1) see the client's own address and port. With
+/// `weir.dev/accept-proxy-protocol`, the header a load balancer sends on the
+/// LoadBalancer IP gives the client instead, one without it is refused and counted, and
+/// the clusterIP expects none.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn endpoints_see_the_client_through_the_proxy_protocol() {
+    use weir::proxy::proxy_protocol::{Transport, Version, encode};
+    use weir::test_helpers::peers::{self, Peer};
+    const T: u8 = 44;
+    if !peers::available(
+        &["haproxy", "nginx"],
+        "endpoints_see_the_client_through_the_proxy_protocol",
+    ) {
+        return;
+    }
+    let haproxy = Peer::haproxy(SocketAddr::new(ip(T, 1, 1), 8080));
+    let nginx = Peer::nginx(SocketAddr::new(ip(T, 1, 2), 8080));
+    let file = |name: &str, cluster: u8, endpoint: &Peer, annotations: &str, extra: &str| {
+        service_yaml(name, ip(T, 0, cluster), 8000, extra, annotations)
+            + "---\n"
+            + &slice_yaml(name, 8080, &[Ep::ready(endpoint.address.ip(), "node-a")])
+    };
+    let lb_ip = ip(T, 0, 30);
+    let load_balancer = file(
+        "lb",
+        12,
+        &haproxy,
+        "weir.dev/proxy-protocol: v2\nweir.dev/accept-proxy-protocol: \"true\"",
+        "type: LoadBalancer",
+    )
+    .replacen(
+        "---\n",
+        &format!("status:\n  loadBalancer:\n    ingress:\n    - ip: {lb_ip}\n---\n"),
+        1,
+    );
+    let objects = vec![
+        (
+            "v2.yaml",
+            file("v2", 10, &haproxy, "weir.dev/proxy-protocol: v2", ""),
+        ),
+        (
+            "v1.yaml",
+            file("v1", 11, &nginx, "weir.dev/proxy-protocol: v1", ""),
+        ),
+        ("lb.yaml", load_balancer),
+    ];
+    let weir = Weir::start(ip(T, 0, 1), &objects, &[], "").await;
+
+    for (cluster, receiver) in [(10, "haproxy"), (11, "nginx")] {
+        let stream = connect(SocketAddr::new(ip(T, 0, cluster), 8000), Some(ip(T, 9, 9)))
+            .await
+            .unwrap();
+        let client = stream.local_addr().unwrap();
+        let seen = peers::get(stream, b"").await.unwrap();
+        assert_eq!(
+            seen,
+            client.to_string(),
+            "{receiver} saw weir, not the client"
+        );
+    }
+
+    // From a load balancer: its header names the client, which the endpoint sees.
+    let lb = SocketAddr::new(lb_ip, 8000);
+    let original: SocketAddr = "198.18.5.5:4242".parse().unwrap();
+    let header = encode(Version::V1, Transport::Stream, original, lb);
+    let stream = connect(lb, Some(ip(T, 9, 8))).await.unwrap();
+    assert_eq!(
+        peers::get(stream, &header).await.unwrap(),
+        original.to_string()
+    );
+    let header = encode(Version::V2, Transport::Stream, original, lb);
+    let stream = connect(lb, Some(ip(T, 9, 8))).await.unwrap();
+    assert_eq!(
+        peers::get(stream, &header).await.unwrap(),
+        original.to_string()
+    );
+    // Without one: refused, counted.
+    let stream = connect(lb, Some(ip(T, 9, 8))).await.unwrap();
+    assert!(
+        peers::get(stream, b"").await.is_err(),
+        "served without a header"
+    );
+    assert_eq!(
+        weir.metric("weir_proxy_protocol_refused_total{service=\"default/lb:http\"}"),
+        1
+    );
+    // The clusterIP of the same Service is not behind the load balancer.
+    let stream = connect(SocketAddr::new(ip(T, 0, 12), 8000), Some(ip(T, 9, 7)))
+        .await
+        .unwrap();
+    let client = stream.local_addr().unwrap();
+    assert_eq!(peers::get(stream, b"").await.unwrap(), client.to_string());
+    weir.shutdown().await;
+    drop((haproxy, nginx));
+}

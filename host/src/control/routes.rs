@@ -96,6 +96,8 @@ pub(super) struct Wanted {
     pub(super) scope: Scope,
     /// Only these sources may use it (LoadBalancer IPs with `loadBalancerSourceRanges`).
     pub(super) source_ranges: Vec<Cidr>,
+    /// Whether a load balancer in front reaches it: a nodePort or a LoadBalancer IP.
+    pub(super) from_load_balancer: bool,
 }
 
 /// The addresses a Service port listens on, as kube-proxy's rules would match them: its
@@ -119,6 +121,11 @@ pub(super) fn wanted(
         },
         scope,
         source_ranges,
+        from_load_balancer: false,
+    };
+    let from_load_balancer = |wanted: Wanted| Wanted {
+        from_load_balancer: true,
+        ..wanted
     };
     let mut wanted = Vec::new();
     if serves(eligibility, Scope::Internal) {
@@ -135,7 +142,12 @@ pub(super) fn wanted(
     if service.node_port != 0 {
         for address in node_addresses {
             if address.is_ipv4() == service.cluster_ip.is_ipv4() {
-                wanted.push(at(*address, service.node_port, Scope::External, Vec::new()));
+                wanted.push(from_load_balancer(at(
+                    *address,
+                    service.node_port,
+                    Scope::External,
+                    Vec::new(),
+                )));
             }
         }
     }
@@ -145,7 +157,12 @@ pub(super) fn wanted(
     }
     for ip in service.load_balancer_ips.iter().filter(usable) {
         let ranges = snapshot.load_balancer_source_ranges.clone();
-        wanted.push(at(*ip, service.port, Scope::External, ranges));
+        wanted.push(from_load_balancer(at(
+            *ip,
+            service.port,
+            Scope::External,
+            ranges,
+        )));
     }
     wanted
 }

@@ -289,6 +289,7 @@ impl Published {
                 listen,
                 scope,
                 source_ranges,
+                from_load_balancer,
             } in wanted
             {
                 if !self.claim(key, listen, ListenerKind::Service, &mut contribution) {
@@ -311,6 +312,8 @@ impl Published {
                         source_ranges,
                         udp_timeout: snapshot.udp_timeout,
                         idle_timeout: snapshot.idle_timeout,
+                        proxy_protocol: snapshot.proxy_protocol,
+                        accept_proxy_protocol: snapshot.accept_proxy_protocol && from_load_balancer,
                         metrics: metrics.clone(),
                     }),
                 );

@@ -110,6 +110,46 @@ pub(super) fn service_ports(
     let udp_timeout = timeout(UDP_TIMEOUT_ANNOTATION, "proxy.udp_timeout");
     let idle_timeout = timeout(IDLE_TIMEOUT_ANNOTATION, "proxy.idle_timeout");
     let config = annotations.get(POLICY_CONFIG_ANNOTATION).cloned();
+    let proxy_protocol = match annotations.get(PROXY_PROTOCOL_ANNOTATION) {
+        None => None,
+        Some(text) => {
+            let version = crate::proxy::proxy_protocol::Version::parse(text);
+            if version.is_none() {
+                warn(
+                    diagnostics,
+                    format!(
+                        "annotation {PROXY_PROTOCOL_ANNOTATION}: `{text}` is not `v1` or `v2`; endpoints get no PROXY protocol header"
+                    ),
+                );
+            }
+            version
+        }
+    };
+    let ingress_proxy_mode = (service.status.as_ref())
+        .and_then(|s| s.load_balancer.as_ref())
+        .and_then(|lb| lb.ingress.as_ref())
+        .is_some_and(|ingress| {
+            ingress
+                .iter()
+                .any(|i| i.ip_mode.as_deref() == Some("Proxy"))
+        });
+    let accept_proxy_protocol = ingress_proxy_mode
+        || match annotations
+            .get(ACCEPT_PROXY_PROTOCOL_ANNOTATION)
+            .map(|s| s.trim())
+        {
+            None | Some("false") => false,
+            Some("true") => true,
+            Some(text) => {
+                warn(
+                    diagnostics,
+                    format!(
+                        "annotation {ACCEPT_PROXY_PROTOCOL_ANNOTATION}: `{text}` is not `true` or `false`; no header is expected"
+                    ),
+                );
+                false
+            }
+        };
 
     let externally_accessible_type = service_type == "LoadBalancer"
         || service_type == "NodePort"
@@ -335,6 +375,8 @@ pub(super) fn service_ports(
                 load_balancer_source_ranges: ranges.clone(),
                 udp_timeout,
                 idle_timeout,
+                proxy_protocol,
+                accept_proxy_protocol,
             });
         }
     }

@@ -18,8 +18,9 @@ mod limits;
 
 use super::copy::{Ended, Timeouts};
 use super::decide::{self, Next, Refusal};
+use super::proxy_protocol::{self, Header, Transport};
 use super::{Listen, Route, Shared};
-use tokio::io::AsyncReadExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
@@ -96,8 +97,8 @@ fn route_of(shared: &Shared, address: SocketAddr) -> Option<Arc<Route>> {
 }
 
 async fn connection(
-    client: TcpStream,
-    peer: SocketAddr,
+    mut client: TcpStream,
+    mut peer: SocketAddr,
     address: SocketAddr,
     route: Option<Arc<Route>>,
     shared: Arc<Shared>,
@@ -107,6 +108,21 @@ async fn connection(
         reset(client);
         return;
     };
+    if route.accept_proxy_protocol {
+        // The load balancer in front says who the client is; everything after (source
+        // ranges, the policy, the endpoint's PROXY header) goes by that client.
+        match proxy_protocol::read(&mut client).await {
+            Ok(Header::Proxied {
+                client: original, ..
+            }) => peer = original,
+            Ok(Header::Local) => {}
+            Err(error) => {
+                route.metrics.proxy_protocol_refused.inc();
+                tracing::debug!(%peer, %address, "refused: {error}");
+                return reset(client);
+            }
+        }
+    }
     let mut decision = match decide::admit(&route, &shared, peer, address) {
         Ok(decision) => decision,
         Err(Refusal::SourceRange) => return drop_connection(client, &shared).await,
@@ -122,6 +138,17 @@ async fn connection(
         let connected =
             tokio::time::timeout(shared.settings.connect_timeout, TcpStream::connect(target)).await;
         let took = connecting.elapsed();
+        let connected = match (connected, route.proxy_protocol) {
+            (Ok(Ok(mut upstream)), Some(version)) => {
+                // The endpoint learns the client first: the header, then the bytes.
+                let header = proxy_protocol::encode(version, Transport::Stream, peer, address);
+                match upstream.write_all(&header).await {
+                    Ok(()) => Ok(Ok(upstream)),
+                    Err(error) => Ok(Err(error)),
+                }
+            }
+            (connected, _) => connected,
+        };
         match connected {
             Ok(Ok(upstream)) => {
                 decision.connected(endpoint, took);
