@@ -40,6 +40,8 @@ pub struct App {
     grace: Duration,
     /// Where UDP flows are written at shutdown, for the next weir.
     state_dir: Option<std::path::PathBuf>,
+    /// The policy routing of `proxy.transparent`, removed when weir stops.
+    _transparent: Option<crate::transparent::Transparent>,
 }
 
 /// How a shutdown went.
@@ -151,6 +153,28 @@ impl App {
                 half_close_timeout: config.proxy.half_close_timeout.0,
             },
         }));
+        let transparent = if config.proxy.transparent {
+            match crate::transparent::Transparent::install() {
+                Ok(installed) => {
+                    shared
+                        .transparent
+                        .store(true, std::sync::atomic::Ordering::Relaxed);
+                    tracing::info!(
+                        ipv6 = installed.ipv6(),
+                        "proxy.transparent: local endpoints see client addresses"
+                    );
+                    Some(installed)
+                }
+                Err(error) => {
+                    tracing::warn!(
+                        "proxy.transparent: {error}; endpoints see weir's address instead"
+                    );
+                    None
+                }
+            }
+        } else {
+            None
+        };
         let spawn = {
             let shared = shared.clone();
             let state = state.clone();
@@ -260,6 +284,7 @@ impl App {
             stop_listeners,
             grace,
             state_dir,
+            _transparent: transparent,
         })
     }
 

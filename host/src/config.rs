@@ -248,6 +248,12 @@ pub struct ProxyConfig {
     /// for good (HAProxy's `timeout client-fin`/`server-fin`).
     #[serde(default = "default_half_close_timeout")]
     pub half_close_timeout: Humantime,
+    /// Connect to this node's endpoints from the client's own address when
+    /// externalTrafficPolicy Local keeps the traffic here, so pods see who connected (as
+    /// with kube-proxy). Needs CAP_NET_ADMIN, nftables and policy routing, which weir sets up
+    /// and removes; where it cannot, it says so once and carries on without.
+    #[serde(default)]
+    pub transparent: bool,
     /// Where weir writes its UDP flows at shutdown and reads them back at start, so that
     /// a restart does not move them (a directory that outlives the process: a hostPath
     /// under /run in a cluster). None: flows end with the process.
@@ -267,6 +273,7 @@ impl Default for ProxyConfig {
             udp_stream_timeout: default_udp_stream_timeout(),
             max_udp_flows: default_max_udp_flows(),
             max_udp_flows_per_service: default_max_udp_flows_per_service(),
+            transparent: false,
             max_connections: 0,
             max_connections_per_service: 0,
             idle_timeout: None,

@@ -18,6 +18,7 @@ pub mod objects;
 pub mod policy;
 pub mod proxy;
 pub mod state;
+pub mod transparent;
 pub mod units;
 pub mod yaml;
 

@@ -12,7 +12,7 @@ pub mod proxy_protocol;
 pub mod tcp;
 pub mod udp;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -56,6 +56,12 @@ pub struct Route {
     pub proxy_protocol: Option<proxy_protocol::Version>,
     /// Whether connections here begin with a PROXY protocol header from a load balancer.
     pub accept_proxy_protocol: bool,
+    /// Whether externalTrafficPolicy Local keeps this route's traffic on this node: its
+    /// connections to [`local_endpoints`](Route::local_endpoints) may come from the
+    /// client's address (`proxy.transparent`).
+    pub transparent: bool,
+    /// The endpoints on this node.
+    pub local_endpoints: Arc<HashSet<SocketAddr>>,
     pub metrics: Arc<RouteMetrics>,
 }
 
@@ -369,6 +375,9 @@ pub struct Shared {
     pub connections: TaskTracker,
     /// One permit per TCP connection the node may hold (`proxy.max_connections`).
     pub tcp_slots: Arc<tokio::sync::Semaphore>,
+    /// Whether connections to local endpoints may take the client's address: the policy
+    /// routing is in place, and no connect has been refused the capability.
+    pub transparent: std::sync::atomic::AtomicBool,
     /// Cancelled at the end of the shutdown grace period: closes established connections.
     pub close: CancellationToken,
     /// UDP flows open now on this node, against `proxy.max_udp_flows`.
@@ -392,6 +401,7 @@ impl Shared {
             local_sources: ArcSwap::from_pointee(Vec::new()),
             connections: TaskTracker::new(),
             tcp_slots,
+            transparent: Default::default(),
             close: CancellationToken::new(),
             udp_flows: Default::default(),
             udp_listeners: TaskTracker::new(),

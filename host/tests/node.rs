@@ -206,6 +206,44 @@ fn backend(ns: &str, ip: &'static str, stop: Arc<AtomicBool>) -> std::thread::Jo
     })
 }
 
+/// A server on port 8081 in `ns` that answers each connection with the address it came
+/// from, until `stop`.
+fn peer_echo(ns: &str, ip: &'static str, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<()> {
+    in_ns(ns, move || {
+        Box::pin(async move {
+            let listener = tokio::net::TcpListener::bind(addr(ip, 8081))
+                .await
+                .expect("bind");
+            while !stop.load(Ordering::Relaxed) {
+                let accepted =
+                    tokio::time::timeout(Duration::from_millis(50), listener.accept()).await;
+                if let Ok(Ok((mut stream, peer))) = accepted {
+                    let _ = stream.write_all(peer.to_string().as_bytes()).await;
+                }
+            }
+        })
+    })
+}
+
+/// The address a [`peer_echo`] at `target` saw for a connection from `ns`, and the
+/// connection's own local address.
+fn seen_as(ns: &str, target: SocketAddr) -> (String, String) {
+    in_ns(ns, move || {
+        Box::pin(async move {
+            let mut stream = connect(target, None).await.expect("connects");
+            let local = stream.local_addr().unwrap().to_string();
+            let mut seen = String::new();
+            tokio::time::timeout(Duration::from_secs(5), stream.read_to_string(&mut seen))
+                .await
+                .expect("an answer")
+                .unwrap();
+            (seen, local)
+        })
+    })
+    .join()
+    .unwrap()
+}
+
 /// A UDP responder on port 8053 in `ns`, answering each datagram with its address,
 /// until `stop`.
 fn udp_responder(ns: &str, ip: &'static str, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<()> {
@@ -338,6 +376,7 @@ fn node_in_network_namespaces() {
         backend(&remote, "198.18.2.13", stop.clone()),
     ];
     let (local, other, far) = ("198.18.1.11:8080", "198.18.1.12:8080", "198.18.2.13:8080");
+    let _echo = peer_echo(&pod1, "198.18.1.11", stop.clone());
     let _responders = [
         udp_responder(&pod1, "198.18.1.11", stop.clone()),
         udp_responder(&remote, "198.18.2.13", stop.clone()),
@@ -409,6 +448,16 @@ fn node_in_network_namespaces() {
     let mut slice = slice_json("udp-local", &endpoints);
     slice["ports"] = json!([dns_ports[0]]);
     api.apply(slice);
+    // Who connected, as the pod sees it: a NodePort with externalTrafficPolicy Local.
+    let mut seen = service_json("seen", &cluster_ip(17), 80, None);
+    seen["spec"]["type"] = json!("NodePort");
+    seen["spec"]["externalTrafficPolicy"] = json!("Local");
+    seen["spec"]["ports"][0]["targetPort"] = json!(8081);
+    seen["spec"]["ports"][0]["nodePort"] = json!(30090);
+    api.apply(seen);
+    let mut slice = slice_json("seen", &[endpoints[0]]);
+    slice["ports"][0]["port"] = json!(8081);
+    api.apply(slice);
     let round_robin = guest_bytes("round-robin");
     let maglev = guest_bytes("maglev");
     api.apply(policies_json(&[("rr", round_robin.clone())], None));
@@ -421,7 +470,7 @@ fn node_in_network_namespaces() {
         &format!(
             "[policies]\ncache_dir = \"{}\"\n\
              [admin]\naddress = \"127.0.0.1:10256\"\n\
-             [proxy]\nshutdown_grace_period = \"10s\"\ndrop_timeout = \"1s\"\n",
+             [proxy]\nshutdown_grace_period = \"10s\"\ndrop_timeout = \"1s\"\ntransparent = true\n",
             dir.path().join("cache").display()
         ),
     );
@@ -459,7 +508,7 @@ fn node_in_network_namespaces() {
         .output()
         .unwrap();
     let addresses = String::from_utf8_lossy(&addresses.stdout);
-    for n in 10..=16 {
+    for n in 10..=17 {
         assert!(
             addresses.contains(&format!("198.19.0.{n}/32")),
             "{addresses}"
@@ -524,6 +573,19 @@ fn node_in_network_namespaces() {
         [local].into(),
         "eTP Local: the local endpoint only"
     );
+    // proxy.transparent: the local pod sees the external client's own address and port,
+    // as kube-proxy shows it; weir put its policy routing in place for that.
+    let (seen, client_address) = seen_as(&client, addr(NODE_IP, 30090));
+    assert_eq!(
+        seen,
+        client_address,
+        "the pod saw weir, not the client:\n{}",
+        weir.log()
+    );
+    assert!(seen.starts_with("198.18.4.2:"), "{seen}");
+    let rules = Command::new("ip").args(["rule", "list"]).output().unwrap();
+    let rules = String::from_utf8_lossy(&rules.stdout).into_owned();
+    assert!(rules.contains("lookup 2597"), "{rules}");
     // The LoadBalancer IP and the externalIP are on weir0 too, and serve the same way.
     for ip in ["198.19.1.1", "198.19.1.2"] {
         assert!(addresses.contains(&format!("{ip}/32")), "{addresses}");
@@ -672,6 +734,15 @@ fn node_in_network_namespaces() {
         std::thread::sleep(Duration::from_millis(20));
     };
     assert!(status.success(), "{status}:\n{}", weir.log());
+    // And its policy routing went with it.
+    let rules = Command::new("ip").args(["rule", "list"]).output().unwrap();
+    let rules = String::from_utf8_lossy(&rules.stdout).into_owned();
+    assert!(!rules.contains("lookup 2597"), "{rules}");
+    let tables = Command::new("nft")
+        .args(["list", "tables"])
+        .output()
+        .unwrap();
+    assert!(!String::from_utf8_lossy(&tables.stdout).contains("weir_transparent"));
     stop.store(true, Ordering::Relaxed);
 }
 

@@ -285,6 +285,12 @@ impl Published {
             metrics.retain_endpoints(|address| present.contains(&address));
 
             let wanted = routes::wanted(snapshot, &eligibility, transport, node_addresses, capture);
+            let local_endpoints: Arc<HashSet<std::net::SocketAddr>> = Arc::new(
+                (snapshot.endpoints.iter())
+                    .filter(|e| e.is_local)
+                    .map(|e| e.address)
+                    .collect(),
+            );
             for routes::Wanted {
                 listen,
                 scope,
@@ -314,6 +320,13 @@ impl Published {
                         idle_timeout: snapshot.idle_timeout,
                         proxy_protocol: snapshot.proxy_protocol,
                         accept_proxy_protocol: snapshot.accept_proxy_protocol && from_load_balancer,
+                        // External traffic only: the clients of internal traffic are pods,
+                        // and a pod on the same bridge as the endpoint would get the
+                        // endpoint's replies directly, around weir (unless br_netfilter
+                        // sends bridged packets through the node's firewall).
+                        transparent: scope == weir_sdk::Scope::External
+                            && service.external_traffic_local,
+                        local_endpoints: local_endpoints.clone(),
                         metrics: metrics.clone(),
                     }),
                 );

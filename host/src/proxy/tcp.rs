@@ -135,8 +135,11 @@ async fn connection(
             Next::Drop => return drop_connection(client, &shared).await,
         };
         let connecting = Instant::now();
-        let connected =
-            tokio::time::timeout(shared.settings.connect_timeout, TcpStream::connect(target)).await;
+        let connected = tokio::time::timeout(
+            shared.settings.connect_timeout,
+            connect(&route, &shared, peer, target),
+        )
+        .await;
         let took = connecting.elapsed();
         let connected = match (connected, route.proxy_protocol) {
             (Ok(Ok(mut upstream)), Some(version)) => {
@@ -162,6 +165,35 @@ async fn connection(
         }
         decision.unreachable(endpoint, target, took);
     }
+}
+
+/// Connects to `target`: from the client's own address when the route keeps its traffic
+/// on this node and the endpoint is here (`proxy.transparent`), else from weir's.
+async fn connect(
+    route: &Route,
+    shared: &Shared,
+    client: SocketAddr,
+    target: SocketAddr,
+) -> std::io::Result<TcpStream> {
+    use std::sync::atomic::Ordering;
+    let transparent = route.transparent
+        && shared.transparent.load(Ordering::Relaxed)
+        && route.local_endpoints.contains(&target)
+        && client.is_ipv4() == target.is_ipv4()
+        && !client.ip().is_loopback();
+    if transparent {
+        match crate::transparent::connect(client, target).await {
+            Err(error) if error.kind() == std::io::ErrorKind::PermissionDenied => {
+                if shared.transparent.swap(false, Ordering::Relaxed) {
+                    tracing::warn!(
+                        "proxy.transparent: {error} (IP_TRANSPARENT needs CAP_NET_ADMIN); endpoints see weir's address instead"
+                    );
+                }
+            }
+            result => return result,
+        }
+    }
+    TcpStream::connect(target).await
 }
 
 /// Copies both ways until both sides have closed; a half-close on one side is passed on
