@@ -4,8 +4,9 @@
 #   docker build -t ghcr.io/weir-proxy/weir:0.1.0 .
 #
 # The builder compiles weir; its build script builds the embedded kube-default policy for
-# wasm32-wasip2 on the way. The runtime is Debian slim with iproute2 only: weir runs `ip`
-# to create its capture interface. No CA certificates: the in-cluster API server's CA
+# wasm32-wasip2 on the way. The runtime is Debian slim with iproute2 and nftables: weir
+# runs `ip` to create its capture interface, and `ip` and `nft` for the policy routing of
+# proxy.transparent. No CA certificates: the in-cluster API server's CA
 # comes with the service account.
 
 FROM rust:1.95-bookworm AS build
@@ -20,7 +21,7 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry \
 
 FROM debian:bookworm-slim
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends iproute2 \
+    && apt-get install -y --no-install-recommends iproute2 nftables \
     && rm -rf /var/lib/apt/lists/*
 COPY --from=build /usr/local/bin/weir /usr/local/bin/weir
 ENTRYPOINT ["weir"]

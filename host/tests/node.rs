@@ -244,6 +244,30 @@ fn seen_as(ns: &str, target: SocketAddr) -> (String, String) {
     .unwrap()
 }
 
+/// What a [`udp_responder`] at `target` says a datagram from `ns` came from, and the
+/// sending socket's own address.
+fn udp_seen_as(ns: &str, target: SocketAddr) -> (String, String) {
+    in_ns(ns, move || {
+        Box::pin(async move {
+            let socket = tokio::net::UdpSocket::bind("0.0.0.0:0").await.unwrap();
+            socket.connect(target).await.unwrap();
+            socket.send(b"who-am-i").await.unwrap();
+            let mut buffer = [0u8; 128];
+            let n = tokio::time::timeout(Duration::from_secs(2), socket.recv(&mut buffer))
+                .await
+                .expect("an answer")
+                .unwrap();
+            let local = socket.local_addr().unwrap();
+            (
+                String::from_utf8_lossy(&buffer[..n]).into_owned(),
+                local.to_string(),
+            )
+        })
+    })
+    .join()
+    .unwrap()
+}
+
 /// A UDP responder on port 8053 in `ns`, answering each datagram with its address,
 /// until `stop`.
 fn udp_responder(ns: &str, ip: &'static str, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<()> {
@@ -257,8 +281,14 @@ fn udp_responder(ns: &str, ip: &'static str, stop: Arc<AtomicBool>) -> std::thre
                 let received =
                     tokio::time::timeout(Duration::from_millis(50), socket.recv_from(&mut buffer))
                         .await;
-                if let Ok(Ok((_, from))) = received {
-                    let _ = socket.send_to(format!("{ip}:8053").as_bytes(), from).await;
+                if let Ok(Ok((n, from))) = received {
+                    // "who-am-i": the sender's address as this pod sees it.
+                    let answer = if &buffer[..n] == b"who-am-i" {
+                        from.to_string()
+                    } else {
+                        format!("{ip}:8053")
+                    };
+                    let _ = socket.send_to(answer.as_bytes(), from).await;
                 }
             }
         })
@@ -626,6 +656,10 @@ fn node_in_network_namespaces() {
         "UDP NodePort, eTP Local\n{}",
         weir.log()
     );
+    // proxy.transparent for UDP too: the pod sees the client's address and port.
+    let (seen, sender) = udp_seen_as(&client, addr(NODE_IP, 30053));
+    assert_eq!(seen, sender, "the pod saw another sender");
+    assert!(seen.starts_with("198.18.4.2:"), "the pod saw {seen}");
 
     // A Service deleted takes its address off weir0.
     assert!(api.delete("Service", Some("default"), "away"));

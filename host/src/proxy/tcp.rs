@@ -8,7 +8,8 @@
 //! - `drop`: the kernel completes the handshake before weir sees the connection, so the
 //!   client's connect succeeds; weir then sends nothing, and closes the connection (RST)
 //!   after the client's first bytes or after `proxy.drop_timeout`.
-//! - Source addresses are not preserved towards endpoints: they see weir's address.
+//! - Source addresses: endpoints see weir's address, unless `proxy.transparent` (local
+//!   endpoints behind externalTrafficPolicy Local) or `weir.dev/proxy-protocol` says who.
 
 use std::net::SocketAddr;
 use std::sync::Arc;

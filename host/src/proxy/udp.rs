@@ -283,7 +283,12 @@ impl Flows {
                 return false;
             }
         };
-        let upstream = match connect(target) {
+        let transparent = route.transparent
+            && self.shared.transparent.load(Ordering::Relaxed)
+            && route.local_endpoints.contains(&target)
+            && client.is_ipv4() == target.is_ipv4()
+            && !client.ip().is_loopback();
+        let upstream = match connect(target, transparent.then_some(client)) {
             Ok(socket) => Arc::new(socket),
             Err(error) => {
                 tracing::debug!(endpoint = %target, "cannot open a UDP socket: {error}");
@@ -435,8 +440,16 @@ impl Flows {
 }
 
 /// A socket of its own for a flow, connected to its endpoint: the kernel then delivers
-/// only that endpoint's replies to it, and its ICMP errors.
-fn connect(target: SocketAddr) -> std::io::Result<UdpSocket> {
+/// only that endpoint's replies to it, and its ICMP errors. With `client`, the socket
+/// takes the client's address (`proxy.transparent`), so the endpoint sees who sent; if
+/// that is refused, weir's own address.
+fn connect(target: SocketAddr, client: Option<SocketAddr>) -> std::io::Result<UdpSocket> {
+    if let Some(client) = client {
+        match connect_transparent(target, client) {
+            Ok(socket) => return Ok(socket),
+            Err(error) => tracing::debug!(%client, "a transparent UDP socket was refused: {error}"),
+        }
+    }
     let local: SocketAddr = if target.is_ipv4() {
         (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
     } else {
@@ -446,6 +459,26 @@ fn connect(target: SocketAddr) -> std::io::Result<UdpSocket> {
     socket.connect(target)?;
     socket.set_nonblocking(true)?;
     UdpSocket::from_std(socket)
+}
+
+fn connect_transparent(target: SocketAddr, client: SocketAddr) -> std::io::Result<UdpSocket> {
+    use socket2::{Domain, Socket, Type};
+    let socket = Socket::new(Domain::for_address(target), Type::DGRAM, None)?;
+    if target.is_ipv4() {
+        socket.set_ip_transparent_v4(true)?;
+    } else {
+        socket.set_ip_transparent_v6(true)?;
+    }
+    socket.set_reuse_address(true)?;
+    if let Err(error) = socket.bind(&client.into()) {
+        if error.kind() != std::io::ErrorKind::AddrInUse {
+            return Err(error);
+        }
+        socket.bind(&SocketAddr::new(client.ip(), 0).into())?;
+    }
+    socket.connect(&target.into())?;
+    socket.set_nonblocking(true)?;
+    UdpSocket::from_std(socket.into())
 }
 
 /// Sends at once, or fails with `WouldBlock`: without waiting for tokio to learn the
