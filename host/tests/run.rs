@@ -277,14 +277,11 @@ async fn two_hundred_workers_start_and_policies_swap_through_the_child_compiler(
     assert_eq!(metric(admin, "weir_policy_failures_total").await, 0.0);
 }
 
-/// Started with a low soft limit on open files (a shell's `ulimit -Sn 256`), weir raises
-/// it to the hard limit: every connection and UDP flow holds a descriptor.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_open_files_limit_is_raised_to_the_hard_limit() {
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::create_dir_all(dir.path().join("objects")).unwrap();
+/// Starts the binary on the objects in `dir` under `ulimit <flag> 256` (`-Sn`: the soft
+/// limit only; `-n`: soft and hard), and waits until it is ready. Returns the admin port.
+async fn start_limited(dir: &Path, flag: &str) -> (Process, SocketAddr) {
     let admin = SocketAddr::from(([127, 0, 0, 1], free_port()));
-    let config = dir.path().join("weir.toml");
+    let config = dir.join("weir.toml");
     std::fs::write(
         &config,
         format!(
@@ -292,12 +289,9 @@ async fn the_open_files_limit_is_raised_to_the_hard_limit() {
         ),
     )
     .unwrap();
+    let script = format!("ulimit {flag} 256 && exec \"$0\" run --config \"$1\"");
     let child = Command::new("sh")
-        .args([
-            "-c",
-            "ulimit -Sn 256 && exec \"$0\" run --config \"$1\"",
-            WEIR,
-        ])
+        .args(["-c", &script, WEIR])
         .arg(&config)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
@@ -313,6 +307,16 @@ async fn the_open_files_limit_is_raised_to_the_hard_limit() {
         assert!(Instant::now() < end, "weir never became ready");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    (process, admin)
+}
+
+/// Started with a low soft limit on open files (a shell's `ulimit -Sn 256`), weir raises
+/// it to the hard limit: every connection and UDP flow holds a descriptor.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_open_files_limit_is_raised_to_the_hard_limit() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(dir.path().join("objects")).unwrap();
+    let (process, _admin) = start_limited(dir.path(), "-Sn").await;
     let limits = std::fs::read_to_string(format!("/proc/{}/limits", process.0.id())).unwrap();
     let line = limits
         .lines()
@@ -390,36 +394,7 @@ async fn two_hundred_silent_clients_cannot_starve_the_node() {
         service("web", 21, backend.address),
     )
     .unwrap();
-    let admin = SocketAddr::from(([127, 0, 0, 1], free_port()));
-    let config = dir.path().join("weir.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[node]\nname = \"node-a\"\naddresses = [\"127.31.0.1\"]\n[source]\nkind = \"files\"\npaths = [\"objects\"]\n[admin]\naddress = \"{admin}\"\n"
-        ),
-    )
-    .unwrap();
-    let child = Command::new("sh")
-        .args([
-            "-c",
-            "ulimit -n 256 && exec \"$0\" run --config \"$1\"",
-            WEIR,
-        ])
-        .arg(&config)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let _process = Process(child);
-    let end = Instant::now() + Duration::from_secs(60);
-    while !http_get(admin, "/readyz")
-        .await
-        .is_ok_and(|r| r.starts_with("HTTP/1.1 200"))
-    {
-        assert!(Instant::now() < end, "weir never became ready");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let (_process, admin) = start_limited(dir.path(), "-n").await;
 
     let silent_service = SocketAddr::from(([127, 31, 3, 20], 8000));
     let mut clients = Vec::new();
