@@ -9,6 +9,7 @@
 mod copy;
 pub mod decide;
 pub mod proxy_protocol;
+mod route_metrics;
 pub mod tcp;
 pub mod udp;
 
@@ -18,21 +19,14 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
-use prometheus_client::metrics::counter::Counter;
-use prometheus_client::metrics::gauge::Gauge;
-use prometheus_client::metrics::histogram::Histogram;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use weir_sdk::{Scope, ServiceHandle};
 
-use crate::locks::{read, write};
-use crate::metrics::{
-    Action, BytesLabels, ConnectFailure, DecisionLabels, Direction, EndpointLabels, FailedLabels,
-    Limit, LimitLabels, ListenerLabels, PolicyLabels, ProxyMetrics, ServiceLabels, Timeout,
-    TimeoutLabels,
-};
+use crate::metrics::{ListenerLabels, ProxyMetrics};
 use crate::net::Cidr;
 use crate::policy::PolicyRuntime;
+pub use route_metrics::{EndpointMetrics, RouteMetrics};
 
 /// Where one listening address sends its connections.
 pub struct Route {
@@ -63,206 +57,6 @@ pub struct Route {
     /// The endpoints on this node.
     pub local_endpoints: Arc<HashSet<SocketAddr>>,
     pub metrics: Arc<RouteMetrics>,
-}
-
-/// A route's metric handles, resolved once per service port and policy (and once per
-/// endpoint, on its first connection) rather than per connection.
-pub struct RouteMetrics {
-    service: String,
-    family: Arc<ProxyMetrics>,
-    endpoints: std::sync::RwLock<HashMap<SocketAddr, Arc<EndpointMetrics>>>,
-    pub forward: Counter,
-    pub reject: Counter,
-    pub drop: Counter,
-    pub select: Histogram,
-    pub gave_up: Counter,
-    pub source_range: Counter,
-    pub idle_timeout: Counter,
-    pub half_close_timeout: Counter,
-    pub node_limit: Counter,
-    pub service_limit: Counter,
-    /// Connections refused for a missing or malformed PROXY protocol header.
-    pub proxy_protocol_refused: Counter,
-    /// UDP flows open now on this service port, against `proxy.max_udp_flows_per_service`.
-    pub udp_flows: std::sync::atomic::AtomicUsize,
-    /// TCP connections open now on this service port, against
-    /// `proxy.max_connections_per_service`, and the wake-up of listeners waiting for one
-    /// to close.
-    pub tcp_connections: std::sync::atomic::AtomicUsize,
-    pub tcp_room: tokio::sync::Notify,
-}
-
-impl RouteMetrics {
-    pub fn new(metrics: &Arc<ProxyMetrics>, service: &str, policy: &str) -> Self {
-        metrics.arrived_service(service);
-        let decision = |action| {
-            metrics
-                .decisions
-                .get_or_create(&DecisionLabels {
-                    service: service.to_string(),
-                    action,
-                })
-                .clone()
-        };
-        let failed = |reason| {
-            metrics
-                .failed
-                .get_or_create(&FailedLabels {
-                    service: service.to_string(),
-                    endpoint: String::new(),
-                    reason,
-                })
-                .clone()
-        };
-        let timed_out = |timeout| {
-            metrics
-                .timed_out
-                .get_or_create(&TimeoutLabels {
-                    service: service.to_string(),
-                    timeout,
-                })
-                .clone()
-        };
-        let limit = |limit| {
-            metrics
-                .limit_reached
-                .get_or_create(&LimitLabels {
-                    service: service.to_string(),
-                    limit,
-                })
-                .clone()
-        };
-        RouteMetrics {
-            service: service.to_string(),
-            family: metrics.clone(),
-            endpoints: Default::default(),
-            idle_timeout: timed_out(Timeout::idle),
-            half_close_timeout: timed_out(Timeout::half_close),
-            node_limit: limit(Limit::node),
-            proxy_protocol_refused: metrics
-                .proxy_protocol_refused
-                .get_or_create(&ServiceLabels {
-                    service: service.to_string(),
-                })
-                .clone(),
-            service_limit: limit(Limit::service),
-            tcp_connections: Default::default(),
-            tcp_room: Default::default(),
-            forward: decision(Action::forward),
-            reject: decision(Action::reject),
-            drop: decision(Action::drop),
-            select: metrics
-                .select_seconds
-                .get_or_create(&PolicyLabels {
-                    policy: policy.to_string(),
-                })
-                .clone(),
-            gave_up: failed(ConnectFailure::gave_up),
-            source_range: failed(ConnectFailure::source_range),
-            udp_flows: Default::default(),
-        }
-    }
-
-    /// Every proxy series, for those made on demand.
-    pub fn family(&self) -> &Arc<ProxyMetrics> {
-        &self.family
-    }
-
-    /// The service port's label, `namespace/name:port`.
-    pub fn service(&self) -> &str {
-        &self.service
-    }
-
-    /// The counters of one endpoint of this route's service.
-    pub fn endpoint(&self, address: SocketAddr) -> Arc<EndpointMetrics> {
-        if let Some(found) = read(&self.endpoints).get(&address) {
-            return found.clone();
-        }
-        let created = Arc::new(self.create_endpoint(address));
-        write(&self.endpoints)
-            .entry(address)
-            .or_insert(created)
-            .clone()
-    }
-
-    /// Forgets the endpoints that `keep` does not keep, series and all: they left the
-    /// service port.
-    pub fn retain_endpoints(&self, keep: impl Fn(SocketAddr) -> bool) {
-        let mut endpoints = write(&self.endpoints);
-        endpoints.retain(|address, _| {
-            let kept = keep(*address);
-            if !kept {
-                self.family
-                    .forget_endpoint(&self.service, &address.to_string());
-            }
-            kept
-        });
-    }
-
-    /// Forgets the service port's series and its endpoints': it is gone.
-    pub fn forget(&self) {
-        self.retain_endpoints(|_| false);
-        self.family.forget_service(&self.service);
-    }
-
-    fn create_endpoint(&self, endpoint: SocketAddr) -> EndpointMetrics {
-        let endpoint = endpoint.to_string();
-        self.family.arrived_endpoint(&self.service, &endpoint);
-        let labels = EndpointLabels {
-            service: self.service.clone(),
-            endpoint: endpoint.clone(),
-        };
-        let bytes = |direction| {
-            self.family
-                .bytes
-                .get_or_create(&BytesLabels {
-                    service: self.service.clone(),
-                    endpoint: endpoint.clone(),
-                    direction,
-                })
-                .clone()
-        };
-        EndpointMetrics {
-            unreachable: self
-                .family
-                .failed
-                .get_or_create(&FailedLabels {
-                    service: self.service.clone(),
-                    endpoint: endpoint.clone(),
-                    reason: ConnectFailure::endpoint_unreachable,
-                })
-                .clone(),
-            opened: self.family.opened.get_or_create(&labels).clone(),
-            active: self.family.active.get_or_create(&labels).clone(),
-            to_endpoint: bytes(Direction::client_to_endpoint),
-            to_client: bytes(Direction::endpoint_to_client),
-            udp: std::sync::OnceLock::new(),
-            service: self.service.clone(),
-            address: endpoint,
-            family: self.family.clone(),
-        }
-    }
-}
-
-pub struct EndpointMetrics {
-    /// Connect attempts to it that failed (and were tried elsewhere).
-    pub unreachable: Counter,
-    pub opened: Counter,
-    pub active: Gauge,
-    pub to_endpoint: Counter,
-    pub to_client: Counter,
-    /// Its UDP series, made on its first flow.
-    udp: std::sync::OnceLock<udp::EndpointUdp>,
-    service: String,
-    address: String,
-    family: Arc<ProxyMetrics>,
-}
-
-impl EndpointMetrics {
-    pub fn udp(&self) -> &udp::EndpointUdp {
-        self.udp
-            .get_or_init(|| udp::EndpointUdp::new(&self.family.udp, &self.service, &self.address))
-    }
 }
 
 /// The transport a listener serves.
