@@ -73,6 +73,14 @@ pub enum ConnectFailure {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    pub service: String,
+    /// `ip:port`, or empty for weir's own answers (503 with nothing eligible).
+    pub endpoint: String,
+    pub code: u16,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct TimeoutLabels {
     pub service: String,
     pub timeout: Timeout,
@@ -153,6 +161,11 @@ fn latency_histogram() -> Histogram {
     Histogram::new(exponential_buckets(1e-7, 2.0, 16))
 }
 
+fn request_histogram() -> Histogram {
+    // 100 µs to ~6.5 s, to the response's head.
+    Histogram::new(exponential_buckets(1e-4, 2.0, 17))
+}
+
 fn sync_histogram() -> Histogram {
     Histogram::new(exponential_buckets(1e-4, 2.0, 16))
 }
@@ -168,6 +181,8 @@ pub struct ProxyMetrics {
     pub timed_out: Family<TimeoutLabels, Counter>,
     pub limit_reached: Family<LimitLabels, Counter>,
     pub proxy_protocol_refused: Family<ServiceLabels, Counter>,
+    pub requests: Family<RequestLabels, Counter>,
+    pub request_seconds: Family<ServiceLabels, Histogram>,
     pub decisions: Family<DecisionLabels, Counter>,
     pub select_seconds: Family<PolicyLabels, Histogram>,
     pub reloads: Family<ReloadLabels, Counter>,
@@ -233,6 +248,8 @@ impl Default for ProxyMetrics {
             timed_out: Family::default(),
             limit_reached: Family::default(),
             proxy_protocol_refused: Family::default(),
+            requests: Family::default(),
+            request_seconds: Family::new_with_constructor(request_histogram),
             decisions: Family::default(),
             select_seconds: Family::new_with_constructor(latency_histogram),
             reloads: Family::default(),
@@ -292,6 +309,16 @@ impl ProxyMetrics {
             "weir_proxy_protocol_refused",
             "Connections refused for a missing or malformed PROXY protocol header",
             self.proxy_protocol_refused.clone(),
+        );
+        r.register(
+            "weir_requests",
+            "HTTP requests by endpoint and status code (an empty endpoint: weir answered)",
+            self.requests.clone(),
+        );
+        r.register(
+            "weir_request_duration_seconds",
+            "Time from an HTTP request's arrival to its response's head",
+            self.request_seconds.clone(),
         );
         r.register(
             "weir_decisions",
@@ -502,6 +529,9 @@ impl ProxyMetrics {
             });
         }
         self.proxy_protocol_refused.remove(&ServiceLabels {
+            service: service.to_string(),
+        });
+        self.request_seconds.remove(&ServiceLabels {
             service: service.to_string(),
         });
         for limit in [Limit::node, Limit::service] {

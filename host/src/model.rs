@@ -37,6 +37,18 @@ pub const PROXY_PROTOCOL_ANNOTATION: &str = "weir.dev/proxy-protocol";
 /// to the Service's nodePort and LoadBalancer IPs (also implied by an ingress with
 /// `ipMode: Proxy`); weir reads it and takes its client as the connection's.
 pub const ACCEPT_PROXY_PROTOCOL_ANNOTATION: &str = "weir.dev/accept-proxy-protocol";
+/// `http`: the Service's TCP ports without an `appProtocol` are HTTP (each request is
+/// decided on its own).
+pub const PROTOCOL_ANNOTATION: &str = "weir.dev/protocol";
+
+/// How an HTTP Service port speaks to its endpoints.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum HttpKind {
+    /// `appProtocol: http` (or `weir.dev/protocol: http`): HTTP/1.1 to endpoints.
+    Http1,
+    /// `appProtocol: kubernetes.io/h2c` or `grpc`: HTTP/2 with prior knowledge.
+    H2c,
+}
 /// `spec.sessionAffinityConfig.clientIP.timeoutSeconds` when unset (the API default).
 pub const DEFAULT_AFFINITY_TIMEOUT_SECONDS: u32 = 10_800;
 /// The largest timeout the API server accepts.
@@ -166,6 +178,9 @@ pub struct ServicePortSnapshot {
     /// Whether connections to its nodePort and LoadBalancer IPs begin with a PROXY
     /// protocol header from the load balancer in front.
     pub accept_proxy_protocol: bool,
+    /// An HTTP port (its `appProtocol`, or `weir.dev/protocol`): weir terminates HTTP and
+    /// decides each request. None: L4.
+    pub http: Option<HttpKind>,
 }
 
 /// A Service's healthCheckNodePort and what it reports.

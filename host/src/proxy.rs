@@ -8,6 +8,7 @@
 
 mod copy;
 pub mod decide;
+pub mod http;
 pub mod proxy_protocol;
 mod route_metrics;
 pub mod tcp;
@@ -56,6 +57,8 @@ pub struct Route {
     pub transparent: bool,
     /// The endpoints on this node.
     pub local_endpoints: Arc<HashSet<SocketAddr>>,
+    /// An HTTP port: each request is decided (`http.rs`). None: L4.
+    pub http: Option<crate::model::HttpKind>,
     pub metrics: Arc<RouteMetrics>,
 }
 
@@ -167,6 +170,8 @@ pub struct Shared {
     pub local_sources: ArcSwap<Vec<Cidr>>,
     /// Every connection task, for the drain on shutdown.
     pub connections: TaskTracker,
+    /// The pools of connections to the endpoints of HTTP ports.
+    pub http: http::Clients,
     /// One permit per TCP connection the node may hold (`proxy.max_connections`).
     pub tcp_slots: Arc<tokio::sync::Semaphore>,
     /// Whether connections to local endpoints may take the client's address: the policy
@@ -185,6 +190,7 @@ pub struct Shared {
 
 impl Shared {
     pub fn new(settings: Settings) -> Self {
+        let http = http::Clients::new(settings.connect_timeout);
         let tcp_slots = Arc::new(tokio::sync::Semaphore::new(
             (settings.tcp.max_connections).min(tokio::sync::Semaphore::MAX_PERMITS),
         ));
@@ -194,6 +200,7 @@ impl Shared {
             settings,
             local_sources: ArcSwap::from_pointee(Vec::new()),
             connections: TaskTracker::new(),
+            http,
             tcp_slots,
             transparent: Default::default(),
             close: CancellationToken::new(),

@@ -327,6 +327,7 @@ impl Published {
                         transparent: scope == weir_sdk::Scope::External
                             && service.external_traffic_local,
                         local_endpoints: local_endpoints.clone(),
+                        http: snapshot.http,
                         metrics: metrics.clone(),
                     }),
                 );

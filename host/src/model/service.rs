@@ -125,6 +125,19 @@ pub(super) fn service_ports(
             version
         }
     };
+    let http_annotated = match annotations.get(PROTOCOL_ANNOTATION).map(|s| s.trim()) {
+        None => false,
+        Some("http") => true,
+        Some(text) => {
+            warn(
+                diagnostics,
+                format!(
+                    "annotation {PROTOCOL_ANNOTATION}: `{text}` is not `http`; its ports stay L4"
+                ),
+            );
+            false
+        }
+    };
     let ingress_proxy_mode = (service.status.as_ref())
         .and_then(|s| s.load_balancer.as_ref())
         .and_then(|lb| lb.ingress.as_ref())
@@ -337,6 +350,12 @@ pub(super) fn service_ports(
                 continue;
             };
             let port_name = port.name.clone().unwrap_or_default();
+            let http = match (protocol, port.app_protocol.as_deref()) {
+                (ProtocolKey::Tcp, Some("http")) => Some(HttpKind::Http1),
+                (ProtocolKey::Tcp, Some("kubernetes.io/h2c" | "grpc")) => Some(HttpKind::H2c),
+                (ProtocolKey::Tcp, None) if http_annotated => Some(HttpKind::Http1),
+                _ => None,
+            };
             let key = ServicePortKey {
                 namespace: namespace.clone(),
                 name: name.clone(),
@@ -377,6 +396,7 @@ pub(super) fn service_ports(
                 idle_timeout,
                 proxy_protocol,
                 accept_proxy_protocol,
+                http,
             });
         }
     }

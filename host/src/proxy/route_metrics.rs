@@ -14,7 +14,8 @@ use super::udp;
 use crate::locks::{read, write};
 use crate::metrics::{
     Action, BytesLabels, ConnectFailure, DecisionLabels, Direction, EndpointLabels, FailedLabels,
-    Limit, LimitLabels, PolicyLabels, ProxyMetrics, ServiceLabels, Timeout, TimeoutLabels,
+    Limit, LimitLabels, PolicyLabels, ProxyMetrics, RequestLabels, ServiceLabels, Timeout,
+    TimeoutLabels,
 };
 
 /// A route's metric handles, resolved once per service port and policy (and once per
@@ -35,6 +36,8 @@ pub struct RouteMetrics {
     pub service_limit: Counter,
     /// Connections refused for a missing or malformed PROXY protocol header.
     pub proxy_protocol_refused: Counter,
+    /// HTTP requests' time to their response's head.
+    pub request_seconds: Histogram,
     /// UDP flows open now on this service port, against `proxy.max_udp_flows_per_service`.
     pub udp_flows: std::sync::atomic::AtomicUsize,
     /// TCP connections open now on this service port, against
@@ -91,6 +94,12 @@ impl RouteMetrics {
             idle_timeout: timed_out(Timeout::idle),
             half_close_timeout: timed_out(Timeout::half_close),
             node_limit: limit(Limit::node),
+            request_seconds: metrics
+                .request_seconds
+                .get_or_create(&ServiceLabels {
+                    service: service.to_string(),
+                })
+                .clone(),
             proxy_protocol_refused: metrics
                 .proxy_protocol_refused
                 .get_or_create(&ServiceLabels {
@@ -135,6 +144,20 @@ impl RouteMetrics {
             .entry(address)
             .or_insert(created)
             .clone()
+    }
+
+    /// One HTTP request answered by `endpoint` (None: by weir) with `code`, its response's
+    /// head after `took`.
+    pub fn request(&self, endpoint: Option<SocketAddr>, code: u16, took: std::time::Duration) {
+        self.family
+            .requests
+            .get_or_create(&RequestLabels {
+                service: self.service.clone(),
+                endpoint: endpoint.map(|e| e.to_string()).unwrap_or_default(),
+                code,
+            })
+            .inc();
+        self.request_seconds.observe(took.as_secs_f64());
     }
 
     /// Forgets the endpoints that `keep` does not keep, series and all: they left the

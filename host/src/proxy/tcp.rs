@@ -49,8 +49,9 @@ pub async fn serve(
             Ok((stream, client)) => {
                 let route = route_of(&shared, address);
                 let task_shared = shared.clone();
+                let stop = stop.clone();
                 shared.connections.spawn(async move {
-                    connection(stream, client, address, route, task_shared).await;
+                    connection(stream, client, address, route, task_shared, stop).await;
                     drop(slot);
                 });
             }
@@ -79,6 +80,8 @@ pub async fn serve(
             address,
             route_of(&shared, address),
             shared.clone(),
+            // Served as accepted, until the grace period ends.
+            CancellationToken::new(),
         ));
     }
 }
@@ -86,7 +89,7 @@ pub async fn serve(
 /// The route of a connection accepted on `address`: the current one, or, when the
 /// control plane has just moved the address away and the listener is closing, the one
 /// it was accepted under.
-fn route_of(shared: &Shared, address: SocketAddr) -> Option<Arc<Route>> {
+pub(super) fn route_of(shared: &Shared, address: SocketAddr) -> Option<Arc<Route>> {
     let listen = Listen::tcp(address);
     shared
         .routes
@@ -103,6 +106,7 @@ async fn connection(
     address: SocketAddr,
     route: Option<Arc<Route>>,
     shared: Arc<Shared>,
+    stop: CancellationToken,
 ) {
     let Some(route) = route else {
         // The listener is closing as this connection arrived.
@@ -123,6 +127,10 @@ async fn connection(
                 return reset(client);
             }
         }
+    }
+    if route.http.is_some() {
+        // Each request is decided on its own, against the route as it is then.
+        return super::http::connection(client, peer, address, shared, stop).await;
     }
     let mut decision = match decide::admit(&route, &shared, peer, address) {
         Ok(decision) => decision,

@@ -1,0 +1,285 @@
+//! HTTP Service ports (`appProtocol: http`, `kubernetes.io/h2c`, `grpc`, or
+//! `weir.dev/protocol: http`): weir terminates HTTP/1.1 and HTTP/2 with prior knowledge
+//! from clients and decides every request on its own, so the streams of one long h2c or
+//! gRPC connection, and the requests of one keep-alive connection, spread over the
+//! endpoints instead of sticking to the first. Requests go to endpoints over pooled
+//! connections: kept alive for HTTP/1.1, multiplexed for h2c and gRPC.
+//!
+//! Each request takes the decision path of every protocol (`decide.rs`) against the
+//! route as it is when the request arrives: an endpoint that leaves gets no new request
+//! from open client connections, which are not reset. A request whose connection to an
+//! endpoint cannot be made is tried on another when it has no body to replay; nothing
+//! eligible answers 503 with a short body saying why; `drop` closes the connection.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Empty, Full};
+use hyper::body::{Body as _, Incoming};
+use hyper::{Request, Response, StatusCode};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::net::TcpStream;
+use tokio_util::sync::CancellationToken;
+
+use super::decide::{self, Next, Refusal};
+use super::{Route, Shared};
+use crate::model::HttpKind;
+
+type Body = BoxBody<Bytes, hyper::Error>;
+
+/// The largest request or response head weir takes (HTTP/1.1 buffer, HTTP/2 header list).
+pub const MAX_HEADER_BYTES: usize = 64 * 1024;
+/// Streams one client's HTTP/2 connection may have open at once.
+pub const MAX_STREAMS: u32 = 256;
+/// How long a client may take to send a request's head.
+const HEADER_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The pools of connections to endpoints, one per way of speaking to them.
+pub struct Clients {
+    http1: Client<HttpConnector, Body>,
+    h2c: Client<HttpConnector, Body>,
+}
+
+impl Clients {
+    pub fn new(connect_timeout: Duration) -> Self {
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        connector.set_connect_timeout(Some(connect_timeout));
+        let builder = || {
+            let mut builder = Client::builder(TokioExecutor::new());
+            builder
+                .timer(TokioTimer::new())
+                .pool_timer(TokioTimer::new())
+                .pool_idle_timeout(Duration::from_secs(90));
+            builder
+        };
+        Clients {
+            http1: builder().build(connector.clone()),
+            h2c: builder().http2_only(true).build(connector),
+        }
+    }
+
+    fn for_kind(&self, kind: HttpKind) -> &Client<HttpConnector, Body> {
+        match kind {
+            HttpKind::Http1 => &self.http1,
+            HttpKind::H2c => &self.h2c,
+        }
+    }
+}
+
+/// Serves one client connection as HTTP until it closes, or, once `stop` is cancelled
+/// (the listener closes: shutdown, or the address moved), finishes what is in flight and
+/// closes it (GOAWAY for HTTP/2).
+pub async fn connection(
+    client: TcpStream,
+    peer: SocketAddr,
+    address: SocketAddr,
+    shared: Arc<Shared>,
+    stop: CancellationToken,
+) {
+    let shared_close = shared.close.clone();
+    let service = hyper::service::service_fn(move |request: Request<Incoming>| {
+        let shared = shared.clone();
+        async move { request_to(shared, peer, address, request).await }
+    });
+    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_TIMEOUT)
+        .max_buf_size(MAX_HEADER_BYTES);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(MAX_STREAMS)
+        .max_header_list_size(MAX_HEADER_BYTES as u32);
+    let close = shared_close.clone();
+    let connection = builder.serve_connection(TokioIo::new(client), service);
+    let mut connection = std::pin::pin!(connection);
+    tokio::select! {
+        _ = connection.as_mut() => return,
+        () = stop.cancelled() => {}
+        () = close.cancelled() => return,
+    }
+    connection.as_mut().graceful_shutdown();
+    tokio::select! {
+        _ = connection => {}
+        // The shutdown grace period is over: whatever is left is cut.
+        () = close.cancelled() => {}
+    }
+}
+
+/// A request the policy dropped: the client's connection is closed without an answer.
+#[derive(Debug)]
+struct RequestDropped;
+
+impl std::fmt::Display for RequestDropped {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("dropped by the Service's policy")
+    }
+}
+
+impl std::error::Error for RequestDropped {}
+
+/// One request: its Service's route as it is now, the policy's choice, and the
+/// endpoint's answer (or weir's, when there is none).
+async fn request_to(
+    shared: Arc<Shared>,
+    peer: SocketAddr,
+    address: SocketAddr,
+    request: Request<Incoming>,
+) -> Result<Response<Body>, RequestDropped> {
+    let started = Instant::now();
+    let Some(route) = super::tcp::route_of(&shared, address) else {
+        return Ok(answer(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "this Service port is gone\n",
+        ));
+    };
+    let kind = route.http.unwrap_or(HttpKind::Http1);
+    let mut decision = match decide::admit(&route, &shared, peer, address) {
+        Ok(decision) => decision,
+        Err(Refusal::SourceRange) => return Err(RequestDropped),
+        Err(Refusal::NoPolicy) => {
+            return Ok(record(
+                &route,
+                None,
+                started,
+                answer(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "the Service's policy is unavailable and its failure mode is closed\n",
+                ),
+            ));
+        }
+    };
+    let (parts, body) = request.into_parts();
+    // A request without a body can be sent again to another endpoint if the first cannot
+    // be reached; one with a body is streamed, and goes where it first goes.
+    let replayable = body.is_end_stream();
+    let mut body = Some(body);
+    let path = parts
+        .uri
+        .path_and_query()
+        .map_or("/", |p| p.as_str())
+        .to_string();
+    loop {
+        let (endpoint, target) = match decision.next_step() {
+            Next::Forward { endpoint, address } => (endpoint, address),
+            Next::Drop => return Err(RequestDropped),
+            Next::Reject => {
+                return Ok(record(
+                    &route,
+                    None,
+                    started,
+                    answer(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "no endpoint of this Service may serve this request\n",
+                    ),
+                ));
+            }
+            Next::GiveUp => {
+                return Ok(record(
+                    &route,
+                    None,
+                    started,
+                    answer(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "no endpoint of this Service could be reached\n",
+                    ),
+                ));
+            }
+        };
+        let mut upstream = Request::builder()
+            .method(parts.method.clone())
+            .uri(format!("http://{target}{path}"))
+            .version(match kind {
+                HttpKind::Http1 => hyper::Version::HTTP_11,
+                HttpKind::H2c => hyper::Version::HTTP_2,
+            });
+        for (name, value) in &parts.headers {
+            if !hop_by_hop(name) {
+                upstream = upstream.header(name, value);
+            }
+        }
+        let upstream_body: Body = match (replayable, body.take()) {
+            (false, Some(body)) => body.boxed(),
+            _ => Empty::new().map_err(|never| match never {}).boxed(),
+        };
+        let Ok(upstream) = upstream.body(upstream_body) else {
+            return Ok(answer(
+                StatusCode::BAD_REQUEST,
+                "a request weir cannot forward\n",
+            ));
+        };
+        let sent = Instant::now();
+        match shared.http.for_kind(kind).request(upstream).await {
+            Ok(response) => {
+                let took = sent.elapsed();
+                decision.connected(endpoint, took);
+                decision.closed(endpoint, took);
+                let response = response.map(|b| b.boxed());
+                return Ok(record(&route, Some(target), started, response));
+            }
+            Err(error) if error.is_connect() && replayable => {
+                tracing::debug!(%target, "connect failed: {error}");
+                decision.unreachable(endpoint, target, sent.elapsed());
+            }
+            Err(error) => {
+                tracing::debug!(%target, "request failed: {error}");
+                decision.unreachable(endpoint, target, sent.elapsed());
+                return Ok(record(
+                    &route,
+                    Some(target),
+                    started,
+                    answer(
+                        StatusCode::BAD_GATEWAY,
+                        "the endpoint failed before answering\n",
+                    ),
+                ));
+            }
+        }
+    }
+}
+
+/// Headers about one hop, not passed on (RFC 9110 7.6.1); `te: trailers` is, for gRPC.
+fn hop_by_hop(name: &hyper::header::HeaderName) -> bool {
+    use hyper::header;
+    name == header::CONNECTION
+        || name == header::TRANSFER_ENCODING
+        || name == header::UPGRADE
+        || name == "keep-alive"
+        || name == "proxy-connection"
+}
+
+/// weir's own short answer.
+fn answer(status: StatusCode, text: &'static str) -> Response<Body> {
+    let mut response = Response::new(
+        Full::new(Bytes::from_static(text.as_bytes()))
+            .map_err(|never| match never {})
+            .boxed(),
+    );
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    response
+}
+
+/// Counts the request (by endpoint and status) and its time to the response's head.
+fn record(
+    route: &Route,
+    endpoint: Option<SocketAddr>,
+    started: Instant,
+    response: Response<Body>,
+) -> Response<Body> {
+    route
+        .metrics
+        .request(endpoint, response.status().as_u16(), started.elapsed());
+    response
+}

@@ -1,0 +1,241 @@
+//! HTTP Service ports end to end, in process: weir terminating HTTP/1.1 and h2c, real
+//! HTTP backends (hyper, answering with their name), one client connection per case.
+//! Addresses: 127.45.0.0/16 (Services on 127.45.0.x, backends on 127.45.1.x).
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Empty};
+use hyper::{Request, Response};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use weir::test_helpers::{Ep, Weir, guest_bytes, service_yaml, slice_yaml, wait_until};
+
+const T: u8 = 45;
+
+fn ip(host: u8, n: u8) -> IpAddr {
+    IpAddr::from([127, T, host, n])
+}
+
+/// An HTTP backend (HTTP/1.1 and h2c) answering every request with `name`.
+struct Backend {
+    stop: tokio_util::sync::CancellationToken,
+}
+
+impl Drop for Backend {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+async fn backend(address: SocketAddr) -> Backend {
+    let listener = tokio::net::TcpListener::bind(address).await.unwrap();
+    let stop = tokio_util::sync::CancellationToken::new();
+    let token = stop.clone();
+    tokio::spawn(async move {
+        loop {
+            let (stream, _) = tokio::select! {
+                accepted = listener.accept() => accepted.unwrap(),
+                () = token.cancelled() => return,
+            };
+            let name = address.to_string();
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(move |_request: Request<_>| {
+                    let name = name.clone();
+                    async move {
+                        Ok::<_, std::convert::Infallible>(Response::new(http_body_util::Full::new(
+                            Bytes::from(name),
+                        )))
+                    }
+                });
+                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+    Backend { stop }
+}
+
+/// A Service `name` on 127.45.0.`n`:8000 with `app_protocol`, round-robin, to `endpoints`.
+fn service(name: &str, n: u8, app_protocol: &str, endpoints: &[IpAddr]) -> String {
+    let eps: Vec<Ep> = endpoints
+        .iter()
+        .map(|ip| Ep::ready(*ip, "node-a"))
+        .collect();
+    service_yaml(name, ip(0, n), 8000, "", "weir.dev/policy: round-robin").replace(
+        "    protocol: TCP\n",
+        &format!("    protocol: TCP\n    appProtocol: {app_protocol}\n"),
+    ) + "---\n"
+        + &slice_yaml(name, 8080, &eps)
+}
+
+/// One client connection to `address` (HTTP/2 with prior knowledge when `h2`).
+enum Connection {
+    Http1(hyper::client::conn::http1::SendRequest<Empty<Bytes>>),
+    Http2(hyper::client::conn::http2::SendRequest<Empty<Bytes>>),
+}
+
+impl Connection {
+    async fn open(address: SocketAddr, h2: bool) -> Connection {
+        let stream = TokioIo::new(tokio::net::TcpStream::connect(address).await.unwrap());
+        if h2 {
+            let (sender, connection) =
+                hyper::client::conn::http2::handshake(TokioExecutor::new(), stream)
+                    .await
+                    .unwrap();
+            tokio::spawn(connection);
+            Connection::Http2(sender)
+        } else {
+            let (sender, connection) = hyper::client::conn::http1::handshake(stream).await.unwrap();
+            tokio::spawn(connection);
+            Connection::Http1(sender)
+        }
+    }
+
+    /// `GET /`: status and body.
+    async fn get(&mut self) -> Result<(u16, String), String> {
+        let request = Request::get("http://weir/")
+            .body(Empty::<Bytes>::new())
+            .unwrap();
+        let response = match self {
+            Connection::Http1(sender) => {
+                sender.ready().await.map_err(|e| e.to_string())?;
+                sender.send_request(request).await
+            }
+            Connection::Http2(sender) => {
+                sender.ready().await.map_err(|e| e.to_string())?;
+                sender.send_request(request).await
+            }
+        }
+        .map_err(|e| e.to_string())?;
+        let status = response.status().as_u16();
+        let body = tokio::time::timeout(Duration::from_secs(5), response.into_body().collect())
+            .await
+            .map_err(|_| "no body in 5 s".to_string())?
+            .map_err(|e| e.to_string())?
+            .to_bytes();
+        Ok((status, String::from_utf8_lossy(&body).into_owned()))
+    }
+}
+
+fn tally(answers: &[String]) -> BTreeMap<String, usize> {
+    let mut counts = BTreeMap::new();
+    for answer in answers {
+        *counts.entry(answer.clone()).or_default() += 1;
+    }
+    counts
+}
+
+/// The complaint of kubernetes#38456: one long connection, every request to one pod.
+/// Through weir each request is decided: 30 requests on one HTTP/1.1 keep-alive
+/// connection, and 30 streams on one h2c connection, go 10/10/10 under round-robin.
+/// An endpoint that leaves gets no request from the open connections, which go on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_request_on_one_connection_is_decided() {
+    let endpoints = [ip(1, 1), ip(1, 2), ip(1, 3)];
+    let mut backends = Vec::new();
+    for endpoint in endpoints {
+        backends.push(backend(SocketAddr::new(endpoint, 8080)).await);
+    }
+    let objects = vec![
+        ("web.yaml", service("web", 10, "http", &endpoints)),
+        (
+            "grpc.yaml",
+            service("grpc", 11, "kubernetes.io/h2c", &endpoints),
+        ),
+    ];
+    let weir = Weir::start(
+        ip(0, 1),
+        &objects,
+        &[("round-robin", guest_bytes("round-robin"))],
+        "",
+    )
+    .await;
+    let names = |hosts: &[u8]| -> BTreeMap<String, usize> {
+        hosts
+            .iter()
+            .map(|n| (format!("{}:8080", ip(1, *n)), 30 / hosts.len()))
+            .collect()
+    };
+    let mut open = Vec::new();
+    for (n, h2) in [(10, false), (11, true)] {
+        let mut connection = Connection::open(SocketAddr::new(ip(0, n), 8000), h2).await;
+        let mut answers = Vec::new();
+        for _ in 0..30 {
+            let (status, body) = connection.get().await.unwrap();
+            assert_eq!(status, 200, "{body}");
+            answers.push(body);
+        }
+        assert_eq!(tally(&answers), names(&[1, 2, 3]), "h2: {h2}");
+        open.push(connection);
+    }
+
+    // The third endpoint leaves; the same connections go on, without it.
+    let changes = "weir_sync_proxy_rules_endpoint_changes_total";
+    let before = weir.metric(changes);
+    let two = [ip(1, 1), ip(1, 2)];
+    weir.write_objects("web.yaml", &service("web", 10, "http", &two));
+    weir.write_objects("grpc.yaml", &service("grpc", 11, "kubernetes.io/h2c", &two));
+    wait_until("both changes are applied", Duration::from_secs(30), || {
+        weir.metric(changes) >= before + 2
+    })
+    .await;
+    for connection in &mut open {
+        let mut answers = Vec::new();
+        for _ in 0..30 {
+            answers.push(connection.get().await.expect("not reset").1);
+        }
+        assert_eq!(tally(&answers), names(&[1, 2]));
+    }
+    let metrics = weir.metrics();
+    assert!(
+        metrics.contains(&format!(
+            "weir_requests_total{{service=\"default/grpc:http\",endpoint=\"{}:8080\",code=\"200\"}}",
+            ip(1, 1)
+        )),
+        "{metrics}"
+    );
+    drop(open);
+    weir.shutdown().await;
+    drop(backends);
+}
+
+/// A request whose endpoint cannot be reached is tried on another; with nothing
+/// reachable, weir answers 503 and says why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unreachable_endpoints_are_retried_then_answered_with_503() {
+    // 127.45.2.1 has no backend: its connects are refused.
+    let (alive, dead) = (ip(2, 2), ip(2, 1));
+    let _backend = backend(SocketAddr::new(alive, 8080)).await;
+    let objects = vec![
+        ("half.yaml", service("half", 20, "http", &[dead, alive])),
+        (
+            "none.yaml",
+            service("none", 21, "kubernetes.io/h2c", &[dead]),
+        ),
+    ];
+    let weir = Weir::start(
+        ip(0, 1),
+        &objects,
+        &[("round-robin", guest_bytes("round-robin"))],
+        "",
+    )
+    .await;
+    let mut half = Connection::open(SocketAddr::new(ip(0, 20), 8000), false).await;
+    for _ in 0..10 {
+        let (status, body) = half.get().await.unwrap();
+        assert_eq!((status, body), (200, format!("{alive}:8080")));
+    }
+    let mut none = Connection::open(SocketAddr::new(ip(0, 21), 8000), true).await;
+    let (status, body) = none.get().await.unwrap();
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("could be reached"), "{body}");
+    assert!(
+        weir.metric(
+            "weir_requests_total{service=\"default/none:http\",endpoint=\"\",code=\"503\"}"
+        ) >= 1
+    );
+    weir.shutdown().await;
+}
