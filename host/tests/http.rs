@@ -239,3 +239,109 @@ async fn unreachable_endpoints_are_retried_then_answered_with_503() {
     );
     weir.shutdown().await;
 }
+
+/// gRPC through weir, framed by hand (no code generation): a client-streaming and
+/// server-streaming call on one h2c connection; each message comes back as it is sent
+/// (streaming passes through, nothing is buffered), and the `grpc-status` trailer
+/// arrives.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_streams_and_trailers_pass_through() {
+    use http_body_util::StreamBody;
+    use hyper::body::Frame;
+    let endpoint = SocketAddr::new(ip(3, 1), 8080);
+    // An echo server: every gRPC message of the request is answered at once, then the
+    // trailers.
+    let listener = tokio::net::TcpListener::bind(endpoint).await.unwrap();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(
+                    |request: Request<hyper::body::Incoming>| async move {
+                        let (sender, receiver) =
+                            tokio::sync::mpsc::channel::<Result<Frame<Bytes>, hyper::Error>>(8);
+                        let mut body = request.into_body();
+                        tokio::spawn(async move {
+                            while let Some(frame) = body.frame().await {
+                                let Ok(frame) = frame else { return };
+                                if let Ok(data) = frame.into_data() {
+                                    let _ = sender.send(Ok(Frame::data(data))).await;
+                                }
+                            }
+                            let mut trailers = hyper::HeaderMap::new();
+                            trailers.insert("grpc-status", "0".parse().unwrap());
+                            let _ = sender.send(Ok(Frame::trailers(trailers))).await;
+                        });
+                        let stream = tokio_stream_from(receiver);
+                        let mut response = Response::new(StreamBody::new(stream));
+                        response
+                            .headers_mut()
+                            .insert("content-type", "application/grpc".parse().unwrap());
+                        Ok::<_, std::convert::Infallible>(response)
+                    },
+                );
+                let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+    let objects = vec![("grpc.yaml", service("echo", 30, "grpc", &[endpoint.ip()]))];
+    let weir = Weir::start(
+        ip(0, 1),
+        &objects,
+        &[("round-robin", guest_bytes("round-robin"))],
+        "",
+    )
+    .await;
+    let stream = tokio::net::TcpStream::connect(SocketAddr::new(ip(0, 30), 8000))
+        .await
+        .unwrap();
+    let (mut sender, connection) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+            .await
+            .unwrap();
+    tokio::spawn(connection);
+    let (to_server, requests) =
+        tokio::sync::mpsc::channel::<Result<Frame<Bytes>, std::convert::Infallible>>(8);
+    let request = Request::post("http://weir/echo.Echo/Chat")
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(StreamBody::new(tokio_stream_from(requests)))
+        .unwrap();
+    let response = sender.send_request(request).await.unwrap();
+    assert_eq!(response.status(), 200);
+    let mut body = response.into_body();
+    for n in 0u8..3 {
+        // A gRPC message: uncompressed flag, length, payload.
+        let message = Bytes::from(vec![0, 0, 0, 0, 1, n]);
+        to_server
+            .send(Ok(Frame::data(message.clone())))
+            .await
+            .unwrap();
+        let echoed = tokio::time::timeout(Duration::from_secs(5), body.frame())
+            .await
+            .expect("each message comes back before the call ends")
+            .unwrap()
+            .unwrap()
+            .into_data()
+            .unwrap();
+        assert_eq!(echoed, message);
+    }
+    drop(to_server);
+    let trailers = tokio::time::timeout(Duration::from_secs(5), body.frame())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap()
+        .into_trailers()
+        .expect("trailers");
+    assert_eq!(trailers["grpc-status"], "0");
+    weir.shutdown().await;
+}
+
+/// A stream of a channel's items, for streaming bodies.
+fn tokio_stream_from<T: Send + 'static>(
+    mut receiver: tokio::sync::mpsc::Receiver<T>,
+) -> impl futures::Stream<Item = T> + Send + 'static {
+    futures::stream::poll_fn(move |cx| receiver.poll_recv(cx))
+}
