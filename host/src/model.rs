@@ -40,6 +40,9 @@ pub const ACCEPT_PROXY_PROTOCOL_ANNOTATION: &str = "weir.dev/accept-proxy-protoc
 /// `http`: the Service's TCP ports without an `appProtocol` are HTTP (each request is
 /// decided on its own).
 pub const PROTOCOL_ANNOTATION: &str = "weir.dev/protocol";
+/// `"true"`: HTTP requests to the Service's endpoints carry the client's address in
+/// `X-Forwarded-For` (appended to what the client sent).
+pub const FORWARDED_FOR_ANNOTATION: &str = "weir.dev/x-forwarded-for";
 
 /// How an HTTP Service port speaks to its endpoints.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -181,6 +184,8 @@ pub struct ServicePortSnapshot {
     /// An HTTP port (its `appProtocol`, or `weir.dev/protocol`): weir terminates HTTP and
     /// decides each request. None: L4.
     pub http: Option<HttpKind>,
+    /// `weir.dev/x-forwarded-for`: requests to endpoints carry the client's address.
+    pub forwarded_for: bool,
 }
 
 /// A Service's healthCheckNodePort and what it reports.

@@ -59,6 +59,8 @@ pub struct Route {
     pub local_endpoints: Arc<HashSet<SocketAddr>>,
     /// An HTTP port: each request is decided (`http.rs`). None: L4.
     pub http: Option<crate::model::HttpKind>,
+    /// HTTP: requests to endpoints carry `X-Forwarded-For` (`weir.dev/x-forwarded-for`).
+    pub forwarded_for: bool,
     pub metrics: Arc<RouteMetrics>,
 }
 

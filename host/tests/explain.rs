@@ -226,3 +226,67 @@ fn table_output_has_one_row_per_service_port() {
         rows[2]
     );
 }
+
+/// HTTP ports are marked (`appProtocol: grpc` is h2c to endpoints, `http` HTTP/1.1, and
+/// `weir.dev/protocol: http` makes a port without one HTTP); the rest stay L4.
+#[test]
+fn http_ports_are_marked() {
+    let dir = tempfile::tempdir().unwrap();
+    let objects = dir.path().join("objects.yaml");
+    std::fs::write(
+        &objects,
+        "apiVersion: v1\nkind: Service\nmetadata: {name: api, namespace: shop}\n\
+         spec:\n  clusterIP: 127.0.0.10\n  ports:\n  - {name: grpc, port: 9000, appProtocol: grpc}\n  \
+         - {name: web, port: 80, appProtocol: http}\n  - {name: raw, port: 7000}\n---\n\
+         apiVersion: v1\nkind: Service\nmetadata: {name: old, namespace: shop, annotations: {weir.dev/protocol: http}}\n\
+         spec:\n  clusterIP: 127.0.0.11\n  ports: [{name: web, port: 80}]\n",
+    )
+    .unwrap();
+    let report = explain_json(&["--objects", objects.to_str().unwrap(), "--node", "node-a"]);
+    let expect = |service: &str, port: &str, http: Value| {
+        assert!(
+            http_contains(&http_list(&report), service, port, &http),
+            "{service} {port}: {report:#}"
+        )
+    };
+    expect("shop/api", "grpc", Value::from("h2c"));
+    expect("shop/api", "web", Value::from("http"));
+    expect("shop/api", "raw", Value::Null);
+    expect("shop/old", "web", Value::from("http"));
+    let table = weir()
+        .args([
+            "explain",
+            "--objects",
+            objects.to_str().unwrap(),
+            "--node",
+            "node-a",
+        ])
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&table.stdout).contains("TCP/h2c"));
+}
+
+fn http_list(report: &Value) -> Vec<(String, String, Value)> {
+    report["services"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| {
+            (
+                s["service"].as_str().unwrap().to_string(),
+                s["port"].as_str().unwrap().to_string(),
+                s["http"].clone(),
+            )
+        })
+        .collect()
+}
+
+fn http_contains(
+    list: &[(String, String, Value)],
+    service: &str,
+    port: &str,
+    http: &Value,
+) -> bool {
+    list.iter()
+        .any(|(s, p, h)| s == service && p == port && h == http)
+}

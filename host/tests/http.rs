@@ -41,11 +41,18 @@ async fn backend(address: SocketAddr) -> Backend {
             };
             let name = address.to_string();
             tokio::spawn(async move {
-                let service = hyper::service::service_fn(move |_request: Request<_>| {
-                    let name = name.clone();
+                let service = hyper::service::service_fn(move |request: Request<_>| {
+                    // `/xff`: the X-Forwarded-For it was sent; anything else: its name.
+                    let answer = if request.uri().path() == "/xff" {
+                        (request.headers().get("x-forwarded-for"))
+                            .map(|v| v.to_str().unwrap_or("?").to_string())
+                            .unwrap_or_else(|| "none".to_string())
+                    } else {
+                        name.clone()
+                    };
                     async move {
                         Ok::<_, std::convert::Infallible>(Response::new(http_body_util::Full::new(
-                            Bytes::from(name),
+                            Bytes::from(answer),
                         )))
                     }
                 });
@@ -96,9 +103,15 @@ impl Connection {
 
     /// `GET /`: status and body.
     async fn get(&mut self) -> Result<(u16, String), String> {
-        let request = Request::get("http://weir/")
-            .body(Empty::<Bytes>::new())
-            .unwrap();
+        self.send(Request::get("http://weir/")).await
+    }
+
+    /// A request without a body: status and body.
+    async fn send(
+        &mut self,
+        request: hyper::http::request::Builder,
+    ) -> Result<(u16, String), String> {
+        let request = request.body(Empty::<Bytes>::new()).unwrap();
         let response = match self {
             Connection::Http1(sender) => {
                 sender.ready().await.map_err(|e| e.to_string())?;
@@ -344,4 +357,39 @@ fn tokio_stream_from<T: Send + 'static>(
     mut receiver: tokio::sync::mpsc::Receiver<T>,
 ) -> impl futures::Stream<Item = T> + Send + 'static {
     futures::stream::poll_fn(move |cx| receiver.poll_recv(cx))
+}
+
+/// `weir.dev/x-forwarded-for`: the endpoint learns the client's address, appended to
+/// what the client sent; without it, nothing is added.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn x_forwarded_for_names_the_client() {
+    let endpoint = ip(4, 1);
+    let _backend = backend(SocketAddr::new(endpoint, 8080)).await;
+    let tagged = service("tagged", 40, "http", &[endpoint]).replace(
+        "weir.dev/policy: round-robin",
+        "weir.dev/policy: round-robin\n    weir.dev/x-forwarded-for: \"true\"",
+    );
+    let objects = vec![
+        ("tagged.yaml", tagged),
+        ("plain.yaml", service("plain", 41, "http", &[endpoint])),
+    ];
+    let weir = Weir::start(
+        ip(0, 1),
+        &objects,
+        &[("round-robin", guest_bytes("round-robin"))],
+        "",
+    )
+    .await;
+    let mut tagged = Connection::open(SocketAddr::new(ip(0, 40), 8000), false).await;
+    let (_, seen) = tagged.send(Request::get("http://weir/xff")).await.unwrap();
+    assert_eq!(seen, "127.0.0.1");
+    let (_, seen) = tagged
+        .send(Request::get("http://weir/xff").header("x-forwarded-for", "198.18.9.9"))
+        .await
+        .unwrap();
+    assert_eq!(seen, "198.18.9.9, 127.0.0.1");
+    let mut plain = Connection::open(SocketAddr::new(ip(0, 41), 8000), false).await;
+    let (_, seen) = plain.send(Request::get("http://weir/xff")).await.unwrap();
+    assert_eq!(seen, "none");
+    weir.shutdown().await;
 }

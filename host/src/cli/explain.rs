@@ -24,6 +24,9 @@ pub struct ServiceReport {
     /// The ServicePort's name ("" when unnamed).
     pub port: String,
     pub protocol: &'static str,
+    /// `http` or `h2c` for an HTTP port, whose every request is decided.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub http: Option<&'static str>,
     pub policy: String,
     pub internal: ScopeReport,
     /// `None` unless the port is reachable from outside (nodePort, externalIPs, LB IPs).
@@ -135,6 +138,10 @@ pub fn report(model: &Model, registry: &Registry) -> Report {
                 service: format!("{}/{}", key.namespace, key.name),
                 port: key.port_name.clone(),
                 protocol: key.protocol.as_str(),
+                http: d.snapshot.http.map(|kind| match kind {
+                    crate::model::HttpKind::Http1 => "http",
+                    crate::model::HttpKind::H2c => "h2c",
+                }),
                 policy: d.snapshot.policy.clone(),
                 internal: scope_report(&d.eligibility.internal, &d.input),
                 external: s
@@ -210,7 +217,10 @@ pub fn table(report: &Report) -> String {
         rows.push([
             s.service.clone(),
             port,
-            s.protocol.to_string(),
+            match s.http {
+                Some(http) => format!("{}/{http}", s.protocol),
+                None => s.protocol.to_string(),
+            },
             s.ip_family.to_string(),
             policy,
             scope(&s.internal),

@@ -328,6 +328,7 @@ impl Published {
                             && service.external_traffic_local,
                         local_endpoints: local_endpoints.clone(),
                         http: snapshot.http,
+                        forwarded_for: snapshot.forwarded_for,
                         metrics: metrics.clone(),
                     }),
                 );

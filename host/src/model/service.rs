@@ -138,6 +138,19 @@ pub(super) fn service_ports(
             false
         }
     };
+    let forwarded_for = match annotations.get(FORWARDED_FOR_ANNOTATION).map(|s| s.trim()) {
+        None | Some("false") => false,
+        Some("true") => true,
+        Some(text) => {
+            warn(
+                diagnostics,
+                format!(
+                    "annotation {FORWARDED_FOR_ANNOTATION}: `{text}` is not `true` or `false`; no X-Forwarded-For is added"
+                ),
+            );
+            false
+        }
+    };
     let ingress_proxy_mode = (service.status.as_ref())
         .and_then(|s| s.load_balancer.as_ref())
         .and_then(|lb| lb.ingress.as_ref())
@@ -397,6 +410,7 @@ pub(super) fn service_ports(
                 proxy_protocol,
                 accept_proxy_protocol,
                 http,
+                forwarded_for,
             });
         }
     }

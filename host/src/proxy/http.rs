@@ -201,10 +201,23 @@ async fn request_to(
                 HttpKind::Http1 => hyper::Version::HTTP_11,
                 HttpKind::H2c => hyper::Version::HTTP_2,
             });
+        let mut forwarded = None;
         for (name, value) in &parts.headers {
-            if !hop_by_hop(name) {
+            if route.forwarded_for && name == "x-forwarded-for" {
+                forwarded = Some(value.to_str().unwrap_or_default().to_string());
+            } else if !hop_by_hop(name) {
                 upstream = upstream.header(name, value);
             }
+        }
+        if route.forwarded_for {
+            let client = crate::net::canonical(peer.ip());
+            upstream = upstream.header(
+                "x-forwarded-for",
+                match forwarded {
+                    Some(earlier) if !earlier.is_empty() => format!("{earlier}, {client}"),
+                    _ => client.to_string(),
+                },
+            );
         }
         let upstream_body: Body = match (replayable, body.take()) {
             (false, Some(body)) => body.boxed(),

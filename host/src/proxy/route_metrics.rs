@@ -149,14 +149,19 @@ impl RouteMetrics {
     /// One HTTP request answered by `endpoint` (None: by weir) with `code`, its response's
     /// head after `took`.
     pub fn request(&self, endpoint: Option<SocketAddr>, code: u16, took: std::time::Duration) {
-        self.family
-            .requests
-            .get_or_create(&RequestLabels {
-                service: self.service.clone(),
-                endpoint: endpoint.map(|e| e.to_string()).unwrap_or_default(),
-                code,
-            })
-            .inc();
+        match endpoint {
+            Some(endpoint) => self.endpoint(endpoint).request(code),
+            None => {
+                self.family
+                    .requests
+                    .get_or_create(&RequestLabels {
+                        service: self.service.clone(),
+                        endpoint: String::new(),
+                        code,
+                    })
+                    .inc();
+            }
+        }
         self.request_seconds.observe(took.as_secs_f64());
     }
 
@@ -212,6 +217,7 @@ impl RouteMetrics {
             to_endpoint: bytes(Direction::client_to_endpoint),
             to_client: bytes(Direction::endpoint_to_client),
             udp: std::sync::OnceLock::new(),
+            requests: Default::default(),
             service: self.service.clone(),
             address: endpoint,
             family: self.family.clone(),
@@ -228,6 +234,8 @@ pub struct EndpointMetrics {
     pub to_client: Counter,
     /// Its UDP series, made on its first flow.
     udp: std::sync::OnceLock<udp::EndpointUdp>,
+    /// Its HTTP requests by status code, made on each code's first request.
+    requests: std::sync::RwLock<HashMap<u16, Counter>>,
     service: String,
     address: String,
     family: Arc<ProxyMetrics>,
@@ -237,5 +245,24 @@ impl EndpointMetrics {
     pub fn udp(&self) -> &udp::EndpointUdp {
         self.udp
             .get_or_init(|| udp::EndpointUdp::new(&self.family.udp, &self.service, &self.address))
+    }
+
+    /// Counts one HTTP request it answered with `code`.
+    pub fn request(&self, code: u16) {
+        if let Some(counter) = read(&self.requests).get(&code) {
+            counter.inc();
+            return;
+        }
+        let counter = self
+            .family
+            .requests
+            .get_or_create(&RequestLabels {
+                service: self.service.clone(),
+                endpoint: self.address.clone(),
+                code,
+            })
+            .clone();
+        counter.inc();
+        write(&self.requests).insert(code, counter);
     }
 }
