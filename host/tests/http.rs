@@ -393,3 +393,86 @@ async fn x_forwarded_for_names_the_client() {
     assert_eq!(seen, "none");
     weir.shutdown().await;
 }
+
+/// An HTTP/1.1 upgrade (as WebSocket does) on an `appProtocol: http` port: forwarded,
+/// and after the endpoint's 101 the bytes flow both ways.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upgrades_are_joined_through() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let endpoint = SocketAddr::new(ip(5, 1), 8080);
+    // A raw endpoint: reads a request head, agrees to switch, then echoes.
+    let listener = tokio::net::TcpListener::bind(endpoint).await.unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut byte = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n") {
+                    if stream.read(&mut byte).await.unwrap_or(0) == 0 {
+                        return;
+                    }
+                    head.push(byte[0]);
+                }
+                let head = String::from_utf8_lossy(&head).to_ascii_lowercase();
+                if !head.contains("upgrade: echo") {
+                    let _ = stream
+                        .write_all(b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\n\r\n")
+                        .await;
+                    return;
+                }
+                let _ = stream
+                    .write_all(b"HTTP/1.1 101 Switching Protocols\r\nconnection: upgrade\r\nupgrade: echo\r\n\r\n")
+                    .await;
+                let mut buffer = [0u8; 64];
+                while let Ok(n) = stream.read(&mut buffer).await {
+                    if n == 0 || stream.write_all(&buffer[..n]).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    let objects = vec![("ws.yaml", service("ws", 50, "http", &[endpoint.ip()]))];
+    let weir = Weir::start(
+        ip(0, 1),
+        &objects,
+        &[("round-robin", guest_bytes("round-robin"))],
+        "",
+    )
+    .await;
+    let mut stream = tokio::net::TcpStream::connect(SocketAddr::new(ip(0, 50), 8000))
+        .await
+        .unwrap();
+    stream
+        .write_all(
+            b"GET /chat HTTP/1.1\r\nhost: weir\r\nconnection: upgrade\r\nupgrade: echo\r\n\r\n",
+        )
+        .await
+        .unwrap();
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        let n = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut byte))
+            .await
+            .expect("an answer")
+            .unwrap();
+        assert_ne!(n, 0, "closed: {}", String::from_utf8_lossy(&head));
+        head.push(byte[0]);
+    }
+    assert!(
+        head.starts_with(b"HTTP/1.1 101"),
+        "{}",
+        String::from_utf8_lossy(&head)
+    );
+    for message in [&b"ping"[..], b"pong", b"bye"] {
+        stream.write_all(message).await.unwrap();
+        let mut echoed = vec![0u8; message.len()];
+        tokio::time::timeout(Duration::from_secs(5), stream.read_exact(&mut echoed))
+            .await
+            .expect("echoed")
+            .unwrap();
+        assert_eq!(echoed, message);
+    }
+    drop(stream);
+    weir.shutdown().await;
+}

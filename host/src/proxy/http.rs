@@ -99,7 +99,7 @@ pub async fn connection(
         .max_concurrent_streams(MAX_STREAMS)
         .max_header_list_size(MAX_HEADER_BYTES as u32);
     let close = shared_close.clone();
-    let connection = builder.serve_connection(TokioIo::new(client), service);
+    let connection = builder.serve_connection_with_upgrades(TokioIo::new(client), service);
     let mut connection = std::pin::pin!(connection);
     tokio::select! {
         _ = connection.as_mut() => return,
@@ -132,9 +132,12 @@ async fn request_to(
     shared: Arc<Shared>,
     peer: SocketAddr,
     address: SocketAddr,
-    request: Request<Incoming>,
+    mut request: Request<Incoming>,
 ) -> Result<Response<Body>, RequestDropped> {
     let started = Instant::now();
+    // An HTTP/1.1 upgrade (WebSocket and the like): forwarded with its headers, and once
+    // the endpoint agrees (101), the two connections are joined byte for byte.
+    let upgrade = is_upgrade(&request).then(|| hyper::upgrade::on(&mut request));
     let Some(route) = super::tcp::route_of(&shared, address) else {
         return Ok(answer(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -142,6 +145,12 @@ async fn request_to(
         ));
     };
     let kind = route.http.unwrap_or(HttpKind::Http1);
+    if upgrade.is_some() && kind == HttpKind::H2c {
+        return Ok(answer(
+            StatusCode::NOT_IMPLEMENTED,
+            "an HTTP/1.1 upgrade cannot go to an h2c or gRPC port's endpoints; use appProtocol: http\n",
+        ));
+    }
     let mut decision = match decide::admit(&route, &shared, peer, address) {
         Ok(decision) => decision,
         Err(Refusal::SourceRange) => return Err(RequestDropped),
@@ -205,6 +214,10 @@ async fn request_to(
         for (name, value) in &parts.headers {
             if route.forwarded_for && name == "x-forwarded-for" {
                 forwarded = Some(value.to_str().unwrap_or_default().to_string());
+            } else if upgrade.is_some()
+                && (name == hyper::header::CONNECTION || name == hyper::header::UPGRADE)
+            {
+                upstream = upstream.header(name, value);
             } else if !hop_by_hop(name) {
                 upstream = upstream.header(name, value);
             }
@@ -231,10 +244,16 @@ async fn request_to(
         };
         let sent = Instant::now();
         match shared.http.for_kind(kind).request(upstream).await {
-            Ok(response) => {
+            Ok(mut response) => {
                 let took = sent.elapsed();
                 decision.connected(endpoint, took);
                 decision.closed(endpoint, took);
+                if let Some(client) = upgrade
+                    && response.status() == StatusCode::SWITCHING_PROTOCOLS
+                {
+                    let endpoint = hyper::upgrade::on(&mut response);
+                    tokio::spawn(join(client, endpoint));
+                }
                 let response = response.map(|b| b.boxed());
                 return Ok(record(&route, Some(target), started, response));
             }
@@ -257,6 +276,26 @@ async fn request_to(
             }
         }
     }
+}
+
+/// Whether a request asks to switch protocols (`Connection: upgrade` and `Upgrade`).
+fn is_upgrade(request: &Request<Incoming>) -> bool {
+    let headers = request.headers();
+    request.version() == hyper::Version::HTTP_11
+        && headers.contains_key(hyper::header::UPGRADE)
+        && (headers.get_all(hyper::header::CONNECTION).iter())
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .any(|token| token.trim().eq_ignore_ascii_case("upgrade"))
+}
+
+/// Copies between an upgraded client connection and its endpoint's until both close.
+async fn join(client: hyper::upgrade::OnUpgrade, endpoint: hyper::upgrade::OnUpgrade) {
+    let (Ok(client), Ok(endpoint)) = tokio::join!(client, endpoint) else {
+        return;
+    };
+    let (mut client, mut endpoint) = (TokioIo::new(client), TokioIo::new(endpoint));
+    let _ = tokio::io::copy_bidirectional(&mut client, &mut endpoint).await;
 }
 
 /// Headers about one hop, not passed on (RFC 9110 7.6.1); `te: trailers` is, for gRPC.
