@@ -214,11 +214,11 @@ async fn request_to(
         for (name, value) in &parts.headers {
             if route.forwarded_for && name == "x-forwarded-for" {
                 forwarded = Some(value.to_str().unwrap_or_default().to_string());
-            } else if upgrade.is_some()
-                && (name == hyper::header::CONNECTION || name == hyper::header::UPGRADE)
+            } else if !hop_by_hop(name)
+                // An upgrade's own headers go with it.
+                || (upgrade.is_some()
+                    && (name == hyper::header::CONNECTION || name == hyper::header::UPGRADE))
             {
-                upstream = upstream.header(name, value);
-            } else if !hop_by_hop(name) {
                 upstream = upstream.header(name, value);
             }
         }
