@@ -228,7 +228,12 @@ pub const DEFAULT_LINGER: std::time::Duration = std::time::Duration::from_secs(6
 
 #[derive(Debug)]
 enum Departure {
-    Endpoint { service: String, endpoint: String },
+    Endpoint {
+        service: String,
+        endpoint: String,
+        /// HTTP status codes with request series.
+        codes: Vec<u16>,
+    },
     Service(String),
 }
 
@@ -419,10 +424,12 @@ impl ProxyMetrics {
 
     /// One endpoint of a service port left: its series leave once they have lingered
     /// (so that a scrape sees their last values), unless it comes back meanwhile.
-    pub fn forget_endpoint(&self, service: &str, endpoint: &str) {
+    /// `codes`: the HTTP status codes it has request series for.
+    pub fn forget_endpoint(&self, service: &str, endpoint: &str, codes: Vec<u16>) {
         self.depart(Departure::Endpoint {
             service: service.to_string(),
             endpoint: endpoint.to_string(),
+            codes,
         });
     }
 
@@ -434,7 +441,7 @@ impl ProxyMetrics {
     /// An endpoint has series again: a departure pending for it is called off.
     pub fn arrived_endpoint(&self, service: &str, endpoint: &str) {
         lock(&self.departed).due.retain(|(_, d)| {
-            !matches!(d, Departure::Endpoint { service: s, endpoint: e } if s == service && e == endpoint)
+            !matches!(d, Departure::Endpoint { service: s, endpoint: e, .. } if s == service && e == endpoint)
         });
     }
 
@@ -476,16 +483,25 @@ impl ProxyMetrics {
 
     fn remove(&self, departure: &Departure) {
         match departure {
-            Departure::Endpoint { service, endpoint } => {
-                self.remove_endpoint_series(service, endpoint)
-            }
+            Departure::Endpoint {
+                service,
+                endpoint,
+                codes,
+            } => self.remove_endpoint_series(service, endpoint, codes),
             Departure::Service(service) => self.remove_service_series(service),
         }
     }
 
     /// Removes every series of one endpoint of a service port. Handles still held (by
     /// connections open to it) keep counting, unexported.
-    fn remove_endpoint_series(&self, service: &str, endpoint: &str) {
+    fn remove_endpoint_series(&self, service: &str, endpoint: &str, codes: &[u16]) {
+        for code in codes {
+            self.requests.remove(&RequestLabels {
+                service: service.to_string(),
+                endpoint: endpoint.to_string(),
+                code: *code,
+            });
+        }
         let labels = EndpointLabels {
             service: service.to_string(),
             endpoint: endpoint.to_string(),

@@ -7,7 +7,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Empty};
+use http_body_util::{BodyExt, Full};
 use hyper::{Request, Response};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use weir::test_helpers::{Ep, Weir, guest_bytes, service_yaml, slice_yaml, wait_until};
@@ -80,8 +80,8 @@ fn service(name: &str, n: u8, app_protocol: &str, endpoints: &[IpAddr]) -> Strin
 
 /// One client connection to `address` (HTTP/2 with prior knowledge when `h2`).
 enum Connection {
-    Http1(hyper::client::conn::http1::SendRequest<Empty<Bytes>>),
-    Http2(hyper::client::conn::http2::SendRequest<Empty<Bytes>>),
+    Http1(hyper::client::conn::http1::SendRequest<Full<Bytes>>),
+    Http2(hyper::client::conn::http2::SendRequest<Full<Bytes>>),
 }
 
 impl Connection {
@@ -111,7 +111,20 @@ impl Connection {
         &mut self,
         request: hyper::http::request::Builder,
     ) -> Result<(u16, String), String> {
-        let request = request.body(Empty::<Bytes>::new()).unwrap();
+        self.send_body(request, b"").await
+    }
+
+    /// `POST /` with `body` (its length known): status and body.
+    async fn post(&mut self, body: &'static [u8]) -> Result<(u16, String), String> {
+        self.send_body(Request::post("http://weir/"), body).await
+    }
+
+    async fn send_body(
+        &mut self,
+        request: hyper::http::request::Builder,
+        body: &'static [u8],
+    ) -> Result<(u16, String), String> {
+        let request = request.body(Full::new(Bytes::from_static(body))).unwrap();
         let response = match self {
             Connection::Http1(sender) => {
                 sender.ready().await.map_err(|e| e.to_string())?;
@@ -163,7 +176,7 @@ async fn each_request_on_one_connection_is_decided() {
         ip(0, 1),
         &objects,
         &[("round-robin", guest_bytes("round-robin"))],
-        "",
+        "metrics_linger = \"0s\"",
     )
     .await;
     let names = |hosts: &[u8]| -> BTreeMap<String, usize> {
@@ -210,6 +223,14 @@ async fn each_request_on_one_connection_is_decided() {
         )),
         "{metrics}"
     );
+    // The departed endpoint's request series are gone with it.
+    let gone = format!("{}:8080", ip(1, 3));
+    wait_until(
+        "the removed endpoint's series leave",
+        Duration::from_secs(30),
+        || !weir.metrics().contains(&format!("endpoint=\"{gone}\"")),
+    )
+    .await;
     drop(open);
     weir.shutdown().await;
     drop(backends);
@@ -239,6 +260,12 @@ async fn unreachable_endpoints_are_retried_then_answered_with_503() {
     let mut half = Connection::open(SocketAddr::new(ip(0, 20), 8000), false).await;
     for _ in 0..10 {
         let (status, body) = half.get().await.unwrap();
+        assert_eq!((status, body), (200, format!("{alive}:8080")));
+    }
+    // A small POST is replayed too (its body was read first); the backend answers it.
+    let mut post = Connection::open(SocketAddr::new(ip(0, 20), 8000), false).await;
+    for _ in 0..4 {
+        let (status, body) = post.post(b"small body").await.unwrap();
         assert_eq!((status, body), (200, format!("{alive}:8080")));
     }
     let mut none = Connection::open(SocketAddr::new(ip(0, 21), 8000), true).await;

@@ -26,8 +26,8 @@ fn departed_series_linger_then_leave_unless_they_return() {
     metrics.set_linger(std::time::Duration::from_millis(30));
     open(&metrics, "198.18.0.1:80");
     open(&metrics, "198.18.0.2:80");
-    metrics.forget_endpoint("default/web:http", "198.18.0.1:80");
-    metrics.forget_endpoint("default/web:http", "198.18.0.2:80");
+    metrics.forget_endpoint("default/web:http", "198.18.0.1:80", Vec::new());
+    metrics.forget_endpoint("default/web:http", "198.18.0.2:80", Vec::new());
     metrics.arrived_endpoint("default/web:http", "198.18.0.2:80");
     metrics.sweep();
     assert!(has(&metrics, "198.18.0.1:80"), "still lingering");

@@ -36,6 +36,9 @@ type Body = BoxBody<Bytes, hyper::Error>;
 pub const MAX_HEADER_BYTES: usize = 64 * 1024;
 /// Streams one client's HTTP/2 connection may have open at once.
 pub const MAX_STREAMS: u32 = 256;
+/// The largest request body kept to be sent again to another endpoint when the first
+/// cannot be reached (only bodies whose size is known up front).
+pub const MAX_REPLAY_BYTES: u64 = 64 * 1024;
 /// How long a client may take to send a request's head.
 const HEADER_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -167,10 +170,21 @@ async fn request_to(
         }
     };
     let (parts, body) = request.into_parts();
-    // A request without a body can be sent again to another endpoint if the first cannot
-    // be reached; one with a body is streamed, and goes where it first goes.
-    let replayable = body.is_end_stream();
-    let mut body = Some(body);
+    // A request without a body, or with one of a known size up to MAX_REPLAY_BYTES (read
+    // first), can be sent again to another endpoint if the first cannot be reached; a
+    // larger or open-ended one is streamed, and goes where it first goes.
+    let (buffered, mut body) = if body.is_end_stream() {
+        (Some(Bytes::new()), None)
+    } else if (body.size_hint().upper()).is_some_and(|upper| upper <= MAX_REPLAY_BYTES) {
+        match body.collect().await {
+            Ok(collected) => (Some(collected.to_bytes()), None),
+            // The client went away while sending it: nobody to answer.
+            Err(_) => return Err(RequestDropped),
+        }
+    } else {
+        (None, Some(body))
+    };
+    let replayable = buffered.is_some();
     let path = parts
         .uri
         .path_and_query()
@@ -232,8 +246,11 @@ async fn request_to(
                 },
             );
         }
-        let upstream_body: Body = match (replayable, body.take()) {
-            (false, Some(body)) => body.boxed(),
+        let upstream_body: Body = match (&buffered, body.take()) {
+            (Some(bytes), _) if !bytes.is_empty() => Full::new(bytes.clone())
+                .map_err(|never| match never {})
+                .boxed(),
+            (None, Some(body)) => body.boxed(),
             _ => Empty::new().map_err(|never| match never {}).boxed(),
         };
         let Ok(upstream) = upstream.body(upstream_body) else {

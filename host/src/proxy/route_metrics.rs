@@ -169,11 +169,12 @@ impl RouteMetrics {
     /// service port.
     pub fn retain_endpoints(&self, keep: impl Fn(SocketAddr) -> bool) {
         let mut endpoints = write(&self.endpoints);
-        endpoints.retain(|address, _| {
+        endpoints.retain(|address, metrics| {
             let kept = keep(*address);
             if !kept {
+                let codes = read(&metrics.requests).keys().copied().collect();
                 self.family
-                    .forget_endpoint(&self.service, &address.to_string());
+                    .forget_endpoint(&self.service, &address.to_string(), codes);
             }
             kept
         });
