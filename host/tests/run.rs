@@ -135,7 +135,9 @@ impl Process {
     }
 }
 
-/// Starts the binary on one Service at 127.31.0.10:8000 and waits until it is ready.
+/// Starts the binary on one Service and waits until it is ready. The Service's address
+/// follows the backend's (127.31.X.Y → 127.31.(100+X).Y): tests run side by side, and two
+/// weirs on one address would take each other's connections.
 async fn start(dir: &Path, backend: &Backend) -> (Process, SocketAddr, SocketAddr) {
     start_with(dir, backend, "", "").await
 }
@@ -147,10 +149,15 @@ async fn start_with(
     annotations: &str,
     config: &str,
 ) -> (Process, SocketAddr, SocketAddr) {
+    let IpAddr::V4(backend_ip) = backend.address.ip() else {
+        panic!("an IPv4 backend");
+    };
+    let [_, _, x, y] = backend_ip.octets();
+    let service_ip = IpAddr::from([127, 31, 100 + x, y]);
     std::fs::create_dir_all(dir.join("objects")).unwrap();
     std::fs::write(
         dir.join("objects/web.yaml"),
-        service_yaml("web", IpAddr::from([127, 31, 0, 10]), 8000, "", annotations)
+        service_yaml("web", service_ip, 8000, "", annotations)
             + "---\n"
             + &slice_yaml(
                 "web",
@@ -186,7 +193,7 @@ async fn start_with(
         assert!(Instant::now() < end, "weir never became ready");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    (process, SocketAddr::from(([127, 31, 0, 10], 8000)), admin)
+    (process, SocketAddr::new(service_ip, 8000), admin)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
