@@ -42,7 +42,8 @@ async fn backend(address: SocketAddr) -> Backend {
             let name = address.to_string();
             tokio::spawn(async move {
                 let service = hyper::service::service_fn(move |request: Request<_>| {
-                    // `/xff`: the X-Forwarded-For it was sent; anything else: its name.
+                    // `/xff`: the X-Forwarded-For it was sent; `/hold`: its name, then a
+                    // body that stays open for 30 s; anything else: its name.
                     let answer = if request.uri().path() == "/xff" {
                         (request.headers().get("x-forwarded-for"))
                             .map(|v| v.to_str().unwrap_or("?").to_string())
@@ -50,10 +51,22 @@ async fn backend(address: SocketAddr) -> Backend {
                     } else {
                         name.clone()
                     };
+                    let hold = request.uri().path() == "/hold";
                     async move {
-                        Ok::<_, std::convert::Infallible>(Response::new(http_body_util::Full::new(
-                            Bytes::from(answer),
-                        )))
+                        let (sender, receiver) = tokio::sync::mpsc::channel::<
+                            Result<hyper::body::Frame<Bytes>, std::convert::Infallible>,
+                        >(2);
+                        let _ = sender
+                            .send(Ok(hyper::body::Frame::data(Bytes::from(answer + "\n"))))
+                            .await;
+                        if hold {
+                            tokio::spawn(async move {
+                                tokio::time::sleep(Duration::from_secs(30)).await;
+                                drop(sender);
+                            });
+                        }
+                        let body = http_body_util::StreamBody::new(tokio_stream_from(receiver));
+                        Ok::<_, std::convert::Infallible>(Response::new(body))
                     }
                 });
                 let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
@@ -142,7 +155,10 @@ impl Connection {
             .map_err(|_| "no body in 5 s".to_string())?
             .map_err(|e| e.to_string())?
             .to_bytes();
-        Ok((status, String::from_utf8_lossy(&body).into_owned()))
+        Ok((
+            status,
+            String::from_utf8_lossy(&body).trim_end().to_string(),
+        ))
     }
 }
 
@@ -502,4 +518,70 @@ async fn upgrades_are_joined_through() {
     }
     drop(stream);
     weir.shutdown().await;
+}
+
+/// A request is in flight until its response's body ends: under least-connections, a
+/// long response (a gRPC stream, a download) keeps its endpoint busy, and new requests go
+/// to the other one. (Counting it over at the response's head sent them to both.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_response_counts_as_in_flight_until_its_body_ends() {
+    let endpoints = [ip(6, 1), ip(6, 2)];
+    let mut backends = Vec::new();
+    for endpoint in endpoints {
+        backends.push(backend(SocketAddr::new(endpoint, 8080)).await);
+    }
+    let objects = vec![(
+        "least.yaml",
+        service("least", 60, "http", &endpoints).replace(
+            "weir.dev/policy: round-robin",
+            "weir.dev/policy: least-connections",
+        ),
+    )];
+    let weir = Weir::start(
+        ip(0, 1),
+        &objects,
+        &[("least-connections", guest_bytes("least-connections"))],
+        "",
+    )
+    .await;
+    let address = SocketAddr::new(ip(0, 60), 8000);
+    // A held response: its head and first line arrive, its body stays open.
+    let stream = TokioIo::new(tokio::net::TcpStream::connect(address).await.unwrap());
+    let (mut holder, connection) = hyper::client::conn::http1::handshake(stream).await.unwrap();
+    tokio::spawn(connection);
+    let held = holder
+        .send_request(
+            Request::get("http://weir/hold")
+                .body(Full::new(Bytes::new()))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    let mut held_body = held.into_body();
+    let first = held_body
+        .frame()
+        .await
+        .unwrap()
+        .unwrap()
+        .into_data()
+        .unwrap();
+    let busy = String::from_utf8_lossy(&first).trim_end().to_string();
+    let mut other = Connection::open(address, false).await;
+    for _ in 0..10 {
+        let (status, seen) = other.get().await.unwrap();
+        assert_eq!(status, 200);
+        assert_ne!(
+            seen, busy,
+            "a request went to the endpoint still busy with a response"
+        );
+    }
+    // Once the held response is gone, both serve again.
+    drop(held_body);
+    let mut seen = std::collections::BTreeSet::new();
+    for _ in 0..10 {
+        seen.insert(other.get().await.unwrap().1);
+    }
+    assert_eq!(seen.len(), 2, "{seen:?}");
+    weir.shutdown().await;
+    drop(backends);
 }

@@ -262,16 +262,23 @@ async fn request_to(
         let sent = Instant::now();
         match shared.http.for_kind(kind).request(upstream).await {
             Ok(mut response) => {
-                let took = sent.elapsed();
-                decision.connected(endpoint, took);
-                decision.closed(endpoint, took);
+                // The policy learns the time to the response's head now, and that the
+                // request is over when its response's body ends (a gRPC stream, a long
+                // download): until then it is in flight on that endpoint.
+                decision.connected(endpoint, sent.elapsed());
                 if let Some(client) = upgrade
                     && response.status() == StatusCode::SWITCHING_PROTOCOLS
                 {
                     let endpoint = hyper::upgrade::on(&mut response);
                     tokio::spawn(join(client, endpoint));
                 }
-                let response = response.map(|b| b.boxed());
+                let response = response.map(|body| {
+                    InFlight {
+                        body,
+                        done: Some((decision, endpoint, sent)),
+                    }
+                    .boxed()
+                });
                 return Ok(record(&route, Some(target), started, response));
             }
             Err(error) if error.is_connect() && replayable => {
@@ -292,6 +299,53 @@ async fn request_to(
                 ));
             }
         }
+    }
+}
+
+/// A response body that tells the request's policy the request is over when it ends,
+/// fails, or is dropped (the client went away).
+struct InFlight {
+    body: Incoming,
+    done: Option<(decide::Decision, weir_sdk::EndpointId, Instant)>,
+}
+
+impl InFlight {
+    fn finish(&mut self) {
+        if let Some((decision, endpoint, sent)) = self.done.take() {
+            decision.closed(endpoint, sent.elapsed());
+        }
+    }
+}
+
+impl hyper::body::Body for InFlight {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, hyper::Error>>> {
+        let polled = std::pin::Pin::new(&mut self.body).poll_frame(cx);
+        match &polled {
+            std::task::Poll::Ready(None | Some(Err(_))) => self.finish(),
+            std::task::Poll::Ready(Some(Ok(_))) if self.body.is_end_stream() => self.finish(),
+            _ => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.body.size_hint()
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.finish();
     }
 }
 
