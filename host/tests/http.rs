@@ -585,3 +585,37 @@ async fn a_long_response_counts_as_in_flight_until_its_body_ends() {
     weir.shutdown().await;
     drop(backends);
 }
+
+/// A request head over the 64 KiB limit is answered 431, not forwarded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_oversized_request_head_is_refused_with_431() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let endpoint = ip(7, 1);
+    let _backend = backend(SocketAddr::new(endpoint, 8080)).await;
+    let objects = vec![("big.yaml", service("big", 70, "http", &[endpoint]))];
+    let weir = Weir::start(
+        ip(0, 1),
+        &objects,
+        &[("round-robin", guest_bytes("round-robin"))],
+        "",
+    )
+    .await;
+    let mut stream = tokio::net::TcpStream::connect(SocketAddr::new(ip(0, 70), 8000))
+        .await
+        .unwrap();
+    let filler = "a".repeat(100 * 1024);
+    let request = format!("GET / HTTP/1.1\r\nhost: weir\r\nx-filler: {filler}\r\n\r\n");
+    let _ = stream.write_all(request.as_bytes()).await;
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut answer)).await;
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 431"), "{answer}");
+    assert_eq!(
+        weir.metric(&format!(
+            "weir_requests_total{{service=\"default/big:http\",endpoint=\"{endpoint}:8080\""
+        )),
+        0,
+        "forwarded anyway"
+    );
+    weir.shutdown().await;
+}
