@@ -91,6 +91,11 @@ fn service(name: &str, n: u8, app_protocol: &str, endpoints: &[IpAddr]) -> Strin
         + &slice_yaml(name, 8080, &eps)
 }
 
+/// weir on `objects` with the library's `policy` shipped, and `config` after `[admin]`.
+async fn start(objects: &[(&str, String)], policy: &str, config: &str) -> Weir {
+    Weir::start(ip(0, 1), objects, &[(policy, guest_bytes(policy))], config).await
+}
+
 /// One client connection to `address` (HTTP/2 with prior knowledge when `h2`).
 enum Connection {
     Http1(hyper::client::conn::http1::SendRequest<Full<Bytes>>),
@@ -188,13 +193,7 @@ async fn each_request_on_one_connection_is_decided() {
             service("grpc", 11, "kubernetes.io/h2c", &endpoints),
         ),
     ];
-    let weir = Weir::start(
-        ip(0, 1),
-        &objects,
-        &[("round-robin", guest_bytes("round-robin"))],
-        "metrics_linger = \"0s\"",
-    )
-    .await;
+    let weir = start(&objects, "round-robin", "metrics_linger = \"0s\"").await;
     let names = |hosts: &[u8]| -> BTreeMap<String, usize> {
         hosts
             .iter()
@@ -266,13 +265,7 @@ async fn unreachable_endpoints_are_retried_then_answered_with_503() {
             service("none", 21, "kubernetes.io/h2c", &[dead]),
         ),
     ];
-    let weir = Weir::start(
-        ip(0, 1),
-        &objects,
-        &[("round-robin", guest_bytes("round-robin"))],
-        "",
-    )
-    .await;
+    let weir = start(&objects, "round-robin", "").await;
     let mut half = Connection::open(SocketAddr::new(ip(0, 20), 8000), false).await;
     for _ in 0..10 {
         let (status, body) = half.get().await.unwrap();
@@ -342,13 +335,7 @@ async fn grpc_streams_and_trailers_pass_through() {
         }
     });
     let objects = vec![("grpc.yaml", service("echo", 30, "grpc", &[endpoint.ip()]))];
-    let weir = Weir::start(
-        ip(0, 1),
-        &objects,
-        &[("round-robin", guest_bytes("round-robin"))],
-        "",
-    )
-    .await;
+    let weir = start(&objects, "round-robin", "").await;
     let stream = tokio::net::TcpStream::connect(SocketAddr::new(ip(0, 30), 8000))
         .await
         .unwrap();
@@ -416,13 +403,7 @@ async fn x_forwarded_for_names_the_client() {
         ("tagged.yaml", tagged),
         ("plain.yaml", service("plain", 41, "http", &[endpoint])),
     ];
-    let weir = Weir::start(
-        ip(0, 1),
-        &objects,
-        &[("round-robin", guest_bytes("round-robin"))],
-        "",
-    )
-    .await;
+    let weir = start(&objects, "round-robin", "").await;
     let mut tagged = Connection::open(SocketAddr::new(ip(0, 40), 8000), false).await;
     let (_, seen) = tagged.send(Request::get("http://weir/xff")).await.unwrap();
     assert_eq!(seen, "127.0.0.1");
@@ -476,13 +457,7 @@ async fn upgrades_are_joined_through() {
         }
     });
     let objects = vec![("ws.yaml", service("ws", 50, "http", &[endpoint.ip()]))];
-    let weir = Weir::start(
-        ip(0, 1),
-        &objects,
-        &[("round-robin", guest_bytes("round-robin"))],
-        "",
-    )
-    .await;
+    let weir = start(&objects, "round-robin", "").await;
     let mut stream = tokio::net::TcpStream::connect(SocketAddr::new(ip(0, 50), 8000))
         .await
         .unwrap();
@@ -537,13 +512,7 @@ async fn a_long_response_counts_as_in_flight_until_its_body_ends() {
             "weir.dev/policy: least-connections",
         ),
     )];
-    let weir = Weir::start(
-        ip(0, 1),
-        &objects,
-        &[("least-connections", guest_bytes("least-connections"))],
-        "",
-    )
-    .await;
+    let weir = start(&objects, "least-connections", "").await;
     let address = SocketAddr::new(ip(0, 60), 8000);
     // A held response: its head and first line arrive, its body stays open.
     let stream = TokioIo::new(tokio::net::TcpStream::connect(address).await.unwrap());
@@ -593,13 +562,7 @@ async fn an_oversized_request_head_is_refused_with_431() {
     let endpoint = ip(7, 1);
     let _backend = backend(SocketAddr::new(endpoint, 8080)).await;
     let objects = vec![("big.yaml", service("big", 70, "http", &[endpoint]))];
-    let weir = Weir::start(
-        ip(0, 1),
-        &objects,
-        &[("round-robin", guest_bytes("round-robin"))],
-        "",
-    )
-    .await;
+    let weir = start(&objects, "round-robin", "").await;
     let mut stream = tokio::net::TcpStream::connect(SocketAddr::new(ip(0, 70), 8000))
         .await
         .unwrap();

@@ -138,19 +138,29 @@ pub(super) fn service_ports(
             false
         }
     };
-    let forwarded_for = match annotations.get(FORWARDED_FOR_ANNOTATION).map(|s| s.trim()) {
-        None | Some("false") => false,
-        Some("true") => true,
-        Some(text) => {
-            warn(
-                diagnostics,
-                format!(
-                    "annotation {FORWARDED_FOR_ANNOTATION}: `{text}` is not `true` or `false`; no X-Forwarded-For is added"
-                ),
-            );
-            false
-        }
-    };
+    // A `"true"`/`"false"` annotation; anything else is warned about and means false.
+    let flag =
+        |diagnostics: &mut Vec<Diagnostic>, annotation: &str, otherwise: &str| match annotations
+            .get(annotation)
+            .map(|s| s.trim())
+        {
+            None | Some("false") => false,
+            Some("true") => true,
+            Some(text) => {
+                warn(
+                    diagnostics,
+                    format!(
+                        "annotation {annotation}: `{text}` is not `true` or `false`; {otherwise}"
+                    ),
+                );
+                false
+            }
+        };
+    let forwarded_for = flag(
+        diagnostics,
+        FORWARDED_FOR_ANNOTATION,
+        "no X-Forwarded-For is added",
+    );
     let ingress_proxy_mode = (service.status.as_ref())
         .and_then(|s| s.load_balancer.as_ref())
         .and_then(|lb| lb.ingress.as_ref())
@@ -160,22 +170,11 @@ pub(super) fn service_ports(
                 .any(|i| i.ip_mode.as_deref() == Some("Proxy"))
         });
     let accept_proxy_protocol = ingress_proxy_mode
-        || match annotations
-            .get(ACCEPT_PROXY_PROTOCOL_ANNOTATION)
-            .map(|s| s.trim())
-        {
-            None | Some("false") => false,
-            Some("true") => true,
-            Some(text) => {
-                warn(
-                    diagnostics,
-                    format!(
-                        "annotation {ACCEPT_PROXY_PROTOCOL_ANNOTATION}: `{text}` is not `true` or `false`; no header is expected"
-                    ),
-                );
-                false
-            }
-        };
+        || flag(
+            diagnostics,
+            ACCEPT_PROXY_PROTOCOL_ANNOTATION,
+            "no header is expected",
+        );
 
     let externally_accessible_type = service_type == "LoadBalancer"
         || service_type == "NodePort"

@@ -158,14 +158,10 @@ async fn request_to(
         Ok(decision) => decision,
         Err(Refusal::SourceRange) => return Err(RequestDropped),
         Err(Refusal::NoPolicy) => {
-            return Ok(record(
+            return Ok(unavailable(
                 &route,
-                None,
                 started,
-                answer(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "the Service's policy is unavailable and its failure mode is closed\n",
-                ),
+                "the Service's policy is unavailable and its failure mode is closed\n",
             ));
         }
     };
@@ -195,25 +191,17 @@ async fn request_to(
             Next::Forward { endpoint, address } => (endpoint, address),
             Next::Drop => return Err(RequestDropped),
             Next::Reject => {
-                return Ok(record(
+                return Ok(unavailable(
                     &route,
-                    None,
                     started,
-                    answer(
-                        StatusCode::SERVICE_UNAVAILABLE,
-                        "no endpoint of this Service may serve this request\n",
-                    ),
+                    "no endpoint of this Service may serve this request\n",
                 ));
             }
             Next::GiveUp => {
-                return Ok(record(
+                return Ok(unavailable(
                     &route,
-                    None,
                     started,
-                    answer(
-                        StatusCode::SERVICE_UNAVAILABLE,
-                        "no endpoint of this Service could be reached\n",
-                    ),
+                    "no endpoint of this Service could be reached\n",
                 ));
             }
         };
@@ -392,6 +380,16 @@ fn answer(status: StatusCode, text: &'static str) -> Response<Body> {
         hyper::header::HeaderValue::from_static("text/plain; charset=utf-8"),
     );
     response
+}
+
+/// weir's 503 for a request no endpoint serves, counted.
+fn unavailable(route: &Route, started: Instant, why: &'static str) -> Response<Body> {
+    record(
+        route,
+        None,
+        started,
+        answer(StatusCode::SERVICE_UNAVAILABLE, why),
+    )
 }
 
 /// Counts the request (by endpoint and status) and its time to the response's head.
