@@ -204,44 +204,13 @@ pub struct ProxyMetrics {
     /// link-local, multicast, unspecified).
     pub refused_addresses: Gauge,
     /// Series of endpoints and service ports that left, removed once they have lingered.
-    departed: std::sync::Mutex<Departed>,
+    departed: Departed,
 }
 
-/// What left, and when its series are removed.
-#[derive(Debug)]
-struct Departed {
-    linger: std::time::Duration,
-    due: std::collections::VecDeque<(std::time::Instant, Departure)>,
-}
+pub use departed::DEFAULT_LINGER;
+use departed::{Departed, Departure};
 
-impl Default for Departed {
-    fn default() -> Self {
-        Departed {
-            linger: DEFAULT_LINGER,
-            due: Default::default(),
-        }
-    }
-}
-
-/// How long series of what left stay by default: a scrape or two at the usual intervals.
-pub const DEFAULT_LINGER: std::time::Duration = std::time::Duration::from_secs(60);
-
-#[derive(Debug)]
-enum Departure {
-    Endpoint {
-        service: String,
-        endpoint: String,
-        /// HTTP status codes with request series.
-        codes: Vec<u16>,
-    },
-    Service(String),
-}
-
-fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-}
+mod departed;
 
 impl Default for ProxyMetrics {
     fn default() -> Self {
@@ -419,7 +388,7 @@ impl ProxyMetrics {
 
     /// How long the series of a departed endpoint or service port stay exported.
     pub fn set_linger(&self, linger: std::time::Duration) {
-        lock(&self.departed).linger = linger;
+        self.departed.set_linger(linger);
     }
 
     /// One endpoint of a service port left: its series leave once they have lingered
@@ -440,44 +409,24 @@ impl ProxyMetrics {
 
     /// An endpoint has series again: a departure pending for it is called off.
     pub fn arrived_endpoint(&self, service: &str, endpoint: &str) {
-        lock(&self.departed).due.retain(|(_, d)| {
-            !matches!(d, Departure::Endpoint { service: s, endpoint: e, .. } if s == service && e == endpoint)
-        });
+        self.departed.arrived_endpoint(service, endpoint);
     }
 
     /// A service port has series again.
     pub fn arrived_service(&self, service: &str) {
-        lock(&self.departed)
-            .due
-            .retain(|(_, d)| !matches!(d, Departure::Service(s) if s == service));
+        self.departed.arrived_service(service);
     }
 
     fn depart(&self, departure: Departure) {
-        let mut departed = lock(&self.departed);
-        if departed.linger.is_zero() {
-            drop(departed);
-            self.remove(&departure);
-        } else {
-            let due = std::time::Instant::now() + departed.linger;
-            departed.due.push_back((due, departure));
+        if let Some(now) = self.departed.push(departure) {
+            self.remove(&now);
         }
     }
 
     /// Removes the series whose linger is over.
     pub fn sweep(&self) {
-        let now = std::time::Instant::now();
-        loop {
-            let departure = {
-                let mut departed = lock(&self.departed);
-                match departed.due.front() {
-                    Some((due, _)) if *due <= now => departed.due.pop_front().map(|(_, d)| d),
-                    _ => None,
-                }
-            };
-            match departure {
-                Some(departure) => self.remove(&departure),
-                None => return,
-            }
+        while let Some(departure) = self.departed.next_due(std::time::Instant::now()) {
+            self.remove(&departure);
         }
     }
 

@@ -44,14 +44,7 @@ pub const PROTOCOL_ANNOTATION: &str = "weir.dev/protocol";
 /// `X-Forwarded-For` (appended to what the client sent).
 pub const FORWARDED_FOR_ANNOTATION: &str = "weir.dev/x-forwarded-for";
 
-/// How an HTTP Service port speaks to its endpoints.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum HttpKind {
-    /// `appProtocol: http` (or `weir.dev/protocol: http`): HTTP/1.1 to endpoints.
-    Http1,
-    /// `appProtocol: kubernetes.io/h2c` or `grpc`: HTTP/2 with prior knowledge.
-    H2c,
-}
+pub use crate::proxy::http::HttpKind;
 /// `spec.sessionAffinityConfig.clientIP.timeoutSeconds` when unset (the API default).
 pub const DEFAULT_AFFINITY_TIMEOUT_SECONDS: u32 = 10_800;
 /// The largest timeout the API server accepts.

@@ -58,7 +58,7 @@ pub struct Route {
     /// The endpoints on this node.
     pub local_endpoints: Arc<HashSet<SocketAddr>>,
     /// An HTTP port: each request is decided (`http.rs`). None: L4.
-    pub http: Option<crate::model::HttpKind>,
+    pub http: Option<http::HttpKind>,
     /// HTTP: requests to endpoints carry `X-Forwarded-For` (`weir.dev/x-forwarded-for`).
     pub forwarded_for: bool,
     pub metrics: Arc<RouteMetrics>,
@@ -210,6 +210,15 @@ impl Shared {
             udp_listeners: TaskTracker::new(),
             udp_saved: Default::default(),
         }
+    }
+
+    /// The route of a TCP connection accepted on `address`: the current one, or, when
+    /// the control plane has just moved the address away and the listener is closing,
+    /// the one it was accepted under.
+    pub fn tcp_route(&self, address: SocketAddr) -> Option<Arc<Route>> {
+        let listen = Listen::tcp(address);
+        (self.routes.load().by_listen.get(&listen).cloned())
+            .or_else(|| self.retired.load().get(&listen).cloned())
     }
 
     fn is_local_source(&self, ip: IpAddr) -> bool {

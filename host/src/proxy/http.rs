@@ -28,9 +28,17 @@ use tokio_util::sync::CancellationToken;
 
 use super::decide::{self, Next, Refusal};
 use super::{Route, Shared};
-use crate::model::HttpKind;
 
 type Body = BoxBody<Bytes, hyper::Error>;
+
+/// How an HTTP Service port speaks to its endpoints.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum HttpKind {
+    /// `appProtocol: http` (or `weir.dev/protocol: http`): HTTP/1.1 to endpoints.
+    Http1,
+    /// `appProtocol: kubernetes.io/h2c` or `grpc`: HTTP/2 with prior knowledge.
+    H2c,
+}
 
 /// The largest request or response head weir takes (HTTP/1.1 buffer, HTTP/2 header list).
 pub const MAX_HEADER_BYTES: usize = 64 * 1024;
@@ -141,7 +149,7 @@ async fn request_to(
     // An HTTP/1.1 upgrade (WebSocket and the like): forwarded with its headers, and once
     // the endpoint agrees (101), the two connections are joined byte for byte.
     let upgrade = is_upgrade(&request).then(|| hyper::upgrade::on(&mut request));
-    let Some(route) = super::tcp::route_of(&shared, address) else {
+    let Some(route) = shared.tcp_route(address) else {
         return Ok(answer(
             StatusCode::SERVICE_UNAVAILABLE,
             "this Service port is gone\n",

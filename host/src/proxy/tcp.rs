@@ -20,7 +20,7 @@ mod limits;
 use super::copy::{Ended, Timeouts};
 use super::decide::{self, Next, Refusal};
 use super::proxy_protocol::{self, Header, Transport};
-use super::{Listen, Route, Shared};
+use super::{Route, Shared};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
@@ -47,7 +47,7 @@ pub async fn serve(
         };
         match accepted {
             Ok((stream, client)) => {
-                let route = route_of(&shared, address);
+                let route = shared.tcp_route(address);
                 let task_shared = shared.clone();
                 let stop = stop.clone();
                 shared.connections.spawn(async move {
@@ -78,26 +78,12 @@ pub async fn serve(
             stream,
             client,
             address,
-            route_of(&shared, address),
+            shared.tcp_route(address),
             shared.clone(),
             // Served as accepted, until the grace period ends.
             CancellationToken::new(),
         ));
     }
-}
-
-/// The route of a connection accepted on `address`: the current one, or, when the
-/// control plane has just moved the address away and the listener is closing, the one
-/// it was accepted under.
-pub(super) fn route_of(shared: &Shared, address: SocketAddr) -> Option<Arc<Route>> {
-    let listen = Listen::tcp(address);
-    shared
-        .routes
-        .load()
-        .by_listen
-        .get(&listen)
-        .cloned()
-        .or_else(|| shared.retired.load().get(&listen).cloned())
 }
 
 async fn connection(

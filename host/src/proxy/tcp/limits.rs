@@ -12,7 +12,6 @@ use tokio::sync::OwnedSemaphorePermit;
 use tokio_util::sync::CancellationToken;
 
 use super::super::{RouteMetrics, Shared};
-use super::route_of;
 
 /// How often a listener waiting for room on its service port looks again at its route
 /// (which a change may have replaced) without being woken.
@@ -43,7 +42,7 @@ pub(super) async fn room(
     let node = match shared.tcp_slots.clone().try_acquire_owned() {
         Ok(permit) => permit,
         Err(_) => {
-            if let Some(route) = route_of(shared, address) {
+            if let Some(route) = shared.tcp_route(address) {
                 route.metrics.node_limit.inc();
             }
             tracing::debug!(%address, "proxy.max_connections reached: accepting paused");
@@ -62,7 +61,7 @@ pub(super) async fn room(
     }
     let mut counted = false;
     loop {
-        let Some(route) = route_of(shared, address) else {
+        let Some(route) = shared.tcp_route(address) else {
             return Some(Slot {
                 _node: node,
                 service: None,
