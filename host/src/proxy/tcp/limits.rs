@@ -68,25 +68,23 @@ pub(super) async fn room(
             });
         };
         let metrics = &route.metrics;
-        // Interest first, then the check: a close in between is not missed.
+        // Room now: no waiting set up (the common case, once per accepted connection).
+        if take(metrics, cap) {
+            return Some(Slot {
+                _node: node,
+                service: Some(metrics.clone()),
+            });
+        }
+        // At the cap: interest first, then the check again, so that a close in between
+        // is not missed.
         let notified = metrics.tcp_room.notified();
         tokio::pin!(notified);
         notified.as_mut().enable();
-        let open = metrics.tcp_connections.load(Ordering::Acquire);
-        if open < cap {
-            let taken = metrics.tcp_connections.compare_exchange(
-                open,
-                open + 1,
-                Ordering::AcqRel,
-                Ordering::Acquire,
-            );
-            if taken.is_ok() {
-                return Some(Slot {
-                    _node: node,
-                    service: Some(metrics.clone()),
-                });
-            }
-            continue;
+        if take(metrics, cap) {
+            return Some(Slot {
+                _node: node,
+                service: Some(metrics.clone()),
+            });
         }
         if !counted {
             metrics.service_limit.inc();
@@ -98,6 +96,23 @@ pub(super) async fn room(
             () = stop.cancelled() => return None,
         }
     }
+}
+
+/// Takes room for one more connection on a service port, if it is under `cap`.
+fn take(metrics: &RouteMetrics, cap: usize) -> bool {
+    let mut open = metrics.tcp_connections.load(Ordering::Acquire);
+    while open < cap {
+        match metrics.tcp_connections.compare_exchange_weak(
+            open,
+            open + 1,
+            Ordering::AcqRel,
+            Ordering::Acquire,
+        ) {
+            Ok(_) => return true,
+            Err(now) => open = now,
+        }
+    }
+    false
 }
 
 /// Accept errors (out of descriptors, out of memory) seen by every listener: one line a
