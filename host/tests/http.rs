@@ -42,12 +42,17 @@ async fn backend(address: SocketAddr) -> Backend {
             let name = address.to_string();
             tokio::spawn(async move {
                 let service = hyper::service::service_fn(move |request: Request<_>| {
-                    // `/xff`: the X-Forwarded-For it was sent; `/hold`: its name, then a
-                    // body that stays open for 30 s; anything else: its name.
-                    let answer = if request.uri().path() == "/xff" {
-                        (request.headers().get("x-forwarded-for"))
+                    // `/xff` and `/host`: the X-Forwarded-For and Host it was sent; `/hold`:
+                    // its name, then a body that stays open for 30 s; else: its name.
+                    let header = |name: &str| {
+                        (request.headers().get(name))
                             .map(|v| v.to_str().unwrap_or("?").to_string())
                             .unwrap_or_else(|| "none".to_string())
+                    };
+                    let answer = if request.uri().path() == "/xff" {
+                        header("x-forwarded-for")
+                    } else if request.uri().path() == "/host" {
+                        header("host")
                     } else {
                         name.clone()
                     };
@@ -415,6 +420,19 @@ async fn x_forwarded_for_names_the_client() {
     let mut plain = Connection::open(SocketAddr::new(ip(0, 41), 8000), false).await;
     let (_, seen) = plain.send(Request::get("http://weir/xff")).await.unwrap();
     assert_eq!(seen, "none");
+    // The Host the client asked for reaches the endpoint, from HTTP/1.1 and from an
+    // HTTP/2 client's :authority alike.
+    let (_, host) = plain
+        .send(Request::get("http://shop.example/host"))
+        .await
+        .unwrap();
+    assert_eq!(host, "shop.example");
+    let mut h2 = Connection::open(SocketAddr::new(ip(0, 41), 8000), true).await;
+    let (_, host) = h2
+        .send(Request::get("http://shop.example/host"))
+        .await
+        .unwrap();
+    assert_eq!(host, "shop.example");
     weir.shutdown().await;
 }
 

@@ -220,6 +220,13 @@ async fn request_to(
                 HttpKind::Http1 => hyper::Version::HTTP_11,
                 HttpKind::H2c => hyper::Version::HTTP_2,
             });
+        // The authority the client asked for goes on: an HTTP/2 client's `:authority`
+        // becomes the `Host` of an HTTP/1.1 request (not the endpoint's address).
+        if !parts.headers.contains_key(hyper::header::HOST)
+            && let Some(authority) = parts.uri.authority()
+        {
+            upstream = upstream.header(hyper::header::HOST, authority.as_str());
+        }
         let mut forwarded = None;
         for (name, value) in &parts.headers {
             if route.forwarded_for && name == "x-forwarded-for" {
