@@ -285,12 +285,16 @@ impl Published {
             metrics.retain_endpoints(|address| present.contains(&address));
 
             let wanted = routes::wanted(snapshot, &eligibility, transport, node_addresses, capture);
-            let local_endpoints: Arc<HashSet<std::net::SocketAddr>> = Arc::new(
-                (snapshot.endpoints.iter())
-                    .filter(|e| e.is_local)
-                    .map(|e| e.address)
-                    .collect(),
-            );
+            // Only routes that externalTrafficPolicy Local keeps here may use it.
+            let local_endpoints: Arc<HashSet<std::net::SocketAddr>> =
+                Arc::new(if service.external_traffic_local {
+                    (snapshot.endpoints.iter())
+                        .filter(|e| e.is_local)
+                        .map(|e| e.address)
+                        .collect()
+                } else {
+                    HashSet::new()
+                });
             for routes::Wanted {
                 listen,
                 scope,
