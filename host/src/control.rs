@@ -257,10 +257,14 @@ impl ControlPlane {
         if !reapply.is_empty() {
             self.pending.merge(Changed::Services(reapply));
         }
-        let previous = self.shared.routes.swap(Arc::new(Routes {
+        // The routes of addresses going away are kept (retired) before the new table is
+        // published, so that a connection their closing listeners accept in between
+        // always finds its route. The control thread is the only writer.
+        let previous = self.shared.routes.load_full();
+        published.retire_routes(&previous, retire_after(&self.config), &self.shared);
+        self.shared.routes.store(Arc::new(Routes {
             by_listen: published.routes.clone(),
         }));
-        published.retire_routes(&previous, retire_after(&self.config), &self.shared);
         let only = match &changed {
             Changed::Services(keys) => Some(keys),
             _ => None,
