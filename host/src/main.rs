@@ -194,7 +194,7 @@ fn main() -> ExitCode {
         Command::Policy {
             command: PolicyCommand::Wit,
         } => {
-            print!("{}", weir::cli::sdk::WIT);
+            print!("{}", weir::cli::sdk::wit_text());
             ExitCode::SUCCESS
         }
     }

@@ -13,6 +13,7 @@ mod instance;
 mod limits;
 pub mod metrics;
 mod registry;
+mod request;
 mod runtime;
 mod service;
 pub mod settings;
@@ -21,6 +22,7 @@ pub use engine::{CompiledPolicy, LoadError, PolicyEngine, module_sha256, sha256_
 pub use instance::{CallError, CallKind, FailureKind};
 pub use limits::Limits;
 pub use registry::{Binding, Registry, RegistryError};
+pub use request::RequestHead;
 pub use runtime::PolicyRuntime;
 pub use service::{FailureMode, HostDecision, ServiceInput, UpdateAnswer};
 pub use settings::PolicySettings;
@@ -31,6 +33,8 @@ pub const DEFAULT_POLICY: &str = "kube-default";
 
 /// The WIT interface a policy must export, with its version.
 pub const EXPECTED_EXPORT: &str = "weir:policy/policy@0.1.0";
+/// What a policy targeting contract 0.2.0 exports besides: its per-request decisions.
+pub const REQUESTS_EXPORT: &str = "weir:policy/requests@0.2.0";
 
 /// The kube-default component, built for wasm32-wasip2 by build.rs and embedded so weir
 /// works with no policy files at all.

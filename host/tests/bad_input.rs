@@ -198,7 +198,7 @@ fn wrong_contract_version_names_both_versions() {
     assert!(!output.status.success());
     let text = stderr(&output);
     assert!(
-        text.contains("exports `weir:policy/policy@0.2.0`"),
+        text.contains("exports `weir:policy/policy@0.9.0`"),
         "{text}"
     );
     assert!(

@@ -43,7 +43,8 @@ async fn backend(address: SocketAddr) -> Backend {
             tokio::spawn(async move {
                 let service = hyper::service::service_fn(move |request: Request<_>| {
                     // `/xff` and `/host`: the X-Forwarded-For and Host it was sent; `/hold`:
-                    // its name, then a body that stays open for 30 s; else: its name.
+                    // its name, then a body that stays open for 30 s; `/slow`: its name
+                    // after 1 s; else: its name.
                     let header = |name: &str| {
                         (request.headers().get(name))
                             .map(|v| v.to_str().unwrap_or("?").to_string())
@@ -57,7 +58,11 @@ async fn backend(address: SocketAddr) -> Backend {
                         name.clone()
                     };
                     let hold = request.uri().path() == "/hold";
+                    let slow = request.uri().path() == "/slow";
                     async move {
+                        if slow {
+                            tokio::time::sleep(Duration::from_secs(1)).await;
+                        }
                         let (sender, receiver) = tokio::sync::mpsc::channel::<
                             Result<hyper::body::Frame<Bytes>, std::convert::Infallible>,
                         >(2);
@@ -599,4 +604,135 @@ async fn an_oversized_request_head_is_refused_with_431() {
         "forwarded anyway"
     );
     weir.shutdown().await;
+}
+
+/// Contract 0.2.0 end to end: maglev hashing the `x-user` header (its `select-request`
+/// reads the header through the host) keeps each user on one endpoint, over any number
+/// of connections and both protocols, and spreads the users over the endpoints.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_hashed_on_a_header_stick_to_one_endpoint_per_value() {
+    let endpoints = [ip(8, 1), ip(8, 2), ip(8, 3)];
+    let mut backends = Vec::new();
+    for endpoint in endpoints {
+        backends.push(backend(SocketAddr::new(endpoint, 8080)).await);
+    }
+    let yaml = service("users", 80, "kubernetes.io/h2c", &endpoints).replace(
+        "weir.dev/policy: round-robin",
+        "weir.dev/policy: maglev\n    weir.dev/policy-config: '{\"hash\": \"header\", \"header\": \"x-user\"}'",
+    );
+    let weir = start(&[("users.yaml", yaml)], "maglev", "").await;
+    let address = SocketAddr::new(ip(0, 80), 8000);
+    let mut reached: BTreeMap<String, std::collections::BTreeSet<String>> = BTreeMap::new();
+    for round in 0..3 {
+        // A new connection each round: stickiness is the header's, not the connection's.
+        let mut connection = Connection::open(address, round % 2 == 0).await;
+        for user in 0..20 {
+            let request = Request::get("http://weir/").header("x-user", format!("user-{user}"));
+            let (status, body) = connection.send(request).await.unwrap();
+            assert_eq!(status, 200, "{body}");
+            reached
+                .entry(format!("user-{user}"))
+                .or_default()
+                .insert(body);
+        }
+    }
+    for (user, endpoints) in &reached {
+        assert_eq!(endpoints.len(), 1, "{user} reached {endpoints:?}");
+    }
+    let used: std::collections::BTreeSet<&String> = reached.values().flatten().collect();
+    assert!(used.len() >= 2, "20 users all on {used:?}");
+    weir.shutdown().await;
+    drop(backends);
+}
+
+/// Shutdown drains HTTP ports: an h2c client gets GOAWAY (no new stream starts on its
+/// connection), a request in flight is answered in full, and an idle HTTP/1.1 keep-alive
+/// connection is closed; then weir is done before its grace period ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_sends_goaway_and_finishes_requests_in_flight() {
+    let endpoint = ip(9, 1);
+    let _backend = backend(SocketAddr::new(endpoint, 8080)).await;
+    let objects = vec![
+        (
+            "h2.yaml",
+            service("h2", 90, "kubernetes.io/h2c", &[endpoint]),
+        ),
+        ("h1.yaml", service("h1", 91, "http", &[endpoint])),
+    ];
+    let mut weir = start(
+        &objects,
+        "round-robin",
+        "[proxy]\nshutdown_grace_period = \"20s\"",
+    )
+    .await;
+    let mut h2 = Connection::open(SocketAddr::new(ip(0, 90), 8000), true).await;
+    let mut h1 = Connection::open(SocketAddr::new(ip(0, 91), 8000), false).await;
+    assert_eq!(h1.get().await.unwrap().0, 200);
+    let Connection::Http2(sender) = &mut h2 else {
+        unreachable!()
+    };
+    let mut idle = sender.clone();
+    // In flight when the shutdown starts: answered after 1 s.
+    let in_flight = {
+        let mut sender = sender.clone();
+        tokio::spawn(async move {
+            let request = Request::get("http://weir/slow")
+                .body(Full::new(Bytes::new()))
+                .unwrap();
+            let response = sender
+                .send_request(request)
+                .await
+                .map_err(|e| e.to_string())?;
+            let status = response.status().as_u16();
+            let body = response
+                .into_body()
+                .collect()
+                .await
+                .map_err(|e| e.to_string())?;
+            Ok::<_, String>((status, body.to_bytes()))
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let started = std::time::Instant::now();
+    let shutdown = tokio::spawn(weir.app.take().unwrap().shutdown());
+    // GOAWAY: the connection takes no new stream.
+    wait_until(
+        "the h2 connection refuses new streams",
+        Duration::from_secs(10),
+        || idle.is_closed() || !idle.is_ready(),
+    )
+    .await;
+    let refused = idle
+        .send_request(
+            Request::get("http://weir/")
+                .body(Full::new(Bytes::new()))
+                .unwrap(),
+        )
+        .await;
+    assert!(refused.is_err(), "a new stream after GOAWAY was served");
+    let (status, body) = in_flight
+        .await
+        .unwrap()
+        .expect("the request in flight is answered");
+    assert_eq!(
+        (status, &body[..]),
+        (200, format!("{endpoint}:8080\n").as_bytes())
+    );
+    // The idle keep-alive connection is closed.
+    let Connection::Http1(h1_sender) = &h1 else {
+        unreachable!()
+    };
+    wait_until(
+        "the idle HTTP/1.1 connection closes",
+        Duration::from_secs(10),
+        || h1_sender.is_closed(),
+    )
+    .await;
+    let drained = tokio::time::timeout(Duration::from_secs(15), shutdown)
+        .await
+        .expect("drained before the grace period ends")
+        .unwrap();
+    assert!(!drained.forced, "nothing was cut");
+    assert!(started.elapsed() < Duration::from_secs(15));
+    drop((h1, h2));
 }

@@ -24,6 +24,9 @@ fn options(module: &str) -> Options {
         clients: ClientSpec::Random,
         script: None,
         seed: 7,
+        requests: false,
+        headers: Vec::new(),
+        values: 100,
     }
 }
 
@@ -85,6 +88,71 @@ fn hashing_policies_are_deterministic_whatever_the_seed() {
         second.seed = 99;
         let (a, b) = (report(&first), report(&second));
         assert_eq!(shares(web(&a)), shares(web(&b)), "{module}");
+    }
+}
+
+#[test]
+fn hashing_policies_keep_each_header_value_on_one_endpoint() {
+    for module in ["maglev", "ring-hash"] {
+        let mut o = options(module);
+        o.requests = true;
+        o.headers = vec!["x-user: user-{n}".parse().unwrap()];
+        o.values = 200;
+        o.config = r#"{"hash": "header", "header": "X-User"}"#.into();
+        let r = report(&o);
+        assert_eq!(r.contract, "0.2.0");
+        let keys = web(&r).header_values.as_ref().unwrap();
+        assert_eq!(keys.distinct, 200, "{module}");
+        assert_eq!(keys.on_one_endpoint, 200, "{module}: every value sticks");
+        // Spread over the endpoints, not all on one.
+        let used = shares(web(&r)).values().filter(|s| **s > 0.02).count();
+        assert!(used >= 8, "{module}: {:?}", shares(web(&r)));
+
+        // Hashing the client instead, the same values land all over (the clients are
+        // random): it is the header that keeps them together above.
+        o.config = String::new();
+        let r = report(&o);
+        let keys = web(&r).header_values.as_ref().unwrap();
+        assert!(keys.on_one_endpoint < 20, "{module}: {keys:?}");
+
+        // Requests without the header hash their client, as connections do.
+        o.config = r#"{"hash": "header", "header": "x-tenant"}"#.into();
+        let by_header = report(&o);
+        o.requests = false;
+        o.headers.clear();
+        o.config = String::new();
+        let by_client = report(&o);
+        assert_eq!(shares(web(&by_header)), shares(web(&by_client)), "{module}");
+    }
+}
+
+#[test]
+fn a_header_key_without_a_header_name_is_refused() {
+    let mut o = options("maglev");
+    o.config = r#"{"hash": "header"}"#.into();
+    match run(&o) {
+        Outcome::BadInput(message) => {
+            assert!(
+                message.to_string().contains("needs `\"header\"`"),
+                "{message}"
+            )
+        }
+        Outcome::Report(_) => panic!("a header key without its name was accepted"),
+    }
+}
+
+#[test]
+fn a_policy_built_against_0_1_0_decides_requests_with_select() {
+    let mut o = options("contract-0-1");
+    o.requests = true;
+    o.connections = 1000;
+    let r = report(&o);
+    assert_eq!(r.contract, "0.1.0");
+    let web = web(&r);
+    assert_eq!(web.forwarded, 1000);
+    // Its round robin, one request at a time.
+    for (endpoint, share) in shares(web) {
+        assert!((share - 0.1).abs() < 0.001, "{endpoint}: {share}");
     }
 }
 

@@ -132,8 +132,9 @@ fn minimal_scaffold_from_a_weir_binary_without_a_checkout() {
     let wit = weir_at(&binary, &["policy", "wit"]);
     assert!(wit.status.success());
     let wit = String::from_utf8_lossy(&wit.stdout);
+    assert!(wit.contains("package weir:policy@0.2.0;"), "{wit}");
     assert!(wit.contains("package weir:policy@0.1.0;"), "{wit}");
-    assert_eq!(wit, weir::cli::sdk::WIT);
+    assert_eq!(wit, weir::cli::sdk::wit_text());
 }
 
 #[test]

@@ -93,6 +93,19 @@ pub struct Options {
     /// Seeds the clients and the policy's randomness, so runs repeat.
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
+    /// Decides each connection as an HTTP request instead, as on a port whose appProtocol
+    /// is http, kubernetes.io/h2c or grpc (the policy's select-request; a 0.1.0 policy's
+    /// select).
+    #[arg(long)]
+    pub requests: bool,
+    /// A header on every request (with --requests): `NAME: VALUE`. `{n}` in the value
+    /// becomes a number below --values, drawn per request, so that hashing on the header
+    /// can be seen to stick.
+    #[arg(long = "header", requires = "requests")]
+    pub headers: Vec<HeaderSpec>,
+    /// How many numbers `{n}` takes.
+    #[arg(long, default_value_t = 100)]
+    pub values: u32,
 }
 
 #[derive(Debug, Serialize)]
@@ -100,8 +113,12 @@ pub struct Options {
 pub struct Report {
     pub module: String,
     pub policy: String,
+    /// The contract version the module targets (0.1.0, 0.2.0).
+    pub contract: &'static str,
     pub node: String,
     pub connections: usize,
+    /// Each connection was decided as an HTTP request (--requests).
+    pub requests: bool,
     pub services: Vec<PortReport>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub steps: Vec<StepReport>,
@@ -139,6 +156,9 @@ pub struct ScopeReport {
     /// Policy calls that failed while these connections were decided (their answers came
     /// from the service's failure mode, not the policy).
     pub failures: u64,
+    /// With --requests: whether each distinct set of header values stuck to one endpoint.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub header_values: Option<KeyReport>,
 }
 
 #[derive(Debug, Serialize)]
@@ -261,6 +281,7 @@ fn run_inner(options: &Options) -> Result<Report, BadInput> {
         .load_file(&options.module)
         .map_err(|e| BadInput::Module(e.to_string()))?;
     let policy = compiled.name.clone();
+    let contract = compiled.contract();
     let runtime = PolicyRuntime::new(engine.clone(), compiled, &options.config)
         .map_err(|e| BadInput::Module(format!("{}: {e}", options.module.display())))?;
 
@@ -270,6 +291,7 @@ fn run_inner(options: &Options) -> Result<Report, BadInput> {
         identities: Identities::default(),
         node: options.node.clone(),
         clients: Clients::new(options),
+        requests: Requests::new(options),
     };
     let mut ports = world.apply(&objects);
     let baseline = world.send_all(&ports);
@@ -310,8 +332,10 @@ fn run_inner(options: &Options) -> Result<Report, BadInput> {
     Ok(Report {
         module: options.module.display().to_string(),
         policy,
+        contract,
         node: options.node.clone(),
         connections: options.connections,
+        requests: options.requests,
         services,
         steps,
         failures,
@@ -326,6 +350,7 @@ struct World {
     identities: Identities,
     node: String,
     clients: Clients,
+    requests: Option<Requests>,
 }
 
 /// One service port as tested.
@@ -346,6 +371,8 @@ struct Runs {
     external_latency: Vec<u64>,
     internal_failures: u64,
     external_failures: u64,
+    /// With --requests: request `i`'s header values.
+    keys: Option<Vec<String>>,
 }
 
 impl World {
@@ -416,6 +443,8 @@ impl World {
             external_latency,
             internal_failures,
             external_failures: failures(&self.metrics) - before,
+            keys: (self.requests.as_ref())
+                .map(|requests| (0..clients.len()).map(|i| requests.head(i).1).collect()),
         }
     }
 
@@ -429,18 +458,37 @@ impl World {
     ) -> (Vec<Result<SocketAddr, HostDecision>>, Vec<u64>) {
         let mut results = Vec::with_capacity(clients.len());
         let mut latency = Vec::with_capacity(clients.len());
-        for &client in clients {
+        for (i, &client) in clients.iter().enumerate() {
             let connection = Connection {
                 client,
                 destination,
                 scope,
             };
+            let head = self.requests.as_ref().map(|r| r.head(i).0);
             // As the control plane does between connections: rebuild what failed.
             self.runtime.repair();
             let started = Instant::now();
-            let decision = self.runtime.select(port.handle, &connection);
+            let decision = match &head {
+                None => self.runtime.select(port.handle, &connection),
+                Some(head) => self.runtime.select_request(port.handle, &connection, head),
+            };
             latency.push(started.elapsed().as_nanos() as u64);
             results.push(match decision {
+                HostDecision::Forward { address, endpoint } if head.is_some() => {
+                    // A 200 after 1 ms, its body at once.
+                    for (event, micros) in [
+                        (weir_sdk::RequestEvent::Response(200), 1000),
+                        (weir_sdk::RequestEvent::Finished, 1000),
+                    ] {
+                        let outcome = weir_sdk::RequestOutcome {
+                            endpoint,
+                            event,
+                            micros,
+                        };
+                        self.runtime.observe_request(port.handle, &outcome);
+                    }
+                    Ok(address)
+                }
                 HostDecision::Forward { address, endpoint } => {
                     // Policies that learn from outcomes hear of a 1 ms connect and an
                     // immediate close: short, healthy connections.
@@ -474,6 +522,7 @@ impl Port {
                 &runs.internal,
                 &runs.internal_latency,
                 runs.internal_failures,
+                runs.keys.as_deref(),
             ),
             external: runs.external.as_ref().map(|external| {
                 self.scope_report(
@@ -481,6 +530,7 @@ impl Port {
                     external,
                     &runs.external_latency,
                     runs.external_failures,
+                    runs.keys.as_deref(),
                 )
             }),
             policy_failure: self.failure.clone(),
@@ -493,6 +543,7 @@ impl Port {
         runs: &[Result<SocketAddr, HostDecision>],
         latency: &[u64],
         failures: u64,
+        keys: Option<&[String]>,
     ) -> ScopeReport {
         let eligible = self.input.addresses(set);
         let mut counts: BTreeMap<String, usize> = eligible.iter().map(|e| (e.clone(), 0)).collect();
@@ -525,6 +576,7 @@ impl Port {
                 .collect(),
             latency_nanos: percentiles(latency),
             failures,
+            header_values: keys.map(|keys| key_report(keys, runs)),
         }
     }
 }
@@ -563,6 +615,8 @@ fn failure_counts(metrics: &PolicyMetrics, policy: &str) -> BTreeMap<String, u64
             Call::remove,
             Call::select,
             Call::observe,
+            Call::select_request,
+            Call::observe_request,
         ]
         .into_iter()
         .map(|call| metrics.failures_of(policy, call, reason.clone()))
@@ -573,10 +627,13 @@ fn failure_counts(metrics: &PolicyMetrics, policy: &str) -> BTreeMap<String, u64
 }
 
 mod clients;
+mod requests;
 mod script;
 mod table;
 
 use clients::*;
+pub use requests::{HeaderSpec, KeyReport};
+use requests::{Requests, key_report};
 use script::*;
 pub use table::table;
 

@@ -1,12 +1,27 @@
 //! The policy SDK and the WIT contract, carried inside the weir binary, so that
 //! `weir policy new` works from an installed weir with no checkout: the new crate gets a
-//! copy of the SDK beside it (`weir-sdk/`, with `wit/policy.wit`), and a `Cargo.lock` with
+//! copy of the SDK beside it (`weir-sdk/`, with `wit/`), and a `Cargo.lock` with
 //! the versions this weir was built and tested with.
 
 use std::path::Path;
 
-/// `wit/policy.wit`: `weir policy wit` prints it.
-pub const WIT: &str = include_str!("../../../wit/policy.wit");
+/// The contract, by path: 0.2.0 in `wit/policy.wit`, and the 0.1.0 it carries.
+pub const WIT: &[(&str, &str)] = &[
+    ("wit/policy.wit", include_str!("../../../wit/policy.wit")),
+    (
+        "wit/deps/policy-0.1.0/policy.wit",
+        include_str!("../../../wit/deps/policy-0.1.0/policy.wit"),
+    ),
+];
+
+/// The whole contract as one text, each file under a comment naming it: what `weir
+/// policy wit` prints.
+pub fn wit_text() -> String {
+    WIT.iter()
+        .map(|(path, text)| format!("// {path}\n{text}"))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
 
 /// The SDK's sources, by path inside the crate.
 pub const SOURCES: &[(&str, &str)] = &[
@@ -53,6 +68,10 @@ pub const SOURCES: &[(&str, &str)] = &[
     (
         "src/kube/tests.rs",
         include_str!("../../../policies/sdk/src/kube/tests.rs"),
+    ),
+    (
+        "src/request.rs",
+        include_str!("../../../policies/sdk/src/request.rs"),
     ),
     (
         "src/scoped.rs",
@@ -139,7 +158,7 @@ fn inline(value: &toml::Value) -> Result<String, String> {
     })
 }
 
-/// Writes the SDK into `dir` (`dir/Cargo.toml`, `dir/src/…`, `dir/wit/policy.wit`).
+/// Writes the SDK into `dir` (`dir/Cargo.toml`, `dir/src/…`, `dir/wit/…`).
 pub fn write(dir: &Path) -> Result<(), String> {
     let write = |path: &Path, text: &str| {
         if let Some(parent) = path.parent() {
@@ -148,7 +167,9 @@ pub fn write(dir: &Path) -> Result<(), String> {
         std::fs::write(path, text).map_err(|e| format!("{}: {e}", path.display()))
     };
     write(&dir.join("Cargo.toml"), &manifest()?)?;
-    write(&dir.join("wit/policy.wit"), WIT)?;
+    for (path, text) in WIT {
+        write(&dir.join(path), text)?;
+    }
     for (path, text) in SOURCES {
         let text = if *path == "src/lib.rs" {
             if !text.contains(WIT_PATH_IN_WORKSPACE) {
@@ -210,5 +231,6 @@ mod tests {
         let lib = std::fs::read_to_string(dir.path().join("src/lib.rs")).unwrap();
         assert!(lib.contains(WIT_PATH_VENDORED));
         assert!(dir.path().join("wit/policy.wit").exists());
+        assert!(dir.path().join("wit/deps/policy-0.1.0/policy.wit").exists());
     }
 }

@@ -4,9 +4,10 @@ use std::net::{IpAddr, SocketAddr};
 
 use weir_sdk::{
     Connection, Eligibility, EmptyAction, Endpoint, EndpointSet, IpFamily, Node, Outcome,
-    OutcomeKind, Protocol, Scope, Service,
+    OutcomeKind, Protocol, RequestEvent, RequestOutcome, Scope, Service,
 };
 
+use super::bindings::exports::weir::policy0_2_0::requests;
 use super::bindings::types as wit;
 
 pub fn ip(address: IpAddr) -> wit::IpAddress {
@@ -92,6 +93,19 @@ pub fn outcome(o: &Outcome) -> wit::Outcome {
             OutcomeKind::Connected => wit::OutcomeKind::Connected,
             OutcomeKind::ConnectFailed => wit::OutcomeKind::ConnectFailed,
             OutcomeKind::Closed => wit::OutcomeKind::Closed,
+        },
+        micros: o.micros,
+    }
+}
+
+pub fn request_outcome(o: &RequestOutcome) -> requests::RequestOutcome {
+    requests::RequestOutcome {
+        endpoint: o.endpoint,
+        event: match o.event {
+            RequestEvent::Response(status) => requests::RequestEvent::Response(status),
+            RequestEvent::ConnectFailed => requests::RequestEvent::ConnectFailed,
+            RequestEvent::Failed => requests::RequestEvent::Failed,
+            RequestEvent::Finished => requests::RequestEvent::Finished,
         },
         micros: o.micros,
     }

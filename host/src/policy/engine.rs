@@ -8,15 +8,15 @@ use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
 use wasmtime::Engine;
-use wasmtime::component::{Component, Linker};
+use wasmtime::component::{Component, InstancePre, Linker};
 
-use super::bindings::PolicyWorldPre;
+use super::bindings::exports::weir::{policy0_1_0::policy, policy0_2_0::requests};
 use super::cache::ArtifactCache;
 use super::compile::{self, Compiler, Outcome, engine_config};
 use super::imports::{PolicyClock, StoreState};
 use super::limits::Limits;
 use super::metrics::PolicyMetrics;
-use super::{EXPECTED_EXPORT, bindings};
+use super::{EXPECTED_EXPORT, REQUESTS_EXPORT, bindings};
 
 /// Why a module was refused. Every message names the module and what to do about it.
 #[derive(Debug, thiserror::Error)]
@@ -36,7 +36,7 @@ pub enum LoadError {
     #[error("{source_name}: failed to compile: {reason}")]
     Compile { source_name: String, reason: String },
     #[error(
-        "{source_name}: exports {exports}, but weir expects `{expected}`; build it against weir's wit/ (package weir:policy@0.1.0, world policy-world)"
+        "{source_name}: exports {exports}, but weir expects `{expected}`; build it against weir's wit/ (package weir:policy@0.2.0, or 0.1.0, world policy-world)"
     )]
     WrongWorld {
         source_name: String,
@@ -74,8 +74,24 @@ pub struct CompiledPolicy {
     pub from_cache: bool,
     pub exports: Vec<String>,
     pub imports: Vec<String>,
-    pub(crate) pre: PolicyWorldPre<StoreState>,
+    pub(crate) pre: InstancePre<StoreState>,
+    /// Where its exports are: 0.1.0's `policy` always, 0.2.0's `requests` when it
+    /// targets 0.2.0.
+    pub(crate) policy_export: policy::GuestIndices,
+    pub(crate) requests_export: Option<requests::GuestIndices>,
     component: Component,
+}
+
+impl CompiledPolicy {
+    /// The contract version the component targets: `0.2.0` when it decides requests
+    /// itself, `0.1.0` when its `select` is asked per request too.
+    pub fn contract(&self) -> &'static str {
+        if self.requests_export.is_some() {
+            "0.2.0"
+        } else {
+            "0.1.0"
+        }
+    }
 }
 
 /// The process's policy engine: one `Engine` (component model, pooling allocator, epoch
@@ -321,7 +337,14 @@ impl PolicyEngine {
             .linker
             .instantiate_pre(&component)
             .map_err(link_error)?;
-        let pre = PolicyWorldPre::new(instance_pre).map_err(link_error)?;
+        let policy_export = policy::GuestIndices::new(&instance_pre).map_err(link_error)?;
+        // A 0.2.0 component decides requests; a 0.1.0 one does not have the export. One
+        // that has it in another shape is refused, as any export that does not match.
+        let requests_export = if exports.iter().any(|e| e == REQUESTS_EXPORT) {
+            Some(requests::GuestIndices::new(&instance_pre).map_err(link_error)?)
+        } else {
+            None
+        };
 
         Ok(Arc::new(CompiledPolicy {
             name: name.to_string(),
@@ -331,7 +354,9 @@ impl PolicyEngine {
             from_cache,
             exports,
             imports,
-            pre,
+            pre: instance_pre,
+            policy_export,
+            requests_export,
             component,
         }))
     }

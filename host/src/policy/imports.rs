@@ -11,8 +11,9 @@ use wasmtime_wasi::cli::{IsTerminal, StdoutStream};
 use wasmtime_wasi::p2::{OutputStream, Pollable, StreamError, StreamResult};
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
-use super::bindings::weir::policy::{clock, log, random, types};
+use super::bindings::weir::policy0_1_0::{clock, log, random, types};
 use super::limits::Limits;
+use super::request::RequestHead;
 
 /// Everything one instance's `Store` holds.
 pub struct StoreState {
@@ -39,6 +40,8 @@ pub struct StoreState {
     /// times it was extended since (see `PolicyInstance::overrun`).
     pub(crate) cpu_at_deadline: Option<std::time::Duration>,
     pub(crate) extensions: u32,
+    /// The request lent to the current `select-request` call, if it is one.
+    pub(crate) request: Option<Arc<RequestHead>>,
 }
 
 /// The clock policies read: monotonic, shared by every instance of an engine, and movable
@@ -132,6 +135,7 @@ impl StoreState {
             deadline_ticks: limits.ticks(limits.update_deadline),
             cpu_at_deadline: None,
             extensions: 0,
+            request: None,
         }
     }
 }

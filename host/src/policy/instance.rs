@@ -7,10 +7,12 @@ use std::time::Duration;
 
 use wasmtime::{Store, Trap, UpdateDeadline};
 
-use super::bindings::{PolicyWorld, types as wit};
+use super::bindings::exports::weir::{policy0_1_0::policy, policy0_2_0::requests};
+use super::bindings::types as wit;
 use super::engine::{CompiledPolicy, PolicyEngine};
 use super::imports::StoreState;
 use super::metrics::PolicyMetrics;
+use super::request::{self, RequestHead};
 
 /// What went wrong in a call, for metrics labels.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -67,6 +69,8 @@ pub enum CallKind {
     Remove,
     Select,
     Observe,
+    SelectRequest,
+    ObserveRequest,
 }
 
 impl CallKind {
@@ -77,13 +81,21 @@ impl CallKind {
             CallKind::Remove => "remove",
             CallKind::Select => "select",
             CallKind::Observe => "observe",
+            CallKind::SelectRequest => "select-request",
+            CallKind::ObserveRequest => "observe-request",
         }
     }
 }
 
+/// An instance's exports: 0.1.0's always, `requests` on a 0.2.0 component.
+struct Exports {
+    policy: policy::Guest,
+    requests: Option<requests::Guest>,
+}
+
 pub struct PolicyInstance {
     store: Store<StoreState>,
-    bindings: PolicyWorld,
+    exports: Exports,
     pub(crate) capabilities: wit::Capabilities,
     policy: Arc<CompiledPolicy>,
     metrics: Arc<PolicyMetrics>,
@@ -117,9 +129,7 @@ impl PolicyInstance {
         let update_ticks = limits.ticks(limits.update_deadline);
         store.set_epoch_deadline(update_ticks);
         store.epoch_deadline_callback(|mut context| overrun(context.data_mut()));
-        let bindings = policy
-            .pre
-            .instantiate(&mut store)
+        let exports = instantiate(&mut store, policy)
             .map_err(|e| classify(&store, e, CallKind::Configure))
             .map_err(|mut e| {
                 if e.kind == FailureKind::Trap {
@@ -129,7 +139,7 @@ impl PolicyInstance {
             })?;
         let mut instance = PolicyInstance {
             store,
-            bindings,
+            exports,
             capabilities: wit::Capabilities {
                 observe_outcomes: false,
             },
@@ -140,8 +150,8 @@ impl PolicyInstance {
             select_deadline: limits.select_deadline,
             update_deadline: limits.update_deadline,
         };
-        let answer = instance.call(CallKind::Configure, |bindings, store| {
-            bindings.weir_policy_policy().call_configure(store, config)
+        let answer = instance.call(CallKind::Configure, |exports, store| {
+            exports.policy.call_configure(store, config)
         })?;
         instance.capabilities = answer.map_err(|reason| CallError {
             kind: FailureKind::Refused,
@@ -157,10 +167,8 @@ impl PolicyInstance {
         node: &wit::Node,
         endpoints: &[wit::Endpoint],
     ) -> Result<wit::Eligibility, CallError> {
-        self.call(CallKind::Update, |bindings, store| {
-            bindings
-                .weir_policy_policy()
-                .call_update(store, handle, service, node, endpoints)
+        self.call(CallKind::Update, |exports, store| {
+            (exports.policy).call_update(store, handle, service, node, endpoints)
         })
     }
 
@@ -169,28 +177,70 @@ impl PolicyInstance {
         handle: u32,
         connection: wit::Connection,
     ) -> Result<wit::Decision, CallError> {
-        self.call(CallKind::Select, |bindings, store| {
-            bindings
-                .weir_policy_policy()
-                .call_select(store, handle, connection)
+        self.call(CallKind::Select, |exports, store| {
+            exports.policy.call_select(store, handle, connection)
         })
     }
 
+    /// Whether the component decides requests itself (contract 0.2.0).
+    pub fn decides_requests(&self) -> bool {
+        self.exports.requests.is_some()
+    }
+
+    /// The decision for one request: `select-request` on a 0.2.0 component, lent the
+    /// request for the call; `select` on a 0.1.0 one.
+    pub fn select_request(
+        &mut self,
+        handle: u32,
+        connection: wit::Connection,
+        request: &Arc<RequestHead>,
+    ) -> Result<wit::Decision, CallError> {
+        if !self.decides_requests() {
+            return self.select(handle, connection);
+        }
+        self.store.data_mut().request = Some(request.clone());
+        let answer = self.call(CallKind::SelectRequest, |exports, store| {
+            let requests = exports.requests.as_ref().expect("checked above");
+            requests.call_select_request(store, handle, connection, request::handle())
+        });
+        self.store.data_mut().request = None;
+        answer
+    }
+
     pub fn observe(&mut self, handle: u32, outcome: wit::Outcome) -> Result<(), CallError> {
-        self.call(CallKind::Observe, |bindings, store| {
-            bindings
-                .weir_policy_policy()
-                .call_observe(store, handle, outcome)
+        self.call(CallKind::Observe, |exports, store| {
+            exports.policy.call_observe(store, handle, outcome)
+        })
+    }
+
+    /// What happened to a request: `observe-request` on a 0.2.0 component, `observe`
+    /// with the request's connection outcome on a 0.1.0 one.
+    pub fn observe_request(
+        &mut self,
+        handle: u32,
+        outcome: &weir_sdk::RequestOutcome,
+    ) -> Result<(), CallError> {
+        if !self.decides_requests() {
+            let outcome = super::convert::outcome(&outcome.as_connection_outcome());
+            return self.observe(handle, outcome);
+        }
+        let outcome = super::convert::request_outcome(outcome);
+        self.call(CallKind::ObserveRequest, |exports, store| {
+            let requests = exports.requests.as_ref().expect("checked above");
+            requests.call_observe_request(store, handle, outcome)
         })
     }
 
     fn call<R>(
         &mut self,
         kind: CallKind,
-        f: impl FnOnce(&PolicyWorld, &mut Store<StoreState>) -> wasmtime::Result<R>,
+        f: impl FnOnce(&Exports, &mut Store<StoreState>) -> wasmtime::Result<R>,
     ) -> Result<R, CallError> {
         let (ticks, deadline) = match kind {
-            CallKind::Select | CallKind::Observe => (self.select_ticks, self.select_deadline),
+            CallKind::Select
+            | CallKind::Observe
+            | CallKind::SelectRequest
+            | CallKind::ObserveRequest => (self.select_ticks, self.select_deadline),
             _ => (self.update_ticks, self.update_deadline),
         };
         let state = self.store.data_mut();
@@ -200,7 +250,7 @@ impl PolicyInstance {
         state.extensions = 0;
         self.store.set_epoch_deadline(ticks);
         self.store.data_mut().memory_denied = false;
-        let result = f(&self.bindings, &mut self.store).map_err(|e| classify(&self.store, e, kind));
+        let result = f(&self.exports, &mut self.store).map_err(|e| classify(&self.store, e, kind));
         // Resets the log budget for the next call, and reports what this one dropped.
         let dropped = self.store.data().log.start_call();
         if dropped > 0 {
@@ -209,6 +259,22 @@ impl PolicyInstance {
         }
         result
     }
+}
+
+/// Instantiates the component and finds its exports.
+fn instantiate(
+    store: &mut Store<StoreState>,
+    policy: &CompiledPolicy,
+) -> wasmtime::Result<Exports> {
+    let instance = policy.pre.instantiate(&mut *store)?;
+    let requests = match &policy.requests_export {
+        Some(indices) => Some(indices.load(&mut *store, &instance)?),
+        None => None,
+    };
+    Ok(Exports {
+        policy: policy.policy_export.load(&mut *store, &instance)?,
+        requests,
+    })
 }
 
 /// Most extensions a call gets while its thread is kept off the CPU.

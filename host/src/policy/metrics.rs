@@ -16,6 +16,8 @@ pub enum Call {
     remove,
     select,
     observe,
+    select_request,
+    observe_request,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
@@ -212,6 +214,8 @@ impl From<CallKind> for Call {
             CallKind::Remove => Call::remove,
             CallKind::Select => Call::select,
             CallKind::Observe => Call::observe,
+            CallKind::SelectRequest => Call::select_request,
+            CallKind::ObserveRequest => Call::observe_request,
         }
     }
 }

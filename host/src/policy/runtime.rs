@@ -38,6 +38,7 @@ use super::bindings::types as wit;
 use super::convert;
 use super::engine::{CompiledPolicy, PolicyEngine};
 use super::instance::{CallError, CallKind, PolicyInstance};
+use super::request::RequestHead;
 use super::service::{FailureMode, HostDecision, ServiceInput, UpdateAnswer};
 use crate::locks::{lock, read, write};
 
@@ -337,6 +338,26 @@ impl PolicyRuntime {
 
     /// The decision for one new connection.
     pub fn select(&self, handle: u32, connection: &Connection) -> HostDecision {
+        self.decide(handle, connection, None)
+    }
+
+    /// The decision for one request on an HTTP port: a 0.2.0 policy's `select-request`,
+    /// lent the request; a 0.1.0 policy's `select`.
+    pub fn select_request(
+        &self,
+        handle: u32,
+        connection: &Connection,
+        request: &Arc<RequestHead>,
+    ) -> HostDecision {
+        self.decide(handle, connection, Some(request))
+    }
+
+    fn decide(
+        &self,
+        handle: u32,
+        connection: &Connection,
+        request: Option<&Arc<RequestHead>>,
+    ) -> HostDecision {
         let ports = read(&self.ports);
         let Some(port) = ports.get(&handle) else {
             return HostDecision::Reject;
@@ -357,7 +378,15 @@ impl PolicyRuntime {
         let Some(instance) = state.instance.as_mut() else {
             return self.failure_mode(state, connection);
         };
-        let error = match instance.select(handle, convert::connection(connection)) {
+        let wit_connection = convert::connection(connection);
+        let (call, answer) = match request {
+            None => (CallKind::Select, instance.select(handle, wit_connection)),
+            Some(request) => (
+                CallKind::SelectRequest,
+                instance.select_request(handle, wit_connection, request),
+            ),
+        };
+        let error = match answer {
             Ok(wit::Decision::Forward(id)) => match state.targets.get(&id) {
                 Some(target) if target.allows(connection.scope) => {
                     let address = target.address;
@@ -368,12 +397,14 @@ impl PolicyRuntime {
                     };
                 }
                 Some(_) => CallError::invalid(format!(
-                    "select chose endpoint id {id}, which is not eligible for {:?} traffic to {}",
+                    "{} chose endpoint id {id}, which is not eligible for {:?} traffic to {}",
+                    call.as_str(),
                     connection.scope,
                     state.input.service.display_name()
                 )),
                 None => CallError::invalid(format!(
-                    "select chose endpoint id {id}, which {} does not have",
+                    "{} chose endpoint id {id}, which {} does not have",
+                    call.as_str(),
                     state.input.service.display_name()
                 )),
             },
@@ -381,7 +412,7 @@ impl PolicyRuntime {
             Ok(wit::Decision::Drop) => return HostDecision::Drop,
             Err(error) => error,
         };
-        self.quarantine(state, handle, CallKind::Select, &error);
+        self.quarantine(state, handle, call, &error);
         self.failure_mode(state, connection)
     }
 
@@ -429,6 +460,32 @@ impl PolicyRuntime {
         };
         if let Err(error) = instance.observe(handle, convert::outcome(outcome)) {
             self.quarantine(state, handle, CallKind::Observe, &error);
+        }
+    }
+
+    /// Tells a port's instance what happened to a request it forwarded, if the policy
+    /// asked for outcomes: `observe-request` (0.2.0), or `observe` with the request's
+    /// connection outcome (0.1.0).
+    pub fn observe_request(&self, handle: u32, outcome: &weir_sdk::RequestOutcome) {
+        if !self.observes {
+            return;
+        }
+        let ports = read(&self.ports);
+        let Some(port) = ports.get(&handle) else {
+            return;
+        };
+        let mut guard = lock(&port.state);
+        let state = &mut *guard;
+        let Some(instance) = state.instance.as_mut() else {
+            return;
+        };
+        if let Err(error) = instance.observe_request(handle, outcome) {
+            let call = if instance.decides_requests() {
+                CallKind::ObserveRequest
+            } else {
+                CallKind::Observe
+            };
+            self.quarantine(state, handle, call, &error);
         }
     }
 

@@ -8,10 +8,10 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use weir_sdk::{Connection, EndpointId, Outcome, OutcomeKind, Scope};
+use weir_sdk::{Connection, EndpointId, Outcome, OutcomeKind, RequestEvent, RequestOutcome, Scope};
 
 use super::{Route, Shared};
-use crate::policy::{HostDecision, PolicyRuntime};
+use crate::policy::{HostDecision, PolicyRuntime, RequestHead};
 
 /// Why a connection is not served, before any policy is asked.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -36,11 +36,15 @@ pub enum Next {
     GiveUp,
 }
 
-/// One connection's way through its Service's policy, attempt by attempt.
+/// One connection's (or one HTTP request's) way through its Service's policy, attempt
+/// by attempt.
 pub struct Decision {
     route: Arc<Route>,
     policy: Arc<PolicyRuntime>,
     request: Connection,
+    /// The HTTP request decided, when this is one: the policy is asked `select-request`
+    /// and told request outcomes.
+    head: Option<Arc<RequestHead>>,
     tried: Vec<EndpointId>,
     attempts_left: u32,
 }
@@ -80,6 +84,7 @@ pub fn admit(
             destination,
             scope,
         },
+        head: None,
         tried: Vec::new(),
         attempts_left: shared.settings.connect_attempts,
     })
@@ -88,6 +93,12 @@ pub fn admit(
 impl Decision {
     pub fn route(&self) -> &Arc<Route> {
         &self.route
+    }
+
+    /// Makes this the decision for one HTTP request on the connection.
+    pub fn for_request(mut self, head: Arc<RequestHead>) -> Self {
+        self.head = Some(head);
+        self
     }
 
     /// Whether `endpoint` at `address`, chosen under this decision's route, may still
@@ -109,7 +120,10 @@ impl Decision {
         self.attempts_left -= 1;
         let started = Instant::now();
         let handle = self.route.handle;
-        let mut decision = self.policy.select(handle, &self.request);
+        let mut decision = match &self.head {
+            None => self.policy.select(handle, &self.request),
+            Some(head) => self.policy.select_request(handle, &self.request, head),
+        };
         if let HostDecision::Forward { endpoint, .. } = decision
             && self.tried.contains(&endpoint)
         {
@@ -146,12 +160,27 @@ impl Decision {
         self.outcome(endpoint, OutcomeKind::Connected, took);
     }
 
+    /// The endpoint answered the request with `status`, `took` after it was sent.
+    pub fn responded(&self, endpoint: EndpointId, status: u16, took: Duration) {
+        self.report(endpoint, RequestEvent::Response(status), took);
+    }
+
     /// The endpoint could not be reached within `took`: counted, told to the policy,
     /// and not tried again for this connection.
     pub fn unreachable(&mut self, endpoint: EndpointId, address: SocketAddr, took: Duration) {
         self.route.metrics.endpoint(address).unreachable.inc();
-        self.outcome(endpoint, OutcomeKind::ConnectFailed, took);
+        match self.head {
+            None => self.outcome(endpoint, OutcomeKind::ConnectFailed, took),
+            Some(_) => self.report(endpoint, RequestEvent::ConnectFailed, took),
+        }
         self.tried.push(endpoint);
+    }
+
+    /// The endpoint took the request but failed before answering, `took` after it was
+    /// sent: counted and told to the policy.
+    pub fn failed(&self, endpoint: EndpointId, address: SocketAddr, took: Duration) {
+        self.route.metrics.endpoint(address).unreachable.inc();
+        self.report(endpoint, RequestEvent::Failed, took);
     }
 
     /// The endpoint refused what it was sent (UDP: ICMP port unreachable) after `took`:
@@ -175,14 +204,29 @@ impl Decision {
         self.tried.push(endpoint);
     }
 
-    /// A connection that had connected ended after `lasted`.
+    /// A connection that had connected (a request whose response had begun) ended
+    /// after `lasted`.
     pub fn closed(&self, endpoint: EndpointId, lasted: Duration) {
-        self.outcome(endpoint, OutcomeKind::Closed, lasted);
+        match self.head {
+            None => self.outcome(endpoint, OutcomeKind::Closed, lasted),
+            Some(_) => self.report(endpoint, RequestEvent::Finished, lasted),
+        }
     }
 
     fn give_up(&self) -> Next {
         self.route.metrics.gave_up.inc();
         Next::GiveUp
+    }
+
+    fn report(&self, endpoint: EndpointId, event: RequestEvent, took: Duration) {
+        self.policy.observe_request(
+            self.route.handle,
+            &RequestOutcome {
+                endpoint,
+                event,
+                micros: took.as_micros() as u64,
+            },
+        );
     }
 
     fn outcome(&self, endpoint: EndpointId, kind: OutcomeKind, took: Duration) {

@@ -162,8 +162,10 @@ async fn request_to(
             "an HTTP/1.1 upgrade cannot go to an h2c or gRPC port's endpoints; use appProtocol: http\n",
         ));
     }
+    let (parts, body) = request.into_parts();
+    let parts = Arc::new(parts);
     let mut decision = match decide::admit(&route, &shared, peer, address) {
-        Ok(decision) => decision,
+        Ok(decision) => decision.for_request(parts.clone()),
         Err(Refusal::SourceRange) => return Err(RequestDropped),
         Err(Refusal::NoPolicy) => {
             return Ok(unavailable(
@@ -173,7 +175,6 @@ async fn request_to(
             ));
         }
     };
-    let (parts, body) = request.into_parts();
     // A request without a body, or with one of a known size up to MAX_REPLAY_BYTES (read
     // first), can be sent again to another endpoint if the first cannot be reached; a
     // larger or open-ended one is streamed, and goes where it first goes.
@@ -265,10 +266,10 @@ async fn request_to(
         let sent = Instant::now();
         match shared.http.for_kind(kind).request(upstream).await {
             Ok(mut response) => {
-                // The policy learns the time to the response's head now, and that the
-                // request is over when its response's body ends (a gRPC stream, a long
-                // download): until then it is in flight on that endpoint.
-                decision.connected(endpoint, sent.elapsed());
+                // The policy learns the status and the time to the response's head now,
+                // and that the request is over when its response's body ends (a gRPC
+                // stream, a long download): until then it is in flight on that endpoint.
+                decision.responded(endpoint, response.status().as_u16(), sent.elapsed());
                 if let Some(client) = upgrade
                     && response.status() == StatusCode::SWITCHING_PROTOCOLS
                 {
@@ -290,7 +291,11 @@ async fn request_to(
             }
             Err(error) => {
                 tracing::debug!(%target, "request failed: {error}");
-                decision.unreachable(endpoint, target, sent.elapsed());
+                if error.is_connect() {
+                    decision.unreachable(endpoint, target, sent.elapsed());
+                } else {
+                    decision.failed(endpoint, target, sent.elapsed());
+                }
                 return Ok(record(
                     &route,
                     Some(target),

@@ -12,13 +12,17 @@
 //! Memory: a table is 4 bytes a slot, one per port (two when internal and external traffic
 //! have different endpoints), in the instance's memory (16 MiB by default, shared by every
 //! port using the policy): about 60 ports at the default size. Lower `table_size` for more.
-//! - `hash`: `"ip"` (default) or `"ip-port"`.
+//! - `hash`: `"ip"` (default), `"ip-port"`, or `"header"` with `header` naming a request
+//!   header (`{"hash": "header", "header": "x-user"}`): on HTTP ports, each distinct value
+//!   of that header sticks to one endpoint, and requests without it hash the client's IP;
+//!   on other ports, connections hash the client's IP.
 
 use serde::Deserialize;
 use weir_sdk::config::Layered;
 use weir_sdk::scoped::PerScope;
 use weir_sdk::{
-    Connection, Decision, Eligibility, Endpoint, EndpointId, LogLevel, Node, Policy, Service, hash,
+    Connection, Decision, Eligibility, Endpoint, EndpointId, LogLevel, Node, Policy, Request,
+    Service, hash,
 };
 
 #[derive(Clone, Debug, Deserialize, PartialEq)]
@@ -26,6 +30,8 @@ use weir_sdk::{
 pub struct Settings {
     pub table_size: u32,
     pub hash: hash::ClientKey,
+    /// The request header hashed when `hash` is `"header"`.
+    pub header: Option<String>,
 }
 
 impl Default for Settings {
@@ -33,6 +39,7 @@ impl Default for Settings {
         Settings {
             table_size: 65_537,
             hash: hash::ClientKey::Ip,
+            header: None,
         }
     }
 }
@@ -47,6 +54,7 @@ pub struct Maglev {
 #[derive(Debug, Default)]
 pub struct State {
     settings: Option<Settings>,
+    key: hash::Key,
     tables: PerScope<Vec<EndpointId>>,
 }
 
@@ -117,9 +125,10 @@ impl Policy for Maglev {
     type State = State;
 
     fn configure(config: &str) -> Result<Self, String> {
-        Ok(Maglev {
-            settings: Layered::configure(config)?,
-        })
+        let settings = Layered::<Settings>::configure(config)?;
+        let defaults = settings.defaults();
+        hash::Key::new(defaults.hash, defaults.header.as_deref())?;
+        Ok(Maglev { settings })
     }
 
     fn update(
@@ -158,6 +167,12 @@ impl Policy for Maglev {
         state.tables = PerScope::build(&eligibility, |ids| {
             table(ids, endpoints, settings.table_size)
         });
+        state.key = hash::Key::for_service(
+            settings.hash,
+            settings.header.as_deref(),
+            service,
+            state.settings.is_some().then_some(&state.key),
+        );
         state.settings = Some(settings);
         eligibility
     }
@@ -169,16 +184,26 @@ impl Policy for Maglev {
         eligible: &[EndpointId],
         connection: &Connection,
     ) -> Decision {
-        let table = state.tables.get(connection.scope);
-        let hash_on = state
-            .settings
-            .as_ref()
-            .map_or(hash::ClientKey::Ip, |s| s.hash);
-        match table.len() {
-            0 => Decision::Forward(eligible[0]),
-            len => Decision::Forward(table[(hash_on.of(connection) % len as u64) as usize]),
-        }
+        let key = state.key.of(connection);
+        Decision::Forward(slot(state.tables.get(connection.scope), key).unwrap_or(eligible[0]))
     }
+
+    fn select_request(
+        &self,
+        state: &mut State,
+        _: &Service,
+        eligible: &[EndpointId],
+        connection: &Connection,
+        request: &dyn Request,
+    ) -> Decision {
+        let key = state.key.of_request(connection, request);
+        Decision::Forward(slot(state.tables.get(connection.scope), key).unwrap_or(eligible[0]))
+    }
+}
+
+/// The endpoint in `key`'s slot of the table, if it has any.
+fn slot(table: &[EndpointId], key: u64) -> Option<EndpointId> {
+    (!table.is_empty()).then(|| table[(key % table.len() as u64) as usize])
 }
 
 weir_sdk::export_policy!(Maglev);

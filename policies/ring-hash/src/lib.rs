@@ -9,13 +9,17 @@
 //! - `virtual_nodes`: points per endpoint (default 100), lowered so the ring holds at most
 //!   `max_ring_size` points (default 65536, at most 262144: a point is 16 bytes of the
 //!   instance's memory, shared by every port using the policy).
-//! - `hash`: `"ip"` (default) or `"ip-port"`.
+//! - `hash`: `"ip"` (default), `"ip-port"`, or `"header"` with `header` naming a request
+//!   header (`{"hash": "header", "header": "x-user"}`): on HTTP ports, each distinct value
+//!   of that header sticks to one endpoint, and requests without it hash the client's IP;
+//!   on other ports, connections hash the client's IP.
 
 use serde::Deserialize;
 use weir_sdk::config::Layered;
 use weir_sdk::scoped::PerScope;
 use weir_sdk::{
-    Connection, Decision, Eligibility, Endpoint, EndpointId, LogLevel, Node, Policy, Service, hash,
+    Connection, Decision, Eligibility, Endpoint, EndpointId, LogLevel, Node, Policy, Request,
+    Service, hash,
 };
 
 #[derive(Clone, Debug, Deserialize, PartialEq)]
@@ -24,6 +28,8 @@ pub struct Settings {
     pub virtual_nodes: u32,
     pub max_ring_size: u32,
     pub hash: hash::ClientKey,
+    /// The request header hashed when `hash` is `"header"`.
+    pub header: Option<String>,
 }
 
 impl Default for Settings {
@@ -32,6 +38,7 @@ impl Default for Settings {
             virtual_nodes: 100,
             max_ring_size: 65_536,
             hash: hash::ClientKey::Ip,
+            header: None,
         }
     }
 }
@@ -46,6 +53,7 @@ pub struct RingHash {
 #[derive(Debug, Default)]
 pub struct State {
     settings: Option<Settings>,
+    key: hash::Key,
     rings: PerScope<Vec<(u64, EndpointId)>>,
 }
 
@@ -98,9 +106,10 @@ impl Policy for RingHash {
     type State = State;
 
     fn configure(config: &str) -> Result<Self, String> {
-        Ok(RingHash {
-            settings: Layered::configure(config)?,
-        })
+        let settings = Layered::<Settings>::configure(config)?;
+        let defaults = settings.defaults();
+        hash::Key::new(defaults.hash, defaults.header.as_deref())?;
+        Ok(RingHash { settings })
     }
 
     fn update(
@@ -124,6 +133,12 @@ impl Policy for RingHash {
             settings.max_ring_size = MAX_RING_SIZE;
         }
         state.rings = PerScope::build(&eligibility, |ids| ring(ids, endpoints, &settings));
+        state.key = hash::Key::for_service(
+            settings.hash,
+            settings.header.as_deref(),
+            service,
+            state.settings.is_some().then_some(&state.key),
+        );
         state.settings = Some(settings);
         eligibility
     }
@@ -135,11 +150,19 @@ impl Policy for RingHash {
         eligible: &[EndpointId],
         connection: &Connection,
     ) -> Decision {
-        let key = state
-            .settings
-            .as_ref()
-            .map_or(hash::ClientKey::Ip, |s| s.hash)
-            .of(connection);
+        let key = state.key.of(connection);
+        Decision::Forward(lookup(state.rings.get(connection.scope), key).unwrap_or(eligible[0]))
+    }
+
+    fn select_request(
+        &self,
+        state: &mut State,
+        _: &Service,
+        eligible: &[EndpointId],
+        connection: &Connection,
+        request: &dyn Request,
+    ) -> Decision {
+        let key = state.key.of_request(connection, request);
         Decision::Forward(lookup(state.rings.get(connection.scope), key).unwrap_or(eligible[0]))
     }
 }

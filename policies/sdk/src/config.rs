@@ -77,6 +77,11 @@ impl<T: DeserializeOwned + Clone + Default> Layered<T> {
         })
     }
 
+    /// The policy's own settings, before any Service's annotation.
+    pub fn defaults(&self) -> T {
+        layered::<T>(&self.defaults, None).unwrap_or_default()
+    }
+
     /// The settings for `service`. A bad annotation is logged and `last_good` (else the
     /// defaults) used instead: bad input never stops a service from being served.
     pub fn for_service(&self, service: &crate::Service, last_good: Option<&T>) -> T {

@@ -4,6 +4,7 @@
 
 use crate::Policy;
 use crate::ids::IdMap;
+use crate::request::{Request, RequestOutcome};
 use crate::types::{
     Capabilities, Connection, Decision, Eligibility, Endpoint, Node, Outcome, Service,
     ServiceHandle,
@@ -75,6 +76,36 @@ impl<P: Policy> Driver<P> {
         }
         self.policy
             .select(&mut entry.state, &entry.service, &set.endpoints, connection)
+    }
+
+    /// The policy's decision for one request on an HTTP port, under the same rules as
+    /// [`select`](Driver::select).
+    pub fn select_request(
+        &mut self,
+        handle: ServiceHandle,
+        connection: &Connection,
+        request: &dyn Request,
+    ) -> Decision {
+        let Some(entry) = self.services.get_mut(&handle) else {
+            return Decision::Reject;
+        };
+        let set = entry.eligibility.for_scope(connection.scope);
+        if set.endpoints.is_empty() {
+            return set.empty_decision();
+        }
+        self.policy.select_request(
+            &mut entry.state,
+            &entry.service,
+            &set.endpoints,
+            connection,
+            request,
+        )
+    }
+
+    pub fn observe_request(&mut self, handle: ServiceHandle, outcome: &RequestOutcome) {
+        if let Some(entry) = self.services.get_mut(&handle) {
+            self.policy.observe_request(&mut entry.state, outcome);
+        }
     }
 
     pub fn observe(&mut self, handle: ServiceHandle, outcome: &Outcome) {

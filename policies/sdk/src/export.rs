@@ -5,7 +5,10 @@ use std::cell::RefCell;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::thread::LocalKey;
 
-use crate::bindings::weir::policy::types as wit;
+use crate::bindings::exports::weir::policy0_2_0::requests as wit_requests;
+use crate::bindings::weir::policy0_1_0::types as wit;
+use crate::bindings::weir::policy0_2_0::http;
+use crate::request::{Request, RequestEvent, RequestOutcome};
 use crate::types::{
     Connection, Decision, Eligibility, EmptyAction, Endpoint, EndpointSet, IpFamily, Node, Outcome,
     OutcomeKind, Protocol, Scope, Service,
@@ -64,20 +67,88 @@ pub fn select<P: Policy>(
     handle: u32,
     connection: wit::Connection,
 ) -> wit::Decision {
-    let connection = Connection {
-        client: socket_from(connection.client),
-        destination: socket_from(connection.destination),
-        scope: match connection.scope {
-            wit::TrafficScope::Internal => Scope::Internal,
-            wit::TrafficScope::External => Scope::External,
-        },
-    };
+    let connection = connection_from(connection);
     let decision = slot.with(|s| {
         s.borrow_mut()
             .as_mut()
             .expect(NOT_CONFIGURED)
             .select(handle, &connection)
     });
+    decision_to(decision)
+}
+
+/// The host's request, read through its getters as the policy asks.
+struct HostRequest<'a>(&'a http::Request);
+
+impl Request for HostRequest<'_> {
+    fn method(&self) -> String {
+        self.0.method()
+    }
+
+    fn authority(&self) -> Option<String> {
+        self.0.authority()
+    }
+
+    fn path(&self) -> String {
+        self.0.path()
+    }
+
+    fn header(&self, name: &str) -> Option<Vec<u8>> {
+        self.0.header(name)
+    }
+}
+
+pub fn select_request<P: Policy>(
+    slot: &'static Slot<P>,
+    handle: u32,
+    connection: wit::Connection,
+    request: &http::Request,
+) -> wit::Decision {
+    let connection = connection_from(connection);
+    let decision = slot.with(|s| {
+        s.borrow_mut()
+            .as_mut()
+            .expect(NOT_CONFIGURED)
+            .select_request(handle, &connection, &HostRequest(request))
+    });
+    decision_to(decision)
+}
+
+pub fn observe_request<P: Policy>(
+    slot: &'static Slot<P>,
+    handle: u32,
+    outcome: wit_requests::RequestOutcome,
+) {
+    let outcome = RequestOutcome {
+        endpoint: outcome.endpoint,
+        event: match outcome.event {
+            wit_requests::RequestEvent::Response(status) => RequestEvent::Response(status),
+            wit_requests::RequestEvent::ConnectFailed => RequestEvent::ConnectFailed,
+            wit_requests::RequestEvent::Failed => RequestEvent::Failed,
+            wit_requests::RequestEvent::Finished => RequestEvent::Finished,
+        },
+        micros: outcome.micros,
+    };
+    slot.with(|s| {
+        s.borrow_mut()
+            .as_mut()
+            .expect(NOT_CONFIGURED)
+            .observe_request(handle, &outcome)
+    })
+}
+
+fn connection_from(connection: wit::Connection) -> Connection {
+    Connection {
+        client: socket_from(connection.client),
+        destination: socket_from(connection.destination),
+        scope: match connection.scope {
+            wit::TrafficScope::Internal => Scope::Internal,
+            wit::TrafficScope::External => Scope::External,
+        },
+    }
+}
+
+fn decision_to(decision: Decision) -> wit::Decision {
     match decision {
         Decision::Forward(id) => wit::Decision::Forward(id),
         Decision::Reject => wit::Decision::Reject,

@@ -41,7 +41,7 @@ pub(crate) fn mix_for_tests(state: u64) -> u64 {
 
 #[cfg(target_arch = "wasm32")]
 mod imp {
-    use crate::bindings::weir::policy::{clock, log as wit_log, random, types};
+    use crate::bindings::weir::policy0_1_0::{clock, log as wit_log, random, types};
     use crate::types::LogLevel;
 
     pub fn log(level: LogLevel, message: &str) {

@@ -34,6 +34,7 @@ pub mod hash;
 pub mod host;
 pub mod ids;
 pub mod kube;
+mod request;
 pub mod scoped;
 pub mod sticky;
 mod types;
@@ -44,14 +45,17 @@ pub mod export;
 
 pub use driver::Driver;
 pub use host::{log, now_nanos, random_below, random_u64};
+pub use request::{Request, RequestEvent, RequestOutcome, RequestParts};
 pub use types::*;
 
-/// The WIT bindings of `weir:policy@0.1.0`, generated once here for every policy.
+/// The WIT bindings of `weir:policy@0.2.0` (which carries 0.1.0), generated once here for
+/// every policy.
 #[doc(hidden)]
 pub mod bindings {
     wit_bindgen::generate!({
         world: "policy-world",
         path: "../../wit",
+        generate_all,
         pub_export_macro: true,
         default_bindings_module: "weir_sdk::bindings",
     });
@@ -61,8 +65,10 @@ pub mod bindings {
 ///
 /// - [`configure`](Policy::configure) once per instance, with the policy's configuration;
 /// - [`update`](Policy::update) when a service port's Service, endpoints or node change;
-/// - [`select`](Policy::select) for each new connection whose scope has eligible endpoints;
-/// - [`observe`](Policy::observe) for connection outcomes, if
+/// - [`select`](Policy::select) for each new connection whose scope has eligible endpoints,
+///   and [`select_request`](Policy::select_request) for each request on an HTTP port;
+/// - [`observe`](Policy::observe) for connection outcomes (and
+///   [`observe_request`](Policy::observe_request) for requests'), if
 ///   [`capabilities`](Policy::capabilities) asks for them.
 ///
 /// A panic anywhere is a trap: the host discards the instance and applies the service's
@@ -107,6 +113,22 @@ pub trait Policy: Sized + 'static {
         connection: &Connection,
     ) -> Decision;
 
+    /// Picks the endpoint for one request on an HTTP Service port (`appProtocol` `http`,
+    /// `kubernetes.io/h2c` or `grpc`): every request of a keep-alive or HTTP/2 connection
+    /// is decided on its own. `connection` is the client connection it came on. Default:
+    /// [`select`](Policy::select), as if the request were a connection.
+    fn select_request(
+        &self,
+        state: &mut Self::State,
+        service: &Service,
+        eligible: &[EndpointId],
+        connection: &Connection,
+        request: &dyn Request,
+    ) -> Decision {
+        let _ = request;
+        self.select(state, service, eligible, connection)
+    }
+
     /// A connection went to `endpoint` without this policy's `select` being asked (a
     /// wrapper such as [`sticky::Sticky`] answered for it). Policies that count
     /// connections count it here too. Default: nothing.
@@ -118,17 +140,26 @@ pub trait Policy: Sized + 'static {
     fn observe(&self, state: &mut Self::State, outcome: &Outcome) {
         let _ = (state, outcome);
     }
+
+    /// Learns from what happened to a forwarded request. Default: [`observe`](Policy::observe)
+    /// with the request's [connection outcome](RequestOutcome::as_connection_outcome), so
+    /// a policy counting connections in flight counts requests in flight.
+    fn observe_request(&self, state: &mut Self::State, outcome: &RequestOutcome) {
+        self.observe(state, &outcome.as_connection_outcome());
+    }
 }
 
-/// Exports a [`Policy`] as the component's `weir:policy/policy` implementation. Compiles
+/// Exports a [`Policy`] as the component's `weir:policy/policy` and `weir:policy/requests`
+/// implementations. Compiles
 /// to nothing outside `wasm32`, so the crate can also be used natively (unit tests, rlib).
 #[macro_export]
 macro_rules! export_policy {
     ($policy:ty) => {
         #[cfg(target_arch = "wasm32")]
         const _: () = {
-            use $crate::bindings::exports::weir::policy::policy::Guest;
-            use $crate::bindings::weir::policy::types as wit;
+            use $crate::bindings::exports::weir::policy0_1_0::policy::Guest;
+            use $crate::bindings::exports::weir::policy0_2_0::requests;
+            use $crate::bindings::weir::policy0_1_0::types as wit;
 
             ::std::thread_local! {
                 static DRIVER: ::core::cell::RefCell<::core::option::Option<$crate::Driver<$policy>>> =
@@ -157,6 +188,19 @@ macro_rules! export_policy {
                 }
                 fn observe(service: u32, outcome: wit::Outcome) {
                     $crate::export::observe(&DRIVER, service, outcome)
+                }
+            }
+
+            impl requests::Guest for WeirPolicyExport {
+                fn select_request(
+                    service: u32,
+                    connection: wit::Connection,
+                    request: &$crate::bindings::weir::policy0_2_0::http::Request,
+                ) -> wit::Decision {
+                    $crate::export::select_request(&DRIVER, service, connection, request)
+                }
+                fn observe_request(service: u32, outcome: requests::RequestOutcome) {
+                    $crate::export::observe_request(&DRIVER, service, outcome)
                 }
             }
 

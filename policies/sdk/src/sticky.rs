@@ -9,6 +9,7 @@
 use serde_json::{Map, Value};
 
 use crate::affinity::ClientIpAffinity;
+use crate::request::{Request, RequestOutcome};
 use crate::types::{
     Capabilities, Connection, Decision, Eligibility, Endpoint, EndpointId, Node, Outcome, Service,
 };
@@ -128,6 +129,58 @@ impl<P: Policy> Policy for Sticky<P> {
         eligible: &[EndpointId],
         connection: &Connection,
     ) -> Decision {
+        self.stick(
+            state,
+            service,
+            eligible,
+            connection,
+            |inner, state, service| inner.select(state, service, eligible, connection),
+        )
+    }
+
+    fn select_request(
+        &self,
+        state: &mut Self::State,
+        service: &Service,
+        eligible: &[EndpointId],
+        connection: &Connection,
+        request: &dyn Request,
+    ) -> Decision {
+        self.stick(
+            state,
+            service,
+            eligible,
+            connection,
+            |inner, state, service| {
+                inner.select_request(state, service, eligible, connection, request)
+            },
+        )
+    }
+
+    fn forwarded(&self, state: &mut Self::State, endpoint: EndpointId) {
+        self.inner.forwarded(&mut state.inner, endpoint);
+    }
+
+    fn observe(&self, state: &mut Self::State, outcome: &Outcome) {
+        self.inner.observe(&mut state.inner, outcome);
+    }
+
+    fn observe_request(&self, state: &mut Self::State, outcome: &RequestOutcome) {
+        self.inner.observe_request(&mut state.inner, outcome);
+    }
+}
+
+impl<P: Policy> Sticky<P> {
+    /// The client's endpoint while its affinity lasts; otherwise `P`'s answer, through
+    /// `ask`, remembered for the client.
+    fn stick(
+        &self,
+        state: &mut StickyState<P::State>,
+        service: &Service,
+        eligible: &[EndpointId],
+        connection: &Connection,
+        ask: impl FnOnce(&P, &mut P::State, &Service) -> Decision,
+    ) -> Decision {
         let inner_service = state.service.as_ref().unwrap_or(service);
         let inner = &self.inner;
         let inner_state = &mut state.inner;
@@ -140,7 +193,7 @@ impl<P: Policy> Policy for Sticky<P> {
             crate::now_nanos(),
             || {
                 asked = true;
-                match inner.select(inner_state, inner_service, eligible, connection) {
+                match ask(inner, inner_state, inner_service) {
                     Decision::Forward(id) => id,
                     other => {
                         refused = Some(other);
@@ -163,13 +216,5 @@ impl<P: Policy> Policy for Sticky<P> {
                 Decision::Forward(endpoint)
             }
         }
-    }
-
-    fn forwarded(&self, state: &mut Self::State, endpoint: EndpointId) {
-        self.inner.forwarded(&mut state.inner, endpoint);
-    }
-
-    fn observe(&self, state: &mut Self::State, outcome: &Outcome) {
-        self.inner.observe(&mut state.inner, outcome);
     }
 }

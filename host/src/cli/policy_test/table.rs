@@ -7,8 +7,17 @@ pub fn table(report: &Report) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "policy {} ({}) on node {}, {} connections per port and scope",
-        report.policy, report.module, report.node, report.connections
+        "policy {} ({}, contract {}) on node {}, {} {} per port and scope",
+        report.policy,
+        report.module,
+        report.contract,
+        report.node,
+        report.connections,
+        if report.requests {
+            "requests"
+        } else {
+            "connections"
+        }
     );
     for port in &report.services {
         let name = if port.port.is_empty() {
@@ -42,6 +51,13 @@ pub fn table(report: &Report) -> String {
                     out,
                     "    {} policy calls failed here: these answers are the failure mode's, not the policy's",
                     r.failures
+                );
+            }
+            if let Some(keys) = &r.header_values {
+                let _ = writeln!(
+                    out,
+                    "    header values: {} of {} distinct went to one endpoint every time",
+                    keys.on_one_endpoint, keys.distinct
                 );
             }
             for e in &r.endpoints {

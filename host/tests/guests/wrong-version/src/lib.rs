@@ -3,7 +3,7 @@
 
 wit_bindgen::generate!({
     inline: r#"
-        package weir:policy@0.2.0;
+        package weir:policy@0.9.0;
 
         interface policy {
             select: func(service: u32) -> u32;
