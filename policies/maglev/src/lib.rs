@@ -277,6 +277,30 @@ mod tests {
     }
 
     #[test]
+    fn requests_with_the_same_header_value_meet_whatever_their_client() {
+        use weir_sdk::{Driver, RequestParts, Scope};
+        let mut driver =
+            Driver::<Maglev>::configure(r#"{"hash": "header", "header": "x-user"}"#).unwrap();
+        let service = Service::cluster_ip("default", "web", "198.19.0.1".parse().unwrap(), 80);
+        driver.update(1, service, &Node::default(), &endpoints(10));
+        let from = |client: u32| Connection {
+            client: std::net::SocketAddr::new(std::net::IpAddr::from(client.to_be_bytes()), 5000),
+            destination: "198.19.0.1:80".parse().unwrap(),
+            scope: Scope::Internal,
+        };
+        let mut per_user = HashMap::new();
+        for client in 0..200u32 {
+            let user = format!("user-{}", client % 7);
+            let request = RequestParts::get("/").with_header("X-User", user.clone());
+            let decision = driver.select_request(1, &from(0xc613_0000 + client), &request);
+            assert_eq!(*per_user.entry(user).or_insert(decision), decision);
+        }
+        // Seven users, not all on one endpoint.
+        let distinct: std::collections::HashSet<_> = per_user.values().collect();
+        assert!(distinct.len() > 1, "{per_user:?}");
+    }
+
+    #[test]
     fn a_bad_table_size_is_replaced_by_a_prime_that_fits() {
         assert!(is_prime(65_537) && !is_prime(65_536));
         assert_eq!(next_prime(1000), 1009);
