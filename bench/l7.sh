@@ -105,7 +105,7 @@ address = "127.42.0.1:10256"
 [proxy]
 workers = $THREADS
 TOML
-WEIR_LOG=warn "$WEIR" run --config "$work/weir/weir.toml" &
+WEIR_LOG=warn ${WEIR_ENV:-} "$WEIR" run --config "$work/weir/weir.toml" &
 pids+=($!)
 
 # HAProxy in mode http on the same backends: h2c in front and behind for 8001,

@@ -135,24 +135,27 @@ impl App {
         .context("cannot start the policy engine")?;
         let registry = Registry::new(engine);
 
-        let shared = Arc::new(Shared::new(Settings {
-            workers,
-            connect_timeout: config.proxy.connect_timeout.0,
-            connect_attempts: config.proxy.connect_attempts,
-            drop_timeout: config.proxy.drop_timeout.0,
-            udp: UdpSettings {
-                timeout: config.proxy.udp_timeout.0,
-                stream_timeout: config.proxy.udp_stream_timeout.0,
-                max_flows: config.proxy.max_udp_flows,
-                max_flows_per_service: config.proxy.max_udp_flows_per_service,
-            },
-            tcp: TcpSettings {
-                max_connections: config.proxy.connection_cap(),
-                max_per_service: config.proxy.connection_cap_per_service(),
-                idle_timeout: config.proxy.idle_timeout.map(|t| t.0),
-                half_close_timeout: config.proxy.half_close_timeout.0,
-            },
-        }));
+        let shared = Arc::new(
+            Shared::new(Settings {
+                workers,
+                connect_timeout: config.proxy.connect_timeout.0,
+                connect_attempts: config.proxy.connect_attempts,
+                drop_timeout: config.proxy.drop_timeout.0,
+                udp: UdpSettings {
+                    timeout: config.proxy.udp_timeout.0,
+                    stream_timeout: config.proxy.udp_stream_timeout.0,
+                    max_flows: config.proxy.max_udp_flows,
+                    max_flows_per_service: config.proxy.max_udp_flows_per_service,
+                },
+                tcp: TcpSettings {
+                    max_connections: config.proxy.connection_cap(),
+                    max_per_service: config.proxy.connection_cap_per_service(),
+                    idle_timeout: config.proxy.idle_timeout.map(|t| t.0),
+                    half_close_timeout: config.proxy.half_close_timeout.0,
+                },
+            })
+            .context("cannot start the worker threads")?,
+        );
         let transparent = if config.proxy.transparent {
             match crate::transparent::Transparent::install() {
                 Ok(installed) => {

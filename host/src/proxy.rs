@@ -6,6 +6,7 @@
 //! accepted; nothing that happens afterwards (a swap, a port change, a listener closing)
 //! touches an established connection.
 
+mod coalesce;
 mod copy;
 pub mod decide;
 pub mod http;
@@ -13,6 +14,7 @@ pub mod proxy_protocol;
 mod route_metrics;
 pub mod tcp;
 pub mod udp;
+mod workers;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
@@ -172,8 +174,8 @@ pub struct Shared {
     pub local_sources: ArcSwap<Vec<Cidr>>,
     /// Every connection task, for the drain on shutdown.
     pub connections: TaskTracker,
-    /// The pools of connections to the endpoints of HTTP ports.
-    pub http: http::Clients,
+    /// The threads TCP connections run on.
+    pub workers: workers::Workers,
     /// One permit per TCP connection the node may hold (`proxy.max_connections`).
     pub tcp_slots: Arc<tokio::sync::Semaphore>,
     /// Whether connections to local endpoints may take the client's address: the policy
@@ -191,25 +193,34 @@ pub struct Shared {
 }
 
 impl Shared {
-    pub fn new(settings: Settings) -> Self {
-        let http = http::Clients::new(settings.connect_timeout);
+    /// Starts the data plane's worker threads too.
+    pub fn new(settings: Settings) -> std::io::Result<Self> {
+        let workers = workers::Workers::start(settings.workers)?;
         let tcp_slots = Arc::new(tokio::sync::Semaphore::new(
             (settings.tcp.max_connections).min(tokio::sync::Semaphore::MAX_PERMITS),
         ));
-        Shared {
+        Ok(Shared {
             routes: ArcSwap::from_pointee(Routes::default()),
             retired: ArcSwap::from_pointee(HashMap::new()),
             settings,
             local_sources: ArcSwap::from_pointee(Vec::new()),
             connections: TaskTracker::new(),
-            http,
+            workers,
             tcp_slots,
             transparent: Default::default(),
             close: CancellationToken::new(),
             udp_flows: Default::default(),
             udp_listeners: TaskTracker::new(),
             udp_saved: Default::default(),
-        }
+        })
+    }
+
+    /// Runs a connection's task on the next worker, tracked for the drain.
+    pub fn spawn_connection<F>(&self, task: F)
+    where
+        F: std::future::Future<Output = ()> + Send + 'static,
+    {
+        self.workers.spawn(self.connections.track_future(task));
     }
 
     /// The route of a TCP connection accepted on `address`: the current one, or, when

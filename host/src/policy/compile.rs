@@ -118,6 +118,11 @@ fn compile_in_child(
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
+        // weir's allocator (mimalloc) maps its arenas 1 GiB at a time, writable, and the
+        // child's data limit counts that: small arenas, committed as used, keep the
+        // budget about what the compiler uses.
+        .env("MIMALLOC_ARENA_RESERVE", "16MiB")
+        .env("MIMALLOC_ARENA_EAGER_COMMIT", "0")
         .env_remove("WEIR_LOG")
         .spawn()
     {

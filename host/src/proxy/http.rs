@@ -50,10 +50,13 @@ pub const MAX_REPLAY_BYTES: u64 = 64 * 1024;
 /// How long a client may take to send a request's head.
 const HEADER_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// The pools of connections to endpoints, one per way of speaking to them.
+/// The pools of connections to endpoints, one per way of speaking to them, and one set
+/// per worker thread: a request goes out over its own worker's connections, which wake
+/// only that worker.
+#[derive(Clone)]
 pub struct Clients {
     http1: Client<HttpConnector, Body>,
-    h2c: Client<HttpConnector, Body>,
+    h2c: Client<super::coalesce::Connector, Body>,
 }
 
 impl Clients {
@@ -71,14 +74,27 @@ impl Clients {
         };
         Clients {
             http1: builder().build(connector.clone()),
-            h2c: builder().http2_only(true).build(connector),
+            h2c: builder()
+                .http2_only(true)
+                .build(super::coalesce::Connector(connector)),
         }
     }
 
-    fn for_kind(&self, kind: HttpKind) -> &Client<HttpConnector, Body> {
+    /// Sends `request` over this thread's pool for `kind` (made on first use).
+    async fn send(
+        shared: &Shared,
+        kind: HttpKind,
+        request: Request<Body>,
+    ) -> Result<Response<Incoming>, hyper_util::client::legacy::Error> {
+        thread_local! {
+            static CLIENTS: std::cell::OnceCell<Clients> = const { std::cell::OnceCell::new() };
+        }
+        let clients = CLIENTS.with(|clients| {
+            (clients.get_or_init(|| Clients::new(shared.settings.connect_timeout))).clone()
+        });
         match kind {
-            HttpKind::Http1 => &self.http1,
-            HttpKind::H2c => &self.h2c,
+            HttpKind::Http1 => clients.http1.request(request).await,
+            HttpKind::H2c => clients.h2c.request(request).await,
         }
     }
 }
@@ -110,6 +126,7 @@ pub async fn connection(
         .max_concurrent_streams(MAX_STREAMS)
         .max_header_list_size(MAX_HEADER_BYTES as u32);
     let close = shared_close.clone();
+    let client = super::coalesce::Coalesce::new(client);
     let connection = builder.serve_connection_with_upgrades(TokioIo::new(client), service);
     let mut connection = std::pin::pin!(connection);
     tokio::select! {
@@ -264,7 +281,7 @@ async fn request_to(
             ));
         };
         let sent = Instant::now();
-        match shared.http.for_kind(kind).request(upstream).await {
+        match Clients::send(&shared, kind, upstream).await {
             Ok(mut response) => {
                 // The policy learns the status and the time to the response's head now,
                 // and that the request is over when its response's body ends (a gRPC

@@ -50,7 +50,7 @@ pub async fn serve(
                 let route = shared.tcp_route(address);
                 let task_shared = shared.clone();
                 let stop = stop.clone();
-                shared.connections.spawn(async move {
+                shared.spawn_connection(async move {
                     connection(stream, client, address, route, task_shared, stop).await;
                     drop(slot);
                 });
@@ -74,7 +74,7 @@ pub async fn serve(
         else {
             continue;
         };
-        shared.connections.spawn(connection(
+        shared.spawn_connection(connection(
             stream,
             client,
             address,

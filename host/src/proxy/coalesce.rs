@@ -1,0 +1,203 @@
+//! Fewer, larger writes on HTTP/2 connections. hyper (through h2) flushes a connection
+//! each time its task runs, and its task runs each time one stream has something to send:
+//! under load that is a `writev` system call, and a TCP segment for the peer to take in,
+//! per response. `Coalesce` buffers what is written and, on the first flush, lets every
+//! task already waiting on this thread run before the bytes go out, so the frames of all
+//! the streams that completed meanwhile leave in one write. Nothing waits on a timer: a
+//! flush is put off by one turn of the event loop, at most.
+
+use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+/// Above this many buffered bytes, writes go out before more are taken.
+const MAX_BUFFER: usize = 64 << 10;
+/// A buffer grown past this is given back once drained: an idle connection holds none.
+const KEEP_CAPACITY: usize = 16 << 10;
+
+pub struct Coalesce<T> {
+    inner: T,
+    buffer: Vec<u8>,
+    /// How much of `buffer` went out already.
+    written: usize,
+    /// The current flush was put off once already.
+    deferred: bool,
+}
+
+impl<T> Coalesce<T> {
+    pub fn new(inner: T) -> Self {
+        Coalesce {
+            inner,
+            buffer: Vec::new(),
+            written: 0,
+            deferred: false,
+        }
+    }
+}
+
+impl<T: AsyncWrite + Unpin> Coalesce<T> {
+    /// Writes the buffer out; `Ready(Ok)` once it is empty.
+    fn drain(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        while self.written < self.buffer.len() {
+            match Pin::new(&mut self.inner).poll_write(cx, &self.buffer[self.written..]) {
+                Poll::Ready(Ok(0)) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
+                Poll::Ready(Ok(n)) => self.written += n,
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+        self.written = 0;
+        if self.buffer.capacity() > KEEP_CAPACITY {
+            self.buffer = Vec::new();
+        } else {
+            self.buffer.clear();
+        }
+        Poll::Ready(Ok(()))
+    }
+
+    /// Room for more: drains first when the buffer is full.
+    fn make_room(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        if self.buffer.len() >= MAX_BUFFER {
+            return self.drain(cx);
+        }
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for Coalesce<T> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for Coalesce<T> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        std::task::ready!(self.make_room(cx))?;
+        self.buffer.extend_from_slice(data);
+        Poll::Ready(Ok(data.len()))
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        slices: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        std::task::ready!(self.make_room(cx))?;
+        let mut n = 0;
+        for slice in slices {
+            self.buffer.extend_from_slice(slice);
+            n += slice.len();
+        }
+        Poll::Ready(Ok(n))
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        true
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        if self.buffer.is_empty() {
+            return Pin::new(&mut self.inner).poll_flush(cx);
+        }
+        if !self.deferred {
+            // Let the tasks already woken on this thread add to the buffer first.
+            self.deferred = true;
+            cx.waker().wake_by_ref();
+            return Poll::Pending;
+        }
+        std::task::ready!(self.drain(cx))?;
+        self.deferred = false;
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        std::task::ready!(self.drain(cx))?;
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// Connections to endpoints for the HTTP/2 pool: hyper-util's connector, each stream
+/// coalesced, so the requests many streams send at once leave in one write.
+#[derive(Clone)]
+pub struct Connector(pub hyper_util::client::legacy::connect::HttpConnector);
+
+/// A coalesced connection to an endpoint, as the pool holds it.
+pub struct Upstream(hyper_util::rt::TokioIo<Coalesce<tokio::net::TcpStream>>);
+
+impl tower_service::Service<hyper::Uri> for Connector {
+    type Response = Upstream;
+    type Error = <hyper_util::client::legacy::connect::HttpConnector as tower_service::Service<
+        hyper::Uri,
+    >>::Error;
+    type Future = Pin<Box<dyn std::future::Future<Output = Result<Upstream, Self::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.0.poll_ready(cx)
+    }
+
+    fn call(&mut self, uri: hyper::Uri) -> Self::Future {
+        let connecting = self.0.call(uri);
+        Box::pin(async move {
+            let stream = connecting.await?.into_inner();
+            Ok(Upstream(hyper_util::rt::TokioIo::new(Coalesce::new(
+                stream,
+            ))))
+        })
+    }
+}
+
+impl hyper_util::client::legacy::connect::Connection for Upstream {
+    fn connected(&self) -> hyper_util::client::legacy::connect::Connected {
+        hyper_util::client::legacy::connect::Connected::new()
+    }
+}
+
+impl hyper::rt::Read for Upstream {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: hyper::rt::ReadBufCursor<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.0).poll_read(cx, buf)
+    }
+}
+
+impl hyper::rt::Write for Upstream {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.0).poll_write(cx, data)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        slices: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.0).poll_write_vectored(cx, slices)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        true
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.0).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.0).poll_shutdown(cx)
+    }
+}
