@@ -175,7 +175,7 @@ pub struct Shared {
     /// Every connection task, for the drain on shutdown.
     pub connections: TaskTracker,
     /// The threads TCP connections run on.
-    pub workers: workers::Workers,
+    pub(crate) workers: workers::Workers,
     /// One permit per TCP connection the node may hold (`proxy.max_connections`).
     pub tcp_slots: Arc<tokio::sync::Semaphore>,
     /// Whether connections to local endpoints may take the client's address: the policy
@@ -213,14 +213,6 @@ impl Shared {
             udp_listeners: TaskTracker::new(),
             udp_saved: Default::default(),
         })
-    }
-
-    /// Runs a connection's task on the next worker, tracked for the drain.
-    pub fn spawn_connection<F>(&self, task: F)
-    where
-        F: std::future::Future<Output = ()> + Send + 'static,
-    {
-        self.workers.spawn(self.connections.track_future(task));
     }
 
     /// The route of a TCP connection accepted on `address`: the current one, or, when

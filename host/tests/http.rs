@@ -299,10 +299,10 @@ async fn unreachable_endpoints_are_retried_then_answered_with_503() {
     weir.shutdown().await;
 }
 
-/// gRPC through weir, framed by hand (no code generation): a client-streaming and
-/// server-streaming call on one h2c connection; each message comes back as it is sent
-/// (streaming passes through, nothing is buffered), and the `grpc-status` trailer
-/// arrives.
+/// gRPC through weir, framed by hand (no code generation): a bidirectional streaming call
+/// on one h2c connection, where each message comes back as it is sent (streaming passes
+/// through, nothing is buffered) and the `grpc-status` trailer arrives; then unary calls
+/// (their small bodies are the ones weir keeps to retry).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn grpc_streams_and_trailers_pass_through() {
     use http_body_util::StreamBody;
@@ -389,6 +389,33 @@ async fn grpc_streams_and_trailers_pass_through() {
         .into_trailers()
         .expect("trailers");
     assert_eq!(trailers["grpc-status"], "0");
+
+    // Unary calls, on a connection of their own (their bodies have a known length).
+    let stream = tokio::net::TcpStream::connect(SocketAddr::new(ip(0, 30), 8000))
+        .await
+        .unwrap();
+    let (mut sender, connection) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+            .await
+            .unwrap();
+    tokio::spawn(connection);
+    for n in 0u8..3 {
+        let message = Bytes::from(vec![0, 0, 0, 0, 2, n, n]);
+        let request = Request::post("http://weir/echo.Echo/Say")
+            .header("content-type", "application/grpc")
+            .header("te", "trailers")
+            .body(Full::new(message.clone()))
+            .unwrap();
+        let response = sender.send_request(request).await.unwrap();
+        assert_eq!(response.status(), 200);
+        let collected = tokio::time::timeout(Duration::from_secs(5), response.collect())
+            .await
+            .expect("the unary call ends")
+            .unwrap();
+        let trailers = collected.trailers().cloned().expect("trailers");
+        assert_eq!(trailers["grpc-status"], "0");
+        assert_eq!(collected.to_bytes(), message);
+    }
     weir.shutdown().await;
 }
 

@@ -48,12 +48,15 @@ pub async fn serve(
         match accepted {
             Ok((stream, client)) => {
                 let route = shared.tcp_route(address);
-                let task_shared = shared.clone();
-                let stop = stop.clone();
-                shared.spawn_connection(async move {
-                    connection(stream, client, address, route, task_shared, stop).await;
-                    drop(slot);
-                });
+                start(
+                    &shared,
+                    stream,
+                    client,
+                    address,
+                    route,
+                    stop.clone(),
+                    Some(slot),
+                );
             }
             Err(error) => {
                 // Out of file descriptors and the like: back off instead of spinning.
@@ -74,16 +77,52 @@ pub async fn serve(
         else {
             continue;
         };
-        shared.spawn_connection(connection(
+        let route = shared.tcp_route(address);
+        // Served as accepted, until the grace period ends.
+        start(
+            &shared,
             stream,
             client,
             address,
-            shared.tcp_route(address),
-            shared.clone(),
-            // Served as accepted, until the grace period ends.
+            route,
             CancellationToken::new(),
-        ));
+            None,
+        );
     }
+}
+
+/// Serves an accepted connection: an L4 one on this runtime, where it was accepted (a
+/// hand-over between threads would cost more than its copy loop saves); an HTTP one on
+/// the next worker loop, registered with that loop's own poller, so that its streams and
+/// its pooled connections to endpoints wake one thread only.
+fn start(
+    shared: &Arc<Shared>,
+    stream: TcpStream,
+    client: SocketAddr,
+    address: SocketAddr,
+    route: Option<Arc<Route>>,
+    stop: CancellationToken,
+    slot: Option<limits::Slot>,
+) {
+    let task_shared = shared.clone();
+    if !route.as_ref().is_some_and(|r| r.http.is_some()) {
+        shared.connections.spawn(async move {
+            connection(stream, client, address, route, task_shared, stop).await;
+            drop(slot);
+        });
+        return;
+    }
+    let Ok(stream) = stream.into_std() else {
+        return;
+    };
+    shared
+        .workers
+        .spawn(shared.connections.track_future(async move {
+            if let Ok(stream) = TcpStream::from_std(stream) {
+                connection(stream, client, address, route, task_shared, stop).await;
+            }
+            drop(slot);
+        }));
 }
 
 async fn connection(

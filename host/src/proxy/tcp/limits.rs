@@ -18,7 +18,7 @@ use super::super::{RouteMetrics, Shared};
 const RECHECK: Duration = Duration::from_millis(250);
 
 /// One connection's room under the caps, given back when it is dropped.
-pub(super) struct Slot {
+pub(crate) struct Slot {
     _node: OwnedSemaphorePermit,
     service: Option<Arc<RouteMetrics>>,
 }
