@@ -105,7 +105,7 @@ fn start(
     slot: Option<limits::Slot>,
 ) {
     let task_shared = shared.clone();
-    if !route.as_ref().is_some_and(|r| r.http.is_some()) {
+    if route.as_ref().is_none_or(|r| r.http.is_none()) {
         shared.connections.spawn(async move {
             connection(stream, client, address, route, task_shared, stop).await;
             drop(slot);
