@@ -9,6 +9,7 @@
 mod coalesce;
 mod copy;
 pub mod decide;
+mod h2_pool;
 pub mod http;
 pub mod proxy_protocol;
 mod route_metrics;

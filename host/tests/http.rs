@@ -763,3 +763,55 @@ async fn shutdown_sends_goaway_and_finishes_requests_in_flight() {
     assert!(started.elapsed() < Duration::from_secs(15));
     drop((h1, h2));
 }
+
+/// An endpoint that says GOAWAY after every request (as a server restarting or recycling
+/// connections does): weir opens another connection for the next request, and no client
+/// request fails.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_endpoint_closing_its_connections_costs_no_request() {
+    let endpoint = SocketAddr::new(ip(10, 1), 8080);
+    let listener = tokio::net::TcpListener::bind(endpoint).await.unwrap();
+    let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = accepted.clone();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            tokio::spawn(async move {
+                let answered = std::sync::Arc::new(tokio::sync::Notify::new());
+                let notify = answered.clone();
+                let service = hyper::service::service_fn(move |_: Request<_>| {
+                    notify.notify_one();
+                    async {
+                        Ok::<_, std::convert::Infallible>(Response::new(Full::new(
+                            Bytes::from_static(b"recycled\n"),
+                        )))
+                    }
+                });
+                let connection = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(stream), service);
+                let mut connection = std::pin::pin!(connection);
+                tokio::select! {
+                    _ = connection.as_mut() => return,
+                    () = answered.notified() => {}
+                }
+                connection.as_mut().graceful_shutdown();
+                let _ = connection.await;
+            });
+        }
+    });
+    let objects = vec![(
+        "recycle.yaml",
+        service("recycle", 100, "kubernetes.io/h2c", &[endpoint.ip()]),
+    )];
+    let weir = start(&objects, "round-robin", "").await;
+    let mut client = Connection::open(SocketAddr::new(ip(0, 100), 8000), true).await;
+    for _ in 0..10 {
+        let (status, body) = client.get().await.unwrap();
+        assert_eq!((status, body.as_str()), (200, "recycled"));
+    }
+    assert!(
+        accepted.load(std::sync::atomic::Ordering::Relaxed) >= 2,
+        "the endpoint's GOAWAY made weir reconnect"
+    );
+    weir.shutdown().await;
+}

@@ -126,78 +126,69 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Coalesce<T> {
     }
 }
 
-/// Connections to endpoints for the HTTP/2 pool: hyper-util's connector, each stream
-/// coalesced, so the requests many streams send at once leave in one write.
-#[derive(Clone)]
-pub struct Connector(pub hyper_util::client::legacy::connect::HttpConnector);
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::{Arc, Mutex};
 
-/// A coalesced connection to an endpoint, as the pool holds it.
-pub struct Upstream(hyper_util::rt::TokioIo<Coalesce<tokio::net::TcpStream>>);
+    /// A sink that records each write it is given.
+    #[derive(Clone, Default)]
+    struct Writes(Arc<Mutex<Vec<Vec<u8>>>>);
 
-impl tower_service::Service<hyper::Uri> for Connector {
-    type Response = Upstream;
-    type Error = <hyper_util::client::legacy::connect::HttpConnector as tower_service::Service<
-        hyper::Uri,
-    >>::Error;
-    type Future = Pin<Box<dyn std::future::Future<Output = Result<Upstream, Self::Error>> + Send>>;
+    impl AsyncWrite for Writes {
+        fn poll_write(
+            self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            data: &[u8],
+        ) -> Poll<io::Result<usize>> {
+            self.0.lock().unwrap().push(data.to_vec());
+            Poll::Ready(Ok(data.len()))
+        }
 
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        self.0.poll_ready(cx)
+        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+
+        fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
     }
 
-    fn call(&mut self, uri: hyper::Uri) -> Self::Future {
-        let connecting = self.0.call(uri);
-        Box::pin(async move {
-            let stream = connecting.await?.into_inner();
-            Ok(Upstream(hyper_util::rt::TokioIo::new(Coalesce::new(
-                stream,
-            ))))
-        })
-    }
-}
-
-impl hyper_util::client::legacy::connect::Connection for Upstream {
-    fn connected(&self) -> hyper_util::client::legacy::connect::Connected {
-        hyper_util::client::legacy::connect::Connected::new()
-    }
-}
-
-impl hyper::rt::Read for Upstream {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: hyper::rt::ReadBufCursor<'_>,
-    ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.0).poll_read(cx, buf)
-    }
-}
-
-impl hyper::rt::Write for Upstream {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        data: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.0).poll_write(cx, data)
+    #[tokio::test(flavor = "current_thread")]
+    async fn what_is_written_before_the_flush_goes_out_in_one_write() {
+        use tokio::io::AsyncWriteExt;
+        let writes = Writes::default();
+        let mut stream = Coalesce::new(writes.clone());
+        stream.write_all(b"frame one ").await.unwrap();
+        stream.write_all(b"frame two").await.unwrap();
+        assert!(
+            writes.0.lock().unwrap().is_empty(),
+            "nothing before the flush"
+        );
+        // The first flush yields once, then writes everything.
+        stream.flush().await.unwrap();
+        assert_eq!(
+            *writes.0.lock().unwrap(),
+            vec![b"frame one frame two".to_vec()]
+        );
+        // Nothing buffered: a flush passes straight through.
+        stream.flush().await.unwrap();
+        assert_eq!(writes.0.lock().unwrap().len(), 1);
     }
 
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        slices: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.0).poll_write_vectored(cx, slices)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        true
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.0).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.0).poll_shutdown(cx)
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_full_buffer_is_written_before_more_is_taken() {
+        use tokio::io::AsyncWriteExt;
+        let writes = Writes::default();
+        let mut stream = Coalesce::new(writes.clone());
+        stream.write_all(&vec![1u8; MAX_BUFFER]).await.unwrap();
+        stream.write_all(b"more").await.unwrap();
+        assert_eq!(
+            writes.0.lock().unwrap().len(),
+            1,
+            "the full buffer went out"
+        );
+        stream.shutdown().await.unwrap();
+        assert_eq!(writes.0.lock().unwrap()[1], b"more");
     }
 }

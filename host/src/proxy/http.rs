@@ -29,7 +29,7 @@ use tokio_util::sync::CancellationToken;
 use super::decide::{self, Next, Refusal};
 use super::{Route, Shared};
 
-type Body = BoxBody<Bytes, hyper::Error>;
+pub(super) type Body = BoxBody<Bytes, hyper::Error>;
 
 /// How an HTTP Service port speaks to its endpoints.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -50,13 +50,19 @@ pub const MAX_REPLAY_BYTES: u64 = 64 * 1024;
 /// How long a client may take to send a request's head.
 const HEADER_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// The pools of connections to endpoints, one per way of speaking to them, and one set
-/// per worker thread: a request goes out over its own worker's connections, which wake
-/// only that worker.
+/// The connections to endpoints, per worker thread (a request goes out over its own
+/// worker's connections, which wake only that worker): a keep-alive pool for HTTP/1.1,
+/// and one multiplexed connection per endpoint for HTTP/2 (`h2_pool.rs`).
 #[derive(Clone)]
 pub struct Clients {
     http1: Client<HttpConnector, Body>,
-    h2c: Client<super::coalesce::Connector, Body>,
+}
+
+/// Why a request to an endpoint got no response.
+struct Failed {
+    /// The endpoint could not be connected to: the request was not sent.
+    connect: bool,
+    message: String,
 }
 
 impl Clients {
@@ -73,29 +79,34 @@ impl Clients {
             builder
         };
         Clients {
-            http1: builder().build(connector.clone()),
-            h2c: builder()
-                .http2_only(true)
-                .build(super::coalesce::Connector(connector)),
+            http1: builder().build(connector),
         }
     }
 
-    /// Sends `request` over this thread's pool for `kind` (made on first use).
+    /// Sends `request` to `target` over this thread's connections for `kind`.
     async fn send(
         shared: &Shared,
         kind: HttpKind,
+        target: SocketAddr,
         request: Request<Body>,
-    ) -> Result<Response<Incoming>, hyper_util::client::legacy::Error> {
+    ) -> Result<Response<Incoming>, Failed> {
+        let timeout = shared.settings.connect_timeout;
+        if kind == HttpKind::H2c {
+            return (super::h2_pool::send(target, timeout, request).await).map_err(|error| {
+                Failed {
+                    connect: matches!(error, super::h2_pool::SendError::Connect(_)),
+                    message: error.to_string(),
+                }
+            });
+        }
         thread_local! {
             static CLIENTS: std::cell::OnceCell<Clients> = const { std::cell::OnceCell::new() };
         }
-        let clients = CLIENTS.with(|clients| {
-            (clients.get_or_init(|| Clients::new(shared.settings.connect_timeout))).clone()
-        });
-        match kind {
-            HttpKind::Http1 => clients.http1.request(request).await,
-            HttpKind::H2c => clients.h2c.request(request).await,
-        }
+        let clients = CLIENTS.with(|clients| clients.get_or_init(|| Clients::new(timeout)).clone());
+        (clients.http1.request(request).await).map_err(|error| Failed {
+            connect: error.is_connect(),
+            message: error.to_string(),
+        })
     }
 }
 
@@ -281,7 +292,7 @@ async fn request_to(
             ));
         };
         let sent = Instant::now();
-        match Clients::send(&shared, kind, upstream).await {
+        match Clients::send(&shared, kind, target, upstream).await {
             Ok(mut response) => {
                 // The policy learns the status and the time to the response's head now,
                 // and that the request is over when its response's body ends (a gRPC
@@ -302,13 +313,13 @@ async fn request_to(
                 });
                 return Ok(record(&route, Some(target), started, response));
             }
-            Err(error) if error.is_connect() && replayable => {
-                tracing::debug!(%target, "connect failed: {error}");
+            Err(error) if error.connect && replayable => {
+                tracing::debug!(%target, "connect failed: {}", error.message);
                 decision.unreachable(endpoint, target, sent.elapsed());
             }
             Err(error) => {
-                tracing::debug!(%target, "request failed: {error}");
-                if error.is_connect() {
+                tracing::debug!(%target, "request failed: {}", error.message);
+                if error.connect {
                     decision.unreachable(endpoint, target, sent.elapsed());
                 } else {
                     decision.failed(endpoint, target, sent.elapsed());
