@@ -9,12 +9,12 @@
 mod coalesce;
 mod copy;
 pub mod decide;
-mod h2_pool;
 pub mod http;
 pub mod proxy_protocol;
 mod route_metrics;
 pub mod tcp;
 pub mod udp;
+mod upstream;
 mod workers;
 
 use std::collections::{BTreeMap, HashMap, HashSet};

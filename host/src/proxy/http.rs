@@ -20,8 +20,6 @@ use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Empty, Full};
 use hyper::body::{Body as _, Incoming};
 use hyper::{Request, Response, StatusCode};
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
@@ -50,14 +48,6 @@ pub const MAX_REPLAY_BYTES: u64 = 64 * 1024;
 /// How long a client may take to send a request's head.
 const HEADER_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// The connections to endpoints, per worker thread (a request goes out over its own
-/// worker's connections, which wake only that worker): a keep-alive pool for HTTP/1.1,
-/// and one multiplexed connection per endpoint for HTTP/2 (`h2_pool.rs`).
-#[derive(Clone)]
-pub struct Clients {
-    http1: Client<HttpConnector, Body>,
-}
-
 /// Why a request to an endpoint got no response.
 struct Failed {
     /// The endpoint could not be connected to: the request was not sent.
@@ -65,49 +55,19 @@ struct Failed {
     message: String,
 }
 
-impl Clients {
-    pub fn new(connect_timeout: Duration) -> Self {
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(connect_timeout));
-        let builder = || {
-            let mut builder = Client::builder(TokioExecutor::new());
-            builder
-                .timer(TokioTimer::new())
-                .pool_timer(TokioTimer::new())
-                .pool_idle_timeout(Duration::from_secs(90));
-            builder
-        };
-        Clients {
-            http1: builder().build(connector),
-        }
-    }
-
-    /// Sends `request` to `target` over this thread's connections for `kind`.
-    async fn send(
-        shared: &Shared,
-        kind: HttpKind,
-        target: SocketAddr,
-        request: Request<Body>,
-    ) -> Result<Response<Incoming>, Failed> {
-        let timeout = shared.settings.connect_timeout;
-        if kind == HttpKind::H2c {
-            return (super::h2_pool::send(target, timeout, request).await).map_err(|error| {
-                Failed {
-                    connect: matches!(error, super::h2_pool::SendError::Connect(_)),
-                    message: error.to_string(),
-                }
-            });
-        }
-        thread_local! {
-            static CLIENTS: std::cell::OnceCell<Clients> = const { std::cell::OnceCell::new() };
-        }
-        let clients = CLIENTS.with(|clients| clients.get_or_init(|| Clients::new(timeout)).clone());
-        (clients.http1.request(request).await).map_err(|error| Failed {
-            connect: error.is_connect(),
-            message: error.to_string(),
-        })
-    }
+/// Sends `request` to `target` over this worker's connections for `kind`
+/// (`upstream.rs`).
+async fn send(
+    shared: &Shared,
+    kind: HttpKind,
+    target: SocketAddr,
+    request: Request<Body>,
+) -> Result<Response<Incoming>, Failed> {
+    let timeout = shared.settings.connect_timeout;
+    (super::upstream::send(kind, target, timeout, request).await).map_err(|error| Failed {
+        connect: matches!(error, super::upstream::SendError::Connect(_)),
+        message: error.to_string(),
+    })
 }
 
 /// Serves one client connection as HTTP until it closes, or, once `stop` is cancelled
@@ -292,7 +252,7 @@ async fn request_to(
             ));
         };
         let sent = Instant::now();
-        match Clients::send(&shared, kind, target, upstream).await {
+        match send(&shared, kind, target, upstream).await {
             Ok(mut response) => {
                 // The policy learns the status and the time to the response's head now,
                 // and that the request is over when its response's body ends (a gRPC
