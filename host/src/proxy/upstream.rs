@@ -22,6 +22,13 @@ use super::http::{Body, HttpKind};
 
 /// A connection unused this long is closed.
 const IDLE: Duration = Duration::from_secs(90);
+/// HTTP/1.1 connections looked at for a free one before a new one is made: the most
+/// recently used, which are the likeliest to be free, so that a request costs the same
+/// whatever the number of connections.
+const LOOK_AT: usize = 16;
+/// HTTP/1.1 connections kept per endpoint and worker; past it the oldest is let go (it
+/// closes once its response is read).
+const KEEP: usize = 1024;
 
 /// Why a request got no response.
 #[derive(Debug, thiserror::Error)]
@@ -172,10 +179,9 @@ impl Pool {
         let now = Instant::now();
         self.sweep(now);
         let entries = self.connections.get_mut(&(target, kind))?;
-        entries.retain(|e| !e.sender.is_closed());
         match kind {
             HttpKind::H2c => {
-                let entry = entries.first_mut()?;
+                let entry = entries.first_mut().filter(|e| !e.sender.is_closed())?;
                 entry.used = now;
                 let Sender::H2(sender) = &entry.sender else {
                     return None;
@@ -183,11 +189,12 @@ impl Pool {
                 Some(Sender::H2(sender.clone()))
             }
             HttpKind::Http1 => {
-                let ready = entries.iter().position(|e| match &e.sender {
+                let from = entries.len().saturating_sub(LOOK_AT);
+                let ready = (from..entries.len()).rev().find(|&i| match &entries[i].sender {
                     Sender::H1(s) => s.is_ready(),
                     Sender::H2(_) => false,
                 })?;
-                Some(entries.swap_remove(ready).sender)
+                Some(entries.remove(ready).sender)
             }
         }
     }
@@ -197,6 +204,9 @@ impl Pool {
         if kind == HttpKind::H2c {
             // One HTTP/2 connection per endpoint: a newer one replaces a closed one.
             entries.clear();
+        } else if entries.len() >= KEEP {
+            // The oldest quarter, at once: the cost spreads over the next puts.
+            entries.drain(..KEEP / 4);
         }
         entries.push(Entry {
             sender,
