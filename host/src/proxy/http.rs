@@ -178,11 +178,8 @@ async fn request_to(
         (None, Some(body))
     };
     let replayable = buffered.is_some();
-    let path = parts
-        .uri
-        .path_and_query()
-        .map_or("/", |p| p.as_str())
-        .to_string();
+    let path = (parts.uri.path_and_query().cloned())
+        .unwrap_or_else(|| hyper::http::uri::PathAndQuery::from_static("/"));
     loop {
         let (endpoint, target) = match decision.next_step() {
             Next::Forward { endpoint, address } => (endpoint, address),
@@ -202,19 +199,41 @@ async fn request_to(
                 ));
             }
         };
+        // HTTP/1.1 in origin form (`GET /path`), HTTP/2 with the endpoint as `:authority`
+        // unless the client named one.
+        let uri = match kind {
+            HttpKind::Http1 => hyper::Uri::from(path.clone()),
+            HttpKind::H2c => {
+                // The client's `:authority`, or its HTTP/1.1 `Host`, or the endpoint.
+                let host = (parts.headers.get(hyper::header::HOST))
+                    .and_then(|host| host.to_str().ok()?.parse().ok());
+                let authority = (parts.uri.authority().cloned().or(host)).unwrap_or_else(|| {
+                    (target.to_string().parse()).expect("a socket address is an authority")
+                });
+                let mut uri = hyper::http::uri::Parts::default();
+                uri.scheme = Some(hyper::http::uri::Scheme::HTTP);
+                uri.authority = Some(authority);
+                uri.path_and_query = Some(path.clone());
+                hyper::Uri::from_parts(uri).expect("scheme, authority and path")
+            }
+        };
         let mut upstream = Request::builder()
             .method(parts.method.clone())
-            .uri(format!("http://{target}{path}"))
+            .uri(uri)
             .version(match kind {
                 HttpKind::Http1 => hyper::Version::HTTP_11,
                 HttpKind::H2c => hyper::Version::HTTP_2,
             });
         // The authority the client asked for goes on: an HTTP/2 client's `:authority`
-        // becomes the `Host` of an HTTP/1.1 request (not the endpoint's address).
-        if !parts.headers.contains_key(hyper::header::HOST)
-            && let Some(authority) = parts.uri.authority()
-        {
-            upstream = upstream.header(hyper::header::HOST, authority.as_str());
+        // becomes the `Host` of an HTTP/1.1 request (not the endpoint's address); with
+        // none at all, the endpoint's address.
+        if !parts.headers.contains_key(hyper::header::HOST) && kind == HttpKind::Http1 {
+            match parts.uri.authority() {
+                Some(authority) => {
+                    upstream = upstream.header(hyper::header::HOST, authority.as_str())
+                }
+                None => upstream = upstream.header(hyper::header::HOST, target.to_string()),
+            }
         }
         let mut forwarded = None;
         for (name, value) in &parts.headers {

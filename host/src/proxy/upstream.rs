@@ -190,10 +190,12 @@ impl Pool {
             }
             HttpKind::Http1 => {
                 let from = entries.len().saturating_sub(LOOK_AT);
-                let ready = (from..entries.len()).rev().find(|&i| match &entries[i].sender {
-                    Sender::H1(s) => s.is_ready(),
-                    Sender::H2(_) => false,
-                })?;
+                let ready = (from..entries.len())
+                    .rev()
+                    .find(|&i| match &entries[i].sender {
+                        Sender::H1(s) => s.is_ready(),
+                        Sender::H2(_) => false,
+                    })?;
                 Some(entries.remove(ready).sender)
             }
         }
