@@ -2,6 +2,9 @@
 //! `select` (worker mutex, Wasm call under an epoch deadline, answer validation) for every
 //! library policy at 4, 64 and 1024 endpoints, and `update` at 1024 and 10,000 endpoints.
 //!
+//! Also `select-request` (HTTP ports, contract 0.2.0) for maglev hashing a header and
+//! round-robin, at 64 endpoints (`POLICIES=request` for those alone).
+//!
 //! Run: `cargo bench -p weir --bench policy` (all) or with a filter, e.g.
 //! `POLICIES=maglev cargo bench -p weir --bench policy -- select-maglev` (POLICIES limits
 //! which policies are set up at all). Prints criterion's numbers, then
@@ -57,6 +60,13 @@ fn native_update<P: Policy>(c: &mut Criterion, group: &str, n: u32) {
 }
 
 fn runtime(module: &str) -> (PolicyRuntime, std::sync::Arc<weir::metrics::PolicyMetrics>) {
+    runtime_with(module, "")
+}
+
+fn runtime_with(
+    module: &str,
+    config: &str,
+) -> (PolicyRuntime, std::sync::Arc<weir::metrics::PolicyMetrics>) {
     // Production limits, but an update deadline that 10,000 endpoints cannot miss: the
     // point is the cost, not the deadline.
     let limits = weir::policy::Limits {
@@ -67,8 +77,40 @@ fn runtime(module: &str) -> (PolicyRuntime, std::sync::Arc<weir::metrics::Policy
     let compiled = engine
         .load(module, module, &guest_bytes(module))
         .expect("load");
-    let runtime = PolicyRuntime::new(engine, compiled, "").expect("configure");
+    let runtime = PolicyRuntime::new(engine, compiled, config).expect("configure");
     (runtime, metrics)
+}
+
+/// `select-request` on an HTTP request (contract 0.2.0): maglev hashing the `x-user`
+/// header, so each call reads one header through the host; and round-robin, which reads
+/// nothing (the SDK's default asks its `select`).
+fn wasm_select_request(c: &mut Criterion) {
+    let (head, ()) = hyper::Request::get("/items?page=2")
+        .header("host", "shop.example")
+        .header("x-user", "alice")
+        .header("accept", "*/*")
+        .body(())
+        .expect("a request")
+        .into_parts();
+    let head = std::sync::Arc::new(head);
+    let conn = connection(7);
+    for (module, config) in [
+        ("maglev", r#"{"hash": "header", "header": "x-user"}"#),
+        ("round-robin", ""),
+    ] {
+        let (runtime, metrics) = runtime_with(module, config);
+        let answer = runtime.update(
+            1,
+            input(service("bench", None), endpoints(64), FailureMode::Open),
+        );
+        assert!(answer.failure.is_none(), "{module}: {:?}", answer.failure);
+        c.benchmark_group("select-request").bench_with_input(
+            BenchmarkId::new(module, 64),
+            &64,
+            |b, _| b.iter(|| black_box(runtime.select_request(1, black_box(&conn), &head))),
+        );
+        warn_on_failures(&metrics, module, "select-request", 64);
+    }
 }
 
 /// A policy that failed during its run was measured on its failure mode: say so.
@@ -176,6 +218,9 @@ fn main() {
             (s.native_update)(&mut c, &group, n);
             wasm_update(&mut c, &group, s.module, n);
         }
+    }
+    if only.is_none() || std::env::var("POLICIES").is_ok_and(|p| p.contains("request")) {
+        wasm_select_request(&mut c);
     }
     c.final_summary();
 
