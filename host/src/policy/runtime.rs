@@ -446,27 +446,33 @@ impl PolicyRuntime {
     /// Tells a port's instance what happened to a connection it forwarded, if the policy
     /// asked for outcomes.
     pub fn observe(&self, handle: u32, outcome: &weir_sdk::Outcome) {
-        if !self.observes {
-            return;
-        }
-        let ports = read(&self.ports);
-        let Some(port) = ports.get(&handle) else {
-            return;
-        };
-        let mut guard = lock(&port.state);
-        let state = &mut *guard;
-        let Some(instance) = state.instance.as_mut() else {
-            return;
-        };
-        if let Err(error) = instance.observe(handle, convert::outcome(outcome)) {
-            self.quarantine(state, handle, CallKind::Observe, &error);
-        }
+        self.tell(handle, |instance| {
+            let result = instance.observe(handle, convert::outcome(outcome));
+            (CallKind::Observe, result)
+        });
     }
 
     /// Tells a port's instance what happened to a request it forwarded, if the policy
     /// asked for outcomes: `observe-request` (0.2.0), or `observe` with the request's
     /// connection outcome (0.1.0).
     pub fn observe_request(&self, handle: u32, outcome: &weir_sdk::RequestOutcome) {
+        self.tell(handle, |instance| {
+            let call = if instance.decides_requests() {
+                CallKind::ObserveRequest
+            } else {
+                CallKind::Observe
+            };
+            (call, instance.observe_request(handle, outcome))
+        });
+    }
+
+    /// Runs `call` on a port's instance, when the policy asked for outcomes and the port
+    /// has one; a failure quarantines the port.
+    fn tell(
+        &self,
+        handle: u32,
+        call: impl FnOnce(&mut PolicyInstance) -> (CallKind, Result<(), CallError>),
+    ) {
         if !self.observes {
             return;
         }
@@ -479,13 +485,8 @@ impl PolicyRuntime {
         let Some(instance) = state.instance.as_mut() else {
             return;
         };
-        if let Err(error) = instance.observe_request(handle, outcome) {
-            let call = if instance.decides_requests() {
-                CallKind::ObserveRequest
-            } else {
-                CallKind::Observe
-            };
-            self.quarantine(state, handle, call, &error);
+        if let (kind, Err(error)) = call(instance) {
+            self.quarantine(state, handle, kind, &error);
         }
     }
 

@@ -47,16 +47,7 @@ pub async fn serve(
         };
         match accepted {
             Ok((stream, client)) => {
-                let route = shared.tcp_route(address);
-                start(
-                    &shared,
-                    stream,
-                    client,
-                    address,
-                    route,
-                    stop.clone(),
-                    Some(slot),
-                );
+                start(&shared, stream, client, address, stop.clone(), Some(slot));
             }
             Err(error) => {
                 // Out of file descriptors and the like: back off instead of spinning.
@@ -77,14 +68,12 @@ pub async fn serve(
         else {
             continue;
         };
-        let route = shared.tcp_route(address);
         // Served as accepted, until the grace period ends.
         start(
             &shared,
             stream,
             client,
             address,
-            route,
             CancellationToken::new(),
             None,
         );
@@ -100,10 +89,10 @@ fn start(
     stream: TcpStream,
     client: SocketAddr,
     address: SocketAddr,
-    route: Option<Arc<Route>>,
     stop: CancellationToken,
     slot: Option<limits::Slot>,
 ) {
+    let route = shared.tcp_route(address);
     let task_shared = shared.clone();
     if route.as_ref().is_none_or(|r| r.http.is_none()) {
         shared.connections.spawn(async move {
