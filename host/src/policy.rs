@@ -12,6 +12,7 @@ mod imports;
 mod instance;
 mod limits;
 pub mod metrics;
+mod port;
 mod registry;
 mod request;
 mod runtime;

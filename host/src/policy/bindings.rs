@@ -5,8 +5,11 @@ wasmtime::component::bindgen!({
     world: "policy-world",
     path: "../wit",
     with: {
-        "weir:policy/http.request": super::request::RequestHead,
+        "weir:policy/http.request": crate::policy::bindings::RequestHead,
     },
 });
 
 pub use self::weir::policy0_1_0::types;
+
+/// One request's head: what a 0.2.0 policy's `select-request` may read (`request.rs`).
+pub type RequestHead = hyper::http::request::Parts;

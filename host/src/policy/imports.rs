@@ -11,9 +11,9 @@ use wasmtime_wasi::cli::{IsTerminal, StdoutStream};
 use wasmtime_wasi::p2::{OutputStream, Pollable, StreamError, StreamResult};
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
+use super::bindings::RequestHead;
 use super::bindings::weir::policy0_1_0::{clock, log, random, types};
 use super::limits::Limits;
-use super::request::RequestHead;
 
 /// Everything one instance's `Store` holds.
 pub struct StoreState {

@@ -9,8 +9,7 @@ use wasmtime::component::Resource;
 use super::bindings::weir::policy0_2_0::http;
 use super::imports::StoreState;
 
-/// One request's head: what `select-request` may read.
-pub type RequestHead = hyper::http::request::Parts;
+pub use super::bindings::RequestHead;
 
 /// The handle every `select-request` call passes: the instance reads the request it is
 /// lent for the call (`StoreState::request`), so no table entry is made per request.

@@ -26,11 +26,9 @@
 //! again: a call descheduled past its deadline costs a moment, and a policy that always
 //! fails costs a rebuild now and then, not one per connection.
 
-use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-use kube_default::KubeDefault;
 use weir_sdk::ids::IdMap;
 use weir_sdk::{Connection, Decision, Driver, Eligibility, EndpointId, Scope};
 
@@ -38,38 +36,10 @@ use super::bindings::types as wit;
 use super::convert;
 use super::engine::{CompiledPolicy, PolicyEngine};
 use super::instance::{CallError, CallKind, PolicyInstance};
+use super::port::{MAX_QUARANTINE, Port, PortState, Quarantine};
 use super::request::RequestHead;
 use super::service::{FailureMode, HostDecision, ServiceInput, UpdateAnswer};
 use crate::locks::{lock, read, write};
-
-/// A port's backoff after data-plane failures: one failure (a descheduled call can miss
-/// a 1 ms deadline) costs a moment on the failure mode; repeated failures back off to
-/// [`MAX_QUARANTINE`], so a policy that always fails costs a rebuild now and then, not one
-/// per connection.
-#[derive(Clone, Copy, Debug)]
-struct Quarantine {
-    until: Instant,
-    strikes: u32,
-}
-
-/// The longest a service waits before its policy is tried again.
-const MAX_QUARANTINE: Duration = Duration::from_secs(60);
-
-#[derive(Clone, Copy)]
-struct Target {
-    address: SocketAddr,
-    internal: bool,
-    external: bool,
-}
-
-impl Target {
-    fn allows(&self, scope: Scope) -> bool {
-        match scope {
-            Scope::Internal => self.internal,
-            Scope::External => self.external,
-        }
-    }
-}
 
 /// How a policy's decisions are made.
 enum Backend {
@@ -77,70 +47,6 @@ enum Backend {
     Native,
     /// A component: one instance per port.
     Wasm(Arc<CompiledPolicy>),
-}
-
-/// One service port of a policy.
-struct Port {
-    state: Mutex<PortState>,
-}
-
-struct PortState {
-    /// What the port was last told: replayed into a rebuilt instance.
-    input: Arc<ServiceInput>,
-    /// kube-default in process, told every update: the policy itself on the native
-    /// backend, the `open` failure mode's answer on a Wasm one.
-    native: Driver<KubeDefault>,
-    /// What serves the port now.
-    eligibility: Eligibility,
-    /// Every endpoint by id, with the scopes it is eligible for: checks and resolves a
-    /// Wasm `select` answer in one lookup, whatever the number of endpoints. Empty on the
-    /// native backend, whose answers need no check.
-    targets: IdMap<Target>,
-    /// Set when the port's last update failed: its traffic follows the failure mode until
-    /// its next successful update.
-    failure: Option<CallError>,
-    /// Set when a `select` or `observe` failed: its traffic follows the failure mode until
-    /// then, and the policy is tried again after.
-    quarantine: Option<Quarantine>,
-    /// The port's instance (Wasm backend). `None` after a failure, until the control
-    /// plane rebuilds it.
-    instance: Option<PolicyInstance>,
-}
-
-impl PortState {
-    fn serve(&mut self, eligibility: Eligibility, failure: Option<CallError>) {
-        let mut targets = IdMap::default();
-        for e in &self.input.endpoints {
-            targets.insert(
-                e.id,
-                Target {
-                    address: e.address,
-                    internal: false,
-                    external: false,
-                },
-            );
-        }
-        for &id in &eligibility.internal.endpoints {
-            if let Some(t) = targets.get_mut(&id) {
-                t.internal = true;
-            }
-        }
-        for &id in &eligibility.external.endpoints {
-            if let Some(t) = targets.get_mut(&id) {
-                t.external = true;
-            }
-        }
-        self.targets = targets;
-        self.eligibility = eligibility;
-        self.failure = failure;
-    }
-
-    fn answer(&self) -> UpdateAnswer {
-        UpdateAnswer {
-            eligibility: self.eligibility.clone(),
-            failure: self.failure.clone(),
-        }
-    }
 }
 
 /// The handle a port's native driver keys it by: each driver holds that one port.

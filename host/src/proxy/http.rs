@@ -16,7 +16,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Empty, Full};
 use hyper::body::{Body as _, Incoming};
 use hyper::{Request, Response, StatusCode};
@@ -25,18 +24,9 @@ use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
 use super::decide::{self, Next, Refusal};
+use super::upstream::Body;
+pub use super::upstream::HttpKind;
 use super::{Route, Shared};
-
-pub(super) type Body = BoxBody<Bytes, hyper::Error>;
-
-/// How an HTTP Service port speaks to its endpoints.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum HttpKind {
-    /// `appProtocol: http` (or `weir.dev/protocol: http`): HTTP/1.1 to endpoints.
-    Http1,
-    /// `appProtocol: kubernetes.io/h2c` or `grpc`: HTTP/2 with prior knowledge.
-    H2c,
-}
 
 /// The largest request or response head weir takes (HTTP/1.1 buffer, HTTP/2 header list).
 pub const MAX_HEADER_BYTES: usize = 64 * 1024;

@@ -18,7 +18,18 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpStream;
 
 use super::coalesce::Coalesce;
-use super::http::{Body, HttpKind};
+
+/// A request or response body as weir forwards it.
+pub type Body = http_body_util::combinators::BoxBody<bytes::Bytes, hyper::Error>;
+
+/// How an HTTP Service port speaks to its endpoints.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum HttpKind {
+    /// `appProtocol: http` (or `weir.dev/protocol: http`): HTTP/1.1 to endpoints.
+    Http1,
+    /// `appProtocol: kubernetes.io/h2c` or `grpc`: HTTP/2 with prior knowledge.
+    H2c,
+}
 
 /// A connection unused this long is closed.
 const IDLE: Duration = Duration::from_secs(90);
