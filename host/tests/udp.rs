@@ -165,10 +165,14 @@ async fn udp_and_tcp_on_one_address_flows_pinned_and_balanced() {
     assert_eq!(from, service, "the reply's source is the Service address");
 
     // Many sockets: kube-default spreads flows over every endpoint.
+    // Each socket is kept until the end: a closed one's port can be handed to the next,
+    // which would then be the same client, on the same flow.
     let mut seen = BTreeSet::new();
+    let mut sockets = Vec::new();
     for _ in 0..60 {
         let socket = client(T, service).await;
         seen.insert(ask(&socket, b"hello").await.unwrap());
+        sockets.push(socket);
     }
     assert_eq!(seen, responders(T, &[1, 2, 3]));
 
