@@ -73,7 +73,9 @@ pub async fn connection(
     let shared_close = shared.close.clone();
     let service = hyper::service::service_fn(move |request: Request<Incoming>| {
         let shared = shared.clone();
-        async move { request_to(shared, peer, address, request).await }
+        // Boxed: the request's future is a few KiB, and hyper moves what this returns
+        // into the stream's task; a pointer is cheaper to move than the future.
+        Box::pin(request_to(shared, peer, address, request))
     });
     let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
     builder
