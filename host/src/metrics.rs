@@ -199,7 +199,7 @@ pub struct ProxyMetrics {
     pub livez: Family<CodeLabels, Counter>,
     pub listeners: Family<ListenerLabels, Gauge>,
     pub listener_errors: Family<ListenerLabels, Counter>,
-    pub udp: crate::proxy::udp::metrics::UdpMetrics,
+    pub udp: udp::UdpMetrics,
     /// externalIPs and LoadBalancer IPs kept off the capture interface (loopback,
     /// link-local, multicast, unspecified).
     pub refused_addresses: Gauge,
@@ -211,6 +211,7 @@ pub use departed::DEFAULT_LINGER;
 use departed::{Departed, Departure};
 
 mod departed;
+pub mod udp;
 
 impl Default for ProxyMetrics {
     fn default() -> Self {

@@ -23,7 +23,6 @@
 //! evicts when its table is full), and if there is none the datagram is dropped and
 //! counted. A flow costs a socket (one file descriptor), a task and an entry here.
 
-pub mod metrics;
 pub mod saved;
 
 use std::cell::RefCell;
@@ -40,8 +39,8 @@ use weir_sdk::EndpointId;
 
 use super::decide::{self, Decision, Next, Refusal};
 use super::{EndpointMetrics, Listen, Route, Shared, Transport};
-use metrics::{Dropped, Ended};
-pub use metrics::{EndpointUdp, UdpMetrics};
+use crate::metrics::udp::{Dropped, Ended};
+pub use crate::metrics::udp::{EndpointUdp, UdpMetrics};
 
 /// The largest UDP payload is 65,507 bytes over IPv4 and 65,527 over IPv6.
 const DATAGRAM: usize = 64 << 10;
