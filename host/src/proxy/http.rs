@@ -24,8 +24,8 @@ use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
 use super::decide::{self, Next, Refusal};
-use super::upstream::Body;
 pub use super::upstream::HttpKind;
+use super::upstream::{self, Body, SendError};
 use super::{Route, Shared};
 
 /// The largest request or response head weir takes (HTTP/1.1 buffer, HTTP/2 header list).
@@ -37,28 +37,6 @@ pub const MAX_STREAMS: u32 = 256;
 pub const MAX_REPLAY_BYTES: u64 = 64 * 1024;
 /// How long a client may take to send a request's head.
 const HEADER_TIMEOUT: Duration = Duration::from_secs(30);
-
-/// Why a request to an endpoint got no response.
-struct Failed {
-    /// The endpoint could not be connected to: the request was not sent.
-    connect: bool,
-    message: String,
-}
-
-/// Sends `request` to `target` over this worker's connections for `kind`
-/// (`upstream.rs`).
-async fn send(
-    shared: &Shared,
-    kind: HttpKind,
-    target: SocketAddr,
-    request: Request<Body>,
-) -> Result<Response<Incoming>, Failed> {
-    let timeout = shared.settings.connect_timeout;
-    (super::upstream::send(kind, target, timeout, request).await).map_err(|error| Failed {
-        connect: matches!(error, super::upstream::SendError::Connect(_)),
-        message: error.to_string(),
-    })
-}
 
 /// Serves one client connection as HTTP until it closes, or, once `stop` is cancelled
 /// (the listener closes: shutdown, or the address moved), finishes what is in flight and
@@ -209,7 +187,7 @@ async fn request_to(
                 hyper::Uri::from_parts(uri).expect("scheme, authority and path")
             }
         };
-        let mut upstream = Request::builder()
+        let mut outgoing = Request::builder()
             .method(parts.method.clone())
             .uri(uri)
             .version(match kind {
@@ -222,9 +200,9 @@ async fn request_to(
         if !parts.headers.contains_key(hyper::header::HOST) && kind == HttpKind::Http1 {
             match parts.uri.authority() {
                 Some(authority) => {
-                    upstream = upstream.header(hyper::header::HOST, authority.as_str())
+                    outgoing = outgoing.header(hyper::header::HOST, authority.as_str())
                 }
-                None => upstream = upstream.header(hyper::header::HOST, target.to_string()),
+                None => outgoing = outgoing.header(hyper::header::HOST, target.to_string()),
             }
         }
         let mut forwarded = None;
@@ -236,12 +214,12 @@ async fn request_to(
                 || (upgrade.is_some()
                     && (name == hyper::header::CONNECTION || name == hyper::header::UPGRADE))
             {
-                upstream = upstream.header(name, value);
+                outgoing = outgoing.header(name, value);
             }
         }
         if route.forwarded_for {
             let client = crate::net::canonical(peer.ip());
-            upstream = upstream.header(
+            outgoing = outgoing.header(
                 "x-forwarded-for",
                 match forwarded {
                     Some(earlier) if !earlier.is_empty() => format!("{earlier}, {client}"),
@@ -256,14 +234,15 @@ async fn request_to(
             (None, Some(body)) => body.boxed(),
             _ => Empty::new().map_err(|never| match never {}).boxed(),
         };
-        let Ok(upstream) = upstream.body(upstream_body) else {
+        let Ok(outgoing) = outgoing.body(upstream_body) else {
             return Ok(answer(
                 StatusCode::BAD_REQUEST,
                 "a request weir cannot forward\n",
             ));
         };
         let sent = Instant::now();
-        match send(&shared, kind, target, upstream).await {
+        let timeout = shared.settings.connect_timeout;
+        match upstream::send(kind, target, timeout, outgoing).await {
             Ok(mut response) => {
                 // The policy learns the status and the time to the response's head now,
                 // and that the request is over when its response's body ends (a gRPC
@@ -284,13 +263,13 @@ async fn request_to(
                 });
                 return Ok(record(&route, Some(target), started, response));
             }
-            Err(error) if error.connect && replayable => {
-                tracing::debug!(%target, "connect failed: {}", error.message);
+            Err(error @ SendError::Connect(_)) if replayable => {
+                tracing::debug!(%target, "{error}");
                 decision.unreachable(endpoint, target, sent.elapsed());
             }
             Err(error) => {
-                tracing::debug!(%target, "request failed: {}", error.message);
-                if error.connect {
+                tracing::debug!(%target, "request failed: {error}");
+                if let SendError::Connect(_) = error {
                     decision.unreachable(endpoint, target, sent.elapsed());
                 } else {
                     decision.failed(endpoint, target, sent.elapsed());

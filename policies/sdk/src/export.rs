@@ -19,6 +19,12 @@ type Slot<P> = LocalKey<RefCell<Option<Driver<P>>>>;
 
 const NOT_CONFIGURED: &str = "weir policy called before configure";
 
+/// Runs `f` on the configured driver (the host calls `configure` first; a call before it
+/// is a trap).
+fn driven<P: Policy, R>(slot: &'static Slot<P>, f: impl FnOnce(&mut Driver<P>) -> R) -> R {
+    slot.with(|s| f(s.borrow_mut().as_mut().expect(NOT_CONFIGURED)))
+}
+
 pub fn configure<P: Policy>(
     slot: &'static Slot<P>,
     config: &str,
@@ -44,22 +50,14 @@ pub fn update<P: Policy>(
         labels: node.labels,
     };
     let endpoints: Vec<Endpoint> = endpoints.into_iter().map(endpoint_from).collect();
-    let eligibility = slot.with(|s| {
-        s.borrow_mut()
-            .as_mut()
-            .expect(NOT_CONFIGURED)
-            .update(handle, service, &node, &endpoints)
+    let eligibility = driven(slot, |driver| {
+        driver.update(handle, service, &node, &endpoints)
     });
     eligibility_to(eligibility)
 }
 
 pub fn remove<P: Policy>(slot: &'static Slot<P>, handle: u32) {
-    slot.with(|s| {
-        s.borrow_mut()
-            .as_mut()
-            .expect(NOT_CONFIGURED)
-            .remove(handle)
-    })
+    driven(slot, |driver| driver.remove(handle))
 }
 
 pub fn select<P: Policy>(
@@ -68,12 +66,7 @@ pub fn select<P: Policy>(
     connection: wit::Connection,
 ) -> wit::Decision {
     let connection = connection_from(connection);
-    let decision = slot.with(|s| {
-        s.borrow_mut()
-            .as_mut()
-            .expect(NOT_CONFIGURED)
-            .select(handle, &connection)
-    });
+    let decision = driven(slot, |driver| driver.select(handle, &connection));
     decision_to(decision)
 }
 
@@ -105,11 +98,8 @@ pub fn select_request<P: Policy>(
     request: &http::Request,
 ) -> wit::Decision {
     let connection = connection_from(connection);
-    let decision = slot.with(|s| {
-        s.borrow_mut()
-            .as_mut()
-            .expect(NOT_CONFIGURED)
-            .select_request(handle, &connection, &HostRequest(request))
+    let decision = driven(slot, |driver| {
+        driver.select_request(handle, &connection, &HostRequest(request))
     });
     decision_to(decision)
 }
@@ -129,12 +119,7 @@ pub fn observe_request<P: Policy>(
         },
         micros: outcome.micros,
     };
-    slot.with(|s| {
-        s.borrow_mut()
-            .as_mut()
-            .expect(NOT_CONFIGURED)
-            .observe_request(handle, &outcome)
-    })
+    driven(slot, |driver| driver.observe_request(handle, &outcome))
 }
 
 fn connection_from(connection: wit::Connection) -> Connection {
@@ -166,12 +151,7 @@ pub fn observe<P: Policy>(slot: &'static Slot<P>, handle: u32, outcome: wit::Out
         },
         micros: outcome.micros,
     };
-    slot.with(|s| {
-        s.borrow_mut()
-            .as_mut()
-            .expect(NOT_CONFIGURED)
-            .observe(handle, &outcome)
-    })
+    driven(slot, |driver| driver.observe(handle, &outcome))
 }
 
 fn ip_from(address: wit::IpAddress) -> IpAddr {
