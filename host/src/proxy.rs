@@ -9,9 +9,11 @@
 mod coalesce;
 mod copy;
 pub mod decide;
+mod h2;
 pub mod http;
 pub mod proxy_protocol;
 mod route_metrics;
+mod sniff;
 pub mod tcp;
 pub mod udp;
 mod upstream;

@@ -18,14 +18,18 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Empty, Full};
 use hyper::body::{Body as _, Incoming};
+use hyper::http::request::Parts;
 use hyper::{Request, Response, StatusCode};
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
+use super::coalesce::Coalesce;
 use super::decide::{self, Next, Refusal};
+use super::h2::BoxError;
+use super::sniff::{Rewind, sniff};
 pub use super::upstream::HttpKind;
-use super::upstream::{self, Body, SendError};
+use super::upstream::{self, Body, Received, SendError};
 use super::{Route, Shared};
 
 /// The largest request or response head weir takes (HTTP/1.1 buffer, HTTP/2 header list).
@@ -42,33 +46,54 @@ const HEADER_TIMEOUT: Duration = Duration::from_secs(30);
 /// (the listener closes: shutdown, or the address moved), finishes what is in flight and
 /// closes it (GOAWAY for HTTP/2).
 pub async fn connection(
-    client: TcpStream,
+    mut client: TcpStream,
     peer: SocketAddr,
     address: SocketAddr,
     shared: Arc<Shared>,
     stop: CancellationToken,
 ) {
-    let shared_close = shared.close.clone();
-    let service = hyper::service::service_fn(move |request: Request<Incoming>| {
-        let shared = shared.clone();
+    let close = shared.close.clone();
+    let (h2, seen) = match tokio::time::timeout(HEADER_TIMEOUT, sniff(&mut client)).await {
+        Ok(Ok(Some(sniffed))) => sniffed,
+        _ => return,
+    };
+    let client = Rewind::new(seen, Coalesce::new(client));
+    if h2 {
+        let limits = super::h2::ServerLimits {
+            max_streams: MAX_STREAMS,
+            max_header_bytes: MAX_HEADER_BYTES as u32,
+        };
+        let answer = |request: Request<super::h2::RecvBody>| {
+            let (parts, body) = request.into_parts();
+            let body = Received::H2(body);
+            Box::pin(request_to(shared.clone(), peer, address, parts, body, None))
+        };
+        super::h2::serve(client, limits, HEADER_TIMEOUT, stop, close, answer).await;
+        return;
+    }
+    let service = hyper::service::service_fn(move |mut request: Request<Incoming>| {
+        // An HTTP/1.1 upgrade (WebSocket and the like): forwarded with its headers, and
+        // once the endpoint agrees (101), the two connections are joined byte for byte.
+        let upgrade = is_upgrade(&request).then(|| hyper::upgrade::on(&mut request));
+        let (parts, body) = request.into_parts();
+        let body = Received::Http1(body);
         // Boxed: the request's future is a few KiB, and hyper moves what this returns
-        // into the stream's task; a pointer is cheaper to move than the future.
-        Box::pin(request_to(shared, peer, address, request))
+        // around; a pointer is cheaper to move than the future.
+        Box::pin(request_to(
+            shared.clone(),
+            peer,
+            address,
+            parts,
+            body,
+            upgrade,
+        ))
     });
-    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
+    let connection = hyper::server::conn::http1::Builder::new()
         .timer(TokioTimer::new())
         .header_read_timeout(HEADER_TIMEOUT)
-        .max_buf_size(MAX_HEADER_BYTES);
-    builder
-        .http2()
-        .timer(TokioTimer::new())
-        .max_concurrent_streams(MAX_STREAMS)
-        .max_header_list_size(MAX_HEADER_BYTES as u32);
-    let close = shared_close.clone();
-    let client = super::coalesce::Coalesce::new(client);
-    let connection = builder.serve_connection_with_upgrades(TokioIo::new(client), service);
+        .max_buf_size(MAX_HEADER_BYTES)
+        .serve_connection(TokioIo::new(client), service)
+        .with_upgrades();
     let mut connection = std::pin::pin!(connection);
     tokio::select! {
         _ = connection.as_mut() => return,
@@ -96,17 +121,17 @@ impl std::fmt::Display for RequestDropped {
 impl std::error::Error for RequestDropped {}
 
 /// One request: its Service's route as it is now, the policy's choice, and the
-/// endpoint's answer (or weir's, when there is none).
+/// endpoint's answer (or weir's, when there is none). `upgrade`: the client's side of an
+/// HTTP/1.1 upgrade it asked for.
 async fn request_to(
     shared: Arc<Shared>,
     peer: SocketAddr,
     address: SocketAddr,
-    mut request: Request<Incoming>,
+    parts: Parts,
+    body: Received,
+    upgrade: Option<hyper::upgrade::OnUpgrade>,
 ) -> Result<Response<Body>, RequestDropped> {
     let started = Instant::now();
-    // An HTTP/1.1 upgrade (WebSocket and the like): forwarded with its headers, and once
-    // the endpoint agrees (101), the two connections are joined byte for byte.
-    let upgrade = is_upgrade(&request).then(|| hyper::upgrade::on(&mut request));
     let Some(route) = shared.tcp_route(address) else {
         return Ok(answer(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -120,7 +145,6 @@ async fn request_to(
             "an HTTP/1.1 upgrade cannot go to an h2c or gRPC port's endpoints; use appProtocol: http\n",
         ));
     }
-    let (parts, body) = request.into_parts();
     let parts = Arc::new(parts);
     let mut decision = match decide::admit(&route, &shared, peer, address) {
         Ok(decision) => decision.for_request(parts.clone()),
@@ -139,7 +163,8 @@ async fn request_to(
     let (buffered, mut body) = if body.is_end_stream() {
         (Some(Bytes::new()), None)
     } else if (body.size_hint().upper()).is_some_and(|upper| upper <= MAX_REPLAY_BYTES) {
-        match body.collect().await {
+        // Boxed: rare, and it would otherwise take room in every request's future.
+        match Box::pin(body.collect()).await {
             Ok(collected) => (Some(collected.to_bytes()), None),
             // The client went away while sending it: nobody to answer.
             Err(_) => return Err(RequestDropped),
@@ -148,8 +173,6 @@ async fn request_to(
         (None, Some(body))
     };
     let replayable = buffered.is_some();
-    let path = (parts.uri.path_and_query().cloned())
-        .unwrap_or_else(|| hyper::http::uri::PathAndQuery::from_static("/"));
     loop {
         let (endpoint, target) = match decision.next_step() {
             Next::Forward { endpoint, address } => (endpoint, address),
@@ -169,80 +192,26 @@ async fn request_to(
                 ));
             }
         };
-        // HTTP/1.1 in origin form (`GET /path`), HTTP/2 with the endpoint as `:authority`
-        // unless the client named one.
-        let uri = match kind {
-            HttpKind::Http1 => hyper::Uri::from(path.clone()),
-            HttpKind::H2c => {
-                // The client's `:authority`, or its HTTP/1.1 `Host`, or the endpoint.
-                let host = (parts.headers.get(hyper::header::HOST))
-                    .and_then(|host| host.to_str().ok()?.parse().ok());
-                let authority = (parts.uri.authority().cloned().or(host)).unwrap_or_else(|| {
-                    (target.to_string().parse()).expect("a socket address is an authority")
-                });
-                let mut uri = hyper::http::uri::Parts::default();
-                uri.scheme = Some(hyper::http::uri::Scheme::HTTP);
-                uri.authority = Some(authority);
-                uri.path_and_query = Some(path.clone());
-                hyper::Uri::from_parts(uri).expect("scheme, authority and path")
-            }
+        let outgoing = Outgoing {
+            parts: &parts,
+            kind,
+            target,
+            forwarded_for: route.forwarded_for.then_some(peer),
+            upgrade: upgrade.is_some(),
         };
-        let mut outgoing = Request::builder()
-            .method(parts.method.clone())
-            .uri(uri)
-            .version(match kind {
-                HttpKind::Http1 => hyper::Version::HTTP_11,
-                HttpKind::H2c => hyper::Version::HTTP_2,
-            });
-        // The authority the client asked for goes on: an HTTP/2 client's `:authority`
-        // becomes the `Host` of an HTTP/1.1 request (not the endpoint's address); with
-        // none at all, the endpoint's address.
-        if !parts.headers.contains_key(hyper::header::HOST) && kind == HttpKind::Http1 {
-            match parts.uri.authority() {
-                Some(authority) => {
-                    outgoing = outgoing.header(hyper::header::HOST, authority.as_str())
-                }
-                None => outgoing = outgoing.header(hyper::header::HOST, target.to_string()),
-            }
-        }
-        let mut forwarded = None;
-        for (name, value) in &parts.headers {
-            if route.forwarded_for && name == "x-forwarded-for" {
-                forwarded = Some(value.to_str().unwrap_or_default().to_string());
-            } else if !hop_by_hop(name)
-                // An upgrade's own headers go with it.
-                || (upgrade.is_some()
-                    && (name == hyper::header::CONNECTION || name == hyper::header::UPGRADE))
-            {
-                outgoing = outgoing.header(name, value);
-            }
-        }
-        if route.forwarded_for {
-            let client = crate::net::canonical(peer.ip());
-            outgoing = outgoing.header(
-                "x-forwarded-for",
-                match forwarded {
-                    Some(earlier) if !earlier.is_empty() => format!("{earlier}, {client}"),
-                    _ => client.to_string(),
-                },
-            );
-        }
         let upstream_body: Body = match (&buffered, body.take()) {
             (Some(bytes), _) if !bytes.is_empty() => Full::new(bytes.clone())
-                .map_err(|never| match never {})
+                .map_err(|never| -> BoxError { match never {} })
                 .boxed(),
             (None, Some(body)) => body.boxed(),
-            _ => Empty::new().map_err(|never| match never {}).boxed(),
-        };
-        let Ok(outgoing) = outgoing.body(upstream_body) else {
-            return Ok(answer(
-                StatusCode::BAD_REQUEST,
-                "a request weir cannot forward\n",
-            ));
+            _ => Empty::new()
+                .map_err(|never| -> BoxError { match never {} })
+                .boxed(),
         };
         let sent = Instant::now();
         let timeout = shared.settings.connect_timeout;
-        match upstream::send(kind, target, timeout, outgoing).await {
+        let head = || outgoing.head();
+        match upstream::send(kind, target, timeout, &head, upstream_body).await {
             Ok(mut response) => {
                 // The policy learns the status and the time to the response's head now,
                 // and that the request is over when its response's body ends (a gRPC
@@ -288,10 +257,91 @@ async fn request_to(
     }
 }
 
+/// The head of a request as it goes to an endpoint.
+struct Outgoing<'a> {
+    /// The client's request.
+    parts: &'a Parts,
+    kind: HttpKind,
+    target: SocketAddr,
+    /// The client, when the Service adds it to `X-Forwarded-For`.
+    forwarded_for: Option<SocketAddr>,
+    /// An HTTP/1.1 upgrade: its `Connection` and `Upgrade` headers go with it.
+    upgrade: bool,
+}
+
+impl Outgoing<'_> {
+    fn head(&self) -> Request<()> {
+        let parts = self.parts;
+        let path = (parts.uri.path_and_query().cloned())
+            .unwrap_or_else(|| hyper::http::uri::PathAndQuery::from_static("/"));
+        let mut head = Request::new(());
+        *head.method_mut() = parts.method.clone();
+        let headers = head.headers_mut();
+        headers.reserve(parts.headers.len() + 1);
+        // HTTP/1.1 in origin form (`GET /path`), HTTP/2 with the endpoint as `:authority`
+        // unless the client named one.
+        match self.kind {
+            HttpKind::Http1 => {
+                *head.uri_mut() = hyper::Uri::from(path);
+                *head.version_mut() = hyper::Version::HTTP_11;
+                // The authority the client asked for goes on: an HTTP/2 client's
+                // `:authority` becomes the `Host` of an HTTP/1.1 request (not the
+                // endpoint's address); with none at all, the endpoint's address.
+                if !parts.headers.contains_key(hyper::header::HOST) {
+                    let host = match parts.uri.authority() {
+                        Some(authority) => authority.as_str().parse(),
+                        None => self.target.to_string().parse(),
+                    };
+                    if let Ok(host) = host {
+                        head.headers_mut().insert(hyper::header::HOST, host);
+                    }
+                }
+            }
+            HttpKind::H2c => {
+                // The client's `:authority`, or its HTTP/1.1 `Host`, or the endpoint.
+                let host = (parts.headers.get(hyper::header::HOST))
+                    .and_then(|host| host.to_str().ok()?.parse().ok());
+                let authority = (parts.uri.authority().cloned().or(host)).unwrap_or_else(|| {
+                    (self.target.to_string().parse()).expect("a socket address is an authority")
+                });
+                let mut uri = hyper::http::uri::Parts::default();
+                uri.scheme = Some(hyper::http::uri::Scheme::HTTP);
+                uri.authority = Some(authority);
+                uri.path_and_query = Some(path);
+                *head.uri_mut() = hyper::Uri::from_parts(uri).expect("scheme, authority and path");
+                *head.version_mut() = hyper::Version::HTTP_2;
+            }
+        }
+        let headers = head.headers_mut();
+        let mut forwarded = None;
+        for (name, value) in &parts.headers {
+            if self.forwarded_for.is_some() && name == "x-forwarded-for" {
+                forwarded = value.to_str().ok().filter(|earlier| !earlier.is_empty());
+            } else if !hop_by_hop(name, self.kind)
+                || (self.upgrade
+                    && (name == hyper::header::CONNECTION || name == hyper::header::UPGRADE))
+            {
+                headers.append(name.clone(), value.clone());
+            }
+        }
+        if let Some(client) = self.forwarded_for {
+            let client = crate::net::canonical(client.ip());
+            let value = match forwarded {
+                Some(earlier) => format!("{earlier}, {client}"),
+                None => client.to_string(),
+            };
+            if let Ok(value) = value.parse() {
+                headers.insert("x-forwarded-for", value);
+            }
+        }
+        head
+    }
+}
+
 /// A response body that tells the request's policy the request is over when it ends,
 /// fails, or is dropped (the client went away).
 struct InFlight {
-    body: Incoming,
+    body: Received,
     done: Option<(decide::Decision, weir_sdk::EndpointId, Instant)>,
 }
 
@@ -305,12 +355,12 @@ impl InFlight {
 
 impl hyper::body::Body for InFlight {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BoxError;
 
     fn poll_frame(
         mut self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, hyper::Error>>> {
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, BoxError>>> {
         let polled = std::pin::Pin::new(&mut self.body).poll_frame(cx);
         match &polled {
             std::task::Poll::Ready(None | Some(Err(_))) => self.finish(),
@@ -355,21 +405,24 @@ async fn join(client: hyper::upgrade::OnUpgrade, endpoint: hyper::upgrade::OnUpg
     let _ = tokio::io::copy_bidirectional(&mut client, &mut endpoint).await;
 }
 
-/// Headers about one hop, not passed on (RFC 9110 7.6.1); `te: trailers` is, for gRPC.
-fn hop_by_hop(name: &hyper::header::HeaderName) -> bool {
+/// Headers about one hop, not passed on (RFC 9110 7.6.1). `te` is passed on (as
+/// `trailers`, for gRPC) except to HTTP/2 endpoints with another value, which HTTP/2
+/// forbids.
+fn hop_by_hop(name: &hyper::header::HeaderName, kind: HttpKind) -> bool {
     use hyper::header;
     name == header::CONNECTION
         || name == header::TRANSFER_ENCODING
         || name == header::UPGRADE
         || name == "keep-alive"
         || name == "proxy-connection"
+        || (kind == HttpKind::H2c && name == header::TE)
 }
 
 /// weir's own short answer.
 fn answer(status: StatusCode, text: &'static str) -> Response<Body> {
     let mut response = Response::new(
         Full::new(Bytes::from_static(text.as_bytes()))
-            .map_err(|never| match never {})
+            .map_err(|never| -> BoxError { match never {} })
             .boxed(),
     );
     *response.status_mut() = status;

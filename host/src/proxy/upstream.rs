@@ -1,26 +1,69 @@
-//! Connections from a worker thread to the endpoints of HTTP ports, used directly with
-//! hyper (no generic pool in between): per endpoint, one multiplexed HTTP/2 connection
-//! for h2c and gRPC ports, and a set of keep-alive HTTP/1.1 connections for `http` ports,
-//! each taking one request at a time. Writes are coalesced per turn of the worker's loop.
-//! A connection the endpoint closed (or sent GOAWAY on) is dropped; a request it did not
-//! take is sent once more on a new one. Connections unused for [`IDLE`] are closed, so
-//! endpoints that left hold nothing.
+//! Connections from a worker thread to the endpoints of HTTP ports (no generic pool in
+//! between): per endpoint, one multiplexed HTTP/2 connection for h2c and gRPC ports (the
+//! `h2` crate, its request sent and its response awaited by the stream that asked), and a
+//! set of keep-alive HTTP/1.1 connections for `http` ports (hyper), each taking one
+//! request at a time. Writes are coalesced per turn of the worker's loop. A connection the
+//! endpoint closed (or sent GOAWAY on) is dropped; a request it did not take is sent once
+//! more on a new one. Connections unused for [`IDLE`] are closed, so endpoints that left
+//! hold nothing.
 
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use hyper::body::Incoming;
-use hyper::client::conn::{http1, http2};
+use bytes::Bytes;
+use hyper::body::{Frame, Incoming, SizeHint};
+use hyper::client::conn::http1;
 use hyper::{Request, Response};
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
 use super::coalesce::Coalesce;
+use super::h2::{self as h2_glue, BoxError, RecvBody};
 
-/// A request or response body as weir forwards it.
-pub type Body = http_body_util::combinators::BoxBody<bytes::Bytes, hyper::Error>;
+/// A body as weir sends it on: a client's request's, an endpoint's response's, or weir's
+/// own answer.
+pub type Body = http_body_util::combinators::BoxBody<Bytes, BoxError>;
+
+/// A body as it arrives, from a client or an endpoint, over either protocol.
+pub enum Received {
+    Http1(Incoming),
+    H2(RecvBody),
+}
+
+impl hyper::body::Body for Received {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match self.get_mut() {
+            Received::Http1(body) => Pin::new(body).poll_frame(cx).map_err(Into::into),
+            Received::H2(body) => Pin::new(body).poll_frame(cx),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            Received::Http1(body) => body.is_end_stream(),
+            Received::H2(body) => body.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            Received::Http1(body) => body.size_hint(),
+            Received::H2(body) => body.size_hint(),
+        }
+    }
+}
 
 /// How an HTTP Service port speaks to its endpoints.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -40,6 +83,10 @@ const LOOK_AT: usize = 16;
 /// HTTP/1.1 connections kept per endpoint and worker; past it the oldest is let go (it
 /// closes once its response is read).
 const KEEP: usize = 1024;
+/// Flow-control windows weir offers endpoints on its HTTP/2 connections: per stream...
+const STREAM_WINDOW: u32 = 1 << 20;
+/// ...and per connection.
+const CONNECTION_WINDOW: u32 = 4 << 20;
 
 /// Why a request got no response.
 #[derive(Debug, thiserror::Error)]
@@ -49,19 +96,26 @@ pub enum SendError {
     Connect(String),
     /// The endpoint took the request and failed before answering.
     #[error("{0}")]
-    Request(#[from] hyper::Error),
+    Request(BoxError),
+}
+
+/// An HTTP/2 connection's sender, and whether the connection has ended.
+#[derive(Clone)]
+struct H2Sender {
+    send: h2::client::SendRequest<Bytes>,
+    closed: Arc<AtomicBool>,
 }
 
 enum Sender {
     H1(http1::SendRequest<Body>),
-    H2(http2::SendRequest<Body>),
+    H2(H2Sender),
 }
 
 impl Sender {
     fn is_closed(&self) -> bool {
         match self {
             Sender::H1(s) => s.is_closed(),
-            Sender::H2(s) => s.is_closed(),
+            Sender::H2(s) => s.closed.load(Ordering::Relaxed),
         }
     }
 }
@@ -81,26 +135,40 @@ thread_local! {
     static POOL: RefCell<Pool> = RefCell::new(Pool::default());
 }
 
-/// Sends `request` to `target` over one of this thread's connections to it, made when
-/// there is none free.
+/// Sends a request (`head()` and `body`) to `target` over one of this thread's
+/// connections to it, made when there is none free. `head` is asked again when the
+/// request goes once more on a new connection.
 pub async fn send(
     kind: HttpKind,
     target: SocketAddr,
     connect_timeout: Duration,
+    head: &(dyn Fn() -> Request<()> + Sync),
+    body: Body,
+) -> Result<Response<Received>, SendError> {
+    match kind {
+        HttpKind::Http1 => send_h1(target, connect_timeout, head().map(|()| body)).await,
+        HttpKind::H2c => send_h2(target, connect_timeout, head, body).await,
+    }
+}
+
+async fn send_h1(
+    target: SocketAddr,
+    connect_timeout: Duration,
     request: Request<Body>,
-) -> Result<Response<Incoming>, SendError> {
+) -> Result<Response<Received>, SendError> {
+    let kind = HttpKind::Http1;
     let sender = match POOL.with(|pool| pool.borrow_mut().take(kind, target)) {
-        Some(sender) => sender,
-        None => connect(kind, target, connect_timeout).await?,
+        Some(Sender::H1(sender)) => sender,
+        _ => Box::pin(connect_h1(target, connect_timeout)).await?,
     };
     // A connection can close between being taken and being sent on: the request it did
     // not take goes once more, on a new connection.
-    let request = match send_on(sender, kind, target, request).await? {
+    let request = match send_on_h1(sender, target, request).await? {
         Ok(response) => return Ok(response),
         Err(unsent) => unsent,
     };
-    let sender = connect(kind, target, connect_timeout).await?;
-    match send_on(sender, kind, target, request).await? {
+    let sender = Box::pin(connect_h1(target, connect_timeout)).await?;
+    match send_on_h1(sender, target, request).await? {
         Ok(response) => Ok(response),
         Err(_) => Err(SendError::Connect(format!(
             "{target} closed two connections before taking a request"
@@ -109,79 +177,151 @@ pub async fn send(
 }
 
 /// The response, or the request back when the connection did not take it.
-async fn send_on(
-    sender: Sender,
-    kind: HttpKind,
+async fn send_on_h1(
+    mut sender: http1::SendRequest<Body>,
     target: SocketAddr,
     request: Request<Body>,
-) -> Result<Result<Response<Incoming>, Request<Body>>, SendError> {
-    let sent = match sender {
-        Sender::H2(mut s) => s.try_send_request(request).await,
-        Sender::H1(mut s) => {
-            let sent = s.try_send_request(request).await;
-            if sent.is_ok() {
-                // Free again once this response's body is read: `take` checks.
-                POOL.with(|pool| pool.borrow_mut().put(kind, target, Sender::H1(s)));
-            }
-            sent
-        }
-    };
+) -> Result<Result<Response<Received>, Request<Body>>, SendError> {
+    let sent = sender.try_send_request(request).await;
+    if sent.is_ok() {
+        // Free again once this response's body is read: `take` checks.
+        POOL.with(|pool| (pool.borrow_mut()).put(HttpKind::Http1, target, Sender::H1(sender)));
+    }
     match sent {
-        Ok(response) => Ok(Ok(response)),
+        Ok(response) => Ok(Ok(response.map(Received::Http1))),
         Err(mut error) => match error.take_message() {
             Some(unsent) => Ok(Err(unsent)),
-            None => Err(SendError::Request(error.into_error())),
+            None => Err(SendError::Request(error.into_error().into())),
         },
     }
 }
 
-/// A new connection to `target`; an HTTP/2 one is kept as this thread's connection to
-/// it at once (it takes any number of requests).
-async fn connect(
-    kind: HttpKind,
+async fn send_h2(
     target: SocketAddr,
-    timeout: Duration,
-) -> Result<Sender, SendError> {
+    connect_timeout: Duration,
+    head: &(dyn Fn() -> Request<()> + Sync),
+    body: Body,
+) -> Result<Response<Received>, SendError> {
+    let kind = HttpKind::H2c;
+    let end = hyper::body::Body::is_end_stream(&body);
+    // Connecting is boxed here and below: it is rare, and its future would otherwise
+    // take room in every request's.
+    let sender = match POOL.with(|pool| pool.borrow_mut().take(kind, target)) {
+        Some(Sender::H2(sender)) => sender,
+        _ => Box::pin(connect_h2(target, connect_timeout)).await?,
+    };
+    // A connection that is going away (GOAWAY) or gone takes no new stream, and says so
+    // before the request is handed over: once more, on a new connection.
+    let (response, stream) = match open_stream(sender, head(), end).await {
+        Ok(opened) => opened,
+        Err(_) => {
+            let sender = Box::pin(connect_h2(target, connect_timeout)).await?;
+            open_stream(sender, head(), end).await.map_err(|error| {
+                SendError::Connect(format!(
+                    "{target} refused a new connection's stream: {error}"
+                ))
+            })?
+        }
+    };
+    if !end {
+        // The request's body goes on its own: it may outlive the response's head (a
+        // gRPC stream sends and receives at once).
+        tokio::spawn(async move {
+            if let Err(error) = h2_glue::pipe(body, stream).await {
+                tracing::debug!(%target, "request body: {error}");
+            }
+        });
+    }
+    let response = match response.await {
+        Ok(response) => response,
+        // The endpoint said it did not process the stream (REFUSED_STREAM, or a GOAWAY
+        // naming an earlier last stream): a request without a body goes once more.
+        Err(error) if end && unprocessed(&error, &head()) => {
+            let sender = Box::pin(connect_h2(target, connect_timeout)).await?;
+            let (response, _) = open_stream(sender, head(), true)
+                .await
+                .map_err(|error| SendError::Request(error.into()))?;
+            response
+                .await
+                .map_err(|error| SendError::Request(error.into()))?
+        }
+        Err(error) => return Err(SendError::Request(error.into())),
+    };
+    let (parts, stream) = response.into_parts();
+    let body = RecvBody::new(stream, &parts.headers);
+    Ok(Response::from_parts(parts, Received::H2(body)))
+}
+
+/// Whether an endpoint's error says a request was not processed, so that sending it
+/// again cannot repeat it: a stream refused, or one past the last a GOAWAY took (for
+/// methods that may be repeated anyway, since later connection errors carry the GOAWAY
+/// too).
+fn unprocessed(error: &h2::Error, head: &Request<()>) -> bool {
+    error.reason() == Some(h2::Reason::REFUSED_STREAM) && error.is_reset()
+        || error.is_go_away() && error.is_remote() && head.method().is_idempotent()
+}
+
+/// Opens a stream for `head` once the connection can take one.
+async fn open_stream(
+    sender: H2Sender,
+    head: Request<()>,
+    end: bool,
+) -> Result<(h2::client::ResponseFuture, h2::SendStream<Bytes>), h2::Error> {
+    let mut send = sender.send.ready().await?;
+    send.send_request(head, end)
+}
+
+async fn connect_tcp(target: SocketAddr, timeout: Duration) -> Result<TcpStream, SendError> {
     let stream = match tokio::time::timeout(timeout, TcpStream::connect(target)).await {
         Ok(Ok(stream)) => stream,
         Ok(Err(error)) => return Err(SendError::Connect(error.to_string())),
         Err(_) => return Err(SendError::Connect(format!("no answer in {timeout:?}"))),
     };
     let _ = stream.set_nodelay(true);
-    let io = TokioIo::new(Coalesce::new(stream));
-    let handshake = |e: hyper::Error| SendError::Connect(e.to_string());
-    match kind {
-        HttpKind::H2c => {
-            let (sender, connection) = http2::Builder::new(TokioExecutor::new())
-                .timer(TokioTimer::new())
-                .handshake(io)
-                .await
-                .map_err(handshake)?;
-            tokio::spawn(async move {
-                if let Err(error) = connection.await {
-                    tracing::debug!(%target, "connection to the endpoint ended: {error}");
-                }
-            });
-            POOL.with(|pool| {
-                pool.borrow_mut()
-                    .put(kind, target, Sender::H2(sender.clone()))
-            });
-            Ok(Sender::H2(sender))
+    Ok(stream)
+}
+
+/// A new HTTP/2 connection to `target`, kept as this thread's connection to it at once
+/// (it takes any number of requests).
+async fn connect_h2(target: SocketAddr, timeout: Duration) -> Result<H2Sender, SendError> {
+    let stream = connect_tcp(target, timeout).await?;
+    let (send, connection) = h2::client::Builder::new()
+        .initial_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONNECTION_WINDOW)
+        .max_header_list_size(super::http::MAX_HEADER_BYTES as u32)
+        .handshake::<_, Bytes>(Coalesce::new(stream))
+        .await
+        .map_err(|e| SendError::Connect(e.to_string()))?;
+    let closed = Arc::new(AtomicBool::new(false));
+    let ended = closed.clone();
+    tokio::spawn(async move {
+        if let Err(error) = connection.await {
+            tracing::debug!(%target, "connection to the endpoint ended: {error}");
         }
-        HttpKind::Http1 => {
-            let (sender, connection) = http1::Builder::new()
-                .handshake(io)
-                .await
-                .map_err(handshake)?;
-            tokio::spawn(async move {
-                // With upgrades: a WebSocket's 101 hands the connection over.
-                if let Err(error) = connection.with_upgrades().await {
-                    tracing::debug!(%target, "connection to the endpoint ended: {error}");
-                }
-            });
-            Ok(Sender::H1(sender))
+        ended.store(true, Ordering::Relaxed);
+    });
+    let sender = H2Sender { send, closed };
+    POOL.with(|pool| (pool.borrow_mut()).put(HttpKind::H2c, target, Sender::H2(sender.clone())));
+    Ok(sender)
+}
+
+/// A new HTTP/1.1 connection to `target`.
+async fn connect_h1(
+    target: SocketAddr,
+    timeout: Duration,
+) -> Result<http1::SendRequest<Body>, SendError> {
+    let stream = connect_tcp(target, timeout).await?;
+    let (sender, connection) = http1::Builder::new()
+        .handshake(TokioIo::new(Coalesce::new(stream)))
+        .await
+        .map_err(|e| SendError::Connect(e.to_string()))?;
+    tokio::spawn(async move {
+        // With upgrades: a WebSocket's 101 hands the connection over.
+        if let Err(error) = connection.with_upgrades().await {
+            tracing::debug!(%target, "connection to the endpoint ended: {error}");
         }
-    }
+    });
+    Ok(sender)
 }
 
 impl Pool {
