@@ -227,31 +227,36 @@ pub async fn serve<T, A, F, E>(
     };
     let mut streams = FuturesUnordered::new();
     let mut stopping = false;
-    loop {
-        tokio::select! {
-            // Streams first: what they queue goes out in the same turn, when the
-            // connection is driven next.
-            biased;
-            Some(()) = streams.next(), if !streams.is_empty() => {}
-            accepted = connection.accept() => match accepted {
-                Some(Ok((request, respond))) => {
+    let mut stop = pin!(stop.cancelled_owned());
+    let mut close = pin!(close.cancelled_owned());
+    poll_fn(|cx| {
+        if close.as_mut().poll(cx).is_ready() {
+            return Poll::Ready(());
+        }
+        if !stopping && stop.as_mut().poll(cx).is_ready() {
+            stopping = true;
+            connection.graceful_shutdown();
+        }
+        loop {
+            // Streams first: what they queue goes out when the connection is driven,
+            // right after, in the same write.
+            while let Poll::Ready(Some(())) = streams.poll_next_unpin(cx) {}
+            match connection.poll_accept(cx) {
+                Poll::Ready(Some(Ok((request, respond)))) => {
                     let (parts, stream) = request.into_parts();
                     let body = RecvBody::new(stream, &parts.headers);
                     streams.push(respond_to(answer(Request::from_parts(parts, body)), respond));
                 }
-                Some(Err(error)) => {
+                Poll::Ready(Some(Err(error))) => {
                     tracing::debug!("HTTP/2 connection: {error}");
-                    break;
+                    return Poll::Ready(());
                 }
-                None => break,
-            },
-            () = stop.cancelled(), if !stopping => {
-                stopping = true;
-                connection.graceful_shutdown();
+                Poll::Ready(None) => return Poll::Ready(()),
+                Poll::Pending => return Poll::Pending,
             }
-            () = close.cancelled() => break,
         }
-    }
+    })
+    .await;
 }
 
 /// One stream: the answer's head, then its body; a client that resets the stream while
