@@ -268,6 +268,26 @@ pub fn service_yaml(
     yaml
 }
 
+/// A Service `name` on `cluster_ip`:8000 whose port has `app_protocol` (an HTTP port for
+/// `http`, `kubernetes.io/h2c` or `grpc`), round-robin, and its slice: `endpoints` on
+/// port 8080, ready on `node-a`.
+pub fn http_service_yaml(
+    name: &str,
+    cluster_ip: IpAddr,
+    app_protocol: &str,
+    endpoints: &[IpAddr],
+) -> String {
+    let eps: Vec<Ep> = endpoints
+        .iter()
+        .map(|ip| Ep::ready(*ip, "node-a"))
+        .collect();
+    service_yaml(name, cluster_ip, 8000, "", "weir.dev/policy: round-robin").replace(
+        "    protocol: TCP\n",
+        &format!("    protocol: TCP\n    appProtocol: {app_protocol}\n"),
+    ) + "---\n"
+        + &slice_yaml(name, 8080, &eps)
+}
+
 /// An EndpointSlice for Service `service`, port `http` = `port`.
 pub fn slice_yaml(service: &str, port: u16, endpoints: &[Ep]) -> String {
     let mut yaml = format!(

@@ -10,7 +10,7 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::{Request, Response};
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use weir::test_helpers::{Ep, Weir, guest_bytes, service_yaml, slice_yaml, wait_until};
+use weir::test_helpers::{Weir, guest_bytes, http_service_yaml, wait_until};
 
 const T: u8 = 45;
 
@@ -90,15 +90,7 @@ async fn backend(address: SocketAddr) -> Backend {
 
 /// A Service `name` on 127.45.0.`n`:8000 with `app_protocol`, round-robin, to `endpoints`.
 fn service(name: &str, n: u8, app_protocol: &str, endpoints: &[IpAddr]) -> String {
-    let eps: Vec<Ep> = endpoints
-        .iter()
-        .map(|ip| Ep::ready(*ip, "node-a"))
-        .collect();
-    service_yaml(name, ip(0, n), 8000, "", "weir.dev/policy: round-robin").replace(
-        "    protocol: TCP\n",
-        &format!("    protocol: TCP\n    appProtocol: {app_protocol}\n"),
-    ) + "---\n"
-        + &slice_yaml(name, 8080, &eps)
+    http_service_yaml(name, ip(0, n), app_protocol, endpoints)
 }
 
 /// weir on `objects` with the library's `policy` shipped, and `config` after `[admin]`.

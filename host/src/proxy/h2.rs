@@ -171,7 +171,7 @@ async fn wait_for_capacity(send: &mut SendStream<Bytes>) -> Result<(), PipeError
 
 /// Headers about one hop, which HTTP/2 forbids (RFC 9113 8.2.2), taken out of a response
 /// an HTTP/1.1 endpoint wrote; `te` is allowed only as `trailers`.
-pub fn strip_connection_headers(headers: &mut HeaderMap) {
+fn strip_connection_headers(headers: &mut HeaderMap) {
     use hyper::header;
     for name in [
         header::CONNECTION,
@@ -245,7 +245,10 @@ pub async fn serve<T, A, F, E>(
                 Poll::Ready(Some(Ok((request, respond)))) => {
                     let (parts, stream) = request.into_parts();
                     let body = RecvBody::new(stream, &parts.headers);
-                    streams.push(respond_to(answer(Request::from_parts(parts, body)), respond));
+                    streams.push(respond_to(
+                        answer(Request::from_parts(parts, body)),
+                        respond,
+                    ));
                 }
                 Poll::Ready(Some(Err(error))) => {
                     tracing::debug!("HTTP/2 connection: {error}");

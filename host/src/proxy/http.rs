@@ -317,7 +317,7 @@ impl Outgoing<'_> {
         for (name, value) in &parts.headers {
             if self.forwarded_for.is_some() && name == "x-forwarded-for" {
                 forwarded = value.to_str().ok().filter(|earlier| !earlier.is_empty());
-            } else if !hop_by_hop(name, self.kind)
+            } else if !hop_by_hop(name, value, self.kind)
                 || (self.upgrade
                     && (name == hyper::header::CONNECTION || name == hyper::header::UPGRADE))
             {
@@ -405,17 +405,21 @@ async fn join(client: hyper::upgrade::OnUpgrade, endpoint: hyper::upgrade::OnUpg
     let _ = tokio::io::copy_bidirectional(&mut client, &mut endpoint).await;
 }
 
-/// Headers about one hop, not passed on (RFC 9110 7.6.1). `te` is passed on (as
-/// `trailers`, for gRPC) except to HTTP/2 endpoints with another value, which HTTP/2
-/// forbids.
-fn hop_by_hop(name: &hyper::header::HeaderName, kind: HttpKind) -> bool {
+/// Headers about one hop, not passed on (RFC 9110 7.6.1). `te` is passed on, except to
+/// HTTP/2 endpoints as anything but `trailers` (which gRPC needs), since HTTP/2 forbids
+/// that.
+fn hop_by_hop(
+    name: &hyper::header::HeaderName,
+    value: &hyper::header::HeaderValue,
+    kind: HttpKind,
+) -> bool {
     use hyper::header;
     name == header::CONNECTION
         || name == header::TRANSFER_ENCODING
         || name == header::UPGRADE
         || name == "keep-alive"
         || name == "proxy-connection"
-        || (kind == HttpKind::H2c && name == header::TE)
+        || (kind == HttpKind::H2c && name == header::TE && value != "trailers")
 }
 
 /// weir's own short answer.

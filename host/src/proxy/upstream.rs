@@ -202,27 +202,8 @@ async fn send_h2(
     head: &(dyn Fn() -> Request<()> + Sync),
     body: Body,
 ) -> Result<Response<Received>, SendError> {
-    let kind = HttpKind::H2c;
     let end = hyper::body::Body::is_end_stream(&body);
-    // Connecting is boxed here and below: it is rare, and its future would otherwise
-    // take room in every request's.
-    let sender = match POOL.with(|pool| pool.borrow_mut().take(kind, target)) {
-        Some(Sender::H2(sender)) => sender,
-        _ => Box::pin(connect_h2(target, connect_timeout)).await?,
-    };
-    // A connection that is going away (GOAWAY) or gone takes no new stream, and says so
-    // before the request is handed over: once more, on a new connection.
-    let (response, stream) = match open_stream(sender, head(), end).await {
-        Ok(opened) => opened,
-        Err(_) => {
-            let sender = Box::pin(connect_h2(target, connect_timeout)).await?;
-            open_stream(sender, head(), end).await.map_err(|error| {
-                SendError::Connect(format!(
-                    "{target} refused a new connection's stream: {error}"
-                ))
-            })?
-        }
-    };
+    let (response, stream) = open_stream(target, connect_timeout, head(), end).await?;
     if !end {
         // The request's body goes on its own: it may outlive the response's head (a
         // gRPC stream sends and receives at once).
@@ -235,21 +216,46 @@ async fn send_h2(
     let response = match response.await {
         Ok(response) => response,
         // The endpoint said it did not process the stream (REFUSED_STREAM, or a GOAWAY
-        // naming an earlier last stream): a request without a body goes once more.
+        // naming an earlier last stream): a request without a body goes once more, on
+        // the endpoint's connection if it still takes streams, else on a new one.
         Err(error) if end && unprocessed(&error, &head()) => {
-            let sender = Box::pin(connect_h2(target, connect_timeout)).await?;
-            let (response, _) = open_stream(sender, head(), true)
-                .await
-                .map_err(|error| SendError::Request(error.into()))?;
-            response
-                .await
-                .map_err(|error| SendError::Request(error.into()))?
+            let (response, _) = open_stream(target, connect_timeout, head(), true).await?;
+            (response.await).map_err(|error| SendError::Request(error.into()))?
         }
         Err(error) => return Err(SendError::Request(error.into())),
     };
     let (parts, stream) = response.into_parts();
     let body = RecvBody::new(stream, &parts.headers);
     Ok(Response::from_parts(parts, Received::H2(body)))
+}
+
+/// A stream for `head` on this thread's connection to `target`, or on a new one when
+/// there is none, or when it takes no new stream (a GOAWAY came, or it is gone: h2 says
+/// so before taking the request).
+async fn open_stream(
+    target: SocketAddr,
+    connect_timeout: Duration,
+    head: Request<()>,
+    end: bool,
+) -> Result<(h2::client::ResponseFuture, h2::SendStream<Bytes>), SendError> {
+    // Connecting is boxed: it is rare, and its future would otherwise take room in every
+    // request's.
+    let pooled = POOL.with(|pool| pool.borrow_mut().take(HttpKind::H2c, target));
+    let send = match pooled {
+        Some(Sender::H2(sender)) => match sender.send.ready().await {
+            Ok(send) => send,
+            Err(_) => ready(Box::pin(connect_h2(target, connect_timeout)).await?).await?,
+        },
+        _ => ready(Box::pin(connect_h2(target, connect_timeout)).await?).await?,
+    };
+    let mut send = send;
+    (send.send_request(head, end)).map_err(|error| SendError::Request(error.into()))
+}
+
+/// A new connection's sender, once it takes a stream.
+async fn ready(sender: H2Sender) -> Result<h2::client::SendRequest<Bytes>, SendError> {
+    (sender.send.ready().await)
+        .map_err(|error| SendError::Connect(format!("a new connection takes no stream: {error}")))
 }
 
 /// Whether an endpoint's error says a request was not processed, so that sending it
@@ -259,16 +265,6 @@ async fn send_h2(
 fn unprocessed(error: &h2::Error, head: &Request<()>) -> bool {
     error.reason() == Some(h2::Reason::REFUSED_STREAM) && error.is_reset()
         || error.is_go_away() && error.is_remote() && head.method().is_idempotent()
-}
-
-/// Opens a stream for `head` once the connection can take one.
-async fn open_stream(
-    sender: H2Sender,
-    head: Request<()>,
-    end: bool,
-) -> Result<(h2::client::ResponseFuture, h2::SendStream<Bytes>), h2::Error> {
-    let mut send = sender.send.ready().await?;
-    send.send_request(head, end)
 }
 
 async fn connect_tcp(target: SocketAddr, timeout: Duration) -> Result<TcpStream, SendError> {

@@ -1,0 +1,190 @@
+//! The edges of HTTP/2 on both sides of an HTTP port, against endpoints written with
+//! the `h2` crate or by hand on a raw socket, so that each can misbehave exactly as a
+//! real one does: refusing streams, writing HTTP/1.1-only headers. Clients are hyper's.
+//! Addresses: 127.46.0.0/16 (Services on 127.46.0.x, endpoints on 127.46.1.x).
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Empty};
+use hyper::Request;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use weir::test_helpers::{Weir, guest_bytes, http_service_yaml};
+
+fn ip(host: u8, n: u8) -> IpAddr {
+    IpAddr::from([127, 46, host, n])
+}
+
+async fn start(objects: &[(&str, String)]) -> Weir {
+    let policy = "round-robin";
+    Weir::start(ip(0, 1), objects, &[(policy, guest_bytes(policy))], "").await
+}
+
+/// `GET /` on a new HTTP/2 (`h2`) or HTTP/1.1 connection with `headers`: status and body.
+async fn get(address: SocketAddr, h2: bool, headers: &[(&str, &str)]) -> (u16, String) {
+    let stream = TokioIo::new(tokio::net::TcpStream::connect(address).await.unwrap());
+    let mut request = Request::get(format!("http://{address}/"));
+    for (name, value) in headers {
+        request = request.header(*name, *value);
+    }
+    let request = request.body(Empty::<Bytes>::new()).unwrap();
+    let response = if h2 {
+        let (mut sender, connection) =
+            hyper::client::conn::http2::handshake(TokioExecutor::new(), stream)
+                .await
+                .unwrap();
+        tokio::spawn(connection);
+        sender.send_request(request).await
+    } else {
+        let (mut sender, connection) = hyper::client::conn::http1::handshake(stream).await.unwrap();
+        tokio::spawn(connection);
+        sender.send_request(request).await
+    };
+    let response = response.expect("an answer");
+    let status = response.status().as_u16();
+    let body = tokio::time::timeout(Duration::from_secs(5), response.into_body().collect())
+        .await
+        .expect("a body in 5 s")
+        .expect("a whole body")
+        .to_bytes();
+    (status, String::from_utf8_lossy(&body).into_owned())
+}
+
+/// An endpoint that refuses the first stream of every connection (RST_STREAM with
+/// REFUSED_STREAM: "not processed, try again"), as a server at its stream limit does:
+/// weir sends the request once more, on a new connection, and the client never sees it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_stream_is_sent_again() {
+    let endpoint = SocketAddr::new(ip(1, 1), 8080);
+    let listener = tokio::net::TcpListener::bind(endpoint).await.unwrap();
+    let (refused, served) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let (refusals, answers) = (refused.clone(), served.clone());
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let (refusals, answers) = (refusals.clone(), answers.clone());
+            tokio::spawn(async move {
+                let mut connection = h2::server::handshake(stream).await.unwrap();
+                let mut first = true;
+                while let Some(Ok((_, mut respond))) = connection.accept().await {
+                    if std::mem::take(&mut first) {
+                        refusals.fetch_add(1, Ordering::Relaxed);
+                        respond.send_reset(h2::Reason::REFUSED_STREAM);
+                        continue;
+                    }
+                    answers.fetch_add(1, Ordering::Relaxed);
+                    let response = hyper::Response::new(());
+                    let mut body = respond.send_response(response, false).unwrap();
+                    body.send_data(Bytes::from_static(b"second try"), true)
+                        .unwrap();
+                }
+            });
+        }
+    });
+    let objects = vec![(
+        "refuse.yaml",
+        http_service_yaml("refuse", ip(0, 10), "kubernetes.io/h2c", &[endpoint.ip()]),
+    )];
+    let weir = start(&objects).await;
+    let service = SocketAddr::new(ip(0, 10), 8000);
+    assert_eq!(get(service, true, &[]).await, (200, "second try".into()));
+    assert_eq!(get(service, false, &[]).await, (200, "second try".into()));
+    assert_eq!(
+        refused.load(Ordering::Relaxed),
+        2,
+        "one refusal per connection"
+    );
+    assert_eq!(served.load(Ordering::Relaxed), 2);
+    weir.shutdown().await;
+}
+
+/// An HTTP/1.1 endpoint writing the headers HTTP/1.1 keeps for one hop (`Connection`,
+/// `Keep-Alive`, `Transfer-Encoding`), as nginx does: they are not passed to an HTTP/2
+/// client, which would take the response as malformed and fail the stream; the body,
+/// chunked on the endpoint's side, arrives whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http1_only_response_headers_stay_off_http2() {
+    let endpoint = SocketAddr::new(ip(1, 2), 8080);
+    let listener = tokio::net::TcpListener::bind(endpoint).await.unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut request = Vec::new();
+                let mut buffer = [0u8; 4096];
+                // One request per connection is all this endpoint serves.
+                while !request.windows(4).any(|w| w == b"\r\n\r\n") {
+                    let Ok(n @ 1..) = stream.read(&mut buffer).await else {
+                        return;
+                    };
+                    request.extend_from_slice(&buffer[..n]);
+                }
+                let answer = "HTTP/1.1 200 OK\r\nConnection: keep-alive\r\nKeep-Alive: timeout=5\r\n\
+                    Transfer-Encoding: chunked\r\nContent-Type: text/plain\r\n\r\n\
+                    6\r\nhello \r\n8\r\nthrough!\r\n0\r\n\r\n";
+                let _ = stream.write_all(answer.as_bytes()).await;
+                let _ = stream.read(&mut buffer).await;
+            });
+        }
+    });
+    let objects = vec![(
+        "hop.yaml",
+        http_service_yaml("hop", ip(0, 11), "http", &[endpoint.ip()]),
+    )];
+    let weir = start(&objects).await;
+    let service = SocketAddr::new(ip(0, 11), 8000);
+    assert_eq!(
+        get(service, true, &[]).await,
+        (200, "hello through!".into())
+    );
+    assert_eq!(
+        get(service, false, &[]).await,
+        (200, "hello through!".into())
+    );
+    weir.shutdown().await;
+}
+
+/// `TE` other than `trailers` is HTTP/1.1's own and HTTP/2 forbids it: an HTTP/1.1
+/// client's `TE: gzip` is left out of the request to an h2c endpoint (else the request
+/// could not be sent), and `TE: trailers`, which gRPC needs, goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn te_goes_to_http2_endpoints_only_as_trailers() {
+    let endpoint = SocketAddr::new(ip(1, 3), 8080);
+    let listener = tokio::net::TcpListener::bind(endpoint).await.unwrap();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut connection = h2::server::handshake(stream).await.unwrap();
+                while let Some(Ok((request, mut respond))) = connection.accept().await {
+                    let te = (request.headers().get("te"))
+                        .map(|te| te.to_str().unwrap().to_string())
+                        .unwrap_or_else(|| "none".into());
+                    let response = hyper::Response::new(());
+                    let mut body = respond.send_response(response, false).unwrap();
+                    body.send_data(Bytes::from(format!("te: {te}")), true)
+                        .unwrap();
+                }
+            });
+        }
+    });
+    let objects = vec![(
+        "te.yaml",
+        http_service_yaml("te", ip(0, 12), "kubernetes.io/h2c", &[endpoint.ip()]),
+    )];
+    let weir = start(&objects).await;
+    let service = SocketAddr::new(ip(0, 12), 8000);
+    let gzip = [("te", "gzip")];
+    assert_eq!(get(service, false, &gzip).await, (200, "te: none".into()));
+    let trailers = [("te", "trailers")];
+    assert_eq!(
+        get(service, false, &trailers).await,
+        (200, "te: trailers".into())
+    );
+    assert_eq!(
+        get(service, true, &trailers).await,
+        (200, "te: trailers".into())
+    );
+    weir.shutdown().await;
+}
