@@ -188,3 +188,54 @@ async fn te_goes_to_http2_endpoints_only_as_trailers() {
     );
     weir.shutdown().await;
 }
+
+/// A client that gives up on a request (RST_STREAM) frees the endpoint's stream too:
+/// weir resets its stream to the endpoint (CANCEL) instead of waiting for an answer
+/// nobody will read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_reset_reaches_the_endpoint() {
+    let endpoint = SocketAddr::new(ip(1, 4), 8080);
+    let listener = tokio::net::TcpListener::bind(endpoint).await.unwrap();
+    let (reset_seen, mut reset) = tokio::sync::mpsc::channel(1);
+    let (stream_seen, mut arrived) = tokio::sync::mpsc::channel(1);
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let (reset_seen, stream_seen) = (reset_seen.clone(), stream_seen.clone());
+            tokio::spawn(async move {
+                let mut connection = h2::server::handshake(stream).await.unwrap();
+                while let Some(Ok((_, mut respond))) = connection.accept().await {
+                    let _ = stream_seen.send(()).await;
+                    // Never answers; tells what the stream's end was.
+                    let reset_seen = reset_seen.clone();
+                    tokio::spawn(async move {
+                        let reason = std::future::poll_fn(|cx| respond.poll_reset(cx)).await;
+                        let _ = reset_seen.send(reason.ok()).await;
+                    });
+                }
+            });
+        }
+    });
+    let objects = vec![(
+        "gone.yaml",
+        http_service_yaml("gone", ip(0, 13), "kubernetes.io/h2c", &[endpoint.ip()]),
+    )];
+    let weir = start(&objects).await;
+    let stream = tokio::net::TcpStream::connect(SocketAddr::new(ip(0, 13), 8000))
+        .await
+        .unwrap();
+    let (client, connection) = h2::client::handshake(stream).await.unwrap();
+    tokio::spawn(connection);
+    let mut client = client.ready().await.unwrap();
+    let request = Request::get("http://gone/").body(()).unwrap();
+    let (_response, mut sent) = client.send_request(request, true).unwrap();
+    // The request reaches the endpoint before the client gives up.
+    tokio::time::timeout(Duration::from_secs(5), arrived.recv())
+        .await
+        .expect("the request reached the endpoint within 5 s");
+    sent.send_reset(h2::Reason::CANCEL);
+    let reason = tokio::time::timeout(Duration::from_secs(5), reset.recv())
+        .await
+        .expect("the endpoint's stream ended within 5 s");
+    assert_eq!(reason, Some(Some(h2::Reason::CANCEL)));
+    weir.shutdown().await;
+}
