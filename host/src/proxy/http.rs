@@ -9,7 +9,8 @@
 //! route as it is when the request arrives: an endpoint that leaves gets no new request
 //! from open client connections, which are not reset. A request whose connection to an
 //! endpoint cannot be made is tried on another when it has no body to replay; nothing
-//! eligible answers 503 with a short body saying why; `drop` closes the connection.
+//! eligible answers 503 with a short body saying why; `drop` closes an HTTP/1.1
+//! connection and resets an HTTP/2 stream.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
