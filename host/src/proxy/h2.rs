@@ -17,13 +17,17 @@ use bytes::Bytes;
 use futures::StreamExt;
 use futures::stream::FuturesUnordered;
 use h2::{Reason, RecvStream, SendStream};
-use hyper::body::{Body, Frame, SizeHint};
+use hyper::body::{Body as _, Frame, SizeHint};
 use hyper::{HeaderMap, Request, Response};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_util::sync::CancellationToken;
 
 /// What a body that failed carries.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// A body as weir sends it on: a client's request's, an endpoint's response's, or weir's
+/// own answer.
+pub type Body = http_body_util::combinators::BoxBody<Bytes, BoxError>;
 
 /// Flow-control windows weir offers its peers: a stream may have this much unread data
 /// in flight towards weir...
@@ -53,7 +57,7 @@ impl RecvBody {
     }
 }
 
-impl Body for RecvBody {
+impl hyper::body::Body for RecvBody {
     type Data = Bytes;
     type Error = BoxError;
 
@@ -109,7 +113,7 @@ pub enum PipeError {
 /// for a whole one.
 pub async fn pipe<B>(body: B, mut send: SendStream<Bytes>) -> Result<(), PipeError>
 where
-    B: Body<Data = Bytes>,
+    B: hyper::body::Body<Data = Bytes>,
     B::Error: Into<BoxError>,
 {
     let mut body = pin!(body);
@@ -209,7 +213,7 @@ pub async fn serve<T, A, F, E>(
 ) where
     T: AsyncRead + AsyncWrite + Unpin,
     A: FnMut(Request<RecvBody>) -> Pin<Box<F>>,
-    F: Future<Output = Result<Response<crate::proxy::upstream::Body>, E>>,
+    F: Future<Output = Result<Response<Body>, E>>,
 {
     let handshake = h2::server::Builder::new()
         .max_concurrent_streams(limits.max_streams)
@@ -266,7 +270,7 @@ pub async fn serve<T, A, F, E>(
 /// its answer is pending ends it.
 async fn respond_to<F, E>(mut answer: Pin<Box<F>>, mut respond: h2::server::SendResponse<Bytes>)
 where
-    F: Future<Output = Result<Response<crate::proxy::upstream::Body>, E>>,
+    F: Future<Output = Result<Response<Body>, E>>,
 {
     let answered = poll_fn(|cx| match answer.as_mut().poll(cx) {
         Poll::Ready(answered) => Poll::Ready(Some(answered)),

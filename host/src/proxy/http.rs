@@ -30,11 +30,9 @@ use super::decide::{self, Next, Refusal};
 use super::h2::BoxError;
 use super::sniff::{Rewind, sniff};
 pub use super::upstream::HttpKind;
-use super::upstream::{self, Body, Received, SendError};
+use super::upstream::{self, Body, MAX_HEADER_BYTES, Received, SendError};
 use super::{Route, Shared};
 
-/// The largest request or response head weir takes (HTTP/1.1 buffer, HTTP/2 header list).
-pub const MAX_HEADER_BYTES: usize = 64 * 1024;
 /// Streams one client's HTTP/2 connection may have open at once.
 pub const MAX_STREAMS: u32 = 256;
 /// The largest request body kept to be sent again to another endpoint when the first

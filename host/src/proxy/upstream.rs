@@ -24,11 +24,12 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
 use super::coalesce::Coalesce;
+pub use super::h2::Body;
 use super::h2::{self as h2_glue, BoxError, RecvBody};
 
-/// A body as weir sends it on: a client's request's, an endpoint's response's, or weir's
-/// own answer.
-pub type Body = http_body_util::combinators::BoxBody<Bytes, BoxError>;
+/// The largest request or response head weir takes (HTTP/1.1 buffer, HTTP/2 header list),
+/// from clients and from endpoints.
+pub const MAX_HEADER_BYTES: usize = 64 * 1024;
 
 /// A body as it arrives, from a client or an endpoint, over either protocol.
 pub enum Received {
@@ -284,7 +285,7 @@ async fn connect_h2(target: SocketAddr, timeout: Duration) -> Result<H2Sender, S
     let (send, connection) = h2::client::Builder::new()
         .initial_window_size(STREAM_WINDOW)
         .initial_connection_window_size(CONNECTION_WINDOW)
-        .max_header_list_size(super::http::MAX_HEADER_BYTES as u32)
+        .max_header_list_size(MAX_HEADER_BYTES as u32)
         .handshake::<_, Bytes>(Coalesce::new(stream))
         .await
         .map_err(|e| SendError::Connect(e.to_string()))?;
