@@ -29,11 +29,11 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// own answer.
 pub type Body = http_body_util::combinators::BoxBody<Bytes, BoxError>;
 
-/// Flow-control windows weir offers its peers: a stream may have this much unread data
-/// in flight towards weir...
-const STREAM_WINDOW: u32 = 1 << 20;
+/// Flow-control windows weir offers its peers, clients and endpoints alike: a stream may
+/// have this much unread data in flight towards weir...
+pub const STREAM_WINDOW: u32 = 1 << 20;
 /// ...and a connection, over all of its streams, this much.
-const CONNECTION_WINDOW: u32 = 4 << 20;
+pub const CONNECTION_WINDOW: u32 = 4 << 20;
 
 /// A received body (a request's from a client, a response's from an endpoint), read
 /// frame by frame; each data frame's bytes are given back to the sender's window as it

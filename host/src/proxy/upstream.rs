@@ -25,7 +25,7 @@ use tokio::net::TcpStream;
 
 use super::coalesce::Coalesce;
 pub use super::h2::Body;
-use super::h2::{self as h2_glue, BoxError, RecvBody};
+use super::h2::{self as h2_glue, BoxError, CONNECTION_WINDOW, RecvBody, STREAM_WINDOW};
 
 /// The largest request or response head weir takes (HTTP/1.1 buffer, HTTP/2 header list),
 /// from clients and from endpoints.
@@ -84,10 +84,6 @@ const LOOK_AT: usize = 16;
 /// HTTP/1.1 connections kept per endpoint and worker; past it the oldest is let go (it
 /// closes once its response is read).
 const KEEP: usize = 1024;
-/// Flow-control windows weir offers endpoints on its HTTP/2 connections: per stream...
-const STREAM_WINDOW: u32 = 1 << 20;
-/// ...and per connection.
-const CONNECTION_WINDOW: u32 = 4 << 20;
 
 /// Why a request got no response.
 #[derive(Debug, thiserror::Error)]
