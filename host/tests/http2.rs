@@ -239,3 +239,49 @@ async fn a_client_reset_reaches_the_endpoint() {
     assert_eq!(reason, Some(Some(h2::Reason::CANCEL)));
     weir.shutdown().await;
 }
+
+/// An HTTP/1.1 endpoint that closes every connection after one response, though it said
+/// keep-alive (as a server past its keepalive_requests, or restarting, does): the closed
+/// connection weir pooled takes no request, so the request goes on a new one, and none
+/// fails.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pooled_connection_the_endpoint_closed_costs_no_request() {
+    let endpoint = SocketAddr::new(ip(1, 5), 8080);
+    let listener = tokio::net::TcpListener::bind(endpoint).await.unwrap();
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let counter = accepted.clone();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            counter.fetch_add(1, Ordering::Relaxed);
+            tokio::spawn(async move {
+                let mut request = Vec::new();
+                let mut buffer = [0u8; 4096];
+                while !request.windows(4).any(|w| w == b"\r\n\r\n") {
+                    let Ok(n @ 1..) = stream.read(&mut buffer).await else {
+                        return;
+                    };
+                    request.extend_from_slice(&buffer[..n]);
+                }
+                let answer =
+                    "HTTP/1.1 200 OK\r\nConnection: keep-alive\r\nContent-Length: 4\r\n\r\nonce";
+                let _ = stream.write_all(answer.as_bytes()).await;
+                // Closed right after, without saying so.
+            });
+        }
+    });
+    let objects = vec![(
+        "once.yaml",
+        http_service_yaml("once", ip(0, 14), "http", &[endpoint.ip()]),
+    )];
+    let weir = start(&objects).await;
+    let service = SocketAddr::new(ip(0, 14), 8000);
+    for _ in 0..5 {
+        assert_eq!(get(service, false, &[]).await, (200, "once".into()));
+    }
+    assert_eq!(
+        accepted.load(Ordering::Relaxed),
+        5,
+        "one connection per request"
+    );
+    weir.shutdown().await;
+}

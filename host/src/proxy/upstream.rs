@@ -1,14 +1,17 @@
 //! Connections from a worker thread to the endpoints of HTTP ports (no generic pool in
 //! between): per endpoint, one multiplexed HTTP/2 connection for h2c and gRPC ports (the
 //! `h2` crate, its request sent and its response awaited by the stream that asked), and a
-//! set of keep-alive HTTP/1.1 connections for `http` ports (hyper), each taking one
-//! request at a time. Writes are coalesced per turn of the worker's loop. A connection the
+//! set of keep-alive HTTP/1.1 connections for `http` ports (hyper's, but not tasks of
+//! their own: the request that holds one drives it, then its response's body, and it goes
+//! back to the pool when the body has been read). Writes are coalesced per turn of the
+//! worker's loop. A connection the
 //! endpoint closed (or sent GOAWAY on) is dropped; a request it did not take is sent once
 //! more on a new one. Connections unused for [`IDLE`] are closed, so endpoints that left
 //! hold nothing.
 
 use std::cell::RefCell;
 use std::collections::HashMap;
+use std::future::poll_fn;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -17,7 +20,7 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use hyper::body::{Frame, Incoming, SizeHint};
+use hyper::body::{Body as _, Frame, Incoming, SizeHint};
 use hyper::client::conn::http1;
 use hyper::{Request, Response};
 use hyper_util::rt::TokioIo;
@@ -34,6 +37,8 @@ pub const MAX_HEADER_BYTES: usize = 64 * 1024;
 /// A body as it arrives, from a client or an endpoint, over either protocol.
 pub enum Received {
     Http1(Incoming),
+    /// From an endpoint over a pooled HTTP/1.1 connection, which reading the body drives.
+    Http1Pooled(H1Body),
     H2(RecvBody),
 }
 
@@ -47,6 +52,7 @@ impl hyper::body::Body for Received {
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         match self.get_mut() {
             Received::Http1(body) => Pin::new(body).poll_frame(cx).map_err(Into::into),
+            Received::Http1Pooled(body) => body.poll_frame(cx).map_err(Into::into),
             Received::H2(body) => Pin::new(body).poll_frame(cx),
         }
     }
@@ -54,6 +60,7 @@ impl hyper::body::Body for Received {
     fn is_end_stream(&self) -> bool {
         match self {
             Received::Http1(body) => body.is_end_stream(),
+            Received::Http1Pooled(body) => body.body.is_end_stream(),
             Received::H2(body) => body.is_end_stream(),
         }
     }
@@ -61,6 +68,7 @@ impl hyper::body::Body for Received {
     fn size_hint(&self) -> SizeHint {
         match self {
             Received::Http1(body) => body.size_hint(),
+            Received::Http1Pooled(body) => body.body.size_hint(),
             Received::H2(body) => body.size_hint(),
         }
     }
@@ -77,10 +85,6 @@ pub enum HttpKind {
 
 /// A connection unused this long is closed.
 const IDLE: Duration = Duration::from_secs(90);
-/// HTTP/1.1 connections looked at for a free one before a new one is made: the most
-/// recently used, which are the likeliest to be free, so that a request costs the same
-/// whatever the number of connections.
-const LOOK_AT: usize = 16;
 /// HTTP/1.1 connections kept per endpoint and worker; past it the oldest is let go (it
 /// closes once its response is read).
 const KEEP: usize = 1024;
@@ -103,15 +107,80 @@ struct H2Sender {
     closed: Arc<AtomicBool>,
 }
 
+type H1Connection = http1::Connection<TokioIo<Coalesce<TcpStream>>, Body>;
+
+/// An HTTP/1.1 connection to an endpoint, not a task of its own: whoever holds it drives
+/// it, the request that sends on it and then its response's body, and it goes back to
+/// the pool when the body has been read.
+struct H1 {
+    sender: http1::SendRequest<Body>,
+    /// `None` once it has ended.
+    connection: Option<Pin<Box<H1Connection>>>,
+}
+
+impl H1 {
+    /// Reads and writes what is due; drops the connection once it ends, which hands a
+    /// request it did not take back to its sender.
+    fn drive(&mut self, cx: &mut Context<'_>) {
+        if let Some(connection) = &mut self.connection
+            && connection.as_mut().poll(cx).is_ready()
+        {
+            self.connection = None;
+        }
+    }
+}
+
+/// A response's body from a pooled HTTP/1.1 connection: reading it drives the connection,
+/// which goes back to the pool once the body has ended (and is closed if it is dropped
+/// before: the rest of the body would still be on it).
+pub struct H1Body {
+    body: Incoming,
+    connection: Option<(H1, SocketAddr)>,
+}
+
+impl H1Body {
+    fn poll_frame(
+        &mut self,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        if let Some((h1, _)) = &mut self.connection {
+            h1.drive(cx);
+        }
+        let polled = Pin::new(&mut self.body).poll_frame(cx);
+        match &polled {
+            Poll::Ready(None) => self.release(cx),
+            Poll::Ready(Some(Ok(_))) if self.body.is_end_stream() => self.release(cx),
+            Poll::Ready(Some(Err(_))) => self.connection = None,
+            _ => {}
+        }
+        polled
+    }
+
+    /// The body has ended: the connection, driven once more to take in the end of the
+    /// response, goes back to the pool.
+    fn release(&mut self, cx: &mut Context<'_>) {
+        if let Some((mut h1, target)) = self.connection.take() {
+            h1.drive(cx);
+            put_h1(h1, target);
+        }
+    }
+}
+
+fn put_h1(h1: H1, target: SocketAddr) {
+    if h1.connection.is_some() {
+        POOL.with(|pool| (pool.borrow_mut()).put(HttpKind::Http1, target, Sender::H1(h1)));
+    }
+}
+
 enum Sender {
-    H1(http1::SendRequest<Body>),
+    H1(H1),
     H2(H2Sender),
 }
 
 impl Sender {
     fn is_closed(&self) -> bool {
         match self {
-            Sender::H1(s) => s.is_closed(),
+            Sender::H1(s) => s.connection.is_none() || s.sender.is_closed(),
             Sender::H2(s) => s.closed.load(Ordering::Relaxed),
         }
     }
@@ -153,19 +222,21 @@ async fn send_h1(
     connect_timeout: Duration,
     request: Request<Body>,
 ) -> Result<Response<Received>, SendError> {
-    let kind = HttpKind::Http1;
-    let sender = match POOL.with(|pool| pool.borrow_mut().take(kind, target)) {
-        Some(Sender::H1(sender)) => sender,
+    if request.headers().contains_key(hyper::header::UPGRADE) {
+        return send_upgrade(target, connect_timeout, request).await;
+    }
+    let h1 = match POOL.with(|pool| pool.borrow_mut().take(HttpKind::Http1, target)) {
+        Some(Sender::H1(h1)) => h1,
         _ => Box::pin(connect_h1(target, connect_timeout)).await?,
     };
-    // A connection can close between being taken and being sent on: the request it did
-    // not take goes once more, on a new connection.
-    let request = match send_on_h1(sender, target, request).await? {
+    // A connection can close while in the pool: the request it did not take goes once
+    // more, on a new connection.
+    let request = match send_on_h1(h1, target, request).await? {
         Ok(response) => return Ok(response),
         Err(unsent) => unsent,
     };
-    let sender = Box::pin(connect_h1(target, connect_timeout)).await?;
-    match send_on_h1(sender, target, request).await? {
+    let h1 = Box::pin(connect_h1(target, connect_timeout)).await?;
+    match send_on_h1(h1, target, request).await? {
         Ok(response) => Ok(response),
         Err(_) => Err(SendError::Connect(format!(
             "{target} closed two connections before taking a request"
@@ -175,22 +246,76 @@ async fn send_h1(
 
 /// The response, or the request back when the connection did not take it.
 async fn send_on_h1(
-    mut sender: http1::SendRequest<Body>,
+    mut h1: H1,
     target: SocketAddr,
     request: Request<Body>,
 ) -> Result<Result<Response<Received>, Request<Body>>, SendError> {
-    let sent = sender.try_send_request(request).await;
-    if sent.is_ok() {
-        // Free again once this response's body is read: `take` checks.
-        POOL.with(|pool| (pool.borrow_mut()).put(HttpKind::Http1, target, Sender::H1(sender)));
+    // Until it wants a request (the previous response taken in whole), or has ended.
+    let ready = poll_fn(|cx| {
+        h1.drive(cx);
+        match h1.connection {
+            None => Poll::Ready(false),
+            Some(_) => h1.sender.poll_ready(cx).map(|ready| ready.is_ok()),
+        }
+    })
+    .await;
+    if !ready {
+        return Ok(Err(request));
     }
-    match sent {
-        Ok(response) => Ok(Ok(response.map(Received::Http1))),
-        Err(mut error) => match error.take_message() {
-            Some(unsent) => Ok(Err(unsent)),
-            None => Err(SendError::Request(error.into_error().into())),
-        },
+    let H1 { sender, connection } = &mut h1;
+    let mut sending = std::pin::pin!(sender.try_send_request(request));
+    let sent = poll_fn(|cx| {
+        if let Some(open) = connection
+            && open.as_mut().poll(cx).is_ready()
+        {
+            *connection = None;
+        }
+        sending.as_mut().poll(cx)
+    })
+    .await;
+    let response = match sent {
+        Ok(response) => response,
+        Err(mut error) => {
+            return match error.take_message() {
+                Some(unsent) => Ok(Err(unsent)),
+                None => Err(SendError::Request(error.into_error().into())),
+            };
+        }
+    };
+    if response.body().is_end_stream() {
+        // Nothing to read (HEAD, 204, 304, an empty body): free again at once.
+        put_h1(h1, target);
+        return Ok(Ok(response.map(Received::Http1)));
     }
+    Ok(Ok(response.map(|body| {
+        Received::Http1Pooled(H1Body {
+            body,
+            connection: Some((h1, target)),
+        })
+    })))
+}
+
+/// An HTTP/1.1 upgrade (WebSocket and the like) on a connection of its own, a task of its
+/// own: after a 101 the connection is handed over and joined to the client's.
+async fn send_upgrade(
+    target: SocketAddr,
+    connect_timeout: Duration,
+    request: Request<Body>,
+) -> Result<Response<Received>, SendError> {
+    let stream = connect_tcp(target, connect_timeout).await?;
+    let (mut sender, connection) = http1::Builder::new()
+        .handshake(TokioIo::new(Coalesce::new(stream)))
+        .await
+        .map_err(|e| SendError::Connect(e.to_string()))?;
+    tokio::spawn(async move {
+        if let Err(error) = connection.with_upgrades().await {
+            tracing::debug!(%target, "upgraded connection to the endpoint ended: {error}");
+        }
+    });
+    let response = sender.send_request(request).await;
+    Ok(response
+        .map_err(|error| SendError::Request(error.into()))?
+        .map(Received::Http1))
 }
 
 async fn send_h2(
@@ -298,23 +423,17 @@ async fn connect_h2(target: SocketAddr, timeout: Duration) -> Result<H2Sender, S
     Ok(sender)
 }
 
-/// A new HTTP/1.1 connection to `target`.
-async fn connect_h1(
-    target: SocketAddr,
-    timeout: Duration,
-) -> Result<http1::SendRequest<Body>, SendError> {
+/// A new HTTP/1.1 connection to `target`, driven by whoever holds it.
+async fn connect_h1(target: SocketAddr, timeout: Duration) -> Result<H1, SendError> {
     let stream = connect_tcp(target, timeout).await?;
     let (sender, connection) = http1::Builder::new()
         .handshake(TokioIo::new(Coalesce::new(stream)))
         .await
         .map_err(|e| SendError::Connect(e.to_string()))?;
-    tokio::spawn(async move {
-        // With upgrades: a WebSocket's 101 hands the connection over.
-        if let Err(error) = connection.with_upgrades().await {
-            tracing::debug!(%target, "connection to the endpoint ended: {error}");
-        }
-    });
-    Ok(sender)
+    Ok(H1 {
+        sender,
+        connection: Some(Box::pin(connection)),
+    })
 }
 
 impl Pool {
@@ -332,16 +451,9 @@ impl Pool {
                 };
                 Some(Sender::H2(sender.clone()))
             }
-            HttpKind::Http1 => {
-                let from = entries.len().saturating_sub(LOOK_AT);
-                let ready = (from..entries.len())
-                    .rev()
-                    .find(|&i| match &entries[i].sender {
-                        Sender::H1(s) => s.is_ready(),
-                        Sender::H2(_) => false,
-                    })?;
-                Some(entries.remove(ready).sender)
-            }
+            // Every pooled HTTP/1.1 connection is free (its last response was read in
+            // whole): the most recently used, whose endpoint most likely still keeps it.
+            HttpKind::Http1 => entries.pop().map(|entry| entry.sender),
         }
     }
 
