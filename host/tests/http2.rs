@@ -54,6 +54,32 @@ async fn get(address: SocketAddr, h2: bool, headers: &[(&str, &str)]) -> (u16, S
     (status, String::from_utf8_lossy(&body).into_owned())
 }
 
+/// An HTTP/1.1 endpoint written by hand: on each connection it reads one request's head,
+/// writes `answer` as it is, and closes the connection, whatever the answer said. Returns
+/// how many connections it has taken.
+async fn raw_http1_endpoint(address: SocketAddr, answer: &'static str) -> Arc<AtomicUsize> {
+    let listener = tokio::net::TcpListener::bind(address).await.unwrap();
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let counter = accepted.clone();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            counter.fetch_add(1, Ordering::Relaxed);
+            tokio::spawn(async move {
+                let mut request = Vec::new();
+                let mut buffer = [0u8; 4096];
+                while !request.windows(4).any(|w| w == b"\r\n\r\n") {
+                    let Ok(n @ 1..) = stream.read(&mut buffer).await else {
+                        return;
+                    };
+                    request.extend_from_slice(&buffer[..n]);
+                }
+                let _ = stream.write_all(answer.as_bytes()).await;
+            });
+        }
+    });
+    accepted
+}
+
 /// An endpoint that refuses the first stream of every connection (RST_STREAM with
 /// REFUSED_STREAM: "not processed, try again"), as a server at its stream limit does:
 /// weir sends the request once more, on a new connection, and the client never sees it.
@@ -108,27 +134,10 @@ async fn a_refused_stream_is_sent_again() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http1_only_response_headers_stay_off_http2() {
     let endpoint = SocketAddr::new(ip(1, 2), 8080);
-    let listener = tokio::net::TcpListener::bind(endpoint).await.unwrap();
-    tokio::spawn(async move {
-        while let Ok((mut stream, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let mut request = Vec::new();
-                let mut buffer = [0u8; 4096];
-                // One request per connection is all this endpoint serves.
-                while !request.windows(4).any(|w| w == b"\r\n\r\n") {
-                    let Ok(n @ 1..) = stream.read(&mut buffer).await else {
-                        return;
-                    };
-                    request.extend_from_slice(&buffer[..n]);
-                }
-                let answer = "HTTP/1.1 200 OK\r\nConnection: keep-alive\r\nKeep-Alive: timeout=5\r\n\
-                    Transfer-Encoding: chunked\r\nContent-Type: text/plain\r\n\r\n\
-                    6\r\nhello \r\n8\r\nthrough!\r\n0\r\n\r\n";
-                let _ = stream.write_all(answer.as_bytes()).await;
-                let _ = stream.read(&mut buffer).await;
-            });
-        }
-    });
+    let answer = "HTTP/1.1 200 OK\r\nConnection: keep-alive\r\nKeep-Alive: timeout=5\r\n\
+        Transfer-Encoding: chunked\r\nContent-Type: text/plain\r\n\r\n\
+        6\r\nhello \r\n8\r\nthrough!\r\n0\r\n\r\n";
+    let _ = raw_http1_endpoint(endpoint, answer).await;
     let objects = vec![(
         "hop.yaml",
         http_service_yaml("hop", ip(0, 11), "http", &[endpoint.ip()]),
@@ -247,28 +256,8 @@ async fn a_client_reset_reaches_the_endpoint() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pooled_connection_the_endpoint_closed_costs_no_request() {
     let endpoint = SocketAddr::new(ip(1, 5), 8080);
-    let listener = tokio::net::TcpListener::bind(endpoint).await.unwrap();
-    let accepted = Arc::new(AtomicUsize::new(0));
-    let counter = accepted.clone();
-    tokio::spawn(async move {
-        while let Ok((mut stream, _)) = listener.accept().await {
-            counter.fetch_add(1, Ordering::Relaxed);
-            tokio::spawn(async move {
-                let mut request = Vec::new();
-                let mut buffer = [0u8; 4096];
-                while !request.windows(4).any(|w| w == b"\r\n\r\n") {
-                    let Ok(n @ 1..) = stream.read(&mut buffer).await else {
-                        return;
-                    };
-                    request.extend_from_slice(&buffer[..n]);
-                }
-                let answer =
-                    "HTTP/1.1 200 OK\r\nConnection: keep-alive\r\nContent-Length: 4\r\n\r\nonce";
-                let _ = stream.write_all(answer.as_bytes()).await;
-                // Closed right after, without saying so.
-            });
-        }
-    });
+    let answer = "HTTP/1.1 200 OK\r\nConnection: keep-alive\r\nContent-Length: 4\r\n\r\nonce";
+    let accepted = raw_http1_endpoint(endpoint, answer).await;
     let objects = vec![(
         "once.yaml",
         http_service_yaml("once", ip(0, 14), "http", &[endpoint.ip()]),
