@@ -80,36 +80,55 @@ async fn raw_http1_endpoint(address: SocketAddr, answer: &'static str) -> Arc<At
     accepted
 }
 
+/// An HTTP/2 endpoint written with the `h2` crate: `on_stream` gets each stream with its
+/// number on its connection (0 for the first), and answers it, resets it or keeps it.
+async fn h2_endpoint<F>(address: SocketAddr, on_stream: F)
+where
+    F: Fn(usize, Request<h2::RecvStream>, h2::server::SendResponse<Bytes>) + Send + Sync + 'static,
+{
+    let listener = tokio::net::TcpListener::bind(address).await.unwrap();
+    let on_stream = Arc::new(on_stream);
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let on_stream = on_stream.clone();
+            tokio::spawn(async move {
+                let mut connection = h2::server::handshake(stream).await.unwrap();
+                let mut n = 0;
+                while let Some(Ok((request, respond))) = connection.accept().await {
+                    on_stream(n, request, respond);
+                    n += 1;
+                }
+            });
+        }
+    });
+}
+
+/// Answers a stream 200 with `body`.
+fn answer(mut respond: h2::server::SendResponse<Bytes>, body: impl Into<Bytes>) {
+    let mut sending = respond
+        .send_response(hyper::Response::new(()), false)
+        .unwrap();
+    sending.send_data(body.into(), true).unwrap();
+}
+
 /// An endpoint that refuses the first stream of every connection (RST_STREAM with
 /// REFUSED_STREAM: "not processed, try again"), as a server at its stream limit does:
 /// weir sends the request once more, on a new connection, and the client never sees it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refused_stream_is_sent_again() {
     let endpoint = SocketAddr::new(ip(1, 1), 8080);
-    let listener = tokio::net::TcpListener::bind(endpoint).await.unwrap();
     let (refused, served) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
     let (refusals, answers) = (refused.clone(), served.clone());
-    tokio::spawn(async move {
-        while let Ok((stream, _)) = listener.accept().await {
-            let (refusals, answers) = (refusals.clone(), answers.clone());
-            tokio::spawn(async move {
-                let mut connection = h2::server::handshake(stream).await.unwrap();
-                let mut first = true;
-                while let Some(Ok((_, mut respond))) = connection.accept().await {
-                    if std::mem::take(&mut first) {
-                        refusals.fetch_add(1, Ordering::Relaxed);
-                        respond.send_reset(h2::Reason::REFUSED_STREAM);
-                        continue;
-                    }
-                    answers.fetch_add(1, Ordering::Relaxed);
-                    let response = hyper::Response::new(());
-                    let mut body = respond.send_response(response, false).unwrap();
-                    body.send_data(Bytes::from_static(b"second try"), true)
-                        .unwrap();
-                }
-            });
+    h2_endpoint(endpoint, move |n, _, mut respond| {
+        if n == 0 {
+            refusals.fetch_add(1, Ordering::Relaxed);
+            respond.send_reset(h2::Reason::REFUSED_STREAM);
+        } else {
+            answers.fetch_add(1, Ordering::Relaxed);
+            answer(respond, "second try");
         }
-    });
+    })
+    .await;
     let objects = vec![(
         "refuse.yaml",
         http_service_yaml("refuse", ip(0, 10), "kubernetes.io/h2c", &[endpoint.ip()]),
@@ -161,23 +180,13 @@ async fn http1_only_response_headers_stay_off_http2() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn te_goes_to_http2_endpoints_only_as_trailers() {
     let endpoint = SocketAddr::new(ip(1, 3), 8080);
-    let listener = tokio::net::TcpListener::bind(endpoint).await.unwrap();
-    tokio::spawn(async move {
-        while let Ok((stream, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let mut connection = h2::server::handshake(stream).await.unwrap();
-                while let Some(Ok((request, mut respond))) = connection.accept().await {
-                    let te = (request.headers().get("te"))
-                        .map(|te| te.to_str().unwrap().to_string())
-                        .unwrap_or_else(|| "none".into());
-                    let response = hyper::Response::new(());
-                    let mut body = respond.send_response(response, false).unwrap();
-                    body.send_data(Bytes::from(format!("te: {te}")), true)
-                        .unwrap();
-                }
-            });
-        }
-    });
+    h2_endpoint(endpoint, |_, request, respond| {
+        let te = (request.headers().get("te"))
+            .map(|te| te.to_str().unwrap().to_string())
+            .unwrap_or_else(|| "none".into());
+        answer(respond, format!("te: {te}"));
+    })
+    .await;
     let objects = vec![(
         "te.yaml",
         http_service_yaml("te", ip(0, 12), "kubernetes.io/h2c", &[endpoint.ip()]),
@@ -204,26 +213,18 @@ async fn te_goes_to_http2_endpoints_only_as_trailers() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_reset_reaches_the_endpoint() {
     let endpoint = SocketAddr::new(ip(1, 4), 8080);
-    let listener = tokio::net::TcpListener::bind(endpoint).await.unwrap();
     let (reset_seen, mut reset) = tokio::sync::mpsc::channel(1);
     let (stream_seen, mut arrived) = tokio::sync::mpsc::channel(1);
-    tokio::spawn(async move {
-        while let Ok((stream, _)) = listener.accept().await {
-            let (reset_seen, stream_seen) = (reset_seen.clone(), stream_seen.clone());
-            tokio::spawn(async move {
-                let mut connection = h2::server::handshake(stream).await.unwrap();
-                while let Some(Ok((_, mut respond))) = connection.accept().await {
-                    let _ = stream_seen.send(()).await;
-                    // Never answers; tells what the stream's end was.
-                    let reset_seen = reset_seen.clone();
-                    tokio::spawn(async move {
-                        let reason = std::future::poll_fn(|cx| respond.poll_reset(cx)).await;
-                        let _ = reset_seen.send(reason.ok()).await;
-                    });
-                }
-            });
-        }
-    });
+    h2_endpoint(endpoint, move |_, _, mut respond| {
+        let _ = stream_seen.try_send(());
+        // Never answers; tells what the stream's end was.
+        let reset_seen = reset_seen.clone();
+        tokio::spawn(async move {
+            let reason = std::future::poll_fn(|cx| respond.poll_reset(cx)).await;
+            let _ = reset_seen.send(reason.ok()).await;
+        });
+    })
+    .await;
     let objects = vec![(
         "gone.yaml",
         http_service_yaml("gone", ip(0, 13), "kubernetes.io/h2c", &[endpoint.ip()]),

@@ -122,11 +122,16 @@ impl H1 {
     /// Reads and writes what is due; drops the connection once it ends, which hands a
     /// request it did not take back to its sender.
     fn drive(&mut self, cx: &mut Context<'_>) {
-        if let Some(connection) = &mut self.connection
-            && connection.as_mut().poll(cx).is_ready()
-        {
-            self.connection = None;
-        }
+        drive(&mut self.connection, cx);
+    }
+}
+
+/// [`H1::drive`] on the connection alone, for when its sender is borrowed apart.
+fn drive(connection: &mut Option<Pin<Box<H1Connection>>>, cx: &mut Context<'_>) {
+    if let Some(open) = connection
+        && open.as_mut().poll(cx).is_ready()
+    {
+        *connection = None;
     }
 }
 
@@ -265,11 +270,7 @@ async fn send_on_h1(
     let H1 { sender, connection } = &mut h1;
     let mut sending = std::pin::pin!(sender.try_send_request(request));
     let sent = poll_fn(|cx| {
-        if let Some(open) = connection
-            && open.as_mut().poll(cx).is_ready()
-        {
-            *connection = None;
-        }
+        drive(connection, cx);
         sending.as_mut().poll(cx)
     })
     .await;
