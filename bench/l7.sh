@@ -8,6 +8,7 @@
 #
 #   bench/l7.sh                      # 10 s per run, 1 proxy thread
 #   DURATION=20 THREADS=2 bench/l7.sh
+#   MODES=http1 TARGETS="weir haproxy" bench/l7.sh   # a part of it
 #
 # Needs root for apt-get if h2load, wrk, haproxy or nginx are missing.
 set -euo pipefail
@@ -19,6 +20,7 @@ H2_CONNECTIONS=${H2_CONNECTIONS:-4}
 H2_STREAMS=${H2_STREAMS:-32}
 H1_CONNECTIONS=${H1_CONNECTIONS:-50}
 TARGETS=${TARGETS:-direct weir haproxy}
+MODES=${MODES:-h2c http1}
 
 missing=()
 command -v h2load >/dev/null || missing+=(nghttp2-client)
@@ -107,6 +109,7 @@ workers = $THREADS
 TOML
 WEIR_LOG=warn ${WEIR_ENV:-} "$WEIR" run --config "$work/weir/weir.toml" &
 pids+=($!)
+declare -A pid_of=([weir]=$!)
 
 # HAProxy in mode http on the same backends: h2c in front and behind for 8001,
 # HTTP/1.1 keep-alive for 8000, round-robin.
@@ -137,6 +140,7 @@ backend nginx_h2c
 CFG
 haproxy -f "$work/haproxy.cfg" &
 pids+=($!)
+pid_of[haproxy]=$!
 
 for _ in $(seq 1 150); do
     curl -sf http://127.42.0.1:10256/readyz >/dev/null 2>&1 \
@@ -175,8 +179,13 @@ h1() {
         END {printf "%.0f %.3f %.3f\n", rps, p50, p99}'
 }
 
-declare -A result
-for mode in h2c http1; do
+# CPU time a process has used, user and system, in microseconds.
+cpu_us() {
+    awk -v tck="$(getconf CLK_TCK)" '{printf "%d %d\n", $14 * 1e6 / tck, $15 * 1e6 / tck}' "/proc/$1/stat"
+}
+
+declare -A result cpu
+for mode in $MODES; do
     for target in $TARGETS; do
         case $mode.$target in
             h2c.direct) url=http://127.42.1.1:8081/ ;;
@@ -186,12 +195,19 @@ for mode in h2c http1; do
             http1.weir) url=http://127.42.0.10:8000/ ;;
             http1.haproxy) url=http://127.42.0.20:8000/ ;;
         esac
-        if [ "$mode" = h2c ]; then
-            h2 "$url" 2 >/dev/null 2>&1 || true   # warm-up
-            result[$mode.$target]=$(h2 "$url" "$DURATION")
-        else
-            h1 "$url" 2 >/dev/null 2>&1 || true
-            result[$mode.$target]=$(h1 "$url" "$DURATION")
+        load=h1
+        [ "$mode" = h2c ] && load=h2
+        $load "$url" 2 >/dev/null 2>&1 || true   # warm-up
+        pid=${pid_of[$target]:-}
+        [ -n "$pid" ] && read -r user0 sys0 < <(cpu_us "$pid")
+        result[$mode.$target]=$($load "$url" "$DURATION")
+        # The proxy's CPU per request, user and kernel, over the measured run.
+        cpu[$mode.$target]="- -"
+        if [ -n "$pid" ]; then
+            read -r user1 sys1 < <(cpu_us "$pid")
+            read -r rps _ <<<"${result[$mode.$target]}"
+            cpu[$mode.$target]=$(awk -v u=$((user1 - user0)) -v s=$((sys1 - sys0)) -v n="$rps" -v d="$DURATION" \
+                'BEGIN {printf "%.2f %.2f\n", u / (n * d), s / (n * d)}')
         fi
     done
 done
@@ -200,16 +216,17 @@ printf '\nh2c: h2load, %s connections x %s streams; http1: wrk, %s keep-alive co
     "$H2_CONNECTIONS" "$H2_STREAMS" "$H1_CONNECTIONS"
 printf '%s s per run; proxies with %s thread(s); %s cores; weir decides each request with round-robin.wasm\n\n' \
     "$DURATION" "$THREADS" "$(nproc)"
-printf '%-6s %-8s %10s %9s %9s\n' mode target req/s p50_ms p99_ms
-for mode in h2c http1; do
+printf '%-6s %-8s %10s %9s %9s %12s %12s\n' mode target req/s p50_ms p99_ms user_us/req sys_us/req
+for mode in $MODES; do
     for target in $TARGETS; do
         read -r rps p50 p99 <<<"${result[$mode.$target]}"
-        printf '%-6s %-8s %10s %9s %9s\n' "$mode" "$target" "$rps" "$p50" "$p99"
+        read -r user sys <<<"${cpu[$mode.$target]}"
+        printf '%-6s %-8s %10s %9s %9s %12s %12s\n' "$mode" "$target" "$rps" "$p50" "$p99" "$user" "$sys"
     done
 done
 [ "$TARGETS" = "direct weir haproxy" ] || exit 0
 printf '\n%-6s %16s %16s %14s %14s\n' mode weir/direct_rps weir/haproxy_rps weir/haproxy_p50 weir/haproxy_p99
-for mode in h2c http1; do
+for mode in $MODES; do
     read -r drps _ _ <<<"${result[$mode.direct]}"
     read -r wrps wp50 wp99 <<<"${result[$mode.weir]}"
     read -r hrps hp50 hp99 <<<"${result[$mode.haproxy]}"
