@@ -9,6 +9,8 @@
 mod coalesce;
 mod copy;
 pub mod decide;
+mod ending;
+mod h1;
 mod h2;
 pub mod http;
 pub mod proxy_protocol;

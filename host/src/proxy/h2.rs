@@ -22,6 +22,8 @@ use hyper::{HeaderMap, Request, Response};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_util::sync::CancellationToken;
 
+use super::ending::{End, Ending};
+
 /// What a body that failed carries.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -230,16 +232,12 @@ pub async fn serve<T, A, F, E>(
         Err(_) => return,
     };
     let mut streams = FuturesUnordered::new();
-    let mut stopping = false;
-    let mut stop = pin!(stop.cancelled_owned());
-    let mut close = pin!(close.cancelled_owned());
+    let mut ending = Ending::new(stop, close);
     poll_fn(|cx| {
-        if close.as_mut().poll(cx).is_ready() {
-            return Poll::Ready(());
-        }
-        if !stopping && stop.as_mut().poll(cx).is_ready() {
-            stopping = true;
-            connection.graceful_shutdown();
+        match ending.poll(cx) {
+            Poll::Ready(End::Cut) => return Poll::Ready(()),
+            Poll::Ready(End::Drain) => connection.graceful_shutdown(),
+            Poll::Pending => {}
         }
         loop {
             // Streams first: what they queue goes out when the connection is driven,

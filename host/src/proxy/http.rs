@@ -12,13 +12,16 @@
 //! eligible answers 503 with a short body saying why; `drop` closes an HTTP/1.1
 //! connection and resets an HTTP/2 stream.
 
+use std::future::poll_fn;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Empty, Full};
 use hyper::body::{Body as _, Incoming};
+use hyper::header::{HeaderName, HeaderValue};
 use hyper::http::request::Parts;
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
@@ -27,6 +30,8 @@ use tokio_util::sync::CancellationToken;
 
 use super::coalesce::Coalesce;
 use super::decide::{self, Next, Refusal};
+use super::ending::{End, Ending};
+use super::h1;
 use super::h2::BoxError;
 use super::sniff::{Rewind, sniff};
 pub use super::upstream::HttpKind;
@@ -94,17 +99,23 @@ pub async fn connection(
         .serve_connection(TokioIo::new(client), service)
         .with_upgrades();
     let mut connection = std::pin::pin!(connection);
-    tokio::select! {
-        _ = connection.as_mut() => return,
-        () = stop.cancelled() => {}
-        () = close.cancelled() => return,
+    let mut ending = Ending::new(stop, close);
+    let ended = poll_fn(|cx| match connection.as_mut().poll(cx) {
+        Poll::Ready(_) => Poll::Ready(None),
+        Poll::Pending => ending.poll(cx).map(Some),
+    })
+    .await;
+    if ended != Some(End::Drain) {
+        return;
     }
     connection.as_mut().graceful_shutdown();
-    tokio::select! {
-        _ = connection => {}
-        // The shutdown grace period is over: whatever is left is cut.
-        () = close.cancelled() => {}
-    }
+    // Until it has finished, or the shutdown grace period is over: whatever is left is
+    // cut.
+    poll_fn(|cx| match connection.as_mut().poll(cx) {
+        Poll::Ready(_) => Poll::Ready(()),
+        Poll::Pending => ending.poll(cx).map(drop),
+    })
+    .await;
 }
 
 /// A request the policy dropped: the client's connection is closed without an answer.
@@ -209,8 +220,7 @@ async fn request_to(
         };
         let sent = Instant::now();
         let timeout = shared.settings.connect_timeout;
-        let head = || outgoing.head();
-        match upstream::send(kind, target, timeout, &head, upstream_body).await {
+        match upstream::send(kind, target, timeout, &outgoing, upstream_body).await {
             Ok(mut response) => {
                 // The policy learns the status and the time to the response's head now,
                 // and that the request is over when its response's body ends (a gRPC
@@ -269,10 +279,62 @@ struct Outgoing<'a> {
 }
 
 impl Outgoing<'_> {
-    fn head(&self) -> Request<()> {
+    /// The path and query the request goes to.
+    fn path(&self) -> hyper::http::uri::PathAndQuery {
+        (self.parts.uri.path_and_query().cloned())
+            .unwrap_or_else(|| hyper::http::uri::PathAndQuery::from_static("/"))
+    }
+
+    /// The `Host` an HTTP/1.1 request gets when the client sent none: the authority the
+    /// client asked for (an HTTP/2 client's `:authority`), else the endpoint's address.
+    fn missing_host(&self) -> Option<HeaderValue> {
+        if self.parts.headers.contains_key(hyper::header::HOST) {
+            return None;
+        }
+        match self.parts.uri.authority() {
+            Some(authority) => authority.as_str().parse().ok(),
+            None => self.target.to_string().parse().ok(),
+        }
+    }
+
+    /// The client's header fields that go on to the endpoint, and `X-Forwarded-For` when
+    /// the Service adds the client to it.
+    fn each_field(&self, mut field: impl FnMut(&HeaderName, &HeaderValue)) {
+        let mut forwarded = None;
+        for (name, value) in &self.parts.headers {
+            if self.forwarded_for.is_some() && name == "x-forwarded-for" {
+                forwarded = value.to_str().ok().filter(|earlier| !earlier.is_empty());
+            } else if !hop_by_hop(name, value, self.kind)
+                || (self.upgrade
+                    && (name == hyper::header::CONNECTION || name == hyper::header::UPGRADE))
+            {
+                field(name, value);
+            }
+        }
+        if let Some(client) = self.forwarded_for {
+            let client = crate::net::canonical(client.ip());
+            let value = match forwarded {
+                Some(earlier) => format!("{earlier}, {client}"),
+                None => client.to_string(),
+            };
+            if let Ok(value) = value.parse() {
+                field(&HeaderName::from_static("x-forwarded-for"), &value);
+            }
+        }
+    }
+}
+
+impl upstream::Head for Outgoing<'_> {
+    fn method(&self) -> &hyper::Method {
+        &self.parts.method
+    }
+
+    fn is_upgrade(&self) -> bool {
+        self.upgrade
+    }
+
+    fn request(&self) -> Request<()> {
         let parts = self.parts;
-        let path = (parts.uri.path_and_query().cloned())
-            .unwrap_or_else(|| hyper::http::uri::PathAndQuery::from_static("/"));
         let mut head = Request::new(());
         *head.method_mut() = parts.method.clone();
         let headers = head.headers_mut();
@@ -281,19 +343,10 @@ impl Outgoing<'_> {
         // unless the client named one.
         match self.kind {
             HttpKind::Http1 => {
-                *head.uri_mut() = hyper::Uri::from(path);
+                *head.uri_mut() = hyper::Uri::from(self.path());
                 *head.version_mut() = hyper::Version::HTTP_11;
-                // The authority the client asked for goes on: an HTTP/2 client's
-                // `:authority` becomes the `Host` of an HTTP/1.1 request (not the
-                // endpoint's address); with none at all, the endpoint's address.
-                if !parts.headers.contains_key(hyper::header::HOST) {
-                    let host = match parts.uri.authority() {
-                        Some(authority) => authority.as_str().parse(),
-                        None => self.target.to_string().parse(),
-                    };
-                    if let Ok(host) = host {
-                        head.headers_mut().insert(hyper::header::HOST, host);
-                    }
+                if let Some(host) = self.missing_host() {
+                    head.headers_mut().insert(hyper::header::HOST, host);
                 }
             }
             HttpKind::H2c => {
@@ -306,34 +359,35 @@ impl Outgoing<'_> {
                 let mut uri = hyper::http::uri::Parts::default();
                 uri.scheme = Some(hyper::http::uri::Scheme::HTTP);
                 uri.authority = Some(authority);
-                uri.path_and_query = Some(path);
+                uri.path_and_query = Some(self.path());
                 *head.uri_mut() = hyper::Uri::from_parts(uri).expect("scheme, authority and path");
                 *head.version_mut() = hyper::Version::HTTP_2;
             }
         }
         let headers = head.headers_mut();
-        let mut forwarded = None;
-        for (name, value) in &parts.headers {
-            if self.forwarded_for.is_some() && name == "x-forwarded-for" {
-                forwarded = value.to_str().ok().filter(|earlier| !earlier.is_empty());
-            } else if !hop_by_hop(name, value, self.kind)
-                || (self.upgrade
-                    && (name == hyper::header::CONNECTION || name == hyper::header::UPGRADE))
-            {
-                headers.append(name.clone(), value.clone());
-            }
-        }
-        if let Some(client) = self.forwarded_for {
-            let client = crate::net::canonical(client.ip());
-            let value = match forwarded {
-                Some(earlier) => format!("{earlier}, {client}"),
-                None => client.to_string(),
-            };
-            if let Ok(value) = value.parse() {
-                headers.insert("x-forwarded-for", value);
-            }
-        }
+        self.each_field(|name, value| {
+            headers.append(name.clone(), value.clone());
+        });
         head
+    }
+
+    fn write_http1(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(self.parts.method.as_str().as_bytes());
+        out.push(b' ');
+        match self.parts.uri.path_and_query() {
+            Some(path) => out.extend_from_slice(path.as_str().as_bytes()),
+            None => out.push(b'/'),
+        }
+        out.extend_from_slice(b" HTTP/1.1\r\n");
+        if let Some(host) = self.missing_host() {
+            h1::put_field(out, &hyper::header::HOST, &host);
+        }
+        self.each_field(|name, value| {
+            // The client writes the body's framing as it sends it.
+            if name != hyper::header::CONTENT_LENGTH {
+                h1::put_field(out, name, value);
+            }
+        });
     }
 }
 

@@ -1,17 +1,15 @@
 //! Connections from a worker thread to the endpoints of HTTP ports (no generic pool in
 //! between): per endpoint, one multiplexed HTTP/2 connection for h2c and gRPC ports (the
 //! `h2` crate, its request sent and its response awaited by the stream that asked), and a
-//! set of keep-alive HTTP/1.1 connections for `http` ports (hyper's, but not tasks of
-//! their own: the request that holds one drives it, then its response's body, and it goes
-//! back to the pool when the body has been read). Writes are coalesced per turn of the
-//! worker's loop. A connection the
-//! endpoint closed (or sent GOAWAY on) is dropped; a request it did not take is sent once
-//! more on a new one. Connections unused for [`IDLE`] are closed, so endpoints that left
-//! hold nothing.
+//! set of keep-alive HTTP/1.1 connections for `http` ports (weir's own client, `h1.rs`:
+//! not tasks of their own, the request that holds one writes on it, then its response's
+//! body reads it, and it goes back to the pool when the body has been read). A connection
+//! the endpoint closed (or sent GOAWAY on) is dropped; a request it did not take is sent
+//! once more on a new one. Connections unused for [`IDLE`] are closed, so endpoints that
+//! left hold nothing.
 
 use std::cell::RefCell;
 use std::collections::HashMap;
-use std::future::poll_fn;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -22,11 +20,12 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use hyper::body::{Body as _, Frame, Incoming, SizeHint};
 use hyper::client::conn::http1;
-use hyper::{Request, Response};
+use hyper::{Method, Request, Response};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
 use super::coalesce::Coalesce;
+use super::h1;
 pub use super::h2::Body;
 use super::h2::{self as h2_glue, BoxError, CONNECTION_WINDOW, RecvBody, STREAM_WINDOW};
 
@@ -37,7 +36,7 @@ pub const MAX_HEADER_BYTES: usize = 64 * 1024;
 /// A body as it arrives, from a client or an endpoint, over either protocol.
 pub enum Received {
     Http1(Incoming),
-    /// From an endpoint over a pooled HTTP/1.1 connection, which reading the body drives.
+    /// From an endpoint, over a pooled HTTP/1.1 connection that reading the body reads.
     Http1Pooled(H1Body),
     H2(RecvBody),
 }
@@ -60,7 +59,7 @@ impl hyper::body::Body for Received {
     fn is_end_stream(&self) -> bool {
         match self {
             Received::Http1(body) => body.is_end_stream(),
-            Received::Http1Pooled(body) => body.body.is_end_stream(),
+            Received::Http1Pooled(body) => body.is_end_stream(),
             Received::H2(body) => body.is_end_stream(),
         }
     }
@@ -68,7 +67,7 @@ impl hyper::body::Body for Received {
     fn size_hint(&self) -> SizeHint {
         match self {
             Received::Http1(body) => body.size_hint(),
-            Received::Http1Pooled(body) => body.body.size_hint(),
+            Received::Http1Pooled(body) => body.size_hint(),
             Received::H2(body) => body.size_hint(),
         }
     }
@@ -107,85 +106,67 @@ struct H2Sender {
     closed: Arc<AtomicBool>,
 }
 
-type H1Connection = http1::Connection<TokioIo<Coalesce<TcpStream>>, Body>;
-
-/// An HTTP/1.1 connection to an endpoint, not a task of its own: whoever holds it drives
-/// it, the request that sends on it and then its response's body, and it goes back to
-/// the pool when the body has been read.
-struct H1 {
-    sender: http1::SendRequest<Body>,
-    /// `None` once it has ended.
-    connection: Option<Pin<Box<H1Connection>>>,
-}
-
-impl H1 {
-    /// Reads and writes what is due; drops the connection once it ends, which hands a
-    /// request it did not take back to its sender.
-    fn drive(&mut self, cx: &mut Context<'_>) {
-        drive(&mut self.connection, cx);
-    }
-}
-
-/// [`H1::drive`] on the connection alone, for when its sender is borrowed apart.
-fn drive(connection: &mut Option<Pin<Box<H1Connection>>>, cx: &mut Context<'_>) {
-    if let Some(open) = connection
-        && open.as_mut().poll(cx).is_ready()
-    {
-        *connection = None;
-    }
-}
-
-/// A response's body from a pooled HTTP/1.1 connection: reading it drives the connection,
-/// which goes back to the pool once the body has ended (and is closed if it is dropped
-/// before: the rest of the body would still be on it).
+/// A response's body from a pooled HTTP/1.1 connection, which goes back to the pool
+/// once the body has ended (and is closed if the body is dropped before: the rest of it
+/// would still be on it).
 pub struct H1Body {
-    body: Incoming,
-    connection: Option<(H1, SocketAddr)>,
+    /// `None` once it has ended.
+    body: Option<h1::ResponseBody>,
+    target: SocketAddr,
 }
 
 impl H1Body {
     fn poll_frame(
         &mut self,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        if let Some((h1, _)) = &mut self.connection {
-            h1.drive(cx);
-        }
-        let polled = Pin::new(&mut self.body).poll_frame(cx);
+    ) -> Poll<Option<Result<Frame<Bytes>, h1::Error>>> {
+        let Some(body) = &mut self.body else {
+            return Poll::Ready(None);
+        };
+        let polled = body.poll_frame(cx);
         match &polled {
-            Poll::Ready(None) => self.release(cx),
-            Poll::Ready(Some(Ok(_))) if self.body.is_end_stream() => self.release(cx),
-            Poll::Ready(Some(Err(_))) => self.connection = None,
+            Poll::Ready(None) => self.release(),
+            Poll::Ready(Some(Ok(_))) if body.is_end_stream() => self.release(),
+            Poll::Ready(Some(Err(_))) => self.body = None,
             _ => {}
         }
         polled
     }
 
-    /// The body has ended: the connection, driven once more to take in the end of the
-    /// response, goes back to the pool.
-    fn release(&mut self, cx: &mut Context<'_>) {
-        if let Some((mut h1, target)) = self.connection.take() {
-            h1.drive(cx);
-            put_h1(h1, target);
+    fn is_end_stream(&self) -> bool {
+        self.body
+            .as_ref()
+            .is_none_or(h1::ResponseBody::is_end_stream)
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body
+            .as_ref()
+            .map_or(SizeHint::with_exact(0), h1::ResponseBody::size_hint)
+    }
+
+    /// The body has ended: its connection goes back to the pool, if it can take another
+    /// request.
+    fn release(&mut self) {
+        if let Some(connection) = self.body.take().and_then(h1::ResponseBody::into_connection) {
+            put_h1(connection, self.target);
         }
     }
 }
 
-fn put_h1(h1: H1, target: SocketAddr) {
-    if h1.connection.is_some() {
-        POOL.with(|pool| (pool.borrow_mut()).put(HttpKind::Http1, target, Sender::H1(h1)));
-    }
+fn put_h1(connection: h1::Connection, target: SocketAddr) {
+    POOL.with(|pool| (pool.borrow_mut()).put(HttpKind::Http1, target, Sender::H1(connection)));
 }
 
 enum Sender {
-    H1(H1),
+    H1(h1::Connection),
     H2(H2Sender),
 }
 
 impl Sender {
-    fn is_closed(&self) -> bool {
+    fn is_closed(&mut self) -> bool {
         match self {
-            Sender::H1(s) => s.connection.is_none() || s.sender.is_closed(),
+            Sender::H1(connection) => connection.is_stale(),
             Sender::H2(s) => s.closed.load(Ordering::Relaxed),
         }
     }
@@ -206,18 +187,33 @@ thread_local! {
     static POOL: RefCell<Pool> = RefCell::new(Pool::default());
 }
 
-/// Sends a request (`head()` and `body`) to `target` over one of this thread's
-/// connections to it, made when there is none free. `head` is asked again when the
-/// request goes once more on a new connection.
+/// A request's head, as each protocol to an endpoint takes it.
+pub trait Head: Sync {
+    fn method(&self) -> &Method;
+    /// Whether it asks for an HTTP/1.1 upgrade.
+    fn is_upgrade(&self) -> bool;
+    /// As a request: for HTTP/2 endpoints, and HTTP/1.1 upgrades.
+    fn request(&self) -> Request<()>;
+    /// Its request line and header field lines for an HTTP/1.1 endpoint, without the
+    /// fields that frame the body (the client writes those) and the empty line.
+    fn write_http1(&self, out: &mut Vec<u8>);
+}
+
+/// Sends a request (`head` and `body`) to `target` over one of this thread's connections
+/// to it, made when there is none free. `head` is asked again when the request goes once
+/// more on a new connection.
 pub async fn send(
     kind: HttpKind,
     target: SocketAddr,
     connect_timeout: Duration,
-    head: &(dyn Fn() -> Request<()> + Sync),
+    head: &dyn Head,
     body: Body,
 ) -> Result<Response<Received>, SendError> {
     match kind {
-        HttpKind::Http1 => send_h1(target, connect_timeout, head().map(|()| body)).await,
+        HttpKind::Http1 if head.is_upgrade() => {
+            send_upgrade(target, connect_timeout, head.request().map(|()| body)).await
+        }
+        HttpKind::Http1 => send_h1(target, connect_timeout, head, body).await,
         HttpKind::H2c => send_h2(target, connect_timeout, head, body).await,
     }
 }
@@ -225,75 +221,52 @@ pub async fn send(
 async fn send_h1(
     target: SocketAddr,
     connect_timeout: Duration,
-    request: Request<Body>,
+    head: &dyn Head,
+    body: Body,
 ) -> Result<Response<Received>, SendError> {
-    if request.headers().contains_key(hyper::header::UPGRADE) {
-        return send_upgrade(target, connect_timeout, request).await;
-    }
-    let h1 = match POOL.with(|pool| pool.borrow_mut().take(HttpKind::Http1, target)) {
-        Some(Sender::H1(h1)) => h1,
-        _ => Box::pin(connect_h1(target, connect_timeout)).await?,
+    // A pooled connection the endpoint has closed is let go (`take` checks).
+    let pooled = POOL.with(|pool| pool.borrow_mut().take(HttpKind::Http1, target));
+    let (connection, reused) = match pooled {
+        Some(Sender::H1(connection)) => (connection, true),
+        _ => (Box::pin(connect_h1(target, connect_timeout)).await?, false),
     };
-    // A connection can close while in the pool: the request it did not take goes once
-    // more, on a new connection.
-    let request = match send_on_h1(h1, target, request).await? {
-        Ok(response) => return Ok(response),
-        Err(unsent) => unsent,
-    };
-    let h1 = Box::pin(connect_h1(target, connect_timeout)).await?;
-    match send_on_h1(h1, target, request).await? {
-        Ok(response) => Ok(response),
-        Err(_) => Err(SendError::Connect(format!(
-            "{target} closed two connections before taking a request"
-        ))),
-    }
-}
-
-/// The response, or the request back when the connection did not take it.
-async fn send_on_h1(
-    mut h1: H1,
-    target: SocketAddr,
-    request: Request<Body>,
-) -> Result<Result<Response<Received>, Request<Body>>, SendError> {
-    // Until it wants a request (the previous response taken in whole), or has ended.
-    let ready = poll_fn(|cx| {
-        h1.drive(cx);
-        match h1.connection {
-            None => Poll::Ready(false),
-            Some(_) => h1.sender.poll_ready(cx).map(|ready| ready.is_ok()),
+    // The endpoint may close a kept connection just as a request goes out on it: when
+    // nothing came back, a request that may be repeated and has no body goes once more,
+    // on a new connection.
+    let again = reused && body.is_end_stream() && head.method().is_idempotent();
+    let write_head = |out: &mut Vec<u8>| head.write_http1(out);
+    let sent = match connection.send(head.method(), &write_head, body).await {
+        Err(h1::Error::Closed) if again => {
+            let connection = Box::pin(connect_h1(target, connect_timeout)).await?;
+            connection.send(head.method(), &write_head, empty()).await
         }
-    })
-    .await;
-    if !ready {
-        return Ok(Err(request));
-    }
-    let H1 { sender, connection } = &mut h1;
-    let mut sending = std::pin::pin!(sender.try_send_request(request));
-    let sent = poll_fn(|cx| {
-        drive(connection, cx);
-        sending.as_mut().poll(cx)
-    })
-    .await;
-    let response = match sent {
-        Ok(response) => response,
-        Err(mut error) => {
-            return match error.take_message() {
-                Some(unsent) => Ok(Err(unsent)),
-                None => Err(SendError::Request(error.into_error().into())),
-            };
-        }
+        sent => sent,
     };
+    let response = sent.map_err(|error| SendError::Request(error.into()))?;
     if response.body().is_end_stream() {
         // Nothing to read (HEAD, 204, 304, an empty body): free again at once.
-        put_h1(h1, target);
-        return Ok(Ok(response.map(Received::Http1)));
+        let (parts, body) = response.into_parts();
+        if let Some(connection) = body.into_connection() {
+            put_h1(connection, target);
+        }
+        return Ok(Response::from_parts(
+            parts,
+            Received::Http1Pooled(H1Body { body: None, target }),
+        ));
     }
-    Ok(Ok(response.map(|body| {
+    Ok(response.map(|body| {
         Received::Http1Pooled(H1Body {
-            body,
-            connection: Some((h1, target)),
+            body: Some(body),
+            target,
         })
-    })))
+    }))
+}
+
+fn empty() -> Body {
+    use http_body_util::BodyExt;
+    http_body_util::Empty::new()
+        .map_err(|never| -> BoxError { match never {} })
+        .boxed()
 }
 
 /// An HTTP/1.1 upgrade (WebSocket and the like) on a connection of its own, a task of its
@@ -322,11 +295,11 @@ async fn send_upgrade(
 async fn send_h2(
     target: SocketAddr,
     connect_timeout: Duration,
-    head: &(dyn Fn() -> Request<()> + Sync),
+    head: &dyn Head,
     body: Body,
 ) -> Result<Response<Received>, SendError> {
     let end = hyper::body::Body::is_end_stream(&body);
-    let (response, stream) = open_stream(target, connect_timeout, head(), end).await?;
+    let (response, stream) = open_stream(target, connect_timeout, head.request(), end).await?;
     if !end {
         // The request's body goes on its own: it may outlive the response's head (a
         // gRPC stream sends and receives at once).
@@ -341,8 +314,8 @@ async fn send_h2(
         // The endpoint said it did not process the stream (REFUSED_STREAM, or a GOAWAY
         // naming an earlier last stream): a request without a body goes once more, on
         // the endpoint's connection if it still takes streams, else on a new one.
-        Err(error) if end && unprocessed(&error, &head()) => {
-            let (response, _) = open_stream(target, connect_timeout, head(), true).await?;
+        Err(error) if end && unprocessed(&error, head.method()) => {
+            let (response, _) = open_stream(target, connect_timeout, head.request(), true).await?;
             (response.await).map_err(|error| SendError::Request(error.into()))?
         }
         Err(error) => return Err(SendError::Request(error.into())),
@@ -385,9 +358,9 @@ async fn ready(sender: H2Sender) -> Result<h2::client::SendRequest<Bytes>, SendE
 /// again cannot repeat it: a stream refused, or one past the last a GOAWAY took (for
 /// methods that may be repeated anyway, since later connection errors carry the GOAWAY
 /// too).
-fn unprocessed(error: &h2::Error, head: &Request<()>) -> bool {
+fn unprocessed(error: &h2::Error, method: &Method) -> bool {
     error.reason() == Some(h2::Reason::REFUSED_STREAM) && error.is_reset()
-        || error.is_go_away() && error.is_remote() && head.method().is_idempotent()
+        || error.is_go_away() && error.is_remote() && method.is_idempotent()
 }
 
 async fn connect_tcp(target: SocketAddr, timeout: Duration) -> Result<TcpStream, SendError> {
@@ -424,28 +397,25 @@ async fn connect_h2(target: SocketAddr, timeout: Duration) -> Result<H2Sender, S
     Ok(sender)
 }
 
-/// A new HTTP/1.1 connection to `target`, driven by whoever holds it.
-async fn connect_h1(target: SocketAddr, timeout: Duration) -> Result<H1, SendError> {
+/// A new HTTP/1.1 connection to `target`.
+async fn connect_h1(target: SocketAddr, timeout: Duration) -> Result<h1::Connection, SendError> {
     let stream = connect_tcp(target, timeout).await?;
-    let (sender, connection) = http1::Builder::new()
-        .handshake(TokioIo::new(Coalesce::new(stream)))
-        .await
-        .map_err(|e| SendError::Connect(e.to_string()))?;
-    Ok(H1 {
-        sender,
-        connection: Some(Box::pin(connection)),
-    })
+    Ok(h1::Connection::new(stream, MAX_HEADER_BYTES))
 }
 
 impl Pool {
-    /// A connection to `target` that can take a request now.
+    /// A connection to `target` that can take a request now (an HTTP/1.1 one the
+    /// endpoint has closed is let go on the way).
     fn take(&mut self, kind: HttpKind, target: SocketAddr) -> Option<Sender> {
         let now = Instant::now();
         self.sweep(now);
         let entries = self.connections.get_mut(&(target, kind))?;
         match kind {
             HttpKind::H2c => {
-                let entry = entries.first_mut().filter(|e| !e.sender.is_closed())?;
+                let entry = entries.first_mut()?;
+                if entry.sender.is_closed() {
+                    return None;
+                }
                 entry.used = now;
                 let Sender::H2(sender) = &entry.sender else {
                     return None;
@@ -454,7 +424,12 @@ impl Pool {
             }
             // Every pooled HTTP/1.1 connection is free (its last response was read in
             // whole): the most recently used, whose endpoint most likely still keeps it.
-            HttpKind::Http1 => entries.pop().map(|entry| entry.sender),
+            HttpKind::Http1 => loop {
+                let mut entry = entries.pop()?;
+                if !entry.sender.is_closed() {
+                    return Some(entry.sender);
+                }
+            },
         }
     }
 
@@ -484,7 +459,7 @@ impl Pool {
         }
         self.swept = Some(now);
         for entries in self.connections.values_mut() {
-            entries.retain(|e| now.duration_since(e.used) < IDLE && !e.sender.is_closed());
+            entries.retain_mut(|e| now.duration_since(e.used) < IDLE && !e.sender.is_closed());
         }
         self.connections.retain(|_, entries| !entries.is_empty());
     }
