@@ -285,7 +285,10 @@ where
         return;
     };
     let (mut head, body) = response.into_parts();
-    strip_connection_headers(&mut head.headers);
+    // An HTTP/2 endpoint's answer has none of HTTP/1.1's connection headers.
+    if head.version != hyper::Version::HTTP_2 {
+        strip_connection_headers(&mut head.headers);
+    }
     if let Some(length) = body.size_hint().exact()
         && !body.is_end_stream()
     {

@@ -218,14 +218,16 @@ async fn request_to(
                 .map_err(|never| -> BoxError { match never {} })
                 .boxed(),
         };
-        let sent = Instant::now();
+        let sent = decision.decided_at();
         let timeout = shared.settings.connect_timeout;
-        match upstream::send(kind, target, timeout, &outgoing, upstream_body).await {
+        match upstream::send(kind, target, timeout, &outgoing, upstream_body, sent).await {
             Ok(mut response) => {
                 // The policy learns the status and the time to the response's head now,
                 // and that the request is over when its response's body ends (a gRPC
                 // stream, a long download): until then it is in flight on that endpoint.
-                decision.responded(endpoint, response.status().as_u16(), sent.elapsed());
+                let answered = Instant::now();
+                let status = response.status().as_u16();
+                decision.responded(endpoint, status, answered.duration_since(sent));
                 if let Some(client) = upgrade
                     && response.status() == StatusCode::SWITCHING_PROTOCOLS
                 {
@@ -239,7 +241,8 @@ async fn request_to(
                     }
                     .boxed()
                 });
-                return Ok(record(&route, Some(target), started, response));
+                let took = answered.duration_since(started);
+                return Ok(record(&route, Some(target), took, response));
             }
             Err(error @ SendError::Connect(_)) if replayable => {
                 tracing::debug!(%target, "{error}");
@@ -255,7 +258,7 @@ async fn request_to(
                 return Ok(record(
                     &route,
                     Some(target),
-                    started,
+                    started.elapsed(),
                     answer(
                         StatusCode::BAD_GATEWAY,
                         "the endpoint failed before answering\n",
@@ -495,7 +498,7 @@ fn unavailable(route: &Route, started: Instant, why: &'static str) -> Response<B
     record(
         route,
         None,
-        started,
+        started.elapsed(),
         answer(StatusCode::SERVICE_UNAVAILABLE, why),
     )
 }
@@ -504,11 +507,11 @@ fn unavailable(route: &Route, started: Instant, why: &'static str) -> Response<B
 fn record(
     route: &Route,
     endpoint: Option<SocketAddr>,
-    started: Instant,
+    took: Duration,
     response: Response<Body>,
 ) -> Response<Body> {
     route
         .metrics
-        .request(endpoint, response.status().as_u16(), started.elapsed());
+        .request(endpoint, response.status().as_u16(), took);
     response
 }

@@ -157,7 +157,7 @@ async fn connection(
             Next::Reject | Next::GiveUp => return reset(client),
             Next::Drop => return drop_connection(client, &shared).await,
         };
-        let connecting = Instant::now();
+        let connecting = decision.decided_at();
         let connected = tokio::time::timeout(
             shared.settings.connect_timeout,
             connect(&route, &shared, peer, target),

@@ -181,6 +181,9 @@ struct Entry {
 struct Pool {
     connections: HashMap<(SocketAddr, HttpKind), Vec<Entry>>,
     swept: Option<Instant>,
+    /// The time of the latest request, for when connections were last used (the clock
+    /// is not read again for the pool).
+    now: Option<Instant>,
 }
 
 thread_local! {
@@ -201,14 +204,16 @@ pub trait Head: Sync {
 
 /// Sends a request (`head` and `body`) to `target` over one of this thread's connections
 /// to it, made when there is none free. `head` is asked again when the request goes once
-/// more on a new connection.
+/// more on a new connection. `now`: about now, the pool's clock.
 pub async fn send(
     kind: HttpKind,
     target: SocketAddr,
     connect_timeout: Duration,
     head: &dyn Head,
     body: Body,
+    now: Instant,
 ) -> Result<Response<Received>, SendError> {
+    POOL.with(|pool| pool.borrow_mut().tick(now));
     match kind {
         HttpKind::Http1 if head.is_upgrade() => {
             send_upgrade(target, connect_timeout, head.request().map(|()| body)).await
@@ -407,8 +412,7 @@ impl Pool {
     /// A connection to `target` that can take a request now (an HTTP/1.1 one the
     /// endpoint has closed is let go on the way).
     fn take(&mut self, kind: HttpKind, target: SocketAddr) -> Option<Sender> {
-        let now = Instant::now();
-        self.sweep(now);
+        let now = self.now();
         let entries = self.connections.get_mut(&(target, kind))?;
         match kind {
             HttpKind::H2c => {
@@ -434,6 +438,7 @@ impl Pool {
     }
 
     fn put(&mut self, kind: HttpKind, target: SocketAddr, sender: Sender) {
+        let used = self.now();
         let entries = self.connections.entry((target, kind)).or_default();
         if kind == HttpKind::H2c {
             // One HTTP/2 connection per endpoint: a newer one replaces a closed one.
@@ -442,10 +447,17 @@ impl Pool {
             // The oldest quarter, at once: the cost spreads over the next puts.
             entries.drain(..KEEP / 4);
         }
-        entries.push(Entry {
-            sender,
-            used: Instant::now(),
-        });
+        entries.push(Entry { sender, used });
+    }
+
+    /// A request goes out at `now`: connections idle for too long are closed first.
+    fn tick(&mut self, now: Instant) {
+        self.now = Some(now);
+        self.sweep(now);
+    }
+
+    fn now(&self) -> Instant {
+        self.now.unwrap_or_else(Instant::now)
     }
 
     /// Every so often, closes the connections unused for [`IDLE`] and forgets closed
