@@ -61,8 +61,8 @@ pub async fn connection(
         Ok(Ok(Some(sniffed))) => sniffed,
         _ => return,
     };
-    let client = Rewind::new(seen, Coalesce::new(client));
     if h2 {
+        let client = Rewind::new(seen, client);
         let limits = super::h2::ServerLimits {
             max_streams: MAX_STREAMS,
             max_header_bytes: MAX_HEADER_BYTES as u32,
@@ -75,6 +75,10 @@ pub async fn connection(
         super::h2::serve(client, limits, HEADER_TIMEOUT, stop, close, answer).await;
         return;
     }
+    // HTTP/1.1 answers to clients leave at the end of the worker's turn, together (see
+    // coalesce.rs); h2 buffers its frames itself, and putting its flush off only costs it
+    // another turn of its connection.
+    let client = Rewind::new(seen, Coalesce::new(client));
     let service = hyper::service::service_fn(move |mut request: Request<Incoming>| {
         // An HTTP/1.1 upgrade (WebSocket and the like): forwarded with its headers, and
         // once the endpoint agrees (101), the two connections are joined byte for byte.

@@ -24,7 +24,6 @@ use hyper::{Method, Request, Response};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
-use super::coalesce::Coalesce;
 use super::h1;
 pub use super::h2::Body;
 use super::h2::{self as h2_glue, BoxError, CONNECTION_WINDOW, RecvBody, STREAM_WINDOW};
@@ -283,7 +282,7 @@ async fn send_upgrade(
 ) -> Result<Response<Received>, SendError> {
     let stream = connect_tcp(target, connect_timeout).await?;
     let (mut sender, connection) = http1::Builder::new()
-        .handshake(TokioIo::new(Coalesce::new(stream)))
+        .handshake(TokioIo::new(stream))
         .await
         .map_err(|e| SendError::Connect(e.to_string()))?;
     tokio::spawn(async move {
@@ -386,7 +385,7 @@ async fn connect_h2(target: SocketAddr, timeout: Duration) -> Result<H2Sender, S
         .initial_window_size(STREAM_WINDOW)
         .initial_connection_window_size(CONNECTION_WINDOW)
         .max_header_list_size(MAX_HEADER_BYTES as u32)
-        .handshake::<_, Bytes>(Coalesce::new(stream))
+        .handshake::<_, Bytes>(stream)
         .await
         .map_err(|e| SendError::Connect(e.to_string()))?;
     let closed = Arc::new(AtomicBool::new(false));
