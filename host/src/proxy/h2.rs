@@ -11,6 +11,7 @@
 
 use std::future::{Future, poll_fn};
 use std::pin::{Pin, pin};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
@@ -45,6 +46,10 @@ pub struct RecvBody {
     /// The sender's `content-length`, when it gave one.
     length: Option<u64>,
     data_done: bool,
+    /// Known to have ended: asked of h2 once per frame, then answered from here (h2
+    /// takes its connection's lock for each question, and a body is asked after every
+    /// frame by each layer it goes through).
+    ended: AtomicBool,
 }
 
 impl RecvBody {
@@ -55,6 +60,7 @@ impl RecvBody {
             stream,
             length,
             data_done: false,
+            ended: AtomicBool::new(false),
         }
     }
 }
@@ -71,6 +77,8 @@ impl hyper::body::Body for RecvBody {
             match self.stream.poll_data(cx) {
                 Poll::Ready(Some(Ok(data))) => {
                     let _ = self.stream.flow_control().release_capacity(data.len());
+                    let ended = self.stream.is_end_stream();
+                    self.ended.store(ended, Ordering::Relaxed);
                     return Poll::Ready(Some(Ok(Frame::data(data))));
                 }
                 Poll::Ready(Some(Err(error))) => return Poll::Ready(Some(Err(error.into()))),
@@ -87,7 +95,12 @@ impl hyper::body::Body for RecvBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.stream.is_end_stream()
+        if self.ended.load(Ordering::Relaxed) {
+            return true;
+        }
+        let ended = self.stream.is_end_stream();
+        self.ended.store(ended, Ordering::Relaxed);
+        ended
     }
 
     fn size_hint(&self) -> SizeHint {
@@ -141,9 +154,12 @@ where
         match frame.into_data() {
             Ok(data) => {
                 let end = body.is_end_stream();
-                if !data.is_empty() {
-                    // A claim on the window only once there is data to send: claiming
-                    // ahead of it holds window other streams could use.
+                // A claim on the window only once there is data to send: claiming ahead
+                // of it holds window other streams could use. The last frame goes
+                // without waiting: h2 holds it until the window lets it through, and
+                // holding one frame is what waiting for the first byte of window allows
+                // anyway.
+                if !data.is_empty() && !end {
                     send.reserve_capacity(1);
                     wait_for_capacity(&mut send).await?;
                 }
