@@ -9,6 +9,7 @@
 #   bench/l7.sh                      # 10 s per run, 1 proxy thread
 #   DURATION=20 THREADS=2 bench/l7.sh
 #   MODES=http1 TARGETS="weir haproxy" bench/l7.sh   # a part of it
+#   PROFILE=quick-release bench/l7.sh                  # weir built faster, for A/B runs
 #
 # Needs root for apt-get if h2load, wrk, haproxy or nginx are missing.
 set -euo pipefail
@@ -33,8 +34,8 @@ if [ ${#missing[@]} -gt 0 ]; then
 fi
 NGINX=$(command -v nginx || echo /usr/sbin/nginx)
 
-cargo build --release -q -p weir
-WEIR=target/release/weir
+cargo build --profile ${PROFILE:-release} -q -p weir
+WEIR=target/${PROFILE:-release}/weir
 POLICY=target/policies/round-robin.wasm
 
 work=$(mktemp -d)
