@@ -33,6 +33,8 @@ const MAX_HEADERS: usize = 128;
 const READ_SIZE: usize = 16 * 1024;
 /// Request body gathered before it is written.
 const WRITE_HIGH: usize = 64 * 1024;
+/// A write buffer grown past this is given back once the request has gone.
+const KEEP_CAPACITY: usize = 16 * 1024;
 /// The longest chunk-size line (with extensions) taken.
 const MAX_CHUNK_LINE: usize = 4096;
 
@@ -175,6 +177,10 @@ impl Connection {
         // An answer before the whole request went: the rest is not sent, and the
         // endpoint would read what follows as the rest of it.
         let sent_whole = sending.body.is_none() && sending.sent == self.write.len();
+        // A large body's buffer is not kept by a connection that goes back to the pool.
+        if self.write.capacity() > KEEP_CAPACITY {
+            self.write = Vec::new();
+        }
         let (parts, ()) = head.response.into_parts();
         let body = ResponseBody {
             connection: self,
