@@ -614,8 +614,9 @@ fn parse_chunk_size(line: &[u8]) -> Result<u64, Error> {
 
 #[cfg(test)]
 mod tests {
+    use super::super::h2::{empty, full};
     use super::*;
-    use http_body_util::{BodyExt, Empty, Full, StreamBody};
+    use http_body_util::{BodyExt, StreamBody};
     use std::time::Duration;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::TcpListener;
@@ -678,12 +679,6 @@ mod tests {
 
     fn post(out: &mut Vec<u8>) {
         out.extend_from_slice(b"POST /upload HTTP/1.1\r\nhost: test\r\n");
-    }
-
-    fn empty() -> Body {
-        Empty::new()
-            .map_err(|never| -> BoxError { match never {} })
-            .boxed()
     }
 
     fn streamed(chunks: &[&'static str]) -> Body {
@@ -874,11 +869,8 @@ mod tests {
     async fn request_bodies_are_framed_by_length_or_chunked() {
         let ok = &b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n"[..];
         let (connection, served) = endpoint(vec![ok, ok, ok]).await;
-        let sized =
-            Full::new(Bytes::from_static(b"abc")).map_err(|never| -> BoxError { match never {} });
-        let response = send(connection, Method::POST, post, sized.boxed())
-            .await
-            .unwrap();
+        let sized = full(Bytes::from_static(b"abc"));
+        let response = send(connection, Method::POST, post, sized).await.unwrap();
         let connection = read_all(response.into_body()).await.2.unwrap();
         let response = send(
             connection,

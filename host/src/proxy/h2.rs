@@ -32,6 +32,22 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// own answer.
 pub type Body = http_body_util::combinators::BoxBody<Bytes, BoxError>;
 
+/// A body of these bytes, all there (empty: one that has ended).
+pub fn full(bytes: Bytes) -> Body {
+    use http_body_util::BodyExt;
+    let full = http_body_util::Full::new(bytes);
+    full.map_err(|never| -> BoxError { match never {} }).boxed()
+}
+
+/// A body without data.
+pub fn empty() -> Body {
+    use http_body_util::BodyExt;
+    let empty = http_body_util::Empty::new();
+    empty
+        .map_err(|never| -> BoxError { match never {} })
+        .boxed()
+}
+
 /// Flow-control windows weir offers its peers, clients and endpoints alike: a stream may
 /// have this much unread data in flight towards weir...
 pub const STREAM_WINDOW: u32 = 1 << 20;

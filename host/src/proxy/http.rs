@@ -19,7 +19,7 @@ use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Empty, Full};
+use http_body_util::BodyExt;
 use hyper::body::{Body as _, Incoming};
 use hyper::header::{HeaderName, HeaderValue};
 use hyper::http::request::Parts;
@@ -214,13 +214,9 @@ async fn request_to(
             upgrade: upgrade.is_some(),
         };
         let upstream_body: Body = match (&buffered, body.take()) {
-            (Some(bytes), _) if !bytes.is_empty() => Full::new(bytes.clone())
-                .map_err(|never| -> BoxError { match never {} })
-                .boxed(),
+            (Some(bytes), _) if !bytes.is_empty() => super::h2::full(bytes.clone()),
             (None, Some(body)) => body.boxed(),
-            _ => Empty::new()
-                .map_err(|never| -> BoxError { match never {} })
-                .boxed(),
+            _ => super::h2::empty(),
         };
         let sent = decision.decided_at();
         let timeout = shared.settings.connect_timeout;
@@ -484,11 +480,7 @@ fn hop_by_hop(
 
 /// weir's own short answer.
 fn answer(status: StatusCode, text: &'static str) -> Response<Body> {
-    let mut response = Response::new(
-        Full::new(Bytes::from_static(text.as_bytes()))
-            .map_err(|never| -> BoxError { match never {} })
-            .boxed(),
-    );
+    let mut response = Response::new(super::h2::full(Bytes::from_static(text.as_bytes())));
     *response.status_mut() = status;
     response.headers_mut().insert(
         hyper::header::CONTENT_TYPE,

@@ -242,7 +242,9 @@ async fn send_h1(
     let sent = match connection.send(head.method(), &write_head, body).await {
         Err(h1::Error::Closed) if again => {
             let connection = Box::pin(connect_h1(target, connect_timeout)).await?;
-            connection.send(head.method(), &write_head, empty()).await
+            connection
+                .send(head.method(), &write_head, h2_glue::empty())
+                .await
         }
         sent => sent,
     };
@@ -264,13 +266,6 @@ async fn send_h1(
             target,
         })
     }))
-}
-
-fn empty() -> Body {
-    use http_body_util::BodyExt;
-    http_body_util::Empty::new()
-        .map_err(|never| -> BoxError { match never {} })
-        .boxed()
 }
 
 /// An HTTP/1.1 upgrade (WebSocket and the like) on a connection of its own, a task of its
