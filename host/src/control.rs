@@ -24,7 +24,9 @@ use crate::metrics::{Metrics, RejectionLabels, ReloadResult, TrafficPolicyLabels
 use crate::model::{self, FamilyKey, Model, ServiceKey, ServicePortKey, ServicePortSnapshot};
 use crate::objects::{Diagnostic, Objects, Severity};
 use crate::policy::{FailureMode, PolicyRuntime, PolicySettings, Registry, ServiceInput, settings};
-use crate::proxy::{Listen, ListenerKind, Listeners, Route, RouteMetrics, Routes, Shared};
+use crate::proxy::{
+    Listen, ListenerKind, Listeners, Route, RouteMap, RouteMetrics, Routes, Shared,
+};
 use crate::state::Identities;
 
 mod bindings;

@@ -30,7 +30,7 @@ pub(super) struct Contribution {
 pub(super) struct Published {
     /// Each Service's part, to take out at its next change.
     pub(super) services: HashMap<ServiceKey, Contribution>,
-    pub(super) routes: HashMap<Listen, Arc<Route>>,
+    pub(super) routes: RouteMap,
     /// Who owns each listening address, and who waits for one.
     pub(super) addresses: Addresses,
     pub(super) health_counts: HashMap<ServiceKey, usize>,

@@ -23,7 +23,10 @@ use crate::metrics::{
 pub struct RouteMetrics {
     service: String,
     family: Arc<ProxyMetrics>,
-    endpoints: std::sync::RwLock<HashMap<SocketAddr, Arc<EndpointMetrics>>>,
+    /// Looked up per HTTP request (by address, hashed fast: the endpoints come from the
+    /// API server, not from clients).
+    endpoints:
+        std::sync::RwLock<HashMap<SocketAddr, Arc<EndpointMetrics>, foldhash::fast::RandomState>>,
     pub forward: Counter,
     pub reject: Counter,
     pub drop: Counter,
@@ -150,7 +153,16 @@ impl RouteMetrics {
     /// head after `took`.
     pub fn request(&self, endpoint: Option<SocketAddr>, code: u16, took: std::time::Duration) {
         match endpoint {
-            Some(endpoint) => self.endpoint(endpoint).request(code),
+            // Counted under the read lock, without taking the endpoint's handle out of it
+            // (two atomic operations per request fewer); made on its first request.
+            Some(endpoint) => {
+                let counted = (read(&self.endpoints).get(&endpoint))
+                    .map(|metrics| metrics.request(code))
+                    .is_some();
+                if !counted {
+                    self.endpoint(endpoint).request(code);
+                }
+            }
             None => {
                 self.family
                     .requests
@@ -172,7 +184,10 @@ impl RouteMetrics {
         endpoints.retain(|address, metrics| {
             let kept = keep(*address);
             if !kept {
-                let codes = read(&metrics.requests).keys().copied().collect();
+                let codes = read(&metrics.requests)
+                    .iter()
+                    .map(|(code, _)| *code)
+                    .collect();
                 self.family
                     .forget_endpoint(&self.service, &address.to_string(), codes);
             }
@@ -235,8 +250,9 @@ pub struct EndpointMetrics {
     pub to_client: Counter,
     /// Its UDP series, made on its first flow.
     udp: std::sync::OnceLock<udp::EndpointUdp>,
-    /// Its HTTP requests by status code, made on each code's first request.
-    requests: std::sync::RwLock<HashMap<u16, Counter>>,
+    /// Its HTTP requests by status code, made on each code's first request (an endpoint
+    /// answers with a few codes: a list is searched faster than a map is hashed).
+    requests: std::sync::RwLock<Vec<(u16, Counter)>>,
     service: String,
     address: String,
     family: Arc<ProxyMetrics>,
@@ -250,7 +266,12 @@ impl EndpointMetrics {
 
     /// Counts one HTTP request it answered with `code`.
     pub fn request(&self, code: u16) {
-        if let Some(counter) = read(&self.requests).get(&code) {
+        if let Some((_, counter)) = read(&self.requests).iter().find(|(c, _)| *c == code) {
+            counter.inc();
+            return;
+        }
+        let mut requests = write(&self.requests);
+        if let Some((_, counter)) = requests.iter().find(|(c, _)| *c == code) {
             counter.inc();
             return;
         }
@@ -264,6 +285,6 @@ impl EndpointMetrics {
             })
             .clone();
         counter.inc();
-        write(&self.requests).insert(code, counter);
+        requests.push((code, counter));
     }
 }
