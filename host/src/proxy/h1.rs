@@ -55,8 +55,12 @@ pub enum Error {
     Body(BoxError),
 }
 
-/// A keep-alive connection to an endpoint.
-pub struct Connection {
+/// A keep-alive connection to an endpoint. Boxed: it moves from the pool into each
+/// request's future and on into its response's body, and a pointer moves cheaper.
+pub struct Connection(Box<State>);
+
+/// A connection's socket and buffers.
+pub struct State {
     io: TcpStream,
     /// Read and not yet taken.
     read: BytesMut,
@@ -104,14 +108,28 @@ enum Chunk {
     Done,
 }
 
+impl std::ops::Deref for Connection {
+    type Target = State;
+
+    fn deref(&self) -> &State {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Connection {
+    fn deref_mut(&mut self) -> &mut State {
+        &mut self.0
+    }
+}
+
 impl Connection {
     pub fn new(io: TcpStream, max_head: usize) -> Connection {
-        Connection {
+        Connection(Box::new(State {
             io,
             read: BytesMut::new(),
             write: Vec::new(),
             max_head,
-        }
+        }))
     }
 
     /// Whether the endpoint closed this idle connection (or sent on it unasked). Costs a
@@ -189,7 +207,9 @@ impl Connection {
         };
         Ok(Response::from_parts(parts, body))
     }
+}
 
+impl State {
     /// Writes what there is of the request, taking its body's data as it comes.
     fn poll_send(&mut self, cx: &mut Context<'_>, sending: &mut Sending) -> Result<(), Error> {
         loop {
@@ -467,6 +487,7 @@ impl ResponseBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Error>>> {
         loop {
+            let max_head = self.connection.max_head;
             let read = &mut self.connection.read;
             match &mut self.framing {
                 Framing::Length(0) => return Poll::Ready(None),
@@ -478,7 +499,7 @@ impl ResponseBody {
                 Framing::UntilClose if !read.is_empty() => {
                     return Poll::Ready(Some(Ok(Frame::data(read.split().freeze()))));
                 }
-                Framing::Chunked(chunk) => match decode(chunk, read, self.connection.max_head) {
+                Framing::Chunked(chunk) => match decode(chunk, read, max_head) {
                     Ok(Decoded::Frame(frame)) => return Poll::Ready(Some(Ok(frame))),
                     Ok(Decoded::End) => {
                         self.framing = Framing::Length(0);

@@ -70,6 +70,7 @@ pub async fn connection(
         let answer = |request: Request<super::h2::RecvBody>| {
             let (parts, body) = request.into_parts();
             let body = Received::H2(body);
+            let parts = Arc::new(parts);
             Box::pin(request_to(shared.clone(), peer, address, parts, body, None))
         };
         super::h2::serve(client, limits, HEADER_TIMEOUT, stop, close, answer).await;
@@ -85,6 +86,8 @@ pub async fn connection(
         let upgrade = is_upgrade(&request).then(|| hyper::upgrade::on(&mut request));
         let (parts, body) = request.into_parts();
         let body = Received::Http1(body);
+        // Shared with the policy, which reads what it asks for of the request from it.
+        let parts = Arc::new(parts);
         // Boxed: the request's future is a few KiB, and hyper moves what this returns
         // around; a pointer is cheaper to move than the future.
         Box::pin(request_to(
@@ -136,12 +139,13 @@ impl std::error::Error for RequestDropped {}
 
 /// One request: its Service's route as it is now, the policy's choice, and the
 /// endpoint's answer (or weir's, when there is none). `upgrade`: the client's side of an
-/// HTTP/1.1 upgrade it asked for.
+/// HTTP/1.1 upgrade it asked for. (What it is given stays in its future to the end:
+/// the request's head comes shared, not in the future itself.)
 async fn request_to(
     shared: Arc<Shared>,
     peer: SocketAddr,
     address: SocketAddr,
-    parts: Parts,
+    parts: Arc<Parts>,
     body: Received,
     upgrade: Option<hyper::upgrade::OnUpgrade>,
 ) -> Result<Response<Body>, RequestDropped> {
@@ -159,7 +163,6 @@ async fn request_to(
             "an HTTP/1.1 upgrade cannot go to an h2c or gRPC port's endpoints; use appProtocol: http\n",
         ));
     }
-    let parts = Arc::new(parts);
     let mut decision = match decide::admit(&route, &shared, peer, address) {
         Ok(decision) => decision.for_request(parts.clone()),
         Err(Refusal::SourceRange) => return Err(RequestDropped),

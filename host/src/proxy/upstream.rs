@@ -178,7 +178,9 @@ struct Entry {
 
 #[derive(Default)]
 struct Pool {
-    connections: HashMap<(SocketAddr, HttpKind), Vec<Entry>>,
+    /// By endpoint, hashed fast (the endpoints come from the API server, not from
+    /// clients).
+    connections: HashMap<(SocketAddr, HttpKind), Vec<Entry>, foldhash::fast::RandomState>,
     swept: Option<Instant>,
     /// The time of the latest request, for when connections were last used (the clock
     /// is not read again for the pool).
@@ -214,8 +216,10 @@ pub async fn send(
 ) -> Result<Response<Received>, SendError> {
     POOL.with(|pool| pool.borrow_mut().tick(now));
     match kind {
+        // Boxed: rare, and its future would otherwise take room in every request's.
         HttpKind::Http1 if head.is_upgrade() => {
-            send_upgrade(target, connect_timeout, head.request().map(|()| body)).await
+            let request = head.request().map(|()| body);
+            Box::pin(send_upgrade(target, connect_timeout, request)).await
         }
         HttpKind::Http1 => send_h1(target, connect_timeout, head, body).await,
         HttpKind::H2c => send_h2(target, connect_timeout, head, body).await,
@@ -230,25 +234,22 @@ async fn send_h1(
 ) -> Result<Response<Received>, SendError> {
     // A pooled connection the endpoint has closed is let go (`take` checks).
     let pooled = POOL.with(|pool| pool.borrow_mut().take(HttpKind::Http1, target));
-    let (connection, reused) = match pooled {
-        Some(Sender::H1(connection)) => (connection, true),
-        _ => (Box::pin(connect_h1(target, connect_timeout)).await?, false),
+    let reused = pooled.is_some();
+    let connection = match pooled {
+        Some(Sender::H1(connection)) => connection,
+        _ => Box::pin(connect_h1(target, connect_timeout)).await?,
     };
     // The endpoint may close a kept connection just as a request goes out on it: when
     // nothing came back, a request that may be repeated and has no body goes once more,
     // on a new connection.
     let again = reused && body.is_end_stream() && head.method().is_idempotent();
     let write_head = |out: &mut Vec<u8>| head.write_http1(out);
-    let sent = match connection.send(head.method(), &write_head, body).await {
+    let response = match connection.send(head.method(), &write_head, body).await {
         Err(h1::Error::Closed) if again => {
-            let connection = Box::pin(connect_h1(target, connect_timeout)).await?;
-            connection
-                .send(head.method(), &write_head, h2_glue::empty())
-                .await
+            Box::pin(send_h1_anew(target, connect_timeout, head)).await?
         }
-        sent => sent,
+        sent => sent.map_err(|error| SendError::Request(error.into()))?,
     };
-    let response = sent.map_err(|error| SendError::Request(error.into()))?;
     if response.body().is_end_stream() {
         // Nothing to read (HEAD, 204, 304, an empty body): free again at once.
         let (parts, body) = response.into_parts();
@@ -266,6 +267,21 @@ async fn send_h1(
             target,
         })
     }))
+}
+
+/// A request without a body once more, on a new connection (boxed: rare, and its
+/// future would otherwise take room in every request's).
+async fn send_h1_anew(
+    target: SocketAddr,
+    connect_timeout: Duration,
+    head: &dyn Head,
+) -> Result<Response<h1::ResponseBody>, SendError> {
+    let connection = connect_h1(target, connect_timeout).await?;
+    let write_head = |out: &mut Vec<u8>| head.write_http1(out);
+    (connection
+        .send(head.method(), &write_head, h2_glue::empty())
+        .await)
+        .map_err(|error| SendError::Request(error.into()))
 }
 
 /// An HTTP/1.1 upgrade (WebSocket and the like) on a connection of its own, a task of its
@@ -298,7 +314,12 @@ async fn send_h2(
     body: Body,
 ) -> Result<Response<Received>, SendError> {
     let end = hyper::body::Body::is_end_stream(&body);
-    let (response, stream) = open_stream(target, connect_timeout, head.request(), end).await?;
+    // Connecting, or waiting for a connection at its peer's stream limit, is boxed: it is
+    // rare, and its future would otherwise take room in every request's.
+    let (response, stream) = match open_pooled(target, head, end) {
+        Some(opened) => opened?,
+        None => Box::pin(open_stream(target, connect_timeout, head, end)).await?,
+    };
     if !end {
         // The request's body goes on its own: it may outlive the response's head (a
         // gRPC stream sends and receives at once).
@@ -314,7 +335,7 @@ async fn send_h2(
         // naming an earlier last stream): a request without a body goes once more, on
         // the endpoint's connection if it still takes streams, else on a new one.
         Err(error) if end && unprocessed(&error, head.method()) => {
-            let (response, _) = open_stream(target, connect_timeout, head.request(), true).await?;
+            let (response, _) = Box::pin(open_stream(target, connect_timeout, head, true)).await?;
             (response.await).map_err(|error| SendError::Request(error.into()))?
         }
         Err(error) => return Err(SendError::Request(error.into())),
@@ -324,27 +345,50 @@ async fn send_h2(
     Ok(Response::from_parts(parts, Received::H2(body)))
 }
 
-/// A stream for `head` on this thread's connection to `target`, or on a new one when
-/// there is none, or when it takes no new stream (a GOAWAY came, or it is gone: h2 says
-/// so before taking the request).
+/// A stream for `head` on this thread's connection to `target`, when there is one that
+/// takes a stream now: opened in place, without a clone of its sender (h2 locks the
+/// connection for each clone and each drop) and without awaiting. `None`: there is no
+/// connection, or it is at its peer's stream limit, or it is gone.
+fn open_pooled(
+    target: SocketAddr,
+    head: &dyn Head,
+    end: bool,
+) -> Option<Result<(h2::client::ResponseFuture, h2::SendStream<Bytes>), SendError>> {
+    POOL.with(|pool| {
+        let mut pool = pool.borrow_mut();
+        let sender = pool.h2(target)?;
+        // Ready unless a stream it opened earlier still waits for the peer's limit (or
+        // the connection failed): nothing is registered to wake, the slow way waits.
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        match sender.send.poll_ready(&mut cx) {
+            Poll::Ready(Ok(())) => Some(
+                (sender.send.send_request(head.request(), end))
+                    .map_err(|error| SendError::Request(error.into())),
+            ),
+            _ => None,
+        }
+    })
+}
+
+/// A stream for `head` on this thread's connection to `target` once it takes one, or on
+/// a new connection when there is none, or when it takes no new stream (a GOAWAY came,
+/// or it is gone: h2 says so before taking the request).
 async fn open_stream(
     target: SocketAddr,
     connect_timeout: Duration,
-    head: Request<()>,
+    head: &dyn Head,
     end: bool,
 ) -> Result<(h2::client::ResponseFuture, h2::SendStream<Bytes>), SendError> {
-    // Connecting is boxed: it is rare, and its future would otherwise take room in every
-    // request's.
     let pooled = POOL.with(|pool| pool.borrow_mut().take(HttpKind::H2c, target));
     let send = match pooled {
         Some(Sender::H2(sender)) => match sender.send.ready().await {
             Ok(send) => send,
-            Err(_) => ready(Box::pin(connect_h2(target, connect_timeout)).await?).await?,
+            Err(_) => ready(connect_h2(target, connect_timeout).await?).await?,
         },
-        _ => ready(Box::pin(connect_h2(target, connect_timeout)).await?).await?,
+        _ => ready(connect_h2(target, connect_timeout).await?).await?,
     };
     let mut send = send;
-    (send.send_request(head, end)).map_err(|error| SendError::Request(error.into()))
+    (send.send_request(head.request(), end)).map_err(|error| SendError::Request(error.into()))
 }
 
 /// A new connection's sender, once it takes a stream.
@@ -406,28 +450,32 @@ impl Pool {
     /// A connection to `target` that can take a request now (an HTTP/1.1 one the
     /// endpoint has closed is let go on the way).
     fn take(&mut self, kind: HttpKind, target: SocketAddr) -> Option<Sender> {
-        let now = self.now();
-        let entries = self.connections.get_mut(&(target, kind))?;
         match kind {
-            HttpKind::H2c => {
-                let entry = entries.first_mut()?;
-                if entry.sender.is_closed() {
-                    return None;
-                }
-                entry.used = now;
-                let Sender::H2(sender) = &entry.sender else {
-                    return None;
-                };
-                Some(Sender::H2(sender.clone()))
-            }
+            HttpKind::H2c => self.h2(target).map(|sender| Sender::H2(sender.clone())),
             // Every pooled HTTP/1.1 connection is free (its last response was read in
             // whole): the most recently used, whose endpoint most likely still keeps it.
             HttpKind::Http1 => loop {
+                let entries = self.connections.get_mut(&(target, kind))?;
                 let mut entry = entries.pop()?;
                 if !entry.sender.is_closed() {
                     return Some(entry.sender);
                 }
             },
+        }
+    }
+
+    /// This thread's HTTP/2 connection to `target`, to be used where it is, if it has
+    /// not ended.
+    fn h2(&mut self, target: SocketAddr) -> Option<&mut H2Sender> {
+        let now = self.now();
+        let entry = (self.connections.get_mut(&(target, HttpKind::H2c)))?.first_mut()?;
+        if entry.sender.is_closed() {
+            return None;
+        }
+        entry.used = now;
+        match &mut entry.sender {
+            Sender::H2(sender) => Some(sender),
+            Sender::H1(_) => None,
         }
     }
 
