@@ -6,8 +6,11 @@
 #   http1 wrk, HTTP/1.1 keep-alive
 # Loopback only (127.42.0.0/16); every load run is bounded by its duration.
 #
-#   bench/l7.sh                      # 10 s per run, 1 proxy thread
-#   DURATION=20 THREADS=2 bench/l7.sh
+# The machine is shared and noisy: each target is run ROUNDS times, the targets taking
+# turns, and the tables give each one's median run, and the ratios of every round.
+#
+#   bench/l7.sh                      # 3 rounds of 10 s per run, 1 proxy thread
+#   DURATION=20 THREADS=2 ROUNDS=5 bench/l7.sh
 #   MODES=http1 TARGETS="weir haproxy" bench/l7.sh   # a part of it
 #   PROFILE=quick-release bench/l7.sh                  # weir built faster, for A/B runs
 #
@@ -16,6 +19,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 DURATION=${DURATION:-10}       # seconds per run
+ROUNDS=${ROUNDS:-3}            # runs of each target, taking turns
 THREADS=${THREADS:-1}          # proxy threads: weir's workers and HAProxy's nbthread
 H2_CONNECTIONS=${H2_CONNECTIONS:-4}
 H2_STREAMS=${H2_STREAMS:-32}
@@ -186,6 +190,7 @@ cpu_us() {
 }
 
 declare -A result cpu
+for round in $(seq 1 "$ROUNDS"); do
 for mode in $MODES; do
     for target in $TARGETS; do
         case $mode.$target in
@@ -201,36 +206,49 @@ for mode in $MODES; do
         $load "$url" 2 >/dev/null 2>&1 || true   # warm-up
         pid=${pid_of[$target]:-}
         [ -n "$pid" ] && read -r user0 sys0 < <(cpu_us "$pid")
-        result[$mode.$target]=$($load "$url" "$DURATION")
+        run=$($load "$url" "$DURATION")
         # The proxy's CPU per request, user and kernel, over the measured run.
-        cpu[$mode.$target]="- -"
+        usage="- -"
         if [ -n "$pid" ]; then
             read -r user1 sys1 < <(cpu_us "$pid")
-            read -r rps _ <<<"${result[$mode.$target]}"
-            cpu[$mode.$target]=$(awk -v u=$((user1 - user0)) -v s=$((sys1 - sys0)) -v n="$rps" -v d="$DURATION" \
+            read -r rps _ <<<"$run"
+            usage=$(awk -v u=$((user1 - user0)) -v s=$((sys1 - sys0)) -v n="$rps" -v d="$DURATION" \
                 'BEGIN {printf "%.2f %.2f\n", u / (n * d), s / (n * d)}')
         fi
+        result[$mode.$target]+="$run $usage"$'\n'
     done
+done
 done
 
 printf '\nh2c: h2load, %s connections x %s streams; http1: wrk, %s keep-alive connections;\n' \
     "$H2_CONNECTIONS" "$H2_STREAMS" "$H1_CONNECTIONS"
-printf '%s s per run; proxies with %s thread(s); %s cores; weir decides each request with round-robin.wasm\n\n' \
-    "$DURATION" "$THREADS" "$(nproc)"
+printf '%s rounds of %s s per run; proxies with %s thread(s); %s cores; weir decides each request with round-robin.wasm\n' \
+    "$ROUNDS" "$DURATION" "$THREADS" "$(nproc)"
+printf 'Each row: the target'"'"'s median run by req/s.\n\n'
 printf '%-6s %-8s %10s %9s %9s %12s %12s\n' mode target req/s p50_ms p99_ms user_us/req sys_us/req
+# A target's median run (by req/s; the lower middle of an even count).
+median() {
+    printf '%s' "${result[$1]}" | sort -n -k1,1 | awk -v n="$ROUNDS" 'NR == int((n + 1) / 2)'
+}
 for mode in $MODES; do
     for target in $TARGETS; do
-        read -r rps p50 p99 <<<"${result[$mode.$target]}"
-        read -r user sys <<<"${cpu[$mode.$target]}"
+        read -r rps p50 p99 user sys <<<"$(median "$mode.$target")"
         printf '%-6s %-8s %10s %9s %9s %12s %12s\n' "$mode" "$target" "$rps" "$p50" "$p99" "$user" "$sys"
     done
 done
-[ "$TARGETS" = "direct weir haproxy" ] || exit 0
-printf '\n%-6s %16s %16s %14s %14s\n' mode weir/direct_rps weir/haproxy_rps weir/haproxy_p50 weir/haproxy_p99
+[[ " $TARGETS " == *" weir "* && " $TARGETS " == *" haproxy "* ]] || exit 0
+# weir against HAProxy in each round (the runs of a round are minutes apart at most),
+# and between the medians.
+printf '\n%-6s %-8s %16s %16s %16s\n' mode round weir/haproxy_rps weir/haproxy_p50 weir/haproxy_p99
 for mode in $MODES; do
-    read -r drps _ _ <<<"${result[$mode.direct]}"
-    read -r wrps wp50 wp99 <<<"${result[$mode.weir]}"
-    read -r hrps hp50 hp99 <<<"${result[$mode.haproxy]}"
-    awk -v m="$mode" -v d="$drps" -v w="$wrps" -v h="$hrps" -v w50="$wp50" -v h50="$hp50" -v w99="$wp99" -v h99="$hp99" \
-        'BEGIN {printf "%-6s %16.2f %16.2f %14.2f %14.2f\n", m, w/d, w/h, w50/h50, w99/h99}'
+    paste <(printf '%s' "${result[$mode.weir]}") <(printf '%s' "${result[$mode.haproxy]}") |
+        awk -v m="$mode" '{printf "%-6s %-8s %16.2f %16.2f %16.2f\n", m, NR, $1/$6, $2/$7, $3/$8}'
+    read -r wrps wp50 wp99 _ <<<"$(median "$mode.weir")"
+    read -r hrps hp50 hp99 _ <<<"$(median "$mode.haproxy")"
+    awk -v m="$mode" -v w="$wrps" -v h="$hrps" -v w50="$wp50" -v h50="$hp50" -v w99="$wp99" -v h99="$hp99" \
+        'BEGIN {printf "%-6s %-8s %16.2f %16.2f %16.2f\n", m, "median", w/h, w50/h50, w99/h99}'
+    case " $TARGETS " in *" direct "*)
+        read -r drps _ <<<"$(median "$mode.direct")"
+        awk -v m="$mode" -v w="$wrps" -v d="$drps" 'BEGIN {printf "%-6s weir/direct req/s (medians): %.2f\n", m, w/d}' ;;
+    esac
 done
