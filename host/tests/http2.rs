@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Empty};
+use http_body_util::{BodyExt, Empty, Full};
 use hyper::Request;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -273,5 +273,80 @@ async fn a_pooled_connection_the_endpoint_closed_costs_no_request() {
         5,
         "one connection per request"
     );
+    weir.shutdown().await;
+}
+
+/// An endpoint that takes one stream at a time (SETTINGS_MAX_CONCURRENT_STREAMS 1) and is
+/// slow to answer: requests with bodies larger than a stream's window, sent at once on
+/// one client connection, wait at weir for its stream limit, their bodies for window, and
+/// each one's body still goes out when its turn comes (nothing waiting for the limit is
+/// left without a wake-up by the requests that come after it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_waiting_for_the_endpoints_stream_limit_all_go_through() {
+    let endpoint = SocketAddr::new(ip(1, 6), 8080);
+    let listener = tokio::net::TcpListener::bind(endpoint).await.unwrap();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut connection = h2::server::Builder::new()
+                    .max_concurrent_streams(1)
+                    .handshake::<_, Bytes>(stream)
+                    .await
+                    .unwrap();
+                while let Some(Ok((request, respond))) = connection.accept().await {
+                    tokio::spawn(async move {
+                        let mut body = request.into_body();
+                        let mut length = 0;
+                        while let Some(Ok(data)) = body.data().await {
+                            length += data.len();
+                            let _ = body.flow_control().release_capacity(data.len());
+                        }
+                        // Slow: the other requests are queued at weir meanwhile.
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                        answer(respond, format!("{length}"));
+                    });
+                }
+            });
+        }
+    });
+    let objects = vec![(
+        "limit.yaml",
+        http_service_yaml("limit", ip(0, 60), "kubernetes.io/h2c", &[endpoint.ip()]),
+    )];
+    let weir = start(&objects).await;
+    let service = SocketAddr::new(ip(0, 60), 8000);
+    let stream = TokioIo::new(tokio::net::TcpStream::connect(service).await.unwrap());
+    let (sender, connection) =
+        hyper::client::conn::http2::handshake::<_, _, Full<Bytes>>(TokioExecutor::new(), stream)
+            .await
+            .unwrap();
+    tokio::spawn(connection);
+    // weir's connection to the endpoint is made, and the endpoint's limit known, first
+    // (before its SETTINGS arrive, a client may open streams past it, and the endpoint
+    // refuses them: a request whose body is streamed cannot be sent again).
+    let warm_up = Request::get(format!("http://{service}/")).body(Default::default());
+    let response = sender.clone().send_request(warm_up.unwrap()).await.unwrap();
+    assert_eq!(response.status(), 200);
+    let size = 200 * 1024;
+    let mut requests = Vec::new();
+    for _ in 0..4 {
+        let mut sender = sender.clone();
+        requests.push(tokio::spawn(async move {
+            let body = Full::new(Bytes::from(vec![b'x'; size]));
+            let request = Request::post(format!("http://{service}/"))
+                .body(body)
+                .unwrap();
+            let response = sender.send_request(request).await.expect("an answer");
+            let body = response.into_body().collect().await.unwrap().to_bytes();
+            String::from_utf8_lossy(&body).into_owned()
+        }));
+    }
+    for request in requests {
+        let answered = tokio::time::timeout(Duration::from_secs(10), request)
+            .await
+            .expect("every request answered within 10 s")
+            .unwrap();
+        assert_eq!(answered, size.to_string());
+    }
     weir.shutdown().await;
 }

@@ -317,7 +317,7 @@ async fn send_h2(
     // Connecting, or waiting for a connection at its peer's stream limit, is boxed: it is
     // rare, and its future would otherwise take room in every request's.
     let (response, stream) = match open_pooled(target, head, end) {
-        Some(opened) => opened?,
+        Some(opened) => opened,
         None => Box::pin(open_stream(target, connect_timeout, head, end)).await?,
     };
     if !end {
@@ -348,25 +348,20 @@ async fn send_h2(
 /// A stream for `head` on this thread's connection to `target`, when there is one that
 /// takes a stream now: opened in place, without a clone of its sender (h2 locks the
 /// connection for each clone and each drop) and without awaiting. `None`: there is no
-/// connection, or it is at its peer's stream limit, or it is gone.
+/// connection, or it refused the stream (a stream it opened earlier still waits for the
+/// peer's limit, a GOAWAY came, it is gone), and the slow way sorts it out.
+///
+/// Not `poll_ready` first: with a stream waiting at the peer's limit it would register
+/// this call's waker on that stream, in place of its body's sender's.
 fn open_pooled(
     target: SocketAddr,
     head: &dyn Head,
     end: bool,
-) -> Option<Result<(h2::client::ResponseFuture, h2::SendStream<Bytes>), SendError>> {
+) -> Option<(h2::client::ResponseFuture, h2::SendStream<Bytes>)> {
     POOL.with(|pool| {
         let mut pool = pool.borrow_mut();
         let sender = pool.h2(target)?;
-        // Ready unless a stream it opened earlier still waits for the peer's limit (or
-        // the connection failed): nothing is registered to wake, the slow way waits.
-        let mut cx = Context::from_waker(std::task::Waker::noop());
-        match sender.send.poll_ready(&mut cx) {
-            Poll::Ready(Ok(())) => Some(
-                (sender.send.send_request(head.request(), end))
-                    .map_err(|error| SendError::Request(error.into())),
-            ),
-            _ => None,
-        }
+        sender.send.send_request(head.request(), end).ok()
     })
 }
 
